@@ -1,0 +1,112 @@
+"""Lazy reader for Hugging Face model folders: safetensors (single or sharded) and ``pytorch_model*.bin``."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from . import safetensors_io as st
+from .safetensors_io import TensorInfo
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise ModelError(f"{folder / index} is not a valid weight index ({exc}); re-download the model") from exc
+            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ModelError(f"{folder} is missing shard {missing[0]} listed in {index}; re-download the model")
+            return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    return sorted(folder.glob("pytorch_model*.bin"))
+
+
+class CheckpointReader:
+    """Read single tensors of a model folder on demand, without loading the model.
+
+    ``reader.tensors`` maps names to :class:`TensorInfo` (dtype, shape, file); ``reader.read(name)`` returns a new tensor.
+    ``read`` is safe to call from several threads.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ModelError(f"model folder {self.folder} does not exist; check the path in your config")
+        files = _weight_files(self.folder)
+        if not files:
+            raise ModelError(f"{self.folder} has no weights (expected model.safetensors, sharded "
+                             "model-*.safetensors with an index, or pytorch_model*.bin)")
+        self.config = self._read_config()
+        self.tensors: dict[str, TensorInfo] = {}
+        self._bins: dict[str, dict[str, torch.Tensor]] = {}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        for f in files:
+            if f.suffix == ".safetensors":
+                try:
+                    infos = st.list_tensors(str(f))
+                except (OSError, ValueError, KeyError) as exc:
+                    raise ModelError(f"{f} is not a valid safetensors file ({exc}); re-download the model") from exc
+            else:
+                infos = self._list_bin(f)
+            for info in infos:
+                self.tensors[info.name] = info
+
+    def _read_config(self) -> dict:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            raise ModelError(f"{self.folder} has no config.json; is it a Hugging Face model folder?")
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise ModelError(f"{path} is not valid JSON ({exc})") from exc
+
+    def _list_bin(self, path: Path) -> list[TensorInfo]:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for a bad or unsafe pickle
+            raise ModelError(f"{path} cannot be loaded safely ({type(exc).__name__}); convert it to safetensors") from exc
+        self._bins[str(path)] = state
+        return [TensorInfo(k, v.dtype, tuple(v.shape), str(path)) for k, v in state.items()]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        if info.file in self._bins:
+            return self._bins[info.file][name].clone()
+        fd = self._fds.get(info.file)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(info.file)
+                if fd is None:
+                    fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        return st.read_tensor(fd, info)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._bins.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

