@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -18,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+out = Console()
 
 
 def friendly(fn):
@@ -40,6 +42,34 @@ def friendly(fn):
 @app.callback()
 def main() -> None:
     """releaser: merge, fix, quantize, document and publish model releases."""
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+@app.command()
+@friendly
+def merge(
+    config: Path = typer.Argument(..., help="mergekit-style YAML merge config (models or slices, merge_method, ...)."),
+    out_dir: Path = typer.Argument(..., help="Folder to write the merged model to (written atomically)."),
+    device: str = typer.Option("cpu", help="Where the math runs: cpu, cuda or auto."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    shard_size: str = typer.Option("5G", help="Maximum bytes per output shard (K/M/G suffixes, powers of 1000)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Merge models with a mergekit YAML config; the output equals mergekit's."""
+    from .checkpoint import parse_size
+    from .merge import run_merge
+
+    result = run_merge(config, out_dir, device=device, overwrite=overwrite, max_shard_bytes=parse_size(shard_size),
+                       progress=not quiet)
+    out.print(f"[green]merged[/] {result.tensors} tensors ({_human(result.bytes_written)}) with {result.method} "
+              f"in {result.seconds:.1f} s -> {result.out_dir} ({', '.join(result.files)})", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

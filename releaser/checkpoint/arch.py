@@ -13,18 +13,18 @@ class Architecture:
     name: str                                  # family name, e.g. "llama"
     classes: tuple[str, ...]                   # config.json "architectures" entries
     model_types: tuple[str, ...]               # config.json "model_type" values
-    layer_pattern: str = r"^model\.layers\.(\d+)\."
+    layer_prefix: str = "model.layers."
     embed: str = "model.embed_tokens.weight"
     lm_head: str = "lm_head.weight"
     final_norm: str = "model.norm.weight"
     num_layers_key: str = "num_hidden_layers"
 
     def layer_of(self, name: str) -> int | None:
-        m = re.match(self.layer_pattern, name)
+        m = re.match(re.escape(self.layer_prefix) + r"(\d+)\.", name)
         return int(m.group(1)) if m else None
 
-    def rename_layer(self, name: str, new_index: int) -> str:
-        return re.sub(self.layer_pattern, lambda m: m.group(0).replace(m.group(1), str(new_index)), name, count=1)
+    def layer_name(self, index: int, suffix: str) -> str:
+        return f"{self.layer_prefix}{index}.{suffix}"
 
     def is_embedding(self, name: str) -> bool:
         """Vocabulary-sized matrices (rows are tokens)."""

@@ -1,0 +1,196 @@
+"""mergekit-compatible merge configuration (YAML), validated with pydantic; errors name the YAML path of the bad field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Conditional(_Model):
+    value: ScalarOrGradient
+    filter: Optional[str] = None
+
+
+Setting = Union[Conditional, list[Conditional], ScalarOrGradient]
+Parameters = Optional[dict[str, Setting]]
+
+
+class InputModel(_Model):
+    model: str
+    parameters: Parameters = None
+
+
+class InputSlice(_Model):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class OutputSlice(_Model):
+    sources: list[InputSlice] = Field(min_length=1)
+    base_model: Optional[str] = None
+    parameters: Parameters = None
+
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class MergeConfig(_Model):
+    merge_method: str
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    base_model: Optional[str] = None
+    parameters: Parameters = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None
+    random_seed: Optional[int] = None
+    name: Optional[str] = None  # mergekit-multi's merge name; accepted and ignored
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        name = v.removeprefix("torch.")
+        name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(name, name)
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(DTYPES)}")
+        return name
+
+    def model_post_init(self, _context: Any) -> None:
+        if bool(self.models) == bool(self.slices):
+            raise ConfigError("the config needs exactly one of `models` or `slices` (modules are not supported)")
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def referenced_models(self) -> list[str]:
+        refs: list[str] = []
+        if self.base_model:
+            refs.append(self.base_model)
+        for m in self.models or []:
+            refs.append(m.model)
+        for s in self.slices or []:
+            refs.extend([src.model for src in s.sources])
+            if s.base_model:
+                refs.append(s.base_model)
+        return list(dict.fromkeys(refs))
+
+
+def _yaml_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after[_ordered(), tuple[int, int]]",) or "[" in str(part) or str(part) in (
+                "bool", "int", "float", "str", "list[union[bool,int,float,str]]", "Conditional", "list[Conditional]"):
+            continue  # union-branch labels pydantic adds to the location
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _explain(err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = _yaml_path(first["loc"])
+    kind = first["type"]
+    if kind == "missing":
+        return f"missing required field `{path}`"
+    if kind == "extra_forbidden":
+        return f"unknown field `{path}`; check its spelling (see the mergekit config reference)"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"invalid value at `{path}`: {msg}"
+
+
+def parse_config(source: str | Path | dict, *, base_dir: Path | None = None) -> tuple[MergeConfig, str]:
+    """Parse a config from a YAML path or a dict; return (config, the YAML text). Relative model paths are resolved
+    against the config file's folder when they exist there."""
+    where = "config"
+    if isinstance(source, dict):
+        data, text = source, yaml.safe_dump(source, sort_keys=False)
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "syntax error"
+            raise ConfigError(f"{path} is not valid YAML{at}: {problem}; fix the YAML syntax") from None
+        base_dir = base_dir or path.parent
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a YAML mapping with merge_method and models or slices")
+    try:
+        config = MergeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_explain(exc)}") from None
+    if base_dir is not None:
+        config = _resolve_paths(config, Path(base_dir))
+    return config, text
+
+
+def _resolve_paths(config: MergeConfig, base_dir: Path) -> MergeConfig:
+    def fix(ref: Optional[str]) -> Optional[str]:
+        if ref is None or Path(ref).is_absolute() or ref in ("union", "base"):
+            return ref
+        candidate = base_dir / ref
+        return str(candidate) if candidate.exists() and not Path(ref).exists() else ref
+
+    data = config.model_dump(exclude_none=True)
+    for key in ("base_model", "tokenizer_source"):
+        if key in data:
+            data[key] = fix(data[key])
+    for m in data.get("models", []):
+        m["model"] = fix(m["model"])
+    for s in data.get("slices", []):
+        if "base_model" in s:
+            s["base_model"] = fix(s["base_model"])
+        for src in s["sources"]:
+            src["model"] = fix(src["model"])
+    return MergeConfig.model_validate(data)
+
+
+def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
+    """mergekit's ``evaluate_setting``: scalars as is; numeric lists are gradients over ``t`` (s = t(L-1), linear between
+    neighbours); non-numeric lists pick ``v[int(t(L-1))]``; ``{filter, value}`` lists: first substring match wins."""
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if not setting:
+        return None
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
+            return evaluate(cond.value, tensor_name, t)
+    return None
