@@ -1,0 +1,422 @@
+"""Numba kernels for llama.cpp's reference (non-imatrix) K-quant search, one super-block of 256 weights at a time.
+
+Each kernel mirrors the scalar C of ``ggml/src/ggml-quants.c`` (llama.cpp as vendored in llama-cpp-python 0.3.36):
+``quantize_row_q{2,3,4,5,6}_K_ref`` with ``make_qkx2_quants``, ``make_q3_quants`` and ``make_qx_quants``. Every
+float operation is done in float32, in the same order as the C code (sequential sums, no fused multiply-add), so the
+results are bit-identical. The kernels return the quant levels ``L`` and the per-block scales; the bit packing into
+llama.cpp's block layout is done, vectorised, by the classes in :mod:`releaser.gguf.quants`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+QK_K = 256
+CHUNK = 64  # super-blocks per parallel work item (scratch buffers are allocated once per chunk)
+
+F0 = np.float32(0.0)
+F1 = np.float32(1.0)
+MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer, ties to even
+NEAREST_INT_SAFE = np.float32(4194303.0)
+GROUP_MAX_EPS = np.float32(1e-15)
+ONE_TENTH = np.float32(0.1)
+
+
+@njit(cache=True)
+def _magic_bits(val):
+    """``(bits(val) & 0x7fffff) - 0x400000`` for a float32 ``val``, computed arithmetically (large, inf or NaN input)."""
+    if val != val:  # a quiet NaN has mantissa 0x400000
+        return 0
+    a = abs(np.float64(val))
+    if a == math.inf or a == 0.0:
+        return -0x400000
+    m, e = math.frexp(a)  # a = m * 2**e, m in [0.5, 1)
+    return int((2.0 * m - 1.0) * 8388608.0) - 0x400000
+
+
+@njit(cache=True)
+def nearest_int(fval):
+    """ggml's ``nearest_int``: round a float32 to the nearest integer, ties to even (the 12582912 trick)."""
+    val = fval + MAGIC
+    if abs(fval) <= NEAREST_INT_SAFE:
+        return int(val - MAGIC)
+    return _magic_bits(val)
+
+
+@njit(cache=True)
+def fp16_round(f):
+    """The float32 value of ``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))`` (IEEE half, round to nearest even)."""
+    if f != f:
+        return f
+    a = abs(np.float64(f))
+    if a >= 65520.0:
+        r = math.inf
+    elif a < 6.103515625e-05:  # below 2**-14: half subnormals, quantum 2**-24
+        r = np.rint(a * 16777216.0) / 16777216.0
+    else:
+        m, e = math.frexp(a)
+        q = math.ldexp(1.0, e - 11)  # 11 significant bits
+        r = np.rint(a / q) * q
+    return np.float32(math.copysign(r, np.float64(f)))
+
+
+@njit(cache=True)
+def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
+    """Asymmetric (scale, -min) fit of ``x`` to levels 0..nmax; writes ``L``, returns ``(scale, the_min)``."""
+    n = x.shape[0]
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > F0:
+        mn = F0
+    if mx == mn:
+        for i in range(n):
+            L[i] = 0
+        return F0, -mn
+    fnmax = np.float32(nmax)
+    iscale = fnmax / (mx - mn)
+    scale = F1 / iscale
+    best_error = F0
+    for i in range(n):
+        l = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
+        L[i] = l
+        diff = scale * np.float32(l) + mn - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weights[i] * diff
+    if nstep < 1:
+        return scale, -mn
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * np.float32(step) + fnmax) / (mx - mn)
+        sum_l = F0
+        sum_l2 = F0
+        sum_xl = F0
+        for i in range(n):
+            l = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
+            Laux[i] = l
+            w = weights[i]
+            fl = np.float32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > F0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > F0:
+                this_min = F0
+                this_scale = sum_xl / sum_l2
+            cur_error = F0
+            for i in range(n):
+                diff = this_scale * np.float32(Laux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += weights[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min  # later candidates use the updated min, as in C
+    return scale, -mn
+
+
+@njit(cache=True)
+def make_qx_quants(x, L, nmax):
+    """Symmetric scale fit (rmse_type 1, no importance weights); writes ``L`` (offset by nmax), returns the scale."""
+    n = x.shape[0]
+    mx = F0
+    amax = F0
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return F0
+    fnmax = np.float32(nmax)
+    iscale = -fnmax / mx
+    sumlx = F0
+    suml2 = F0
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        L[i] = l + nmax
+        w = x[i] * x[i]
+        fl = np.float32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != F0 else F0
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(fnmax + ONE_TENTH * np.float32(step)) / mx
+        sumlx = F0
+        suml2 = F0
+        for i in range(n):
+            fl = np.float32(max(-nmax, min(nmax - 1, nearest_int(iscale * x[i]))))
+            w = x[i] * x[i]
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        if suml2 > F0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(cache=True)
+def make_q3_quants(x, L, nmax):
+    """Symmetric fit with iterative per-weight refinement (do_rmse); writes ``L`` (offset by nmax), returns scale."""
+    n = x.shape[0]
+    mx = F0
+    amax = F0
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return F0
+    iscale = -np.float32(nmax) / mx
+    sumlx = F0
+    suml2 = F0
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        L[i] = l
+        w = x[i] * x[i]
+        fl = np.float32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            fli = np.float32(L[i])
+            slx = sumlx - w * x[i] * fli
+            if slx > F0:
+                sl2 = suml2 - w * fli * fli
+                new_l = max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx)))
+                if new_l != L[i]:
+                    fnl = np.float32(new_l)
+                    slx += w * x[i] * fnl
+                    sl2 += w * fnl * fnl
+                    if sl2 > F0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    for i in range(n):
+        L[i] += nmax
+    return sumlx / suml2 if suml2 > F0 else F0
+
+
+@njit(cache=True, parallel=True)
+def qkx_blocks(x, nmax, rmin, rdelta, nstep):
+    """Q4_K (nmax 15) / Q5_K (nmax 31) search for blocks ``x`` [nb, 256].
+
+    Returns ``L`` [nb, 256] (levels 0..nmax), ``d``, ``dmin`` [nb] (fp16-rounded float32) and 6-bit ``ls``, ``lm`` [nb, 8].
+    """
+    nb = x.shape[0]
+    L = np.empty((nb, QK_K), np.uint8)
+    ls = np.empty((nb, 8), np.uint8)
+    lm = np.empty((nb, 8), np.uint8)
+    d_out = np.empty(nb, np.float32)
+    dmin_out = np.empty(nb, np.float32)
+    f63 = np.float32(63.0)
+    for c in prange((nb + CHUNK - 1) // CHUNK):
+        weights = np.empty(32, np.float32)
+        Laux = np.empty(32, np.uint8)
+        scales = np.empty(8, np.float32)
+        mins = np.empty(8, np.float32)
+        for i in range(c * CHUNK, min(nb, (c + 1) * CHUNK)):
+            max_scale = F0
+            max_min = F0
+            for j in range(8):
+                xs = x[i, 32 * j:32 * j + 32]
+                sum_x2 = F0
+                for k in range(32):
+                    sum_x2 += xs[k] * xs[k]
+                av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
+                for k in range(32):
+                    weights[k] = av_x + abs(xs[k])
+                s, m = make_qkx2_quants(xs, weights, L[i, 32 * j:32 * j + 32], Laux, nmax, rmin, rdelta, nstep, False)
+                scales[j] = s
+                mins[j] = m
+                if s > max_scale:
+                    max_scale = s
+                if m > max_min:
+                    max_min = m
+            inv_scale = f63 / max_scale if max_scale > F0 else F0
+            inv_min = f63 / max_min if max_min > F0 else F0
+            for j in range(8):
+                ls[i, j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+                lm[i, j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+            d = fp16_round(max_scale / f63)
+            dmin = fp16_round(max_min / f63)
+            d_out[i] = d
+            dmin_out[i] = dmin
+            for j in range(8):
+                dj = d * np.float32(ls[i, j])
+                if dj == F0:
+                    continue
+                dm = dmin * np.float32(lm[i, j])
+                for k in range(32):
+                    L[i, 32 * j + k] = max(0, min(nmax, nearest_int((x[i, 32 * j + k] + dm) / dj)))
+    return L, d_out, dmin_out, ls, lm
+
+
+@njit(cache=True, parallel=True)
+def q2_k_blocks(x):
+    """Q2_K search for blocks ``x`` [nb, 256]: ``L`` (0..3), ``d``, ``dmin`` and the packed 4+4-bit ``scales`` [nb, 16]."""
+    nb = x.shape[0]
+    L = np.empty((nb, QK_K), np.uint8)
+    sc = np.empty((nb, 16), np.uint8)
+    d_out = np.empty(nb, np.float32)
+    dmin_out = np.empty(nb, np.float32)
+    q4scale = np.float32(15.0)
+    rmin = np.float32(-0.5)
+    for c in prange((nb + CHUNK - 1) // CHUNK):
+        weights = np.empty(16, np.float32)
+        Laux = np.empty(16, np.uint8)
+        scales = np.empty(16, np.float32)
+        mins = np.empty(16, np.float32)
+        for i in range(c * CHUNK, min(nb, (c + 1) * CHUNK)):
+            max_scale = F0
+            max_min = F0
+            for j in range(16):
+                xs = x[i, 16 * j:16 * j + 16]
+                for k in range(16):
+                    weights[k] = abs(xs[k])
+                s, m = make_qkx2_quants(xs, weights, L[i, 16 * j:16 * j + 16], Laux, 3, rmin, ONE_TENTH, 15, True)
+                scales[j] = s
+                mins[j] = m
+                if s > max_scale:
+                    max_scale = s
+                if m > max_min:
+                    max_min = m
+            d = F0
+            dmin = F0
+            if max_scale > F0:
+                iscale = q4scale / max_scale
+                for j in range(16):
+                    sc[i, j] = nearest_int(iscale * scales[j]) & 0xFF
+                d = fp16_round(max_scale / q4scale)
+            else:
+                for j in range(16):
+                    sc[i, j] = 0
+            if max_min > F0:
+                iscale = q4scale / max_min
+                for j in range(16):
+                    sc[i, j] = (sc[i, j] | (nearest_int(iscale * mins[j]) << 4)) & 0xFF
+                dmin = fp16_round(max_min / q4scale)
+            d_out[i] = d
+            dmin_out[i] = dmin
+            for j in range(16):
+                dj = d * np.float32(sc[i, j] & 0xF)
+                if dj == F0:
+                    continue
+                dm = dmin * np.float32(sc[i, j] >> 4)
+                for k in range(16):
+                    L[i, 16 * j + k] = max(0, min(3, nearest_int((x[i, 16 * j + k] + dm) / dj)))
+    return L, d_out, dmin_out, sc
+
+
+@njit(cache=True, parallel=True)
+def q3_k_blocks(x):
+    """Q3_K search for blocks ``x`` [nb, 256]: ``L`` (0..7), ``d`` and the 6-bit biased scales ``sc`` [nb, 16]."""
+    nb = x.shape[0]
+    L = np.empty((nb, QK_K), np.uint8)
+    sc = np.empty((nb, 16), np.uint8)
+    d_out = np.empty(nb, np.float32)
+    for c in prange((nb + CHUNK - 1) // CHUNK):
+        Ls = np.empty(16, np.int32)
+        scales = np.empty(16, np.float32)
+        for i in range(c * CHUNK, min(nb, (c + 1) * CHUNK)):
+            max_scale = F0
+            amax = F0
+            for j in range(16):
+                s = make_q3_quants(x[i, 16 * j:16 * j + 16], Ls, 4)
+                for k in range(16):
+                    L[i, 16 * j + k] = Ls[k]
+                scales[j] = s
+                if abs(s) > amax:
+                    amax = abs(s)
+                    max_scale = s
+            d = F0
+            if max_scale != F0:
+                iscale = np.float32(-32.0) / max_scale
+                for j in range(16):
+                    l = ((nearest_int(iscale * scales[j]) + 128) & 0xFF) - 128  # int8_t truncation
+                    sc[i, j] = max(-32, min(31, l)) + 32
+                d = fp16_round(F1 / iscale)
+            else:
+                for j in range(16):
+                    sc[i, j] = 0
+            d_out[i] = d
+            for j in range(16):
+                dj = d * np.float32(np.int32(sc[i, j]) - 32)
+                if dj == F0:
+                    continue
+                for k in range(16):
+                    L[i, 16 * j + k] = max(-4, min(3, nearest_int(x[i, 16 * j + k] / dj))) + 4
+    return L, d_out, sc
+
+
+@njit(cache=True, parallel=True)
+def q6_k_blocks(x):
+    """Q6_K search for blocks ``x`` [nb, 256]: ``L`` (0..63), ``d`` and the int8 scales (as uint8) ``sc`` [nb, 16]."""
+    nb = x.shape[0]
+    L = np.empty((nb, QK_K), np.uint8)
+    sc = np.empty((nb, 16), np.uint8)
+    d_out = np.empty(nb, np.float32)
+    for c in prange((nb + CHUNK - 1) // CHUNK):
+        Ls = np.empty(16, np.int32)
+        scales = np.empty(16, np.float32)
+        for i in range(c * CHUNK, min(nb, (c + 1) * CHUNK)):
+            max_scale = F0
+            max_abs_scale = F0
+            for j in range(16):
+                s = make_qx_quants(x[i, 16 * j:16 * j + 16], Ls, 32)
+                for k in range(16):
+                    L[i, 16 * j + k] = Ls[k]
+                scales[j] = s
+                if abs(s) > max_abs_scale:
+                    max_abs_scale = abs(s)
+                    max_scale = s
+            if max_abs_scale < GROUP_MAX_EPS:  # the whole block is written as zero bytes
+                for k in range(QK_K):
+                    L[i, k] = 0
+                for j in range(16):
+                    sc[i, j] = 0
+                d_out[i] = F0
+                continue
+            iscale = np.float32(-128.0) / max_scale
+            d = fp16_round(F1 / iscale)
+            d_out[i] = d
+            for j in range(16):
+                sc[i, j] = min(127, nearest_int(iscale * scales[j])) & 0xFF
+            for j in range(16):
+                dj = d * np.float32(((np.int32(sc[i, j]) + 128) & 0xFF) - 128)
+                if dj == F0:
+                    continue
+                for k in range(16):
+                    L[i, 16 * j + k] = max(-32, min(31, nearest_int(x[i, 16 * j + k] / dj))) + 32
+    return L, d_out, sc

@@ -1,0 +1,199 @@
+"""GGUF tensor quantization with the exact bytes llama.cpp's ``llama-quantize`` writes (no imatrix).
+
+``quantize(data, qtype)`` takes float32 data of shape ``[..., n_per_row]`` and returns uint8 data of shape
+``[..., bytes_per_row]`` (the layout ``gguf.quants.quantize`` uses and ``GGUFWriter.add_tensor(raw_dtype=...)`` takes).
+
+* F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 delegate to gguf-py's ``gguf.quants`` (byte-exact with libggml; the tests
+  check this against llama.cpp).
+* Q2_K, Q3_K, Q4_K, Q5_K, Q6_K are our own port of llama.cpp's ``quantize_row_q*_K_ref``: the per-block search runs in
+  numba (:mod:`releaser.gguf.kquants`, parallel over blocks), the bit packing below is vectorised numpy, one small
+  class per type as in gguf-py.
+
+``dequantize(raw, qtype)`` delegates to ``gguf.quants.dequantize`` for every type.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from releaser.errors import ConfigError, ModelError
+from releaser.gguf import kquants
+
+QT = GGMLQuantizationType
+QK_K = kquants.QK_K
+
+#: Types whose quantizer is gguf-py's (verified byte-identical with llama.cpp).
+GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)
+
+
+class QuantizeError(ModelError):
+    """A tensor cannot be quantized to the requested type (row length, dtype)."""
+
+
+def _f16_bytes(values: np.ndarray) -> np.ndarray:
+    """[nb] float32 (already fp16-representable) -> [nb, 2] little-endian IEEE half bytes."""
+    return values.astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """[nb, 256] levels 0..3 -> [nb, 64]: byte 32h+l holds L[128h+32k+l] << 2k for k = 0..3."""
+    L = L.reshape(-1, 2, 4, 32)
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    return np.bitwise_or.reduce(L << shifts, axis=2).reshape(-1, 64)
+
+
+def _pack_nibbles(L: np.ndarray) -> np.ndarray:
+    """[nb, 256] low nibbles -> [nb, 128]: byte 32c+l holds L[64c+l] | L[64c+32+l] << 4."""
+    L = (L & 0xF).reshape(-1, 4, 2, 32)
+    return (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins [nb, 8] -> the 12 ``scales`` bytes of Q4_K/Q5_K (inverse of get_scale_min_k4)."""
+    lo, hi = slice(0, 4), slice(4, 8)
+    return np.concatenate(
+        [
+            ls[:, lo] | ((ls[:, hi] >> 4) << 6),
+            lm[:, lo] | ((lm[:, hi] >> 4) << 6),
+            (ls[:, hi] & 0xF) | ((lm[:, hi] & 0xF) << 4),
+        ],
+        axis=1,
+    )
+
+
+class KQuant:
+    """A K-quant type: ``quantize_blocks`` maps float32 super-blocks [nb, 256] to their bytes [nb, type_size]."""
+
+    qtype: GGMLQuantizationType
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        raise TypeError(f"{cls.__name__} is abstract")
+
+
+class Q2_K(KQuant):
+    qtype = QT.Q2_K
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        L, d, dmin, scales = kquants.q2_k_blocks(blocks)
+        return np.concatenate([scales, _pack_2bit(L), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
+
+
+class Q3_K(KQuant):
+    qtype = QT.Q3_K
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        L, d, sc = kquants.q3_k_blocks(blocks)
+        high = (L > 3).reshape(-1, 8, 32)  # bit k of hmask[m] is the high bit of L[32k+m]
+        hmask = np.bitwise_or.reduce(high.astype(np.uint8) << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
+        packed = np.empty((sc.shape[0], 12), np.uint8)
+        packed[:, :8] = (sc[:, :8] & 0xF) | ((sc[:, 8:] & 0xF) << 4)
+        top = ((sc >> 4) & 3).reshape(-1, 4, 4)  # [nb, group g = j // 4, t = j % 4]
+        packed[:, 8:] = np.bitwise_or.reduce(top << np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1), axis=1)
+        return np.concatenate([hmask, _pack_2bit(L & 3), packed, _f16_bytes(d)], axis=1)
+
+
+class Q4_K(KQuant):
+    qtype = QT.Q4_K
+    nmax, rmin, rdelta, nstep = 15, np.float32(-1.0), np.float32(0.1), 20
+
+    @classmethod
+    def search(cls, blocks: np.ndarray):
+        return kquants.qkx_blocks(blocks, cls.nmax, cls.rmin, cls.rdelta, cls.nstep)
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        L, d, dmin, ls, lm = cls.search(blocks)
+        return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm), _pack_nibbles(L)], axis=1)
+
+
+class Q5_K(Q4_K):
+    qtype = QT.Q5_K
+    nmax, rmin, rdelta, nstep = 31, np.float32(-0.5), np.float32(0.1), 15
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        L, d, dmin, ls, lm = cls.search(blocks)
+        high = (L >> 4).reshape(-1, 8, 32)  # bit k of qh[l] is the high bit of L[32k+l]
+        qh = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
+        parts = [_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm), qh, _pack_nibbles(L)]
+        return np.concatenate(parts, axis=1)
+
+
+class Q6_K(KQuant):
+    qtype = QT.Q6_K
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        L, d, sc = kquants.q6_k_blocks(blocks)
+        L = L.reshape(-1, 2, 4, 32)  # [nb, half h, k, l] = L[128h + 32k + l]
+        lo = L & 0xF
+        ql = np.stack([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2).reshape(-1, 128)
+        qh = np.bitwise_or.reduce((L >> 4) << np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1), axis=2)
+        return np.concatenate([ql, qh.reshape(-1, 64), sc, _f16_bytes(d)], axis=1)
+
+
+K_QUANTS: dict[GGMLQuantizationType, type[KQuant]] = {c.qtype: c for c in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
+SUPPORTED_TYPES = (*GGUF_PY_TYPES, *K_QUANTS)
+
+
+def _check_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    try:
+        qtype = QT(qtype)
+    except ValueError:
+        qtype = None
+    if qtype not in SUPPORTED_TYPES:
+        names = ", ".join(t.name for t in SUPPORTED_TYPES)
+        raise ConfigError(f"cannot quantize to {qtype!r}: supported tensor types are {names}")
+    return qtype
+
+
+def block_size(qtype: GGMLQuantizationType) -> int:
+    """Weights per block (256 for K-quants, 32 for the legacy types, 1 for float types)."""
+    return GGML_QUANT_SIZES[QT(qtype)][0]
+
+
+def type_size(qtype: GGMLQuantizationType) -> int:
+    """Bytes per block."""
+    return GGML_QUANT_SIZES[QT(qtype)][1]
+
+
+def bits_per_weight(qtype: GGMLQuantizationType) -> float:
+    """Storage bits per weight, e.g. 4.5 for Q4_K, 6.5625 for Q6_K, 8.5 for Q8_0."""
+    return type_size(qtype) * 8 / block_size(qtype)
+
+
+def can_quantize(n_per_row: int, qtype: GGMLQuantizationType) -> bool:
+    """Whether rows of this length can be stored in ``qtype`` (the length must be a multiple of the block size)."""
+    return n_per_row % block_size(qtype) == 0
+
+
+def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Quantize float data [..., n_per_row] to llama.cpp's bytes for ``qtype``: uint8 [..., bytes_per_row].
+
+    F32 and F16 return float32/float16 arrays (as gguf-py does); every other type returns uint8.
+    """
+    qtype = _check_type(qtype)
+    data = np.asarray(data)
+    if data.ndim == 0 or data.shape[-1] == 0:
+        raise QuantizeError(f"cannot quantize a tensor of shape {data.shape} to {qtype.name}: it has no rows")
+    if not can_quantize(data.shape[-1], qtype):
+        raise QuantizeError(
+            f"cannot quantize rows of {data.shape[-1]} values to {qtype.name}: the row length must be a multiple of "
+            f"{block_size(qtype)} (use a fallback type such as Q5_0/Q8_0/F16 for this tensor)"
+        )
+    if qtype not in K_QUANTS:
+        return gguf_quants.quantize(data.astype(np.float32, copy=False), qtype)
+    blocks = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, QK_K)
+    out = K_QUANTS[qtype].quantize_blocks(blocks)
+    return out.reshape(*data.shape[:-1], data.shape[-1] // QK_K * type_size(qtype))
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Dequantize bytes [..., bytes_per_row] (as read from a GGUF) back to float32 [..., n_per_row]."""
+    qtype = QT(qtype)
+    return np.asarray(gguf_quants.dequantize(np.asarray(raw), qtype), dtype=np.float32)
