@@ -72,5 +72,26 @@ def merge(
               f"in {result.seconds:.1f} s -> {result.out_dir} ({', '.join(result.files)})", highlight=False)
 
 
+@app.command()
+@friendly
+def card(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Model folder: merged/HF, GGUF files or AWQ."),
+    recipe: Path | None = typer.Option(None, "--recipe", "-r", help="Release recipe YAML (name, license, ...)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the card here (default: stdout)."),
+    template: Path | None = typer.Option(None, "--template", "-t", help="Your own Jinja2 card template."),
+) -> None:
+    """Render a model card (README.md) from what MODEL_DIR contains and the recipe."""
+    from .card import render_card, write_card
+    from .recipe import load_recipe
+
+    spec = load_recipe(recipe) if recipe else None
+    if output is None:
+        sys.stdout.write(render_card(model_dir, spec, template))
+        return
+    result = write_card(model_dir, output, spec, template)
+    console.print(f"[green]card[/] ({result.kind}, {result.bytes} bytes, template {result.template.name}) "
+                  f"-> {result.path}", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

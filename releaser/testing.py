@@ -177,3 +177,107 @@ def noised_variant(src: Path, dst: Path, seed: int, scale: float = 0.1) -> Path:
         shutil.rmtree(dst)
     os.replace(tmp, dst)
     return dst
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TINY_SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1 (bos), 2 (eos), as in tiny_config
+
+
+def tiny_vocab(size: int = 256) -> list[str]:
+    """A word-level vocabulary of ``size`` tokens: the special tokens, then ASCII characters and filler words."""
+    words = TINY_SPECIALS + [chr(c) for c in range(33, 127)]
+    return (words + [f"w{i}" for i in range(size)])[:size]
+
+
+def tiny_tokenizer(path: Path, vocab: int = 256, chat_template: str | None = CHATML_TEMPLATE) -> Path:
+    """Save a small word-level fast tokenizer (bos <|im_start|>, eos <|im_end|>) and generation_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = tiny_vocab(vocab)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<unk>")
+    if chat_template:
+        fast.chat_template = chat_template
+    path = Path(path)
+    fast.save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2))
+    return path
+
+
+def tiny_gguf(path: Path, quant: str = "Q8_0", seed: int = 0, name: str = "Tiny",
+              chat_template: str | None = CHATML_TEMPLATE, **config_kw) -> Path:
+    """A small Llama GGUF file (random weights, word-level vocabulary) of file type ``quant`` (F32, F16, Q8_0, Q4_0...)."""
+    import gguf
+
+    cfg = tiny_config("llama", **config_kw)
+    n_layers = cfg["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    file_type = gguf.LlamaFileType["ALL_F32" if quant == "F32" else f"MOSTLY_{quant}"]
+    qtype = gguf.GGMLQuantizationType[quant]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(name)
+    w.add_file_type(int(file_type))
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_tokenizer_model("gpt2")
+    words = tiny_vocab(cfg["vocab_size"])
+    w.add_token_list(words)
+    w.add_token_types([gguf.TokenType.CONTROL if t in TINY_SPECIALS else gguf.TokenType.NORMAL for t in words])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
+    for hf_name, data in tiny_state(cfg, seed).items():
+        gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gg_name, data)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(gg_name, data.astype(np.float16))
+        else:
+            w.add_tensor(gg_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def tiny_awq(path: Path, bits: int = 4, group_size: int = 32, seed: int = 0, **config_kw) -> Path:
+    """A small AWQ-format (GEMM) folder: random int32 qweight/qzeros, fp16 scales, a tokenizer; not a real quantization."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = tiny_config("llama", **config_kw)
+    rng = np.random.default_rng(seed)
+    pack = 32 // bits
+    tensors = {}
+    for name, data in tiny_state(cfg, seed).items():
+        if data.ndim == 2 and ".layers." in name:
+            n, k = data.shape
+            prefix = name.removesuffix(".weight")
+            tensors[prefix + ".qweight"] = rng.integers(-2**31, 2**31, (k, n // pack), dtype=np.int64).astype(np.int32)
+            tensors[prefix + ".qzeros"] = rng.integers(-2**31, 2**31, (k // group_size, n // pack),
+                                                       dtype=np.int64).astype(np.int32)
+            tensors[prefix + ".scales"] = (rng.random((k // group_size, n)) * 0.01).astype(np.float16)
+        else:
+            tensors[name] = data.astype(np.float16)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, path / "model.safetensors", metadata={"format": "pt"})
+    cfg.update(torch_dtype="float16", quantization_config={
+        "quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True, "version": "gemm",
+        "modules_to_not_convert": None})
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    tiny_tokenizer(path, vocab=cfg["vocab_size"])
+    return path

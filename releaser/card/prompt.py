@@ -1,0 +1,89 @@
+"""Prompt-format facts: a chat template rendered on a sample conversation, stop tokens, an Ollama TEMPLATE.
+
+Hugging Face folders are rendered with transformers' ``apply_chat_template``; GGUF chat templates with a sandboxed
+Jinja environment configured like transformers' own (``ImmutableSandboxedEnvironment``, trim_blocks, lstrip_blocks).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+SYSTEM, PROMPT = "{system_prompt}", "{prompt}"
+Render = Callable[[list[dict]], str]     # messages -> prompt text (with the generation prompt)
+
+
+@dataclass(frozen=True)
+class PromptFacts:
+    sample: str | None          # the template applied to a sample conversation; None when there is no chat template
+    stop_tokens: list[str]      # strings that end a turn (eos and end-of-turn tokens)
+    ollama_template: str | None  # the same format as an Ollama Modelfile TEMPLATE (Go template syntax)
+
+
+def _messages(system: str | None, user: str) -> list[dict]:
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return head + [{"role": "user", "content": user}]
+
+
+def _try(render: Render, messages: list[dict]) -> str | None:
+    try:
+        return render(messages)
+    except Exception:  # noqa: BLE001 - a template may refuse a system turn (raise_exception) or fail on it
+        return None
+
+
+def sample_prompt(render: Render) -> str:
+    """The prompt for a system + user turn (or a user turn alone when the template rejects system messages)."""
+    with_system = _try(render, _messages(SYSTEM, PROMPT))
+    return with_system if with_system is not None else render(_messages(None, PROMPT))
+
+
+def ollama_template(render: Render, stop: str, bos: str | None) -> str:
+    """Translate a chat template into Ollama's Go-template form by rendering it with sentinel contents."""
+    s_mark, p_mark = "\x01SYSTEM\x01", "\x01PROMPT\x01"
+
+    def go(text: str) -> str:
+        if bos and text.startswith(bos):
+            text = text[len(bos):]  # llama.cpp and Ollama add the BOS token themselves
+        return text.replace(s_mark, "{{ .System }}").replace(p_mark, "{{ .Prompt }}")
+
+    plain = go(render(_messages(None, p_mark)))
+    with_system = _try(render, _messages(s_mark, p_mark))
+    if with_system is None or s_mark not in with_system:
+        body = plain
+    else:
+        system = go(with_system)
+        if system.endswith(plain):
+            body = "{{ if .System }}" + system[: len(system) - len(plain)] + "{{ end }}" + plain
+        else:
+            body = "{{ if .System }}" + system + "{{ else }}" + plain + "{{ end }}"
+    return body + "{{ .Response }}" + stop
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def jinja_renderer(template: str, bos: str, eos: str) -> Render:
+    """Render a model-supplied chat template safely (sandboxed), with the variables transformers passes."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    compiled = env.from_string(template)
+
+    def render(messages: list[dict]) -> str:
+        return compiled.render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+
+    return render
+
+
+def prompt_facts(render: Render | None, stop_tokens: list[str], bos: str | None) -> PromptFacts:
+    stops = list(dict.fromkeys(t for t in stop_tokens if t))
+    if render is None:
+        return PromptFacts(None, stops, None)
+    return PromptFacts(sample_prompt(render), stops, ollama_template(render, stops[0] if stops else "", bos))

@@ -1,0 +1,244 @@
+"""Render model cards from checked facts with strict Jinja2 templates, and validate the result."""
+
+from __future__ import annotations
+
+import os
+import re
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from ..errors import ModelError, OutputError, ReleaserError
+from ..recipe import Recipe
+from .facts import ModelFacts, model_facts, read_json
+from .quant_facts import AWQFacts, GGUFFacts, awq_facts, gguf_facts, is_awq
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "cards"
+TEMPLATE_FOR = {"model": "model.md.j2", "gguf": "gguf.md.j2", "awq": "awq.md.j2"}
+Facts = ModelFacts | GGUFFacts | AWQFacts
+
+
+class CardError(ReleaserError):
+    """A card cannot be rendered: a template error or a rendered card that breaks the card rules."""
+
+
+@dataclass(frozen=True)
+class CardResult:
+    path: Path
+    kind: str        # model | gguf | awq
+    template: Path
+    bytes: int
+
+
+def gather_facts(model_dir: str | os.PathLike) -> Facts:
+    """Read what a card states from a model folder: HF (merged or not), GGUF or AWQ."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} does not exist")
+    if any(folder.glob("*.gguf")):
+        return gguf_facts(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} has neither config.json nor .gguf files; is it a model folder?")
+    if is_awq(read_json(folder / "config.json")):
+        return awq_facts(folder)
+    return model_facts(folder)
+
+
+def human_size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _front_matter(facts: Facts, recipe: Recipe | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if recipe and recipe.license:
+        meta["license"] = recipe.license
+    if recipe and recipe.language:
+        meta["language"] = list(recipe.language)
+    meta["library_name"] = "gguf" if facts.kind == "gguf" else "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    tags = {"model": ["merge", "mergekit"] if getattr(facts, "merge", None) else [],
+            "gguf": ["gguf", "quantized"],
+            "awq": ["awq", f"{getattr(facts, 'bits', 0)}-bit", "quantized"]}[facts.kind]
+    meta["tags"] = list(dict.fromkeys(tags + (list(recipe.tags) if recipe else [])))
+    if facts.kind == "model":
+        base = facts.merge.hub_models if facts.merge else []
+        if base:
+            meta.update(base_model=base, base_model_relation="merge")
+    elif recipe:
+        meta.update(base_model=[recipe.name], base_model_relation="quantized", quantized_by=recipe.author)
+    if not meta["tags"]:
+        del meta["tags"]
+    return meta
+
+
+def _description(facts: Facts, title: str) -> str:
+    if facts.kind == "gguf":
+        return f"GGUF files of {title} for llama.cpp, Ollama and other GGUF runtimes."
+    if facts.kind == "awq":
+        return f"{facts.bits}-bit AWQ quantization of {title} for vLLM and transformers."
+    if facts.merge:
+        return (f"A merge of {len(facts.merge.models) + bool(facts.merge.base_model)} models with the "
+                f"{facts.merge.method.pretty_name} method.")
+    return f"A {facts.architecture} model with {human_count(facts.parameters)} parameters."
+
+
+def _default_title(facts: Facts) -> str:
+    if facts.kind == "gguf" and facts.name:
+        return facts.name
+    name = facts.folder.resolve().name
+    suffix = {"gguf": "-GGUF", "awq": "-AWQ"}.get(facts.kind, "")
+    return name[: -len(suffix)] if suffix and name.upper().endswith(suffix) else name
+
+
+def card_context(facts: Facts, recipe: Recipe | None) -> dict[str, Any]:
+    """The variables a card template sees (documented in templates/cards/README.md)."""
+    from huggingface_hub import ModelCardData
+
+    meta = _front_matter(facts, recipe)
+    base_title = recipe.title if recipe else _default_title(facts)
+    repo = {"model": recipe.name, "gguf": recipe.quants.gguf, "awq": recipe.quants.awq}[facts.kind] if recipe else None
+    return {
+        "front_matter": ModelCardData(**meta).to_yaml(),
+        "meta": meta,
+        "facts": facts,
+        "title": base_title + {"model": "", "gguf": " GGUF", "awq": " AWQ"}[facts.kind],
+        "base_title": base_title,
+        "description": recipe.description if recipe else _description(facts, base_title),
+        "license": recipe.license if recipe else None,
+        "repo": repo,                                  # this card's repo id (None: no recipe, not published)
+        "model_id": repo or str(facts.folder),         # what usage snippets load
+        "main_repo": recipe.name if recipe else None,
+        "gguf_repo": recipe.quants.gguf if recipe else None,
+        "awq_repo": recipe.quants.awq if recipe else None,
+        "sections": list(recipe.sections) if recipe else [],
+        "releases": list(recipe.releases) if recipe else [],
+    }
+
+
+def _environment(search: list[Path]) -> jinja2.Environment:
+    env = SandboxedEnvironment(loader=jinja2.FileSystemLoader([str(p) for p in search]),
+                               undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
+                               trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(size=human_size, count=human_count, hub=lambda repo: f"https://huggingface.co/{repo}")
+    return env
+
+
+def _template_line(exc: BaseException, filename: str) -> int | None:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+    return frames[-1].lineno if frames else None
+
+
+def render_card(model_dir: str | os.PathLike, recipe: Recipe | None = None,
+                template: str | os.PathLike | None = None) -> str:
+    """The card (README.md text) for ``model_dir``, from the built-in template for its kind or ``template``."""
+    return _render(model_dir, recipe, template)[0]
+
+
+def _render(model_dir, recipe, template) -> tuple[str, Facts, Path]:
+    facts = gather_facts(model_dir)
+    path = Path(template) if template else TEMPLATES / TEMPLATE_FOR[facts.kind]
+    if not path.is_file():
+        raise CardError(f"card template {path} does not exist")
+    env = _environment([path.resolve().parent, TEMPLATES])
+    try:
+        text = env.get_template(path.name).render(card_context(facts, recipe))
+    except jinja2.TemplateSyntaxError as exc:
+        raise CardError(f"{exc.filename or path}:{exc.lineno}: template syntax error: {exc.message}") from None
+    except jinja2.UndefinedError as exc:
+        line = _template_line(exc, str(path.resolve()))
+        where = f"{path}:{line}" if line else str(path)
+        raise CardError(f"{where}: undefined variable: {exc.message}; see templates/cards/README.md for the "
+                        "variables a card template can use") from None
+    except jinja2.TemplateError as exc:
+        raise CardError(f"{path}: template error: {exc}") from None
+    text = tidy_markdown(text)
+    check_card(text, path)
+    return text, facts, path
+
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
+
+
+def _outside_code(text: str) -> list[str]:
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            lines.append("```")  # keeps code blocks as section content without their text
+        elif not fenced:
+            lines.append(line)
+    return lines
+
+
+def tidy_markdown(text: str) -> str:
+    """Collapse runs of blank lines outside code blocks (templates stay readable) and end with one newline."""
+    out: list[str] = []
+    fenced = False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and not line.strip() and (not out or not out[-1].strip()):
+            continue
+        out.append(line)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def check_card(text: str, template: Path) -> None:
+    """Refuse placeholders, stray None values, empty sections and front matter the Hub would not accept."""
+    from huggingface_hub import ModelCard
+
+    if "More Information Needed" in text:
+        raise CardError(f"{template}: the card contains '[More Information Needed]'")
+    try:
+        card = ModelCard(text, ignore_metadata_errors=False)
+    except (ValueError, TypeError) as exc:
+        raise CardError(f"{template}: the front matter is not valid Hub metadata: {exc}") from None
+    if not card.data.to_dict():
+        raise CardError(f"{template}: the card has no YAML front matter")
+    body = _outside_code(card.text)
+    for line in body:
+        if re.search(r"\bNone\b", line):
+            raise CardError(f"{template}: the card contains 'None' (a missing fact): {line.strip()!r}")
+    for i, line in enumerate(body):
+        m = _HEADING.match(line)
+        if not m:
+            continue
+        level, content = len(m[1]), False
+        for nxt in body[i + 1:]:
+            h = _HEADING.match(nxt)
+            if h and len(h[1]) <= level:
+                break
+            if nxt.strip() and not h:
+                content = True
+                break
+        if not content:
+            raise CardError(f"{template}: section {m[2]!r} is empty")
+
+
+def write_card(model_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe | None = None,
+               template: str | os.PathLike | None = None) -> CardResult:
+    """Render the card and write it to ``out`` atomically (temporary name, then rename)."""
+    text, facts, path = _render(model_dir, recipe, template)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    return CardResult(out, facts.kind, path, len(text.encode()))
