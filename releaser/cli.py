@@ -55,8 +55,8 @@ def _human(n: float) -> str:
 @app.command()
 @friendly
 def merge(
-    config: Path = typer.Argument(..., help="mergekit-style YAML merge config (models or slices, merge_method, ...)."),
-    out_dir: Path = typer.Argument(..., help="Folder to write the merged model to (written atomically)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="mergekit-style YAML merge config (models or slices, merge_method, ...)."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Folder to write the merged model to (written atomically)."),
     device: str = typer.Option("cpu", help="Where the math runs: cpu, cuda or auto."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
     shard_size: str = typer.Option("5G", help="Maximum bytes per output shard (K/M/G suffixes, powers of 1000)."),
@@ -91,6 +91,39 @@ def card(
     result = write_card(model_dir, output, spec, template)
     console.print(f"[green]card[/] ({result.kind}, {result.bytes} bytes, template {result.template.name}) "
                   f"-> {result.path}", highlight=False)
+
+
+@app.command()
+@friendly
+def doctor(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder to check."),
+    template: str | None = typer.Option(None, "--template", "-t", help="Chat format it should have: a built-in "
+                                        "name (chatml, llama2, llama3, mistral, alpaca, vicuna, zephyr, gemma, phi3) "
+                                        "or a .jinja file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+) -> None:
+    """Find why a model would not stop generating: eos, generation_config, pad, template, special tokens, rows."""
+    from .tokenizer.console import run_doctor
+
+    raise typer.Exit(run_doctor(model_dir, template, as_json, Console(soft_wrap=as_json)))
+
+
+@app.command("fix-tokenizer")
+@friendly
+def fix_tokenizer_cmd(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder to fix."),
+    template: str = typer.Option(..., "--template", "-t", help="Built-in chat template name or a .jinja file."),
+    out_dir: Path | None = typer.Option(None, "--output", "-o", help="Write a fixed copy to this folder."),
+    in_place: bool = typer.Option(False, "--in-place", help="Change MODEL_DIR itself (only the changed files)."),
+    eos: str | None = typer.Option(None, "--eos", help="End-of-turn token (default: the template's, else the eos)."),
+    system_prompt: str | None = typer.Option(None, "--system-prompt", help="Default system message."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+) -> None:
+    """Set the chat template and fix eos, generation_config, pad, special tokens, BOS and untrained rows."""
+    from .tokenizer.console import run_fix
+    from .tokenizer.fix import FixSpec
+
+    run_fix(model_dir, FixSpec(template, out_dir, in_place, eos, system_prompt, overwrite), Console())
 
 
 if __name__ == "__main__":  # pragma: no cover

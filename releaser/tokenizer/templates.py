@@ -1,0 +1,107 @@
+"""Chat templates: the built-ins in ``templates/chat/`` (with their end-of-turn token and stop strings) and user files.
+
+Templates are model-supplied Jinja, so they are only parsed and rendered in jinja2's ImmutableSandboxedEnvironment
+(the same settings transformers' ``apply_chat_template`` uses).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import yaml
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..errors import ConfigError
+
+CHAT_DIR = Path(__file__).resolve().parents[2] / "templates" / "chat"
+
+
+class TemplateError(ConfigError):
+    """A chat template is unknown, unreadable or not valid Jinja."""
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str                         # built-in name, or the file's stem
+    source: str                       # the Jinja text
+    eos: str | None = None            # token that ends an assistant turn; None: the template writes {{ eos_token }}
+    tokens: tuple[str, ...] = ()      # control tokens the template writes literally
+    stop: tuple[str, ...] = ()        # extra stop strings for runtimes
+    description: str = ""
+    path: Path | None = field(default=None, compare=False)
+
+    def stop_strings(self, eos_token: str | None) -> list[str]:
+        """Every string a runtime should stop on: the end-of-turn token first, then the extra stop strings."""
+        first = [self.eos or eos_token] if (self.eos or eos_token) else []
+        return list(dict.fromkeys(first + list(self.stop)))
+
+
+def sandbox() -> ImmutableSandboxedEnvironment:
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+
+def check_syntax(source: str, where: str) -> None:
+    """Raise TemplateError naming the line of a Jinja syntax error."""
+    try:
+        sandbox().parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{where} line {exc.lineno}: Jinja syntax error: {exc.message}; fix the template") from None
+
+
+def _catalog() -> dict[str, dict]:
+    meta = CHAT_DIR / "templates.yaml"
+    try:
+        data = yaml.safe_load(meta.read_text())
+    except (OSError, yaml.YAMLError) as exc:  # pragma: no cover - broken installation
+        raise TemplateError(f"cannot read the built-in template list {meta} ({exc}); reinstall releaser") from exc
+    return data
+
+
+def builtin_names() -> list[str]:
+    return list(_catalog())
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").removesuffix("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TemplateError(f"cannot read chat template {path} ({exc}); check the path") from None
+
+
+def load_template(name_or_path: str | Path) -> ChatTemplate:
+    """A built-in by name (``chatml``, ``llama3``, ...) or a user ``.jinja`` file (checked for syntax errors).
+
+    A user file may sit beside a ``NAME.yaml`` with the same ``eos``/``tokens``/``stop`` keys as ``templates.yaml``.
+    """
+    catalog = _catalog()
+    text = str(name_or_path)
+    if text in catalog:
+        meta = catalog[text]
+        path = CHAT_DIR / f"{text}.jinja"
+        return ChatTemplate(text, _read(path), meta.get("eos"), tuple(meta.get("tokens") or ()),
+                            tuple(meta.get("stop") or ()), meta.get("description", ""), path)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise TemplateError(f"unknown chat template {text!r}; use one of {', '.join(catalog)} or the path of a .jinja file")
+    source = _read(path)
+    check_syntax(source, str(path))
+    meta = {}
+    side = path.with_suffix(".yaml")
+    if side.is_file():
+        try:
+            meta = yaml.safe_load(side.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise TemplateError(f"{side} is not valid YAML ({exc})") from None
+    return ChatTemplate(path.stem, source, meta.get("eos"), tuple(meta.get("tokens") or ()),
+                        tuple(meta.get("stop") or ()), meta.get("description", ""), path)
+
+
+def with_default_system(source: str, system_prompt: str) -> str:
+    """Prefix ``source`` so that a conversation without a system message gets ``system_prompt``."""
+    literal = json.dumps(system_prompt, ensure_ascii=True)
+    return ("{%- if not messages or messages[0]['role'] != 'system' %}"
+            "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages %}"
+            "{%- endif %}" + source)
