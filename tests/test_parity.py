@@ -26,7 +26,7 @@ GRADIENT_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
 
 
 def _models(family: dict, weights=None, **per_model) -> list[dict]:
-    """models: entries for the family's three models; weights/params apply to the listed ones (None skips)."""
+    """`models:` entries for a family; weights and per-model params are lists in model order (None skips one)."""
     out = []
     for i, ref in enumerate(family["models"]):
         params = {k: v[i] for k, v in per_model.items() if v[i] is not None}
@@ -74,6 +74,27 @@ def deterministic_configs(llama: dict, mistral: dict) -> dict[str, dict]:
     return out
 
 
+def layout_configs(tied: dict, qwen: dict, half: dict, llama: dict) -> dict[str, dict]:
+    """Other layouts and dtypes: tied embeddings, Qwen2 biases, float16 storage, out_dtype differing from dtype."""
+    T, Q, H, L = tied["models"], qwen["models"], half["models"], llama["models"]
+    return {
+        "tied_slerp": {"merge_method": "slerp", "base_model": T[0], "dtype": "float32", "parameters": {"t": 0.6},
+                       "models": _models(tied)[:2]},
+        "tied_ties": {"merge_method": "ties", "base_model": T[0], "dtype": "bfloat16",
+                      "models": _models(tied, [None, 0.5, 0.5], density=[None, 0.5, 0.5])},
+        "qwen2_model_stock": {"merge_method": "model_stock", "base_model": Q[0], "dtype": "bfloat16",
+                              "models": _models(qwen)},
+        "qwen2_task_arithmetic": {"merge_method": "task_arithmetic", "base_model": Q[0],
+                                  "models": _models(qwen, [None, 0.5, 0.5])[1:]},  # base added implicitly
+        "float16_ties": {"merge_method": "ties", "base_model": H[0],
+                         "models": _models(half, [None, 0.7], density=[None, 0.4])},
+        "float16_slerp": {"merge_method": "slerp", "base_model": H[0], "parameters": {"t": 0.4}, "models": _models(half)},
+        "float16_linear": {"merge_method": "linear", "models": _models(half, [0.3, 0.6])},
+        "slerp_out_dtype": {"merge_method": "slerp", "base_model": L[0], "dtype": "bfloat16", "out_dtype": "float32",
+                            "parameters": {"t": 0.3}, "models": _models(llama)[:2]},
+    }
+
+
 def random_configs(llama: dict) -> dict[str, dict]:
     L = llama["models"]
     per = {"density": [None, 0.3, 0.3]}
@@ -98,9 +119,9 @@ MERGEKIT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _family(root: Path, arch: str, **kw) -> dict:
-    base = tiny_model(root / f"{arch}-base", arch=arch, seed=0, **kw)
-    variants = [noised_variant(base, root / f"{arch}-v{i}", seed=i) for i in (1, 2)]
+def _family(root: Path, arch: str, tag: str = "", count: int = 3, **kw) -> dict:
+    base = tiny_model(root / f"{arch}{tag}-base", arch=arch, seed=0, **kw)
+    variants = [noised_variant(base, root / f"{arch}{tag}-v{i}", seed=i) for i in range(1, count)]
     return {"models": [str(base)] + [str(v) for v in variants]}
 
 
@@ -109,7 +130,11 @@ def parity(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     llama = _family(root, "llama", layers=4, hidden=64, intermediate=128)
     mistral = _family(root, "mistral", layers=4, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=24)
-    det, rnd = deterministic_configs(llama, mistral), random_configs(llama)
+    tied = _family(root, "llama", "-tied", tied=True)
+    qwen = _family(root, "qwen2")
+    half = _family(root, "llama", "-f16", count=2, dtype="float16")
+    det = {**deterministic_configs(llama, mistral), **layout_configs(tied, qwen, half, llama)}
+    rnd = random_configs(llama)
     jobs = [(str(root / "mk" / n), c, None) for n, c in det.items()]
     jobs += [(str(root / "mk" / n), c, SEED) for n, c in rnd.items()]
     (root / "jobs.json").write_text(json.dumps(jobs))
