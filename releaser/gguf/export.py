@@ -1,0 +1,154 @@
+"""``export_gguf``: HF model folder -> one GGUF file (or split set) per requested type, in one streaming pass."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from rich.progress import Progress
+
+from ..checkpoint import CheckpointReader, parse_size
+from ..errors import ConfigError
+from . import kernels
+from .convert import Converter
+from .files import check_targets, publish, staging
+from .mixes import file_type, parse_quants, tensor_types
+from .vocab import TokenizerInfo, add_tokenizer
+
+
+@dataclass
+class GGUFResult:
+    out_dir: Path
+    name: str
+    files: dict[str, list[Path]]                  # quant -> file(s) (several when split)
+    tensor_types: dict[str, dict[str, str]]       # quant -> tensor name -> ggml type name
+    tokenizer: TokenizerInfo
+    seconds: float
+    sizes: dict[str, int] = field(default_factory=dict)   # quant -> bytes over all its files
+
+    def summary(self) -> str:
+        lines = [f"wrote {sum(len(f) for f in self.files.values())} GGUF file(s) to {self.out_dir} "
+                 f"in {self.seconds:.1f} s (tokenizer {self.tokenizer.model}/{self.tokenizer.pre}, "
+                 f"eos {self.tokenizer.eos})"]
+        for quant, paths in self.files.items():
+            lines.append(f"  {quant:7s} {self.sizes[quant] / 1e6:9.1f} MB  " + ", ".join(p.name for p in paths))
+        return "\n".join(lines)
+
+
+def _nbytes(shape: tuple[int, ...], qtype: T) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape))
+    return n // block * size
+
+
+def _file_stem(name: str) -> str:
+    return re.sub(r"[^\w.+-]+", "-", name.strip()).strip("-") or "model"
+
+
+def _default_name(conv: Converter) -> str:
+    source = conv.config.get("_name_or_path") or conv.config.get("name_or_path") or ""
+    if source and "/" in source:
+        return source.rstrip("/").split("/")[-1]
+    return conv.reader.folder.resolve().name
+
+
+def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_models, quantized_by) \
+        -> tuple[gguf.GGUFWriter, TokenizerInfo]:
+    """A writer-less template holding every key the output files share (general.*, hyper-parameters, tokenizer)."""
+    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[conv.gguf_arch])
+    meta = gguf.Metadata.load(None, conv.reader.folder, name, conv.total_params)
+    meta.name = name
+    if meta.size_label is None:
+        meta.size_label = gguf.size_label(conv.total_params, conv.total_params, 0, 0)
+    if license:
+        meta.license = license
+    if tags:
+        meta.tags = list(dict.fromkeys([*(meta.tags or []), *tags]))
+    if base_models:
+        meta.base_models = [{"name": b.split("/")[-1], "organization": b.split("/")[0] if "/" in b else None,
+                             "repo_url": f"https://huggingface.co/{b}"} for b in base_models]
+    if quantized_by:
+        meta.quantized_by = quantized_by
+    w.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+    conv.add_hparams(w)
+    info = add_tokenizer(w, conv.reader.folder, conv.config)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return w, info
+
+
+def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None, split_max_size=None, *,
+                overwrite: bool = False, license: str | None = None, tags=None, base_models=None,
+                quantized_by: str | None = None, workers: int | None = None, progress: bool = False) -> GGUFResult:
+    """Convert ``model_dir`` (Llama/Mistral/Qwen2 HF folder) to GGUF files ``{Name}-{TYPE}.gguf`` in ``out_dir``.
+
+    The checkpoint is read once, one tensor at a time; every requested type is written from that tensor before the
+    next is read. Quantization runs on ``workers`` threads (default: all cores). Files appear under their final names
+    only when all of them are complete.
+    """
+    start = time.perf_counter()
+    quants = parse_quants(quants)
+    split_bytes = parse_size(split_max_size) if split_max_size else 0
+    out_dir = Path(out_dir).absolute()
+    with CheckpointReader(model_dir) as reader:
+        conv = Converter(reader)
+        descs = [p.desc for p in conv.plan]
+        types = {q: tensor_types(descs, q, conv.shape) for q in quants}
+        missing = sorted({t.name for ts in types.values() for t in ts if not kernels.supported(t)})
+        if missing:
+            raise ConfigError(f"no quantization kernel for {', '.join(missing)} (needed by {', '.join(quants)}); "
+                              "choose other types")
+        name = name or _default_name(conv)
+        template, tok = _metadata(conv, name, license=license, tags=tags, base_models=base_models,
+                                  quantized_by=quantized_by)
+        with staging(out_dir) as tmp:
+            writers = {}
+            for q in quants:
+                w = gguf.GGUFWriter(tmp / f"{_file_stem(name)}-{q}.gguf", template.arch, split_max_size=split_bytes)
+                for key, val in template.kv_data[0].items():
+                    if key != gguf.Keys.General.ARCHITECTURE:
+                        w.add_key_value(key, val.value, val.type, val.sub_type)
+                w.add_file_type(file_type(q))
+                for plan, t in zip(conv.plan, types[q]):
+                    w.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), _nbytes(plan.shape, t), raw_dtype=t)
+                writers[q] = w
+            staged = {q: w.format_shard_names(w.path) for q, w in writers.items()}
+            check_targets([out_dir / p.name for paths in staged.values() for p in paths], overwrite)
+            for w in writers.values():
+                w.write_header_to_file()
+                w.write_kv_data_to_file()
+                w.write_ti_data_to_file()
+            _write_tensors(conv, types, writers, workers or os.cpu_count() or 1, progress)
+            for w in writers.values():
+                w.close()
+            sizes = {q: sum(p.stat().st_size for p in paths) for q, paths in staged.items()}
+            files = {q: publish(paths, out_dir) for q, paths in staged.items()}
+    names = [p.name for p in conv.plan]
+    return GGUFResult(out_dir, name, files, {q: dict(zip(names, (t.name for t in ts))) for q, ts in types.items()},
+                      tok, time.perf_counter() - start, sizes)
+
+
+def _write_tensors(conv: Converter, types: dict[str, list[T]], writers: dict, workers: int, progress: bool) -> None:
+    """Read each tensor once (prefetching the next), quantize it to every needed type in parallel, write in order."""
+    with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as reader, \
+            Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("GGUF export", total=len(conv.plan))
+        pending = reader.submit(conv.read, conv.plan[0])
+        for i, plan in enumerate(conv.plan):
+            data = pending.result()
+            if i + 1 < len(conv.plan):
+                pending = reader.submit(conv.read, conv.plan[i + 1])
+            needed = {types[q][i] for q in writers}
+            futures = {t: kernels.submit(pool, data, t) for t in needed}
+            results = {t: kernels.collect(f) for t, f in futures.items()}
+            del data
+            for q, w in writers.items():
+                w.write_tensor_data(results[types[q][i]])
+            bar.update(task, advance=1, description=f"GGUF export: {plan.name}")
