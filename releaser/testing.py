@@ -281,3 +281,47 @@ def tiny_awq(path: Path, bits: int = 4, group_size: int = 32, seed: int = 0, **c
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     tiny_tokenizer(path, vocab=cfg["vocab_size"])
     return path
+
+
+TINY_CORPUS = [
+    "Hello there, how are you today? I am fine, thank you.",
+    "What is two plus two? Two plus two is four. And three plus three? Three plus three is six.",
+    "USER: ASSISTANT: SYSTEM: ### Instruction: ### Response: [INST] [/INST] <<SYS>> <</SYS>> model user assistant",
+]
+
+
+def tiny_chat_model(path: Path, arch: str = "mistral", seed: int = 0, **config_kw) -> Path:
+    """A tiny model with a Mistral-style tokenizer: SentencePiece-like BPE (Metaspace), ``<unk>``/``<s>``/``</s>``,
+    BOS added automatically, eos ``</s>``, no chat template; the embedding has one row per token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!:#_-|<>[]/\n")
+    tk.train_from_iterator(TINY_CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                            initial_alphabet=alphabet, show_progress=False))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    path = Path(path)
+    tiny_model(path, arch=arch, seed=seed, vocab=len(tok), **config_kw)
+    tok.save_pretrained(path)
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(path)
+    return path
+
+
+def demo_inputs(folder: Path) -> tuple[Path, Path]:
+    """Two fine-tune-like variants of SmolLM2-135M-Instruct (the merge demo's inputs) in ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = smollm2_dir()
+    return noised_variant(base, folder / "smollm2-a", seed=1), noised_variant(base, folder / "smollm2-b", seed=2)
+
+
+if __name__ == "__main__":  # python -m releaser.testing DIR: prepare the demo's input models
+    import sys
+
+    for made in demo_inputs(Path(sys.argv[1] if len(sys.argv) > 1 else "demo")):
+        print(f"prepared {made}")

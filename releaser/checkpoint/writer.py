@@ -144,7 +144,6 @@ class CheckpointWriter:
                 index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
                 (self.tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             for fd in self._fds:
-                os.fsync(fd)
                 os.close(fd)
             self._fds.clear()
             old = self.out_dir.parent / f".{self.out_dir.name}.releaser-old"
