@@ -126,5 +126,52 @@ def fix_tokenizer_cmd(
     run_fix(model_dir, FixSpec(template, out_dir, in_place, eos, system_prompt, overwrite), Console())
 
 
+@app.command("gguf")
+@friendly
+def gguf_cmd(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face Llama/Mistral/Qwen2 model folder."),
+    out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
+    quant: str = typer.Option("Q4_K_M", "--quant", "-q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
+                              "Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K."),
+    name: str | None = typer.Option(None, "--name", help="Model name: general.name and the file names {Name}-{TYPE}."),
+    split_max_size: str | None = typer.Option(None, "--split-max-size", help="Split files above this size, e.g. 48G."),
+    license: str | None = typer.Option(None, "--license", help="general.license (default: from the model card)."),
+    base_model: list[str] | None = typer.Option(None, "--base-model", help="Base model repo id (repeatable)."),
+    tag: list[str] | None = typer.Option(None, "--tag", help="general.tags entry (repeatable)."),
+    quantized_by: str | None = typer.Option(None, "--quantized-by", help="general.quantized_by."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files of the same names."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Export GGUF files (one pass over the checkpoint; llama-quantize's mixes, same bytes as llama.cpp)."""
+    from .gguf import export_gguf
+
+    result = export_gguf(model_dir, out_dir, quant, name, split_max_size, overwrite=overwrite, license=license,
+                         tags=tag, base_models=base_model, quantized_by=quantized_by, progress=not quiet)
+    out.print(result.summary(), highlight=False)
+
+
+@app.command("gguf-fix")
+@friendly
+def gguf_fix_cmd(
+    file: Path = typer.Argument(..., metavar="FILE.gguf", help="GGUF file to fix (in place unless --output)."),
+    chat_template: Path | None = typer.Option(None, "--chat-template", help="File with the new Jinja chat template."),
+    eos: str | None = typer.Option(None, "--eos", help="Text of the new eos token, e.g. <|im_end|>."),
+    name: str | None = typer.Option(None, "--name", help="New general.name."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the fixed file here instead."),
+) -> None:
+    """Rewrite a GGUF's chat template, eos or name without requantizing (tensor bytes are copied unchanged)."""
+    from .errors import ConfigError
+    from .gguf.fix import fix_gguf
+
+    template = None
+    if chat_template is not None:
+        try:
+            template = chat_template.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the chat template {chat_template} ({exc.strerror or exc})") from exc
+    result = fix_gguf(file, chat_template=template, eos=eos, name=name, out=output)
+    out.print(result.summary(), highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

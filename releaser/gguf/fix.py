@@ -1,0 +1,124 @@
+"""``fix_gguf`` (releaser gguf-fix): rewrite an existing GGUF's metadata (chat template, eos, name) without
+requantizing. Every other key and every tensor byte is copied unchanged; the new file replaces the target atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGUFValueType as V, Keys
+
+from ..errors import ConfigError, ModelError, OutputError
+from .vocab import END_OF_TURN
+
+
+@dataclass
+class FixResult:
+    path: Path
+    changes: dict[str, tuple[object, object]] = field(default_factory=dict)   # key -> (old, new)
+
+    def summary(self) -> str:
+        if not self.changes:
+            return f"{self.path}: nothing to change"
+        lines = [f"rewrote {self.path} (tensor data copied unchanged):"]
+        for key, (old, new) in self.changes.items():
+            show = [v if not isinstance(v, str) or len(v) < 60 else v[:57] + "..." for v in (old, new)]
+            lines.append(f"  {key}: {show[0]!r} -> {show[1]!r}")
+        return "\n".join(lines)
+
+
+def _value(f: gguf.ReaderField):
+    return f.contents()
+
+
+def _open(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"{path} is not a readable GGUF file ({exc})") from exc
+
+
+def _new_values(reader: gguf.GGUFReader, chat_template: str | None, eos: str | None, name: str | None) -> dict:
+    """key -> (value, type) for every key to set."""
+    new: dict[str, tuple[object, V]] = {}
+    if chat_template is not None:
+        new[Keys.Tokenizer.CHAT_TEMPLATE] = (chat_template, V.STRING)
+    if name is not None:
+        new[Keys.General.NAME] = (name, V.STRING)
+    if eos is not None:
+        tokens_field = reader.get_field(Keys.Tokenizer.LIST)
+        if tokens_field is None:
+            raise ModelError("the GGUF has no tokenizer.ggml.tokens, so --eos cannot be resolved to an id")
+        tokens = _value(tokens_field)
+        if eos not in tokens:
+            raise ConfigError(f"token {eos!r} is not in the GGUF vocabulary; pass the exact token text, "
+                              "e.g. <|im_end|> or <|eot_id|>")
+        new[Keys.Tokenizer.EOS_ID] = (tokens.index(eos), V.UINT32)
+        if eos in END_OF_TURN:
+            new[Keys.Tokenizer.EOT_ID] = (tokens.index(eos), V.UINT32)
+    return new
+
+
+def fix_gguf(path, *, chat_template: str | None = None, eos: str | None = None, name: str | None = None,
+             out: str | os.PathLike | None = None) -> FixResult:
+    """Set the chat template, eos token (by text) and/or ``general.name`` of ``path``; write to ``out`` (default: in
+    place). The result is written under a temporary name beside the target and renamed when complete."""
+    path = Path(path)
+    target = Path(out) if out is not None else path
+    reader = _open(path)
+    new = _new_values(reader, chat_template, eos, name)
+    changes = {}
+    for key, (value, _) in new.items():
+        old = reader.get_field(key)
+        old_value = _value(old) if old is not None else None
+        if old_value != value:
+            changes[key] = (old_value, value)
+    if not changes and target == path:
+        return FixResult(path, {})
+    arch = _value(reader.get_field(Keys.General.ARCHITECTURE))
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot write in {target.parent} ({exc.strerror or exc}); choose another --out") from exc
+    tmp = Path(tmp_name)
+    try:
+        _rewrite(reader, tmp, arch, new)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return FixResult(target, changes)
+
+
+def _rewrite(reader: gguf.GGUFReader, tmp: Path, arch: str, new: dict) -> None:
+    w = gguf.GGUFWriter(tmp, arch)
+    alignment = reader.get_field(Keys.General.ALIGNMENT)
+    if alignment is not None:
+        w.data_alignment = int(_value(alignment))
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == Keys.General.ARCHITECTURE:
+            continue
+        if key in new:
+            value, vtype = new.pop(key)
+            w.add_key_value(key, value, vtype)
+            continue
+        vtype = f.types[0]
+        sub_type = f.types[-1] if vtype == V.ARRAY else None
+        w.add_key_value(key, _value(f), vtype, sub_type)
+    for key, (value, vtype) in new.items():
+        w.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        w.add_tensor_info(t.name, list(reversed(t.shape.tolist())), np.dtype(np.float32), int(t.n_bytes),
+                          raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in reader.tensors:
+        w.write_tensor_data(np.asarray(t.data).reshape(-1).view(np.uint8))
+    w.close()
