@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -54,6 +55,8 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
         if plan.compute_dtype is not None:
             t = t.to(plan.compute_dtype)
         tensors.append(t)
+    if job.vocab:
+        tensors = plan.vocab.align(tensors, [mi for mi, _ in job.sources], job.base_index)
     generator = torch.Generator(device=device).manual_seed(job.seed) if job.seed is not None else None
     out = plan.method.fn(tensors, job.base_index, job.params, job.model_params, generator)
     if tuple(out.shape) != job.shape:
@@ -138,38 +141,31 @@ def _read_template(folder: Path) -> str | None:
         return None
 
 
-def _tokenizer_donor(config: MergeConfig, plan: MergePlan) -> Path:
-    src = config.tokenizer_source
-    if src in (None, "base"):
-        return Path(plan.models[plan.donor])
-    if src == "union":
-        raise ConfigError("tokenizer_source: union is not supported; use base or the path of one model")
-    if not Path(src).is_dir():
-        raise ConfigError(f"`tokenizer_source` {src} is not a model folder; use base or the path of one model")
-    donor = Path(src)
-    tok_cfg = donor / "tokenizer.json"
-    if tok_cfg.is_file():
-        vocab = len(json.loads(tok_cfg.read_text()).get("model", {}).get("vocab", {}))
-        if vocab > plan.out_config.get("vocab_size", vocab):
-            raise ConfigError(f"`tokenizer_source` {src} has {vocab} tokens but the merged embeddings have "
-                              f"{plan.out_config['vocab_size']} rows; use the tokenizer of a merged model")
-    return donor
-
-
 def _write_side_files(writer: CheckpointWriter, config: MergeConfig, plan: MergePlan, yaml_text: str) -> None:
     writer.add_file("config.json", json.dumps(plan.out_config, indent=2) + "\n")
-    donor = _tokenizer_donor(config, plan)
     template = _chat_template(config, plan)
-    for name in TOKENIZER_FILES:
-        src = donor / name
-        if not src.is_file() or (template is not None and name in ("chat_template.jinja", "chat_template.json")):
-            continue
-        if name == "tokenizer_config.json" and template is not None:
-            data = json.loads(src.read_text())
-            data.pop("chat_template", None)
-            writer.add_file(name, json.dumps(data, indent=2) + "\n")
-        else:
-            writer.copy_file(src)
+    donor = Path(plan.models[plan.donor])
+    if plan.vocab is not None and plan.vocab.folder is None:   # a built (union or stripped) tokenizer
+        with tempfile.TemporaryDirectory() as tmp:
+            if template is not None:
+                plan.vocab.tokenizer.chat_template = template
+            plan.vocab.tokenizer.save_pretrained(tmp)
+            for f in sorted(Path(tmp).iterdir()):
+                writer.copy_file(f)
+        template = None
+    else:
+        if plan.vocab is not None:
+            donor = Path(plan.vocab.folder)
+        for name in TOKENIZER_FILES:
+            src = donor / name
+            if not src.is_file() or (template is not None and name in ("chat_template.jinja", "chat_template.json")):
+                continue
+            if name == "tokenizer_config.json" and template is not None:
+                data = json.loads(src.read_text())
+                data.pop("chat_template", None)
+                writer.add_file(name, json.dumps(data, indent=2) + "\n")
+            else:
+                writer.copy_file(src)
     gen = Path(plan.models[plan.donor]) / "generation_config.json"
     if gen.is_file():
         writer.copy_file(gen)

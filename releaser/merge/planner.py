@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from ..checkpoint import Architecture, CheckpointReader, architecture_for
 from ..errors import ConfigError, ModelError
 from .config import InputSlice, MergeConfig, OutputSlice, evaluate
 from .methods import REQUIRED, Method, get_method, method_names
+from .vocab import VocabAlignment, build_alignment
 
 
 @dataclass
@@ -25,6 +26,7 @@ class TensorJob:
     shape: tuple[int, ...]
     dtype: torch.dtype                 # output dtype
     seed: int | None = None            # per-tensor seed for random methods
+    vocab: bool = False                # rows are tokens: align them with MergePlan.vocab first
 
     def input_bytes(self, plan: MergePlan) -> int:
         return sum(plan.readers[m].tensors[n].nbytes for m, n in self.sources)
@@ -40,7 +42,7 @@ class MergePlan:
     out_config: dict
     donor: int                         # model whose tokenizer/generation files are copied
     compute_dtype: torch.dtype | None
-    notes: list[str] = field(default_factory=list)
+    vocab: VocabAlignment | None = None
 
     def close(self) -> None:
         for r in self.readers:
@@ -69,6 +71,7 @@ class _Planner:
         self.models: list[str] = []
         self.readers: list[CheckpointReader] = []
         self.jobs: list[TensorJob] = []
+        self.vocab: VocabAlignment | None = None
 
     def model(self, ref: str) -> int:
         key = os.path.abspath(ref)
@@ -156,6 +159,12 @@ class _Planner:
             self.check_inputs(s, path)
 
         first, last = slices[0][0], slices[-1][0]
+        if cfg.tokenizer_source:
+            donor = self.model(cfg.base_model) if cfg.base_model else self.model(first.sources[0].model)
+            source = cfg.tokenizer_source
+            if source not in ("base", "union") and Path(source).is_dir():
+                source = self.models[self.model(source)]
+            self.vocab = build_alignment(source, self.models, [r.config for r in self.readers], donor)
         pre = [self.arch.embed]
         post = self.non_layer_names(last, exclude=set(pre))
         for name in pre:
@@ -223,6 +232,9 @@ class _Planner:
             shapes.append(tuple(reader.tensors[name].shape))
             model_params.append(self.resolve(self.method.model_params, [src.parameters, s.parameters, cfg.parameters],
                                              name, t, f"{src.model}", required=not is_base))
+        vocab = self.vocab is not None and self.arch.is_embedding(out_name)
+        if vocab:
+            shapes = [(self.vocab.size, *shape[1:]) for shape in shapes]
         if len(set(shapes)) > 1:
             detail = ", ".join(f"{self.models[mi]} {list(shape)}" for (mi, _), shape in zip(sources, shapes))
             hint = ("; set tokenizer_source: base or union to align vocabularies"
@@ -233,7 +245,7 @@ class _Planner:
         stored = self.readers[ref[0]].tensors[ref[1]].dtype
         dtype = _dtype(cfg.out_dtype) or _dtype(cfg.dtype) or stored
         seed = _seed(cfg.random_seed or 0, out_name) if self.method.random else None
-        self.jobs.append(TensorJob(out_name, sources, base_index, params, model_params, shapes[0], dtype, seed))
+        self.jobs.append(TensorJob(out_name, sources, base_index, params, model_params, shapes[0], dtype, seed, vocab))
 
     def finish(self, n_layers: int, first: OutputSlice, last: OutputSlice) -> MergePlan:
         cfg = self.config
@@ -251,7 +263,7 @@ class _Planner:
         if "tie_word_embeddings" in out_config or self.arch.lm_head in names:
             out_config["tie_word_embeddings"] = self.arch.lm_head not in names
         return MergePlan(self.method, self.models, self.readers, self.arch, self.jobs, out_config, donor,
-                         _dtype(cfg.dtype))
+                         _dtype(cfg.dtype), self.vocab)
 
 
 def plan_merge(config: MergeConfig) -> MergePlan:
