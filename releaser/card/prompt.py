@@ -58,11 +58,22 @@ def ollama_template(render: Render, stop: str, bos: str | None) -> str:
         body = plain
     else:
         system = go(with_system)
-        if system.endswith(plain):
-            body = "{{ if .System }}" + system[: len(system) - len(plain)] + "{{ end }}" + plain
-        else:
-            body = "{{ if .System }}" + system + "{{ else }}" + plain + "{{ end }}"
+        n = _common_suffix(system, plain)
+        other = "{{ else }}" + plain[: len(plain) - n] if n < len(plain) else ""
+        body = "{{ if .System }}" + system[: len(system) - n] + other + "{{ end }}" + plain[len(plain) - n:]
     return body + "{{ .Response }}" + stop
+
+
+def _common_suffix(a: str, b: str) -> int:
+    """Length of the longest common suffix of two Go templates that does not start inside a ``{{ ... }}`` action."""
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    tail = b[len(b) - n:]
+    close, open_ = tail.find("}}"), tail.find("{{")
+    if close != -1 and (open_ == -1 or close < open_):
+        n -= close + 2
+    return n
 
 
 def _raise_exception(message: str):
