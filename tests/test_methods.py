@@ -294,6 +294,19 @@ def test_della_prefers_large_magnitudes_and_validates_epsilon():
         SPARSIFIERS["della_magprune"](delta, 0.9, False, epsilon=0.15)
 
 
+def test_della_single_element_rows_and_scalars():
+    # mergekit 0.1.5 fails on these (0/0 rank normalisation); releaser keeps them with probability = density
+    gen = torch.Generator().manual_seed(3)
+    column = torch.randn(400, 1, generator=gen)
+    out = SPARSIFIERS["della_magprune"](column, 0.5, False, epsilon=0.1, generator=gen)
+    assert 0.35 < (out != 0).float().mean().item() < 0.65
+    for name in DETERMINISTIC_GTA + RANDOM_GTA:
+        per = [{}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1, "gamma": 0.0}]
+        out = ours(name, [torch.tensor(1.0), torch.tensor(2.0)], 0, {}, [{}, {k: v for k, v in per[1].items()
+                                                                              if k in get_method(name).model_params}], seed=1)
+        assert out.shape == () and torch.isfinite(out)
+
+
 def test_sparsifiers_density_edges():
     delta = torch.randn(10, 10)
     for name, fn in SPARSIFIERS.items():

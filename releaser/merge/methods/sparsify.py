@@ -85,11 +85,12 @@ def della_magprune(delta: torch.Tensor, density: float, rescale: bool, epsilon: 
                           f"epsilon={epsilon}): lower epsilon or change density")
     shape = delta.shape
     work = _work_dtype(delta)
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta  # 1-D (and 0-D) tensors are one row
     ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
     low = ranks.min(dim=1, keepdim=True).values
     high = ranks.max(dim=1, keepdim=True).values
     position = ((ranks - low) / (high - low)).clamp(0, 1)
+    position = position.nan_to_num(0.5)  # one-element rows (mergekit fails there): keep with p = density
     probs = (density - epsilon) + position * 2 * epsilon
     mask = torch.bernoulli(probs, generator=generator).to(work)
     return _apply_mask(rows.to(work), mask, rescale).to(delta.dtype).reshape(shape)
