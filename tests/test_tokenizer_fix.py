@@ -1,0 +1,169 @@
+"""fix-tokenizer on a tiny Mistral-style model: adding chat tokens, resizing, eos/pad/BOS, rows, output modes, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from releaser.cli import app
+from releaser.errors import ConfigError, ModelError, OutputError
+from releaser.testing import tiny_chat_model
+from releaser.tokenizer.doctor import diagnose
+from releaser.tokenizer.fix import FixSpec, fix_tokenizer
+from releaser.tokenizer.model import ModelFolder
+from releaser.tokenizer.stoptest import CONVERSATION
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    return tiny_chat_model(tmp_path_factory.mktemp("tiny") / "m")
+
+
+@pytest.fixture
+def tiny(tiny_src, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_src, dst)
+    return dst
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_mistral_style_switched_to_chatml(tiny, tmp_path):
+    before = _digest(tiny)
+    result = runner.invoke(app, ["doctor", str(tiny), "--template", "chatml", "--json"])
+    assert result.exit_code == 1
+    codes = {f["code"] for f in json.loads(result.output)["findings"]}
+    assert {"no-template", "token-missing", "eos-mismatch", "pad-missing"} <= codes
+
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["fix-tokenizer", str(tiny), "-t", "chatml", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "eos_token: '</s>' -> '<|im_end|>'" in result.output and "rows 200 -> 202" in result.output
+    assert _digest(tiny) == before                              # the input is never modified
+
+    added = {t["content"]: t for t in _json(out / "tokenizer.json")["added_tokens"]}
+    assert added["<|im_start|>"]["id"] == 200 and added["<|im_end|>"]["id"] == 201
+    assert all(added[t]["special"] and not added[t]["normalized"] for t in ("<|im_start|>", "<|im_end|>"))
+    assert _json(out / "tokenizer_config.json")["eos_token"] == "<|im_end|>"
+    config = _json(out / "config.json")
+    assert config["eos_token_id"] == 201 and config["vocab_size"] == 202
+    assert _json(out / "generation_config.json")["eos_token_id"] == [201, 2]
+
+    old, new = load_file(tiny / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert new[name].shape == (202, 64)
+        assert torch.equal(new[name][:200], old[name])
+        assert torch.allclose(new[name][200], old[name].mean(0)) and torch.equal(new[name][201], new[name][200])
+    assert set(new) == set(old)
+
+    fixed = ModelFolder.open(out)
+    ids = fixed.tokenizer.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids[0] == 200 and 201 in ids
+    assert runner.invoke(app, ["doctor", str(out), "--template", "chatml"]).exit_code == 0
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    src = tiny_chat_model(tmp_path / "tied", tied=True)
+    fix_tokenizer(src, FixSpec("llama3", out_dir=tmp_path / "out"))
+    state = load_file(tmp_path / "out" / "model.safetensors")
+    assert "lm_head.weight" not in state and state["model.embed_tokens.weight"].shape[0] == 203
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.lm_head.weight.shape[0] == 203
+
+
+def test_in_place_writes_only_changed_files(tiny):
+    weights = (tiny / "model.safetensors").stat()
+    report = fix_tokenizer(tiny, FixSpec("zephyr", in_place=True))
+    assert set(report.changes) == {"tokenizer_config.json", "chat_template.jinja", "config.json",
+                                   "generation_config.json"}
+    after = (tiny / "model.safetensors").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (weights.st_ino, weights.st_mtime_ns)
+    assert not [p for p in tiny.iterdir() if p.name.startswith(".")]
+    again = fix_tokenizer(tiny, FixSpec("zephyr", in_place=True))
+    assert again.changes == {} and not again.remaining
+
+
+def test_double_bos_removed(tiny, tmp_path):
+    assert "double-bos" in {f.code for f in diagnose(tiny, "mistral").findings}
+    report = fix_tokenizer(tiny, FixSpec("mistral", out_dir=tmp_path / "out"))
+    assert "post_processor: no longer adds BOS (the template writes it)" in report.changes["tokenizer.json"]
+    tok = ModelFolder.open(tmp_path / "out").tokenizer
+    text = tok.apply_chat_template(CONVERSATION[:2], tokenize=False)
+    ids = tok(text)["input_ids"]
+    assert text.startswith("<s>[INST]") and ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+    assert tok("plain text")["input_ids"][0] != tok.bos_token_id
+
+
+def test_untrained_rows_repaired(tiny, tmp_path):
+    state = load_file(tiny / "model.safetensors")
+    state["model.embed_tokens.weight"][2] = 0          # </s>, which the template writes
+    state["lm_head.weight"][2] = 0
+    save_file(state, tiny / "model.safetensors")
+    finding = next(f for f in diagnose(tiny, "llama2").findings if f.code == "untrained-rows")
+    assert "'</s>' (2)" in finding.evidence
+    report = fix_tokenizer(tiny, FixSpec("llama2", in_place=True))
+    assert report.repaired_rows == [2] and report.resized is None
+    new = load_file(tiny / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        others = torch.cat([state[name][:2], state[name][3:]])
+        assert torch.allclose(new[name][2], others.mean(0))
+    assert "untrained-rows" not in {f.code for f in report.remaining}
+
+
+def test_system_prompt(tiny, tmp_path):
+    fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "out", system_prompt='Be "brief".\nAlways.'))
+    tok = ModelFolder.open(tmp_path / "out").tokenizer
+    text = tok.apply_chat_template(CONVERSATION[:1], tokenize=False)
+    assert text.startswith('<|im_start|>system\nBe "brief".\nAlways.<|im_end|>\n<|im_start|>user\n')
+    own = [{"role": "system", "content": "Mine."}, *CONVERSATION[:1]]
+    assert tok.apply_chat_template(own, tokenize=False).count("system") == 1
+    with pytest.raises(ConfigError, match="gemma has no system role"):
+        fix_tokenizer(tiny, FixSpec("gemma", out_dir=tmp_path / "g", system_prompt="Hi"))
+
+
+def test_custom_eos(tiny, tmp_path):
+    report = fix_tokenizer(tiny, FixSpec("alpaca", out_dir=tmp_path / "out", eos="<|end_of_answer|>"))
+    assert report.eos_token == "<|end_of_answer|>" and report.added_tokens == ["<|end_of_answer|>"]
+    assert report.eos_ids == [200, 2] and not [f for f in report.remaining if f.severity == "error"]
+
+
+def test_bad_inputs(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="'not a token' is not in the vocabulary and cannot be added"):
+        fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "o", eos="not a token"))
+    result = runner.invoke(app, ["fix-tokenizer", str(tiny), "-t", "chatml", "-o", str(tmp_path / "o"),
+                                 "--eos", "not a token"])
+    assert result.exit_code == 2 and "error:" in result.output and "--eos" in result.output
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny / "config.json", bare)
+    shutil.copy(tiny / "model.safetensors", bare)
+    with pytest.raises(ModelError, match="has no tokenizer"):
+        diagnose(bare)
+    for args in (["doctor", str(bare)], ["fix-tokenizer", str(bare), "-t", "chatml", "--in-place"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "has no tokenizer" in result.output and "Traceback" not in result.output
+
+    with pytest.raises(OutputError, match="choose where to write"):
+        fix_tokenizer(tiny, FixSpec("chatml"))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(OutputError, match="already exists"):
+        fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "exists"))
+    assert not list(tmp_path.glob(".*releaser-tmp"))
