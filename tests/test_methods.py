@@ -153,7 +153,7 @@ def test_slerp_single_input_passes_through():
     assert ours("slerp", [a], 0, {"t": 0.5}) is a
 
 
-# ---------------------------------------------------------------------------------------------------------- task arithmetic
+# ------------------------------------------------------------------------------------------------- task arithmetic
 
 DETERMINISTIC_GTA = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
 RANDOM_GTA = ["dare_ties", "dare_linear", "della", "della_linear"]
@@ -301,9 +301,9 @@ def test_della_single_element_rows_and_scalars():
     out = SPARSIFIERS["della_magprune"](column, 0.5, False, epsilon=0.1, generator=gen)
     assert 0.35 < (out != 0).float().mean().item() < 0.65
     for name in DETERMINISTIC_GTA + RANDOM_GTA:
-        per = [{}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1, "gamma": 0.0}]
-        out = ours(name, [torch.tensor(1.0), torch.tensor(2.0)], 0, {}, [{}, {k: v for k, v in per[1].items()
-                                                                              if k in get_method(name).model_params}], seed=1)
+        given = {"weight": 1.0, "density": 0.5, "epsilon": 0.1, "gamma": 0.0}
+        per = [{}, {k: v for k, v in given.items() if k in get_method(name).model_params}]
+        out = ours(name, [torch.tensor(1.0), torch.tensor(2.0)], 0, {}, per, seed=1)
         assert out.shape == () and torch.isfinite(out)
 
 

@@ -54,7 +54,8 @@ def deterministic_configs(llama: dict, mistral: dict) -> dict[str, dict]:
                             "models": _models(llama, [None, 0.6, [0.2, 0.8]])},
         "ties": {"merge_method": "ties", "base_model": L[0], "models": _models(
             llama, [None, 0.5, 0.7], density=[None, 0.5, [0.3, 0.9]])},
-        "ties_mistral": {"merge_method": "ties", "base_model": M[0], "parameters": {"normalize": False, "int8_mask": True},
+        "ties_mistral": {"merge_method": "ties", "base_model": M[0],
+                         "parameters": {"normalize": False, "int8_mask": True},
                          "models": _models(mistral, [None, 0.5, 0.7], density=[None, 0.6, 0.4])},
         "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": L[0], "models": _models(
             llama, [None, 0.5, 0.7], density=[None, 0.8, 0.7], gamma=[None, 0.05, 0.02])},
@@ -88,7 +89,8 @@ def layout_configs(tied: dict, qwen: dict, half: dict, llama: dict) -> dict[str,
                                   "models": _models(qwen, [None, 0.5, 0.5])[1:]},  # base added implicitly
         "float16_ties": {"merge_method": "ties", "base_model": H[0],
                          "models": _models(half, [None, 0.7], density=[None, 0.4])},
-        "float16_slerp": {"merge_method": "slerp", "base_model": H[0], "parameters": {"t": 0.4}, "models": _models(half)},
+        "float16_slerp": {"merge_method": "slerp", "base_model": H[0], "parameters": {"t": 0.4},
+                          "models": _models(half)},
         "float16_linear": {"merge_method": "linear", "models": _models(half, [0.3, 0.6])},
         "slerp_out_dtype": {"merge_method": "slerp", "base_model": L[0], "dtype": "bfloat16", "out_dtype": "float32",
                             "parameters": {"t": 0.3}, "models": _models(llama)[:2]},
