@@ -66,17 +66,15 @@ def list_tensors(path: str) -> list[TensorInfo]:
 
 def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
     """Read one tensor with positioned reads into a new buffer (thread-safe: no shared file position)."""
-    buf = bytearray(info.nbytes)
-    view = memoryview(buf)
+    out = torch.empty(info.nbytes, dtype=torch.uint8)   # not zero-filled: every byte is read into it
+    view = memoryview(out.numpy()).cast("B")
     done = 0
-    while done < len(buf):
+    while done < info.nbytes:
         n = os.preadv(fd, [view[done:]], info.offset + done)
         if n <= 0:
             raise OSError(f"unexpected end of file reading {info.name} from {info.file}")
         done += n
-    if not buf:
-        return torch.empty(info.shape, dtype=info.dtype)
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+    return out.view(info.dtype).reshape(info.shape)
 
 
 def layout(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None) -> tuple[bytes, dict]:

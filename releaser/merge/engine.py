@@ -103,15 +103,21 @@ def execute(plan: MergePlan, writer: CheckpointWriter, device: torch.device, *, 
 
     # largest first keeps the pool busy at the end; the budget keeps memory bounded
     order = sorted(plan.jobs, key=lambda j: -j.input_bytes(plan))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
-        futures = []
-        for job in order:
-            n = job.input_bytes(plan)
-            budget.acquire(n)
-            if failed.is_set():
-                budget.release(n)
-                break
-            futures.append(pool.submit(run, job, n))
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # parallel over tensors, not inside each op: no oversubscription
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
+            futures = []
+            for job in order:
+                n = job.input_bytes(plan)
+                budget.acquire(n)
+                if failed.is_set():
+                    budget.release(n)
+                    break
+                futures.append(pool.submit(run, job, n))
+    finally:
+        torch.set_num_threads(threads)
     for f in futures:
         if f.exception() is not None:
             raise f.exception()
