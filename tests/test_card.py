@@ -185,8 +185,59 @@ def test_check_card_rejects(body, problem):
         check_card("---\nlicense: mit\n---\n\n" + body, Path("t.md.j2"))
 
 
-def test_check_card_accepts_none_in_code_and_nested_sections():
-    check_card("---\nlicense: mit\n---\n\n## Merge\n\n### Method\n\ntext\n\n```python\nx = None\n```\n", Path("t"))
+def test_check_card_accepts_none_in_code_prose_and_nested_sections():
+    check_card("---\nlicense: mit\n---\n\n## Merge\n\n### Method\n\nNone of the inputs is gated.\n\n"
+               "```python\nx = None\n```\n", Path("t"))
+
+
+@pytest.mark.parametrize("line", ["| Size | None |", "Developed by: None", "None", "- **License:** None"])
+def test_check_card_rejects_none_values(line):
+    with pytest.raises(CardError, match="contains 'None'"):
+        check_card(f"---\nlicense: mit\n---\n\n## A\n\n{line}\n", Path("t"))
+
+
+def test_error_in_an_imported_macro_names_that_template(release, tmp_path):
+    tpl = tmp_path / "mine.md.j2"
+    tpl.write_text('{% import "_common.md.j2" as common %}{{ common.header() }}\n')  # imported without context
+    with pytest.raises(CardError, match=r"_common\.md\.j2:\d+: undefined variable: 'front_matter' is undefined"):
+        render_card(release["model"], template=tpl)
+
+
+def test_loras_and_slices_are_listed(release, recipe, tmp_path):
+    import shutil
+
+    model = shutil.copytree(release["model"], tmp_path / "m")
+    (model / "mergekit_config.yml").write_text("""\
+merge_method: passthrough
+slices:
+  - sources:
+      - model: alice/tiny-a+carol/style-lora
+        layer_range: [0, 2]
+  - sources:
+      - model: bob/tiny-b
+        layer_range: [1, 4]
+""")
+    text = render_card(model, recipe)
+    assert "merged with the [Passthrough](" in text and "as the base model" not in text
+    assert "- [alice/tiny-a+carol/style-lora](https://huggingface.co/alice/tiny-a) (layers 0-1)\n" in text
+    assert "- [bob/tiny-b](https://huggingface.co/bob/tiny-b) (layers 1-3)\n" in text
+    assert ("### LoRA adapters\n\n- [carol/style-lora](https://huggingface.co/carol/style-lora) applied to "
+            "[alice/tiny-a](https://huggingface.co/alice/tiny-a) (layers 0-1)\n") in text
+    meta = ModelCard(text).data.to_dict()
+    assert meta["base_model"] == ["alice/tiny-a", "carol/style-lora", "bob/tiny-b"]
+
+
+def test_split_gguf_files_are_one_row(tmp_path):
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    for i in (1, 2):
+        tiny_gguf(folder / f"Big-Q8_0-0000{i}-of-00002.gguf", "Q8_0", seed=i)
+    tiny_gguf(folder / "Big-Q4_0.gguf", "Q4_0")
+    facts = gather_facts(folder)
+    split = next(f for f in facts.files if f.quant_type == "Q8_0")
+    assert split.name == "Big-Q8_0-00001-of-00002.gguf" and len(split.shards) == 2
+    assert split.size == sum((folder / n).stat().st_size for n in split.shards)
+    assert "Big-Q8_0-00001-of-00002.gguf (2 parts) | Q8_0 |" in render_card(folder)
 
 
 def test_missing_tokenizer_is_an_error(tmp_path):

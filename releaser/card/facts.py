@@ -65,7 +65,7 @@ def hub_repo(ref: str) -> str | None:
 
 
 def model_ref(ref: str, details: str = "") -> ModelRef:
-    repo = hub_repo(ref)
+    repo = hub_repo(ref.partition("+")[0])  # model+lora links to the model
     return ModelRef(ref, f"https://huggingface.co/{repo}" if repo else None, details)
 
 
@@ -123,7 +123,7 @@ def merge_facts(folder: Path) -> MergeFacts | None:
     base = str(config["base_model"]) if config.get("base_model") else None
     models: dict[str, ModelRef] = {}
     loras: list[LoraRef] = []
-    hub: list[str] = [r for r in [hub_repo(base.split("+")[0])] if r] if base else []
+    hub: list[str] = [r for r in [hub_repo(base.partition("+")[0])] if r] if base else []
     for ref, details in entries:
         model, _, lora = ref.partition("+")
         hub += [r for r in (hub_repo(model), hub_repo(lora) if lora else None) if r]

@@ -137,9 +137,11 @@ def _environment(search: list[Path]) -> jinja2.Environment:
     return env
 
 
-def _template_line(exc: BaseException, filename: str) -> int | None:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
-    return frames[-1].lineno if frames else None
+def _template_frame(exc: BaseException, search: list[Path]) -> str | None:
+    """``file:line`` of the innermost template frame of a rendering error (Jinja maps frames to template lines)."""
+    roots = [str(p.resolve()) + os.sep for p in search]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if any(f.filename.startswith(r) for r in roots)]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
 
 
 def render_card(model_dir: str | os.PathLike, recipe: Recipe | None = None,
@@ -153,14 +155,14 @@ def _render(model_dir, recipe, template) -> tuple[str, Facts, Path]:
     path = Path(template) if template else TEMPLATES / TEMPLATE_FOR[facts.kind]
     if not path.is_file():
         raise CardError(f"card template {path} does not exist")
-    env = _environment([path.resolve().parent, TEMPLATES])
+    search = [path.resolve().parent, TEMPLATES]
+    env = _environment(search)
     try:
         text = env.get_template(path.name).render(card_context(facts, recipe))
     except jinja2.TemplateSyntaxError as exc:
         raise CardError(f"{exc.filename or path}:{exc.lineno}: template syntax error: {exc.message}") from None
     except jinja2.UndefinedError as exc:
-        line = _template_line(exc, str(path.resolve()))
-        where = f"{path}:{line}" if line else str(path)
+        where = _template_frame(exc, search) or str(path)
         raise CardError(f"{where}: undefined variable: {exc.message}; see templates/cards/README.md for the "
                         "variables a card template can use") from None
     except jinja2.TemplateError as exc:
@@ -171,6 +173,7 @@ def _render(model_dir, recipe, template) -> tuple[str, Facts, Path]:
 
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
+_NONE = re.compile(r"(^|[:|=(\[,*]\s*)None\s*($|[|,)\].*])")  # a Python None where a value belongs
 
 
 def _outside_code(text: str) -> list[str]:
@@ -211,7 +214,7 @@ def check_card(text: str, template: Path) -> None:
         raise CardError(f"{template}: the card has no YAML front matter")
     body = _outside_code(card.text)
     for line in body:
-        if re.search(r"\bNone\b", line):
+        if _NONE.search(line):
             raise CardError(f"{template}: the card contains 'None' (a missing fact): {line.strip()!r}")
     for i, line in enumerate(body):
         m = _HEADING.match(line)
