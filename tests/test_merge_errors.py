@@ -167,3 +167,10 @@ def test_disk_full_in_a_real_process(tmp_path, models):
     err = proc.stderr.strip()
     assert err.startswith("error:") and "disk space" in err and len(err.splitlines()) == 1, err
     assert_nothing_written(tmp_path)
+
+
+def test_cuda_without_gpu_or_unknown_device(tmp_path, models, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert_one_line_error(run_cli(tmp_path, slerp_cfg(*models), "--device", "cuda"), "no CUDA GPU", "--device cpu")
+    assert_one_line_error(run_cli(tmp_path, slerp_cfg(*models), "--device", "tpu"), "unknown device")
+    assert_nothing_written(tmp_path)
