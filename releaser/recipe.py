@@ -94,4 +94,5 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise ConfigError(f"recipe {path}: {_location(err['loc'])}: {err['msg'].removeprefix('Value error, ')}") from None
+        message = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"recipe {path}: {_location(err['loc'])}: {message}") from None

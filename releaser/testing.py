@@ -210,7 +210,8 @@ def tiny_tokenizer(path: Path, vocab: int = 256, chat_template: str | None = CHA
 
 
 def tiny_gguf(path: Path, quant: str = "Q8_0", seed: int = 0, name: str = "Tiny",
-              chat_template: str | None = CHATML_TEMPLATE, **config_kw) -> Path:
+              chat_template: str | None = CHATML_TEMPLATE, license: str | None = None,
+              base_model: str | None = None, **config_kw) -> Path:
     """A small Llama GGUF file (random weights, word-level vocabulary) of file type ``quant`` (F32, F16, Q8_0, Q4_0...)."""
     import gguf
 
@@ -221,6 +222,11 @@ def tiny_gguf(path: Path, quant: str = "Q8_0", seed: int = 0, name: str = "Tiny"
     qtype = gguf.GGMLQuantizationType[quant]
     w = gguf.GGUFWriter(path, "llama")
     w.add_name(name)
+    if license:
+        w.add_license(license)
+    if base_model:
+        w.add_base_model_count(1)
+        w.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
     w.add_file_type(int(file_type))
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])

@@ -283,7 +283,8 @@ def test_example_recipe_loads():
 def test_cli_card(release, tmp_path):
     runner = CliRunner()
     out = tmp_path / "README.md"
-    res = runner.invoke(app, ["card", str(release["gguf"]), "--recipe", str(GOLDEN / "card_recipe.yml"), "-o", str(out)])
+    recipe_file = str(GOLDEN / "card_recipe.yml")
+    res = runner.invoke(app, ["card", str(release["gguf"]), "--recipe", recipe_file, "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert out.read_text() == (GOLDEN / "card_gguf.md").read_text()
     assert "gguf" in res.output and str(out) in res.output.replace("\n", "")
@@ -297,3 +298,15 @@ def test_write_card_is_atomic_and_reports(release, recipe, tmp_path):
     result = write_card(release["awq"], tmp_path / "README.md", recipe)
     assert result.kind == "awq" and result.bytes == (tmp_path / "README.md").stat().st_size
     assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
+def test_gguf_metadata_fills_in_without_a_recipe(tmp_path):
+    folder = tmp_path / "Tiny-GGUF"
+    folder.mkdir()
+    tiny_gguf(folder / "Tiny-Q8_0.gguf", license="mit", base_model="alice/Tiny-Merge")
+    text = render_card(folder)
+    assert ModelCard(text).data.to_dict() == {
+        "license": "mit", "library_name": "gguf", "pipeline_tag": "text-generation", "tags": ["gguf", "quantized"],
+        "base_model": ["alice/Tiny-Merge"], "base_model_relation": "quantized"}
+    assert "Quantized from [Tiny](https://huggingface.co/alice/Tiny-Merge)" in text
+    assert "## License\n\nReleased under the `mit` license, the license of [Tiny](" in text

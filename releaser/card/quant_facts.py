@@ -13,6 +13,7 @@ from .facts import architecture_of, hf_prompt_facts, read_json, weights_size
 from .prompt import PromptFacts, jinja_renderer, prompt_facts
 
 SPLIT = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
+HUB = "https://huggingface.co/"
 CALIBRATION_FILE = "awq_calibration.json"  # written by the AWQ stage: {"dataset", "samples", "seq_len"}
 
 # What each GGUF quant type is good for (matched by exact name, then by prefix for the I-quant families).
@@ -58,6 +59,9 @@ class GGUFFacts:
     kind: str                # "gguf"
     folder: Path
     name: str | None         # general.name
+    license: str | None      # general.license
+    base_models: list[str]   # Hub repo ids from general.base_model.N.repo_url
+    quantized_by: str | None  # general.quantized_by
     architecture: str
     parameters: int
     context_length: int | None
@@ -147,6 +151,12 @@ def _gguf_prompt(reader, path: Path) -> PromptFacts:
     return prompt_facts(render, [token("tokenizer.ggml.eot_token_id") or eos, eos], bos if add_bos else None)
 
 
+def _base_models(reader) -> list[str]:
+    count = int(_field(reader, "general.base_model.count") or 0)
+    urls = [_field(reader, f"general.base_model.{i}.repo_url") for i in range(count)]
+    return [u.removeprefix(HUB) for u in urls if u and u.startswith(HUB) and u.count("/") == 4]
+
+
 def gguf_facts(folder: Path) -> GGUFFacts:
     files, first = [], None
     for shards in _groups(folder).values():
@@ -170,8 +180,9 @@ def gguf_facts(folder: Path) -> GGUFFacts:
     pick = next((by_type[q] for q in PREFERRED if q in by_type), None)
     pick = pick or min((f for f in files if f.bits_per_weight >= 4), key=lambda f: f.size, default=files[0])
     ctx = _field(reader, f"{arch}.context_length")
-    name = _field(reader, "general.name")
-    return GGUFFacts("gguf", folder, str(name) if name else None, str(arch), n_params, int(ctx) if ctx is not None else None, files, pick,
+    meta = {k: _field(reader, f"general.{k}") for k in ("name", "license", "quantized_by")}
+    return GGUFFacts("gguf", folder, meta["name"], meta["license"], _base_models(reader), meta["quantized_by"],
+                     str(arch), n_params, int(ctx) if ctx is not None else None, files, pick,
                      _gguf_prompt(reader, path))
 
 

@@ -1,0 +1,108 @@
+"""The variables a card template sees: front matter, titles, repo links, facts (see templates/cards/README.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..recipe import Recipe
+from .facts import ModelFacts
+from .quant_facts import AWQFacts, GGUFFacts
+
+Facts = ModelFacts | GGUFFacts | AWQFacts
+
+
+def human_size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _license(facts: Facts, recipe: Recipe | None) -> str | None:
+    return recipe.license if recipe else getattr(facts, "license", None)
+
+
+def _main_repo(facts: Facts, recipe: Recipe | None) -> str | None:
+    """The main model's repo id: the recipe's name, else (GGUF) the one base model the file names."""
+    if recipe:
+        return recipe.name
+    bases = getattr(facts, "base_models", [])
+    return bases[0] if len(bases) == 1 else None
+
+
+def _front_matter(facts: Facts, recipe: Recipe | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if _license(facts, recipe):
+        meta["license"] = _license(facts, recipe)
+    if recipe and recipe.language:
+        meta["language"] = list(recipe.language)
+    meta["library_name"] = "gguf" if facts.kind == "gguf" else "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    tags = {"model": ["merge", "mergekit"] if getattr(facts, "merge", None) else [],
+            "gguf": ["gguf", "quantized"],
+            "awq": ["awq", f"{getattr(facts, 'bits', 0)}-bit", "quantized"]}[facts.kind]
+    meta["tags"] = list(dict.fromkeys(tags + (list(recipe.tags) if recipe else [])))
+    if facts.kind == "model":
+        base = facts.merge.hub_models if facts.merge else []
+        if base:
+            meta.update(base_model=base, base_model_relation="merge")
+    elif recipe:
+        meta.update(base_model=[recipe.name], base_model_relation="quantized", quantized_by=recipe.author)
+    elif getattr(facts, "base_models", None):
+        meta.update(base_model=list(facts.base_models), base_model_relation="quantized")
+        if facts.quantized_by:
+            meta["quantized_by"] = facts.quantized_by
+    if not meta["tags"]:
+        del meta["tags"]
+    return meta
+
+
+def _description(facts: Facts, title: str) -> str:
+    if facts.kind == "gguf":
+        return f"GGUF files of {title} for llama.cpp, Ollama and other GGUF runtimes."
+    if facts.kind == "awq":
+        return f"{facts.bits}-bit AWQ quantization of {title} for vLLM and transformers."
+    if facts.merge:
+        return (f"A merge of {len(facts.merge.models) + bool(facts.merge.base_model)} models with the "
+                f"{facts.merge.method.pretty_name} method.")
+    return f"A {facts.architecture} model with {human_count(facts.parameters)} parameters."
+
+
+def _default_title(facts: Facts) -> str:
+    if facts.kind == "gguf" and facts.name:
+        return facts.name
+    name = facts.folder.resolve().name
+    suffix = {"gguf": "-GGUF", "awq": "-AWQ"}.get(facts.kind, "")
+    return name[: -len(suffix)] if suffix and name.upper().endswith(suffix) else name
+
+
+def card_context(facts: Facts, recipe: Recipe | None) -> dict[str, Any]:
+    """The variables a card template sees (documented in templates/cards/README.md)."""
+    from huggingface_hub import ModelCardData
+
+    meta = _front_matter(facts, recipe)
+    base_title = recipe.title if recipe else _default_title(facts)
+    repo = {"model": recipe.name, "gguf": recipe.quants.gguf, "awq": recipe.quants.awq}[facts.kind] if recipe else None
+    return {
+        "front_matter": ModelCardData(**meta).to_yaml(),
+        "meta": meta,
+        "facts": facts,
+        "title": base_title + {"model": "", "gguf": " GGUF", "awq": " AWQ"}[facts.kind],
+        "base_title": base_title,
+        "description": recipe.description if recipe else _description(facts, base_title),
+        "license": _license(facts, recipe),
+        "repo": repo,                                  # this card's repo id (None: no recipe, not published)
+        "model_id": repo or str(facts.folder),         # what usage snippets load
+        "main_repo": _main_repo(facts, recipe),
+        "gguf_repo": recipe.quants.gguf if recipe else None,
+        "awq_repo": recipe.quants.awq if recipe else None,
+        "sections": list(recipe.sections) if recipe else [],
+        "releases": list(recipe.releases) if recipe else [],
+    }
