@@ -128,7 +128,8 @@ def test_untrained_rows_repaired(tiny, tmp_path):
 
 
 def test_system_prompt(tiny, tmp_path):
-    fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "out", system_prompt='Be "brief".\nAlways.'))
+    report = fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "out", system_prompt='Be "brief".\nAlways.'))
+    assert not report.remaining
     tok = ModelFolder.open(tmp_path / "out").tokenizer
     text = tok.apply_chat_template(CONVERSATION[:1], tokenize=False)
     assert text.startswith('<|im_start|>system\nBe "brief".\nAlways.<|im_end|>\n<|im_start|>user\n')
@@ -167,3 +168,25 @@ def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(OutputError, match="already exists"):
         fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "exists"))
     assert not list(tmp_path.glob(".*releaser-tmp"))
+
+
+def test_control_tokens_marked_special(tiny, tmp_path):
+    fix_tokenizer(tiny, FixSpec("chatml", in_place=True))
+    data = _json(tiny / "tokenizer.json")
+    for t in data["added_tokens"]:
+        if t["content"] == "<|im_end|>":
+            t.update(special=False, normalized=True)
+    (tiny / "tokenizer.json").write_text(json.dumps(data))
+    codes = {f.code for f in diagnose(tiny).findings}          # the model's own template, no --template
+    assert "token-not-special" in codes
+    report = fix_tokenizer(tiny, FixSpec("chatml", in_place=True))
+    assert report.changes["tokenizer.json"] == ["'<|im_end|>': special False -> True, normalized True -> False"]
+    assert not report.remaining
+
+
+def test_tokenizer_only_folder(tiny, tmp_path):
+    (tiny / "model.safetensors").unlink()
+    report = fix_tokenizer(tiny, FixSpec("zephyr", out_dir=tmp_path / "out"))
+    assert not [f for f in report.remaining if f.severity == "error"]
+    with pytest.raises(ModelError, match="has no weights"):
+        fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "out2"))

@@ -52,5 +52,6 @@ def run_fix(model_dir: Path, spec: FixSpec, out: Console) -> FixReport:
     if report.remaining:
         out.print(findings_table(report.remaining, "still to check after the fix"))
     out.print(f"[green]fixed[/] ({report.template}; eos {report.eos_token!r}, stop ids {report.eos_ids}, "
-              f"pad {report.pad_token!r}; {len(report.changes)} file(s) changed) -> {report.out_dir}", highlight=False)
+              f"pad {report.pad_token!r}; stop strings {report.stop_strings}; {len(report.changes)} file(s) changed) "
+              f"-> {report.out_dir}", highlight=False)
     return report

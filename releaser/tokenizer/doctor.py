@@ -133,8 +133,10 @@ def diagnose(model_dir: str | Path, template: str | Path | ChatTemplate | None =
         if differs:
             add(Finding("template-differs", f"the model's chat template renders differently from {spec.name}",
                         "same conversation, different text", f"switch to it: {FIX}", WARNING))
+    emitted = _emitted_ids(model, stop.text)
+    if not spec:
+        report.findings += _token_findings(model, tok.convert_ids_to_tokens(emitted))
     if model.has_weights():
-        emitted = _emitted_ids(model, stop.text)
         known = [model.token_id(t) for t in tokens]
         report.findings += _weight_findings(model, sorted({*emitted, *ends, *(i for i in known if i is not None)}))
     return report

@@ -6,6 +6,7 @@ only the files whose content changes are written, atomically (see :mod:`.output`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tempfile
@@ -156,8 +157,10 @@ def _save_tokenizer(tok, old_dir: Path, control: list[str]) -> dict[str, str]:
 def _weight_edits(model: ModelFolder, size: int, ids: list[int]) -> tuple[dict, list[int], tuple[int, int] | None]:
     """New embedding/lm_head tensors when rows must be added (mean-initialised) or repaired; else ``{}``."""
     if not model.has_weights():
-        raise ModelError(f"{model.path} has no weights, so releaser cannot check or resize the embeddings; "
-                         "run the fix on the complete model folder")
+        if size > model.config.get("vocab_size", 0):
+            raise ModelError(f"{model.path} has no weights, so releaser cannot add rows for the new tokens; "
+                             "run the fix on the complete model folder")
+        return {}, [], None
     edits, repaired, resized = {}, set(), None
     with CheckpointReader(model.path) as reader:
         for name in filter(None, embedding_names(reader)):
@@ -243,5 +246,5 @@ def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
         report.out_dir = write_with_weights(src, out or src, changes, edits, overwrite=True)
     elif changes or out is not None:
         report.out_dir = write_files(src, out, changes, spec.overwrite)
-    report.remaining = diagnose(report.out_dir, tpl).findings
+    report.remaining = diagnose(report.out_dir, dataclasses.replace(tpl, source=source)).findings
     return report
