@@ -81,7 +81,7 @@ def test_passthrough_frankenmerge_renumbers_layers(tmp_path):
     run_merge(cfg, tmp_path / "out")
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
-    assert config["num_hidden_layers"] == 6 and config["torch_dtype"] == "bfloat16"
+    assert config["num_hidden_layers"] == 6 and config["torch_dtype"] == "bfloat16"  # the key tiny models use
     merged = load_all(out)
     ra, rb = CheckpointReader(a), CheckpointReader(b)
     q = "self_attn.q_proj.weight"
@@ -149,3 +149,29 @@ def test_random_methods_reproducible_per_seed(pair, tmp_path):
     one, two, other = merge(7, "o1"), merge(7, "o2"), merge(8, "o3")
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert any(not torch.equal(one[k], other[k]) for k in one)
+
+
+def test_mixed_stored_dtypes_promote_and_parameters_are_typed(tmp_path):
+    """With no `dtype`, inputs are cast to their promoted dtype (as mergekit does); string parameters are coerced."""
+    a = tiny_model(tmp_path / "a", seed=1, dtype="float32")
+    b = tiny_model(tmp_path / "b", seed=2, dtype="bfloat16")
+    cfg = {"merge_method": "ties", "base_model": str(a), "parameters": {"normalize": "false", "density": "1"},
+           "models": [{"model": str(a)}, {"model": str(b), "parameters": {"weight": "0.5"}}]}
+    run_merge(cfg, tmp_path / "out")
+    merged = load_all(tmp_path / "out")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    ra, rb = CheckpointReader(a), CheckpointReader(b)
+    assert merged[name].dtype == torch.float32
+    expected = ra.read(name) + 0.5 * (rb.read(name).float() - ra.read(name))  # normalize off: no division by 0.5
+    torch.testing.assert_close(merged[name], expected)
+
+
+def test_bad_parameter_type_is_a_config_error(pair, tmp_path):
+    from releaser.errors import ConfigError
+
+    a, b = pair
+    cfg = {"merge_method": "slerp", "base_model": str(a), "parameters": {"t": "half"},
+           "models": [{"model": str(a)}, {"model": str(b)}]}
+    with pytest.raises(ConfigError, match="`t`.*must be a number"):
+        run_merge(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

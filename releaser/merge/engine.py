@@ -52,8 +52,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
         t = plan.readers[mi].read(name)
         if device.type != "cpu":
             t = t.to(device, non_blocking=True)
-        if plan.compute_dtype is not None:
-            t = t.to(plan.compute_dtype)
+        t = t.to(job.compute_dtype)
         tensors.append(t)
     if job.vocab:
         tensors = plan.vocab.align(tensors, [mi for mi, _ in job.sources], job.base_index)

@@ -25,6 +25,7 @@ class TensorJob:
     model_params: list[dict[str, Any]]
     shape: tuple[int, ...]
     dtype: torch.dtype                 # output dtype
+    compute_dtype: torch.dtype         # inputs are cast to this before the method runs
     seed: int | None = None            # per-tensor seed for random methods
     vocab: bool = False                # rows are tokens: align them with MergePlan.vocab first
 
@@ -41,7 +42,6 @@ class MergePlan:
     jobs: list[TensorJob]
     out_config: dict
     donor: int                         # model whose tokenizer/generation files are copied
-    compute_dtype: torch.dtype | None
     vocab: VocabAlignment | None = None
 
     def close(self) -> None:
@@ -51,6 +51,25 @@ class MergePlan:
 
 def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(value: Any, default: Any, name: str, where: str) -> bool | float:
+    """Parameter values as mergekit validates them: booleans for boolean parameters, numbers for the rest."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in _TRUE + _FALSE:
+            return str(value).strip().lower() in _TRUE
+    elif not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    kind = "true or false" if isinstance(default, bool) else "a number"
+    raise ConfigError(f"parameter `{name}` for {where} must be {kind}, got {value!r}")
 
 
 def _seed(random_seed: int, name: str) -> int:
@@ -122,6 +141,8 @@ class _Planner:
                     value = evaluate(level[pname], name, t)
                     if value is not None:
                         break
+            if value is not None:
+                value = _coerce(value, default, pname, where)
             if value is None:
                 if default is REQUIRED:
                     if required:
@@ -231,7 +252,8 @@ class _Planner:
             sources.append((mi, name))
             shapes.append(tuple(reader.tensors[name].shape))
             model_params.append(self.resolve(self.method.model_params, [src.parameters, s.parameters, cfg.parameters],
-                                             name, t, f"{src.model}", required=not is_base))
+                                             name, t, f"{src.model}",
+                                             required=not (is_base and self.method.base == "required")))
         vocab = self.vocab is not None and self.arch.is_embedding(out_name)
         if vocab:
             shapes = [(self.vocab.size, *shape[1:]) for shape in shapes]
@@ -241,11 +263,16 @@ class _Planner:
                     if self.arch.is_embedding(out_name) else "; these models cannot be merged tensor by tensor")
             raise ModelError(f"shape mismatch for {out_name}: {detail}{hint}")
         params = self.resolve(self.method.global_params, [s.parameters, cfg.parameters], out_name, t, where, required=True)
-        ref = sources[base_index if base_index is not None else 0]
-        stored = self.readers[ref[0]].tensors[ref[1]].dtype
-        dtype = _dtype(cfg.out_dtype) or _dtype(cfg.dtype) or stored
+        compute = _dtype(cfg.dtype)
+        if compute is None:  # like mergekit: the promoted dtype of the stored inputs
+            stored = [self.readers[mi].tensors[n].dtype for mi, n in sources]
+            compute = stored[0]
+            for d in stored[1:]:
+                compute = torch.promote_types(compute, d)
+        dtype = _dtype(cfg.out_dtype) or compute
         seed = _seed(cfg.random_seed or 0, out_name) if self.method.random else None
-        self.jobs.append(TensorJob(out_name, sources, base_index, params, model_params, shapes[0], dtype, seed, vocab))
+        self.jobs.append(TensorJob(out_name, sources, base_index, params, model_params, shapes[0], dtype, compute,
+                                   seed, vocab))
 
     def finish(self, n_layers: int, first: OutputSlice, last: OutputSlice) -> MergePlan:
         cfg = self.config
@@ -254,7 +281,7 @@ class _Planner:
         out_config[self.arch.num_layers_key] = n_layers
         dtype_name = cfg.out_dtype or cfg.dtype
         if dtype_name:
-            keys = [k for k in ("dtype", "torch_dtype") if k in out_config] or ["torch_dtype"]
+            keys = [k for k in ("dtype", "torch_dtype") if k in out_config] or ["dtype"]
             for k in keys:
                 out_config[k] = dtype_name
         names = {j.name for j in self.jobs}
@@ -263,7 +290,7 @@ class _Planner:
         if "tie_word_embeddings" in out_config or self.arch.lm_head in names:
             out_config["tie_word_embeddings"] = self.arch.lm_head not in names
         return MergePlan(self.method, self.models, self.readers, self.arch, self.jobs, out_config, donor,
-                         _dtype(cfg.dtype), self.vocab)
+                         self.vocab)
 
 
 def plan_merge(config: MergeConfig) -> MergePlan:
