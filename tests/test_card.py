@@ -310,3 +310,15 @@ def test_gguf_metadata_fills_in_without_a_recipe(tmp_path):
         "base_model": ["alice/Tiny-Merge"], "base_model_relation": "quantized"}
     assert "Quantized from [Tiny](https://huggingface.co/alice/Tiny-Merge)" in text
     assert "## License\n\nReleased under the `mit` license, the license of [Tiny](" in text
+
+
+def test_awq_config_without_group_size_is_an_error(release, tmp_path):
+    import json
+    import shutil
+
+    awq = shutil.copytree(release["awq"], tmp_path / "awq")
+    config = json.loads((awq / "config.json").read_text())
+    del config["quantization_config"]["group_size"]
+    (awq / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="quantization_config lacks group_size"):
+        render_card(awq)
