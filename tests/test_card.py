@@ -322,3 +322,17 @@ def test_awq_config_without_group_size_is_an_error(release, tmp_path):
     (awq / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="quantization_config lacks group_size"):
         render_card(awq)
+
+
+def test_card_for_a_releaser_merge(tmp_path):
+    from releaser.merge import run_merge
+
+    a = tiny_tokenizer(tiny_model(tmp_path / "a", seed=1))
+    b = tiny_tokenizer(tiny_model(tmp_path / "b", seed=2))
+    run_merge({"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 0.7}},
+                                                    {"model": str(b), "parameters": {"weight": 0.3}}],
+               "dtype": "float32"}, tmp_path / "out")
+    text = render_card(tmp_path / "out")
+    assert "merged with the [Linear](" in text and "as the base model" not in text
+    assert f"- `{a}` (weight: 0.7)\n" in text and f"- `{b}` (weight: 0.3)\n" in text
+    assert "| Parameters | 181K |" in text and "Stop token: `<|im_end|>`" in text
