@@ -21,6 +21,7 @@ F0 = np.float32(0.0)
 F1 = np.float32(1.0)
 MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer, ties to even
 NEAREST_INT_SAFE = np.float32(4194303.0)
+HALF_SAFE = np.float32(2097152.0)  # a bound with margin for float32 rounding of the per-element product
 GROUP_MAX_EPS = np.float32(1e-15)
 ONE_TENTH = np.float32(0.1)
 
@@ -44,6 +45,23 @@ def nearest_int(fval):
     if abs(fval) <= NEAREST_INT_SAFE:
         return int(val - MAGIC)
     return _magic_bits(val)
+
+
+@njit(cache=True)
+def nearest_small(fval):
+    """``nearest_int`` for a finite argument known to satisfy |fval| <= 4194303 (bounded search loops): branch-free."""
+    return int((fval + MAGIC) - MAGIC)
+
+
+@njit(cache=True)
+def shifted_levels(x, mn, iscale, nmax, out, small):
+    """``out[i] = clamp(nearest_int(iscale * (x[i] - mn)), 0, nmax)``; ``small`` means every argument is bounded."""
+    if small:  # separate loops so the common case is branch-free and vectorises
+        for i in range(x.shape[0]):
+            out[i] = max(0, min(nmax, nearest_small(iscale * (x[i] - mn))))
+    else:
+        for i in range(x.shape[0]):
+            out[i] = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
 
 
 @njit(cache=True)
@@ -79,6 +97,7 @@ def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
         w = weights[i]
         sum_w += w
         sum_x += w * x[i]
+    xmin = mn
     if mn > F0:
         mn = F0
     if mx == mn:
@@ -89,24 +108,24 @@ def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
     iscale = fnmax / (mx - mn)
     scale = F1 / iscale
     best_error = F0
+    shifted_levels(x, mn, iscale, nmax, L, True)  # mn <= min(x): arguments lie in [0, nmax]
     for i in range(n):
-        l = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
-        L[i] = l
-        diff = scale * np.float32(l) + mn - x[i]
+        diff = scale * np.float32(L[i]) + mn - x[i]
         diff = abs(diff) if use_mad else diff * diff
         best_error += weights[i] * diff
     if nstep < 1:
         return scale, -mn
     for step in range(nstep + 1):
         iscale = (rmin + rdelta * np.float32(step) + fnmax) / (mx - mn)
+        # |iscale * (x - mn)| is small unless an updated (fitted) min left the data range far behind
+        small = abs(iscale) * max(abs(mx - mn), abs(xmin - mn)) <= HALF_SAFE
         sum_l = F0
         sum_l2 = F0
         sum_xl = F0
+        shifted_levels(x, mn, iscale, nmax, Laux, small)
         for i in range(n):
-            l = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
-            Laux[i] = l
             w = weights[i]
-            fl = np.float32(l)
+            fl = np.float32(Laux[i])
             sum_l += w * fl
             sum_l2 += w * fl * fl
             sum_xl += w * fl * x[i]
@@ -151,7 +170,7 @@ def make_qx_quants(x, L, nmax):
     sumlx = F0
     suml2 = F0
     for i in range(n):
-        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        l = max(-nmax, min(nmax - 1, nearest_small(iscale * x[i])))
         L[i] = l + nmax
         w = x[i] * x[i]
         fl = np.float32(l)
@@ -166,13 +185,13 @@ def make_qx_quants(x, L, nmax):
         sumlx = F0
         suml2 = F0
         for i in range(n):
-            fl = np.float32(max(-nmax, min(nmax - 1, nearest_int(iscale * x[i]))))
+            fl = np.float32(max(-nmax, min(nmax - 1, nearest_small(iscale * x[i]))))
             w = x[i] * x[i]
             sumlx += w * x[i] * fl
             suml2 += w * fl * fl
         if suml2 > F0 and sumlx * sumlx > best * suml2:
             for i in range(n):
-                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_small(iscale * x[i])))
             scale = sumlx / suml2
             best = scale * sumlx
     return scale
@@ -197,7 +216,7 @@ def make_q3_quants(x, L, nmax):
     sumlx = F0
     suml2 = F0
     for i in range(n):
-        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        l = max(-nmax, min(nmax - 1, nearest_small(iscale * x[i])))
         L[i] = l
         w = x[i] * x[i]
         fl = np.float32(l)

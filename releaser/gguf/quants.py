@@ -6,13 +6,16 @@
 * F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 delegate to gguf-py's ``gguf.quants`` (byte-exact with libggml; the tests
   check this against llama.cpp).
 * Q2_K, Q3_K, Q4_K, Q5_K, Q6_K are our own port of llama.cpp's ``quantize_row_q*_K_ref``: the per-block search runs in
-  numba (:mod:`releaser.gguf.kquants`, parallel over blocks), the bit packing below is vectorised numpy, one small
-  class per type as in gguf-py.
+  numba (:mod:`releaser.gguf.kquants`, parallel over blocks on all cores), the bit packing below is vectorised numpy,
+  one small class per type as in gguf-py. Calls are thread-safe (K-quant kernels run one at a time; each uses all
+  cores).
 
 ``dequantize(raw, qtype)`` delegates to ``gguf.quants.dequantize`` for every type.
 """
 
 from __future__ import annotations
+
+from threading import Lock
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -25,7 +28,12 @@ QT = GGMLQuantizationType
 QK_K = kquants.QK_K
 
 #: Types whose quantizer is gguf-py's (verified byte-identical with llama.cpp).
-GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)
+FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
+GGUF_PY_TYPES = (*FLOAT_TYPES, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)
+
+
+# numba's workqueue threading layer aborts when two Python threads enter parallel kernels at once
+_KERNEL_LOCK = Lock()
 
 
 class QuantizeError(ModelError):
@@ -175,7 +183,8 @@ def can_quantize(n_per_row: int, qtype: GGMLQuantizationType) -> bool:
 def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """Quantize float data [..., n_per_row] to llama.cpp's bytes for ``qtype``: uint8 [..., bytes_per_row].
 
-    F32 and F16 return float32/float16 arrays (as gguf-py does); every other type returns uint8.
+    F32 and F16 return float32/float16 arrays (as gguf-py does); every other type returns uint8. Quantized types
+    refuse NaN/Inf input (llama.cpp's validation rejects the result too).
     """
     qtype = _check_type(qtype)
     data = np.asarray(data)
@@ -186,10 +195,16 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
             f"cannot quantize rows of {data.shape[-1]} values to {qtype.name}: the row length must be a multiple of "
             f"{block_size(qtype)} (use a fallback type such as Q5_0/Q8_0/F16 for this tensor)"
         )
+    data = data.astype(np.float32, copy=False)
+    if qtype in FLOAT_TYPES:
+        return gguf_quants.quantize(data, qtype)
+    if not np.isfinite(data).all():
+        raise QuantizeError(f"cannot quantize to {qtype.name}: the tensor contains NaN or infinite values")
     if qtype not in K_QUANTS:
-        return gguf_quants.quantize(data.astype(np.float32, copy=False), qtype)
-    blocks = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, QK_K)
-    out = K_QUANTS[qtype].quantize_blocks(blocks)
+        return gguf_quants.quantize(data, qtype)
+    blocks = np.ascontiguousarray(data).reshape(-1, QK_K)
+    with _KERNEL_LOCK:
+        out = K_QUANTS[qtype].quantize_blocks(blocks)
     return out.reshape(*data.shape[:-1], data.shape[-1] // QK_K * type_size(qtype))
 
 
