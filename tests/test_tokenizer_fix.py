@@ -1,4 +1,4 @@
-"""fix-tokenizer on a tiny Mistral-style model: adding chat tokens, resizing, eos/pad/BOS, rows, output modes, errors."""
+"""fix-tokenizer on a tiny Mistral-style model: chat tokens, resizing, eos/pad/BOS, rows, output modes, errors."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ def test_mistral_style_switched_to_chatml(tiny, tmp_path):
     assert set(new) == set(old)
 
     fixed = ModelFolder.open(out)
-    ids = fixed.tokenizer.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True, return_dict=True)["input_ids"]
+    enc = fixed.tokenizer.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True, return_dict=True)
+    ids = enc["input_ids"]
     assert ids[0] == 200 and 201 in ids
     assert runner.invoke(app, ["doctor", str(out), "--template", "chatml"]).exit_code == 0
 

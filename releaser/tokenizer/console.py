@@ -35,6 +35,9 @@ def run_doctor(model_dir: Path, template: str | None, as_json: bool, out: Consol
             out.print(findings_table(report.findings, f"{report.model_dir}{against}"))
         errors = sum(f.severity == "error" for f in report.findings)
         warnings = len(report.findings) - errors
+        if report.findings:
+            out.print(f"to fix: releaser fix-tokenizer {model_dir} --template {report.template or 'NAME'} "
+                      "(-o OUT_DIR | --in-place)", highlight=False, markup=False)
         verdict = "[green]clean[/]" if report.clean else "[bold red]problems found[/]"
         out.print(f"{verdict}: {errors} error(s), {warnings} warning(s); eos {report.eos_token!r}, "
                   f"turns end with {report.end_of_turn}, generation eos ids {report.generation_eos}", highlight=False)

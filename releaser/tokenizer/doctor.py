@@ -13,7 +13,7 @@ from pathlib import Path
 from ..checkpoint import CheckpointReader
 from .findings import ERROR, WARNING, Finding, has_errors
 from .model import ModelFolder, embedding_names, eos_list, untrained_rows
-from .stoptest import CONVERSATION, FIX, RenderError, render, stop_test
+from .stoptest import CONVERSATION, RenderError, render, stop_test
 from .templates import ChatTemplate, load_template
 
 
@@ -50,13 +50,13 @@ def _token_findings(model: ModelFolder, tokens: list[str]) -> list[Finding]:
         if tid is None:
             out.append(Finding("token-missing", f"the template writes {tok!r}, which is not a token of the vocabulary",
                                "it would be split into several ordinary tokens",
-                               f"add it as a special token: {FIX}"))
+                               "add it as a special token"))
             continue
         added = model.tokenizer.added_tokens_decoder.get(tid)
         if added is None or not added.special or added.normalized:
             state = "not an added token" if added is None else f"special={added.special}, normalized={added.normalized}"
             out.append(Finding("token-not-special", f"template token {tok!r} is not marked special", state,
-                               f"mark it special and not normalized: {FIX}"))
+                               "mark it special and not normalized"))
     return out
 
 
@@ -68,7 +68,7 @@ def _weight_findings(model: ModelFolder, ids: list[int]) -> list[Finding]:
         if len(model.tokenizer) > rows:
             out.append(Finding("vocab-mismatch", f"the tokenizer has {len(model.tokenizer)} tokens but the embedding "
                                f"has {rows} rows", f"{embed} {tuple(reader.tensors[embed].shape)}",
-                               f"resize the embeddings: {FIX}"))
+                               "resize the embeddings"))
         bad = set()
         for name in (embed, head):
             if name:
@@ -76,7 +76,7 @@ def _weight_findings(model: ModelFolder, ids: list[int]) -> list[Finding]:
     if bad:
         names = ", ".join(f"{model.tokenizer.convert_ids_to_tokens(i)!r} ({i})" for i in sorted(bad))
         out.append(Finding("untrained-rows", "embedding rows of tokens the template writes are untrained (zero)",
-                           names, f"set them to the mean of the trained rows: {FIX}"))
+                           names, "set them to the mean of the trained rows"))
     return out
 
 
@@ -97,7 +97,7 @@ def diagnose(model_dir: str | Path, template: str | Path | ChatTemplate | None =
     own = model_template(tok)
     if own is None:
         add(Finding("no-template", "the model has no chat template", "no chat_template.jinja or chat_template in "
-                    "tokenizer_config.json", "choose one: `releaser fix-tokenizer MODEL --template NAME`"))
+                    "tokenizer_config.json", "choose one with --template"))
     source = own or (spec.source if spec else None)
     if source is None:
         return report
@@ -105,7 +105,7 @@ def diagnose(model_dir: str | Path, template: str | Path | ChatTemplate | None =
     report.findings += _token_findings(model, tokens)
     if spec and spec.eos and tok.eos_token != spec.eos:
         add(Finding("eos-mismatch", f"{spec.name} turns end with {spec.eos!r} but the tokenizer's eos is "
-                    f"{tok.eos_token!r}", "tokenizer_config.json eos_token", f"make {spec.eos!r} the eos: {FIX}"))
+                    f"{tok.eos_token!r}", "tokenizer_config.json eos_token", f"make {spec.eos!r} the eos"))
     stop = stop_test(tok, source, model.generation_eos)
     report.findings += [f for f in stop.findings if f.code != "eos-mismatch" or not (spec and spec.eos)]
     if not stop.text:
@@ -117,14 +117,14 @@ def diagnose(model_dir: str | Path, template: str | Path | ChatTemplate | None =
         if tid not in config_eos:
             add(Finding("config-eos", f"config.json eos_token_id does not include the end-of-turn token "
                         f"{tok.convert_ids_to_tokens(tid)!r}", f"eos_token_id {config_eos or 'missing'}, "
-                        f"end-of-turn id {tid}", f"set it to {tid}: {FIX}"))
+                        f"end-of-turn id {tid}", f"set it to {tid}"))
     pad = tok.pad_token_id
     if pad is None:
         add(Finding("pad-missing", "the tokenizer has no pad token", "pad_token is unset",
-                    f"point pad at an unused token: {FIX}", WARNING))
+                    "point pad at an unused token", WARNING))
     elif pad in ends or pad == tok.eos_token_id:
         add(Finding("pad-is-eos", "the pad token is the eos token (training collators then mask every eos)",
-                    f"pad_token {tok.pad_token!r} ({pad})", f"point pad at an unused token: {FIX}", WARNING))
+                    f"pad_token {tok.pad_token!r} ({pad})", "point pad at an unused token", WARNING))
     if spec and own is not None:
         try:
             differs = render(tok, own, CONVERSATION) != render(tok, spec.source, CONVERSATION)
@@ -132,7 +132,7 @@ def diagnose(model_dir: str | Path, template: str | Path | ChatTemplate | None =
             differs = True
         if differs:
             add(Finding("template-differs", f"the model's chat template renders differently from {spec.name}",
-                        "same conversation, different text", f"switch to it: {FIX}", WARNING))
+                        "same conversation, different text", "switch to it", WARNING))
     emitted = _emitted_ids(model, stop.text)
     if not spec:
         report.findings += _token_findings(model, tok.convert_ids_to_tokens(emitted))

@@ -92,7 +92,8 @@ def _tokenizer_json_changes(old: dict, new: dict) -> list[str]:
 
 def _check_eos(model: ModelFolder, eos: str | None) -> str:
     if not eos:
-        raise ModelError(f"the tokenizer in {model.path} has no eos token and the template names none; pass --eos TOKEN")
+        raise ModelError(f"the tokenizer in {model.path} has no eos token and the template names none; "
+                         "pass --eos TOKEN")
     if model.token_id(eos) is None and not CONTROL_TOKEN.fullmatch(eos):
         raise ConfigError(f"--eos {eos!r} is not in the vocabulary and cannot be added as a special token (only "
                           "control tokens such as <|end|> or [END] can be added); pass an existing token")

@@ -73,7 +73,7 @@ def write_files(src: Path, out: Path | None, changed: dict[str, str], overwrite:
 
 def write_with_weights(src: Path, out: Path, changed: dict[str, str], edits: dict[str, torch.Tensor],
                        overwrite: bool) -> Path:
-    """Rewrite every tensor (``edits`` replace some) with CheckpointWriter, plus the other files (``changed`` replaced)."""
+    """Rewrite every tensor (``edits`` replace some) with CheckpointWriter, plus the other files."""
     with CheckpointReader(src) as reader:
         specs = []
         for name, info in reader.tensors.items():

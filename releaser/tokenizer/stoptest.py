@@ -20,7 +20,6 @@ CONVERSATION = [
     {"role": "user", "content": "And three plus three?"},
     {"role": "assistant", "content": "Three plus three is six."},
 ]
-FIX = "run `releaser fix-tokenizer MODEL --template NAME`"
 
 
 class RenderError(Exception):
@@ -74,35 +73,35 @@ def stop_test(tokenizer, source: str, eos_ids: list[int]) -> StopResult:
         first = render(tokenizer, source, CONVERSATION[:2])
     except RenderError as exc:
         add(Finding("template-render", "the chat template fails on a plain user/assistant conversation",
-                    str(exc)[:200], FIX))
+                    str(exc)[:200], "choose a template that renders"))
         return result
     answer = CONVERSATION[1]["content"]
     if not (first.startswith(prompt) and first[len(prompt):].lstrip().startswith(answer)):
         add(Finding("no-generation-prompt", "add_generation_prompt=True does not end with the assistant header",
-                    f"prompt ends with {prompt[-40:]!r}", FIX))
+                    f"prompt ends with {prompt[-40:]!r}", "use a template with an add_generation_prompt block"))
     eos = tokenizer.eos_token_id
     result.terminators = _turn_ends(tokenizer, text)
     for tid in dict.fromkeys(result.terminators):
         if tid is None:
             add(Finding("turn-not-closed", "an assistant turn is not followed by any token",
-                        f"rendered text ends with {text[-40:]!r}", FIX))
+                        f"rendered text ends with {text[-40:]!r}", "use a template that closes assistant turns"))
             continue
         name = tokenizer.convert_ids_to_tokens(tid)
         added = tokenizer.added_tokens_decoder.get(tid)
         if added is None or not added.special:
             add(Finding("terminator-not-special", f"assistant turns end with {name!r}, which is not a special token",
-                        f"token id {tid}", FIX))
+                        f"token id {tid}", "mark it special and not normalized"))
         if tid != eos:
             add(Finding("eos-mismatch", f"assistant turns end with {name!r} but the tokenizer's eos is "
                         f"{tokenizer.eos_token!r}", f"end-of-turn id {tid}, eos id {eos}",
-                        f"make {name!r} the eos: {FIX}"))
+                        f"make {name!r} the eos"))
         if tid not in eos_ids:
             add(Finding("generation-eos", f"generation_config.json does not list the end-of-turn token {name!r}",
                         f"eos_token_id {eos_ids or 'missing'}, end-of-turn id {tid}",
-                        f"add {tid} to eos_token_id: {FIX}"))
+                        f"add {tid} to eos_token_id"))
     bos = tokenizer.bos_token_id
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     if bos is not None and ids[:2] == [bos, bos]:
         add(Finding("double-bos", "the prompt starts with two BOS tokens (the template and the tokenizer both add one)",
-                    f"first ids {ids[:4]}", FIX))
+                    f"first ids {ids[:4]}", "stop the tokenizer adding BOS (the template writes it)"))
     return result

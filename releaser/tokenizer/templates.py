@@ -85,7 +85,8 @@ def load_template(name_or_path: str | Path) -> ChatTemplate:
                             tuple(meta.get("stop") or ()), meta.get("description", ""), path)
     path = Path(name_or_path)
     if not path.is_file():
-        raise TemplateError(f"unknown chat template {text!r}; use one of {', '.join(catalog)} or the path of a .jinja file")
+        raise TemplateError(f"unknown chat template {text!r}; use one of {', '.join(catalog)} "
+                            "or the path of a .jinja file")
     source = _read(path)
     check_syntax(source, str(path))
     meta = {}
