@@ -117,6 +117,9 @@ def test_untrained_rows_repaired(tiny, tmp_path):
     state["model.embed_tokens.weight"][2] = 0          # </s>, which the template writes
     state["lm_head.weight"][2] = 0
     save_file(state, tiny / "model.safetensors")
+    (tiny / ".git").mkdir()
+    (tiny / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tiny / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     finding = next(f for f in diagnose(tiny, "llama2").findings if f.code == "untrained-rows")
     assert "'</s>' (2)" in finding.evidence
     report = fix_tokenizer(tiny, FixSpec("llama2", in_place=True))
@@ -126,6 +129,10 @@ def test_untrained_rows_repaired(tiny, tmp_path):
         others = torch.cat([state[name][:2], state[name][3:]])
         assert torch.allclose(new[name][2], others.mean(0))
     assert "untrained-rows" not in {f.code for f in report.remaining}
+    assert (tiny / ".git" / "HEAD").is_file() and (tiny / ".gitattributes").is_file()   # in place: untouched
+    assert not [p for p in tiny.parent.iterdir() if "releaser-" in p.name]
+    fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "copy"))
+    assert (tmp_path / "copy" / ".gitattributes").is_file() and not (tmp_path / "copy" / ".git").exists()
 
 
 def test_system_prompt(tiny, tmp_path):
@@ -191,3 +198,17 @@ def test_tokenizer_only_folder(tiny, tmp_path):
     assert not [f for f in report.remaining if f.severity == "error"]
     with pytest.raises(ModelError, match="has no weights"):
         fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "out2"))
+
+
+def test_sharded_model_resized_in_place(tmp_path):
+    src = tiny_chat_model(tmp_path / "sharded", shard_bytes=60_000)
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) > 2
+    report = fix_tokenizer(src, FixSpec("chatml", in_place=True))
+    assert report.resized == (200, 202) and not report.remaining
+    index = _json(src / "model.safetensors.index.json")
+    assert set(index["weight_map"].values()) == {p.name for p in src.glob("*.safetensors")}
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    assert model.get_input_embeddings().weight.shape[0] == 202

@@ -244,8 +244,8 @@ def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
             report.changes[f"weights: {name}"] = (
                 ([f"rows {resized[0]} -> {resized[1]} (new rows = mean of trained rows)"] if resized else [])
                 + ([f"repaired untrained rows {repaired}"] if repaired else []))
-        report.out_dir = write_with_weights(src, out or src, changes, edits, overwrite=True)
+        report.out_dir = write_with_weights(src, out, changes, edits)
     elif changes or out is not None:
-        report.out_dir = write_files(src, out, changes, spec.overwrite)
+        report.out_dir = write_files(src, out, changes)
     report.remaining = diagnose(report.out_dir, dataclasses.replace(tpl, source=source)).findings
     return report

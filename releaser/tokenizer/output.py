@@ -37,9 +37,14 @@ def _replace_file(folder: Path, name: str, content: str) -> None:
         raise _os_error(exc, folder / name) from exc
 
 
+def _skip(name: str) -> bool:
+    """Never copied into a new folder: git metadata, caches, and releaser's own temporary folders."""
+    return name in (".git", ".cache") or (name.startswith(".") and ".releaser-" in name)
+
+
 def _copy_into(src: Path, dst: Path, changed: dict[str, str], skip_weights: bool) -> None:
     for item in src.iterdir():
-        if item.name.startswith(".") or item.name in changed or (skip_weights and is_weight_file(item.name)):
+        if _skip(item.name) or item.name in changed or (skip_weights and is_weight_file(item.name)):
             continue
         if item.is_dir():
             shutil.copytree(item, dst / item.name)
@@ -49,7 +54,16 @@ def _copy_into(src: Path, dst: Path, changed: dict[str, str], skip_weights: bool
         (dst / name).write_text(content, encoding="utf-8")
 
 
-def write_files(src: Path, out: Path | None, changed: dict[str, str], overwrite: bool) -> Path:
+def _swap_in(tmp: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.releaser-old"
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_files(src: Path, out: Path | None, changed: dict[str, str]) -> Path:
     """Write ``changed`` (name -> text). In place (``out`` None) each file is replaced atomically; otherwise the whole
     folder is copied to a hidden temporary folder beside ``out`` and renamed into place."""
     if out is None:
@@ -62,39 +76,53 @@ def write_files(src: Path, out: Path | None, changed: dict[str, str], overwrite:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         _copy_into(src, tmp, changed, skip_weights=False)
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _swap_in(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _os_error(exc, out) from exc
     return out
 
 
-def write_with_weights(src: Path, out: Path, changed: dict[str, str], edits: dict[str, torch.Tensor],
-                       overwrite: bool) -> Path:
-    """Rewrite every tensor (``edits`` replace some) with CheckpointWriter, plus the other files."""
+def write_with_weights(src: Path, out: Path | None, changed: dict[str, str], edits: dict[str, torch.Tensor]) -> Path:
+    """Rewrite every tensor (``edits`` replace some) with CheckpointWriter. With ``out`` the other files are copied and
+    the folder is committed as a whole; in place, the new weight files replace the old ones file by file (other files
+    in the folder, such as .git, stay untouched), then the changed text files are replaced."""
+    target = out or src.parent / f".{src.name}.releaser-weights"
     with CheckpointReader(src) as reader:
         specs = []
         for name, info in reader.tensors.items():
             t = edits.get(name)
             specs.append((name, info.dtype, tuple(t.shape) if t is not None else info.shape))
+        files = {i.file for i in reader.tensors.values()}
         shard = DEFAULT_SHARD_BYTES
-        if len(reader.tensors) and len({i.file for i in reader.tensors.values()}) > 1:
-            shard = max(os.path.getsize(f) for f in {i.file for i in reader.tensors.values()})
-            shard += sum(t.numel() * t.element_size() for t in edits.values())
-        with CheckpointWriter(out, specs, max_shard_bytes=shard, overwrite=overwrite) as writer:
+        if len(files) > 1:
+            shard = max(os.path.getsize(f) for f in files) + sum(t.numel() * t.element_size() for t in edits.values())
+        with CheckpointWriter(target, specs, max_shard_bytes=shard, overwrite=True) as writer:
             with Progress(console=Console(stderr=True), transient=True) as progress:
                 task = progress.add_task("writing weights", total=len(specs))
                 for name, dtype, _ in specs:
                     t = edits.get(name)
                     writer.write(name, (t if t is not None else reader.read(name)).to(dtype).contiguous())
                     progress.advance(task)
-            try:
-                _copy_into(src, writer.tmp_dir, changed, skip_weights=True)
-            except OSError as exc:
-                raise _os_error(exc, out) from exc
-            return writer.commit()
+            if out is not None:
+                try:
+                    _copy_into(src, writer.tmp_dir, changed, skip_weights=True)
+                except OSError as exc:
+                    raise _os_error(exc, out) from exc
+            writer.commit()
+    if out is not None:
+        return out
+    try:
+        new = sorted(p.name for p in target.iterdir())
+        for name in new:
+            os.replace(target / name, src / name)
+        for stale in src.iterdir():
+            if is_weight_file(stale.name) and stale.name not in new:
+                stale.unlink()
+        shutil.rmtree(target)
+    except OSError as exc:
+        raise _os_error(exc, src) from exc
+    return write_files(src, None, changed)
 
 
 def check_target(src: Path, out: Path | None, in_place: bool, overwrite: bool) -> Path | None:
