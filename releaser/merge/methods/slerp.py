@@ -15,34 +15,38 @@ DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
 
 
-def _chunks(n: int, size: int):
-    return range(0, n, size)
-
-
 def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """Interpolate from ``v0`` (t=0) to ``v1`` (t=1); the result has ``v0``'s shape and dtype."""
+    """Interpolate from ``v0`` (t=0) to ``v1`` (t=1); the result has ``v0``'s shape and dtype.
+
+    The same float operations as mergekit 0.1.5 (one output row, statistics per chunk), with each input converted to
+    the working dtype once and scratch buffers reused across chunks.
+    """
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    # One output row, as mergekit lays out a single tensor group: [1, numel].
-    a = v0.reshape(1, -1)
-    b = v1.reshape(1, -1)
+    a = v0.reshape(1, -1).to(dtype)
+    b = v1.reshape(1, -1).to(dtype)
     t = torch.tensor([t], dtype=dtype, device=v0.device).reshape(-1, 1)
-    if not a.shape[1]:
+    n = a.shape[1]
+    if not n:
         return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
-    size = _CHUNK_ELEMENTS // a.shape[0]
+    starts = range(0, n, _CHUNK_ELEMENTS)
 
-    def chunk(x: torch.Tensor, start: int) -> torch.Tensor:
-        return x[:, start:start + size].to(dtype)
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.linalg.vector_norm(x[:, s:s + _CHUNK_ELEMENTS], dim=1, keepdim=True) for s in starts]
+        value = torch.linalg.vector_norm(torch.stack(parts), dim=0)
+        return torch.where(value > NORM_EPS, value, 1)
 
-    starts = _chunks(a.shape[1], size)
-    norm_a = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(chunk(a, s), dim=1, keepdim=True) for s in starts]), dim=0)
-    norm_b = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(chunk(b, s), dim=1, keepdim=True) for s in starts]), dim=0)
-    norm_a = torch.where(norm_a > NORM_EPS, norm_a, 1)
-    norm_b = torch.where(norm_b > NORM_EPS, norm_b, 1)
-    dot = torch.stack([
-        (chunk(a, s) / norm_a * (chunk(b, s) / norm_b)).sum(dim=1, keepdim=True) for s in starts
-    ]).sum(dim=0).clamp(-1, 1)
+    norm_a, norm_b = norm(a), norm(b)
+    width = min(n, _CHUNK_ELEMENTS)
+    xa = a.new_empty((1, width))
+    xb = a.new_empty((1, width))
+    parts = []
+    for s in starts:
+        m = min(width, n - s)
+        x, y = xa[:, :m], xb[:, :m]
+        torch.div(a[:, s:s + m], norm_a, out=x)
+        torch.div(b[:, s:s + m], norm_b, out=y)
+        parts.append(x.mul_(y).sum(dim=1, keepdim=True))
+    dot = torch.stack(parts).sum(dim=0).clamp(-1, 1)
 
     # Nearly (anti)parallel vectors: plain lerp of the unnormalised tensors.
     use_lerp = dot.abs() > DOT_THRESHOLD
@@ -51,10 +55,10 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     coef_a = torch.where(use_lerp, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     coef_b = torch.where(use_lerp, t, torch.sin(t * theta) / sin_theta)
 
-    result = torch.empty_like(a)
-    for s in starts:
-        result[:, s:s + size] = coef_a * chunk(a, s) + coef_b * chunk(b, s)
-    return result.reshape(v0.shape)
+    # a and b are fresh copies unless the inputs were already in the working dtype: only then allocate
+    out = torch.mul(a, coef_a, out=a if a.data_ptr() != v0.data_ptr() else None)
+    out += torch.mul(b, coef_b, out=b if b.data_ptr() != v1.data_ptr() else None)
+    return out.reshape(v0.shape).to(v0.dtype)
 
 
 def slerp(tensors, base_index, params, model_params, generator=None):
