@@ -175,3 +175,19 @@ def test_bad_parameter_type_is_a_config_error(pair, tmp_path):
     with pytest.raises(ConfigError, match="`t`.*must be a number"):
         run_merge(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting", ["chatml", "auto", "{% for m in messages %}{{ m['content'] }}{% endfor %}"])
+def test_chat_template_setting(tmp_path, setting):
+    from releaser.testing import CHATML_TEMPLATE, tiny_tokenizer
+    from releaser.tokenizer.templates import load_template
+
+    a, b = tiny_model(tmp_path / "a", seed=1), tiny_model(tmp_path / "b", seed=2)
+    tiny_tokenizer(a)
+    cfg = {"merge_method": "slerp", "base_model": str(a), "parameters": {"t": 0.5}, "chat_template": setting,
+           "models": [{"model": str(a)}, {"model": str(b)}]}
+    run_merge(cfg, tmp_path / "out")
+    written = (tmp_path / "out" / "chat_template.jinja").read_text()
+    expected = {"chatml": load_template("chatml").source, "auto": CHATML_TEMPLATE}.get(setting, setting)
+    assert written == expected
+    assert "chat_template" not in json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
