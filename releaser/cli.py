@@ -139,6 +139,8 @@ def gguf_cmd(
     base_model: list[str] | None = typer.Option(None, "--base-model", help="Base model repo id (repeatable)."),
     tag: list[str] | None = typer.Option(None, "--tag", help="general.tags entry (repeatable)."),
     quantized_by: str | None = typer.Option(None, "--quantized-by", help="general.quantized_by."),
+    pre_tokenizer: str | None = typer.Option(None, "--pre-tokenizer", help="llama.cpp BPE pre-tokenizer name "
+                                             "(default: detected by llama.cpp's hash check)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files of the same names."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -146,7 +148,8 @@ def gguf_cmd(
     from .gguf import export_gguf
 
     result = export_gguf(model_dir, out_dir, quant, name, split_max_size, overwrite=overwrite, license=license,
-                         tags=tag, base_models=base_model, quantized_by=quantized_by, progress=not quiet)
+                         tags=tag, base_models=base_model, quantized_by=quantized_by, pre_tokenizer=pre_tokenizer,
+                         progress=not quiet)
     out.print(result.summary(), highlight=False)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.gguf_writer import WriterState
 from rich.progress import Progress
 
 from ..checkpoint import CheckpointReader, parse_size
@@ -42,6 +43,31 @@ class GGUFResult:
         return "\n".join(lines)
 
 
+class _Writer(gguf.GGUFWriter):
+    """GGUFWriter that packs each metadata value once for all output files (the vocabulary arrays are large)."""
+
+    def __init__(self, path: Path, arch: str, split_max_size: int, packed: dict):
+        super().__init__(path, arch, split_max_size=split_max_size)
+        self.packed = packed  # key -> (value object, packed key+value bytes), shared by the writers of one export
+
+    def write_kv_data_to_file(self) -> None:
+        if self.state is not WriterState.HEADER:
+            raise ValueError(f"Expected output file to contain the header, got {self.state}")
+        assert self.fout is not None
+        for fout, kv_data in zip(self.fout, self.kv_data):
+            kv_bytes = bytearray()
+            for key, val in kv_data.items():
+                cached = self.packed.get(key)
+                if cached is None or cached[0] is not val.value:
+                    packed = (self._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False)
+                              + self._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
+                    cached = self.packed[key] = (val.value, packed)
+                kv_bytes += cached[1]
+            fout.write(kv_bytes)
+        self.flush()
+        self.state = WriterState.KV_DATA
+
+
 def _nbytes(shape: tuple[int, ...], qtype: T) -> int:
     block, size = GGML_QUANT_SIZES[qtype]
     n = int(np.prod(shape))
@@ -59,7 +85,7 @@ def _default_name(conv: Converter) -> str:
     return conv.reader.folder.resolve().name
 
 
-def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_models, quantized_by) \
+def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_models, quantized_by, pre) \
         -> tuple[gguf.GGUFWriter, TokenizerInfo]:
     """A writer-less template holding every key the output files share (general.*, hyper-parameters, tokenizer)."""
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[conv.gguf_arch])
@@ -79,19 +105,20 @@ def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_mod
     w.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(w)
     conv.add_hparams(w)
-    info = add_tokenizer(w, conv.reader.folder, conv.config)
+    info = add_tokenizer(w, conv.reader.folder, conv.config, pre)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return w, info
 
 
 def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None, split_max_size=None, *,
                 overwrite: bool = False, license: str | None = None, tags=None, base_models=None,
-                quantized_by: str | None = None, workers: int | None = None, progress: bool = False) -> GGUFResult:
+                quantized_by: str | None = None, pre_tokenizer: str | None = None, workers: int | None = None,
+                progress: bool = False) -> GGUFResult:
     """Convert ``model_dir`` (Llama/Mistral/Qwen2 HF folder) to GGUF files ``{Name}-{TYPE}.gguf`` in ``out_dir``.
 
     The checkpoint is read once, one tensor at a time; every requested type is written from that tensor before the
     next is read. Quantization runs on ``workers`` threads (default: all cores). Files appear under their final names
-    only when all of them are complete.
+    only when all of them are complete. ``pre_tokenizer`` overrides llama.cpp's hash-based BPE pre-tokenizer choice.
     """
     start = time.perf_counter()
     quants = parse_quants(quants)
@@ -107,11 +134,11 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
                               "choose other types")
         name = name or _default_name(conv)
         template, tok = _metadata(conv, name, license=license, tags=tags, base_models=base_models,
-                                  quantized_by=quantized_by)
+                                  quantized_by=quantized_by, pre=pre_tokenizer)
         with staging(out_dir) as tmp:
-            writers = {}
+            writers, packed = {}, {}
             for q in quants:
-                w = gguf.GGUFWriter(tmp / f"{_file_stem(name)}-{q}.gguf", template.arch, split_max_size=split_bytes)
+                w = _Writer(tmp / f"{_file_stem(name)}-{q}.gguf", template.arch, split_bytes, packed)
                 for key, val in template.kv_data[0].items():
                     if key != gguf.Keys.General.ARCHITECTURE:
                         w.add_key_value(key, val.value, val.type, val.sub_type)

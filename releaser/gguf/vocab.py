@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gguf
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from .pretok import CHKTXT, PRE_TOKENIZERS
 
 # Tokens that end a chat turn; when the tokenizer's eos is one of them it is also written as eot.
@@ -82,8 +82,13 @@ def _adds(tokenizer) -> tuple[bool, bool]:
     return bool(add_bos), bool(add_eos)
 
 
-def add_tokenizer(w: gguf.GGUFWriter, folder: Path, config: dict) -> TokenizerInfo:
-    """Write the ``tokenizer.*`` keys of ``folder`` to ``w``; raises ModelError before anything is written."""
+def add_tokenizer(w: gguf.GGUFWriter, folder: Path, config: dict, pre: str | None = None) -> TokenizerInfo:
+    """Write the ``tokenizer.*`` keys of ``folder`` to ``w``; raises ModelError before anything is written.
+
+    ``pre`` overrides the detected BPE pre-tokenizer (one of llama.cpp's names, e.g. ``llama-bpe``, ``qwen2``)."""
+    known = sorted(set(PRE_TOKENIZERS.values()))
+    if pre is not None and pre not in known:
+        raise ConfigError(f"unknown pre-tokenizer {pre!r}; llama.cpp names: {', '.join(known)}")
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file():
         raise ModelError(f"{folder} has no tokenizer.json; the GGUF export needs a fast tokenizer "
@@ -106,7 +111,7 @@ def add_tokenizer(w: gguf.GGUFWriter, folder: Path, config: dict) -> TokenizerIn
         if json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["type"] != "BPE":
             raise ModelError(f"the tokenizer of {folder} is not BPE; the GGUF export supports BPE (gpt2) and "
                              "byte-fallback BPE (llama) tokenizers")
-        model, pre = "gpt2", pre_tokenizer(tokenizer)
+        model, pre = "gpt2", pre or pre_tokenizer(tokenizer)
         tokens, types = _gpt2_tokens(tokenizer, vocab_size)
         w.add_tokenizer_model(model)
         w.add_tokenizer_pre(pre)
