@@ -148,9 +148,13 @@ def test_system_prompt(tiny, tmp_path):
 
 
 def test_custom_eos(tiny, tmp_path):
+    legacy = {"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}, "unk_token": "<unk>"}
+    (tiny / "special_tokens_map.json").write_text(json.dumps(legacy))
     report = fix_tokenizer(tiny, FixSpec("alpaca", out_dir=tmp_path / "out", eos="<|end_of_answer|>"))
     assert report.eos_token == "<|end_of_answer|>" and report.added_tokens == ["<|end_of_answer|>"]
     assert report.eos_ids == [200, 2] and not [f for f in report.remaining if f.severity == "error"]
+    legacy = _json(tmp_path / "out" / "special_tokens_map.json")
+    assert legacy["eos_token"] == {"content": "<|end_of_answer|>", "special": True} and legacy["pad_token"] == "<unk>"
 
 
 def test_bad_inputs(tiny, tmp_path):
