@@ -181,6 +181,33 @@ def _weight_edits(model: ModelFolder, size: int, ids: list[int]) -> tuple[dict, 
     return edits, sorted(repaired), resized
 
 
+def _stop_ids(model: ModelFolder, tpl: ChatTemplate, eos: str) -> list[int]:
+    """generation_config's eos list: the end-of-turn id, single-token stop strings, then the old eos ids."""
+    old = model.config.get("eos_token_id")
+    ids = [model.token_id(s) for s in tpl.stop_strings(eos)]
+    ids += [*(old if isinstance(old, list) else [old]), *model.generation_eos]
+    return [i for i in dict.fromkeys(ids) if i is not None]
+
+
+def _changed_files(src: Path, files: dict[str, str], template: str, lines: dict[str, list[str]]) -> dict[str, str]:
+    """The ``files`` whose content differs from ``src``; a diff-like description of each goes into ``lines``."""
+    changed = {}
+    for name, content in files.items():
+        path = src / name
+        old = path.read_text(encoding="utf-8") if path.is_file() else None
+        is_json = name.endswith(".json")
+        if old is not None and (old == content or (is_json and json.loads(old) == json.loads(content))):
+            continue
+        changed[name] = content
+        if name == "tokenizer.json":
+            lines[name] = _tokenizer_json_changes(json.loads(old) if old else {}, json.loads(content))
+        elif is_json:
+            lines[name] = json_changes(json.loads(old) if old else None, json.loads(content))
+        else:
+            lines[name] = [f"{'replaced' if old else 'new'}: {template} template ({len(content)} chars)"]
+    return changed
+
+
 def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
     """Apply ``spec`` to the model folder ``model_dir`` and return what was changed (see the module docstring)."""
     src = Path(model_dir)
@@ -206,12 +233,7 @@ def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
     text = render(tok, source, CONVERSATION)
     if tok.bos_token_id is not None and tok(text)["input_ids"][:2] == [tok.bos_token_id] * 2:
         tok.add_bos_token = False
-    stops = [model.token_id(s) for s in tpl.stop_strings(eos)]
-    old_eos = model.config.get("eos_token_id")
-    eos_ids = list(dict.fromkeys([eos_id, *(i for i in stops if i is not None),
-                                  *(old_eos if isinstance(old_eos, list) else [old_eos]), *model.generation_eos]))
-    eos_ids = [i for i in eos_ids if i is not None]
-
+    eos_ids = _stop_ids(model, tpl, eos)
     files = _save_tokenizer(tok, src, control)
     config = dict(model.config, eos_token_id=eos_id, pad_token_id=tok.pad_token_id)
     generation = dict(model.generation or {"bos_token_id": tok.bos_token_id}, eos_token_id=eos_ids,
@@ -223,22 +245,10 @@ def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
     files["config.json"] = dump_json(config)
     files["generation_config.json"] = dump_json(generation)
 
-    changes: dict[str, str] = {}
     report = FixReport(src, out or src, tpl.name, eos, eos_ids, tok.pad_token, tpl.stop_strings(eos),
                        added_tokens=tok.convert_ids_to_tokens(list(range(old_size, len(tok)))),
                        repaired_rows=repaired, resized=resized)
-    for name, content in files.items():
-        path = src / name
-        old = path.read_text(encoding="utf-8") if path.is_file() else None
-        if old is not None and (old == content or (name.endswith(".json") and json.loads(old) == json.loads(content))):
-            continue
-        changes[name] = content
-        if name == "tokenizer.json":
-            report.changes[name] = _tokenizer_json_changes(json.loads(old) if old else {}, json.loads(content))
-        elif name.endswith(".json"):
-            report.changes[name] = json_changes(json.loads(old) if old else None, json.loads(content))
-        else:
-            report.changes[name] = [f"{'replaced' if old else 'new'}: {tpl.name} template ({len(content)} chars)"]
+    changes = _changed_files(src, files, tpl.name, report.changes)
     if edits:
         for name in edits:
             report.changes[f"weights: {name}"] = (
