@@ -38,7 +38,7 @@ def _magic_bits(val):
     return int((2.0 * m - 1.0) * 8388608.0) - 0x400000
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def nearest_int(fval):
     """ggml's ``nearest_int``: round a float32 to the nearest integer, ties to even (the 12582912 trick)."""
     val = fval + MAGIC
@@ -47,13 +47,13 @@ def nearest_int(fval):
     return _magic_bits(val)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def nearest_small(fval):
     """``nearest_int`` for a finite argument known to satisfy |fval| <= 4194303 (bounded search loops): branch-free."""
     return int((fval + MAGIC) - MAGIC)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def shifted_levels(x, mn, iscale, nmax, out, small):
     """``out[i] = clamp(nearest_int(iscale * (x[i] - mn)), 0, nmax)``; ``small`` means every argument is bounded."""
     if small:  # separate loops so the common case is branch-free and vectorises
@@ -64,7 +64,7 @@ def shifted_levels(x, mn, iscale, nmax, out, small):
             out[i] = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def fp16_round(f):
     """The float32 value of ``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))`` (IEEE half, round to nearest even)."""
     if f != f:
@@ -81,7 +81,7 @@ def fp16_round(f):
     return np.float32(math.copysign(r, np.float64(f)))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
     """Asymmetric (scale, -min) fit of ``x`` to levels 0..nmax; writes ``L``, returns ``(scale, the_min)``."""
     n = x.shape[0]
@@ -150,9 +150,20 @@ def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
     return scale, -mn
 
 
-@njit(cache=True)
-def make_qx_quants(x, L, nmax):
-    """Symmetric scale fit (rmse_type 1, no importance weights); writes ``L`` (offset by nmax), returns the scale."""
+@njit(cache=True, inline="always")
+def symmetric_levels(x, iscale, nmax, out):
+    """``out[i] = clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1)`` for |iscale * x| bounded by about nmax."""
+    for i in range(x.shape[0]):
+        out[i] = max(-nmax, min(nmax - 1, nearest_small(iscale * x[i])))
+
+
+@njit(cache=True, inline="always")
+def make_qx_quants(x, L, nmax, w, wx, Lt):
+    """Symmetric scale fit (rmse_type 1, no importance weights); writes ``L`` (offset by nmax), returns the scale.
+
+    ``w``, ``wx`` (float32) and ``Lt`` (int) are scratch of len(x): C's per-candidate ``w = x*x`` and ``w*x`` are the
+    same float32 values every time, so they are computed once.
+    """
     n = x.shape[0]
     mx = F0
     amax = F0
@@ -165,39 +176,40 @@ def make_qx_quants(x, L, nmax):
         for i in range(n):
             L[i] = 0
         return F0
-    fnmax = np.float32(nmax)
-    iscale = -fnmax / mx
-    sumlx = F0
-    suml2 = F0
     for i in range(n):
-        l = max(-nmax, min(nmax - 1, nearest_small(iscale * x[i])))
-        L[i] = l + nmax
-        w = x[i] * x[i]
-        fl = np.float32(l)
-        sumlx += w * x[i] * fl
-        suml2 += w * fl * fl
-    scale = sumlx / suml2 if suml2 != F0 else F0
-    best = scale * sumlx
-    for step in range(-9, 10):
+        w[i] = x[i] * x[i]
+        wx[i] = w[i] * x[i]
+    fnmax = np.float32(nmax)
+    best = F0
+    scale = F0
+    for step in range(-10, 10):  # -10 stands for C's first candidate, iscale = -nmax/max
         if step == 0:
             continue
-        iscale = -(fnmax + ONE_TENTH * np.float32(step)) / mx
+        if step == -10:
+            iscale = -fnmax / mx
+        else:
+            iscale = -(fnmax + ONE_TENTH * np.float32(step)) / mx
+        symmetric_levels(x, iscale, nmax, Lt)
         sumlx = F0
         suml2 = F0
         for i in range(n):
-            fl = np.float32(max(-nmax, min(nmax - 1, nearest_small(iscale * x[i]))))
-            w = x[i] * x[i]
-            sumlx += w * x[i] * fl
-            suml2 += w * fl * fl
-        if suml2 > F0 and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_small(iscale * x[i])))
+            fl = np.float32(Lt[i])
+            sumlx += wx[i] * fl
+            suml2 += w[i] * fl * fl
+        if step == -10:
+            scale = sumlx / suml2 if suml2 != F0 else F0
+            best = scale * sumlx
+        elif not (suml2 > F0 and sumlx * sumlx > best * suml2):
+            continue
+        else:
             scale = sumlx / suml2
             best = scale * sumlx
+        for i in range(n):
+            L[i] = Lt[i] + nmax
     return scale
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def make_q3_quants(x, L, nmax):
     """Symmetric fit with iterative per-weight refinement (do_rmse); writes ``L`` (offset by nmax), returns scale."""
     n = x.shape[0]
@@ -408,12 +420,15 @@ def q6_k_blocks(x):
     d_out = np.empty(nb, np.float32)
     for c in prange((nb + CHUNK - 1) // CHUNK):
         Ls = np.empty(16, np.int32)
+        Lt = np.empty(16, np.int32)
+        w = np.empty(16, np.float32)
+        wx = np.empty(16, np.float32)
         scales = np.empty(16, np.float32)
         for i in range(c * CHUNK, min(nb, (c + 1) * CHUNK)):
             max_scale = F0
             max_abs_scale = F0
             for j in range(16):
-                s = make_qx_quants(x[i, 16 * j:16 * j + 16], Ls, 32)
+                s = make_qx_quants(x[i, 16 * j:16 * j + 16], Ls, 32, w, wx, Lt)
                 for k in range(16):
                     L[i, 16 * j + k] = Ls[k]
                 scales[j] = s
