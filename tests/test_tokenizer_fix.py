@@ -176,6 +176,10 @@ def test_bad_inputs(tiny, tmp_path):
 
     with pytest.raises(OutputError, match="choose where to write"):
         fix_tokenizer(tiny, FixSpec("chatml"))
+    with pytest.raises(OutputError, match="choose where to write"):
+        fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "o", in_place=True))
+    with pytest.raises(OutputError, match="use --in-place"):
+        fix_tokenizer(tiny, FixSpec("chatml", out_dir=tiny))
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutputError, match="already exists"):
         fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "exists"))
