@@ -3,6 +3,8 @@ round-trip error bounds, edge cases and the API's bad-input errors."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import gguf
 import numpy as np
 import pytest
@@ -169,6 +171,17 @@ def test_api_shapes_and_sizes():
     assert quants.block_size(QT.Q2_K) == 256 and quants.type_size(QT.Q2_K) == 84
     assert quants.can_quantize(576, QT.Q5_0) and not quants.can_quantize(576, QT.Q4_K)
     assert quants.quantize(x, QT.F16).dtype == np.float16
+    t = np.asfortranarray(x.reshape(6, 512))  # non-contiguous input
+    assert quants.quantize(t, QT.Q3_K).tobytes() == quants.quantize(x.reshape(6, 512), QT.Q3_K).tobytes()
+
+
+def test_thread_safe():
+    x = np.random.default_rng(1).standard_normal((64, 1024)).astype(np.float32)
+    expected = {qtype: quants.quantize(x, qtype).tobytes() for qtype in (QT.Q4_K, QT.Q6_K, QT.Q8_0)}
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [(qtype, pool.submit(quants.quantize, x, qtype)) for qtype in expected for _ in range(3)]
+        for qtype, job in jobs:
+            assert job.result().tobytes() == expected[qtype]
 
 
 def test_bad_input_errors():
