@@ -150,19 +150,17 @@ def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
     return scale, -mn
 
 
-@njit(cache=True, inline="always")
-def symmetric_levels(x, iscale, nmax, out):
-    """``out[i] = clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1)`` for |iscale * x| bounded by about nmax."""
-    for i in range(x.shape[0]):
-        out[i] = max(-nmax, min(nmax - 1, nearest_small(iscale * x[i])))
+N_QX_CANDIDATES = 19  # C's first iscale = -nmax/max, then -(nmax + 0.1*is)/max for is = -9..9, is != 0
 
 
 @njit(cache=True, inline="always")
-def make_qx_quants(x, L, nmax, w, wx, Lt):
+def make_qx_quants(x, L, nmax, w, wx, iscales, sumlx, suml2):
     """Symmetric scale fit (rmse_type 1, no importance weights); writes ``L`` (offset by nmax), returns the scale.
 
-    ``w``, ``wx`` (float32) and ``Lt`` (int) are scratch of len(x): C's per-candidate ``w = x*x`` and ``w*x`` are the
-    same float32 values every time, so they are computed once.
+    The candidate scales do not depend on each other, so their sums are accumulated side by side (each one still
+    sequentially over ``i``, as in C) and C's keep-the-best walk runs afterwards; ``w`` = x*x and ``wx`` = w*x are
+    the same float32 values C recomputes per candidate. ``w``, ``wx`` (len(x)) and ``iscales``, ``sumlx``,
+    ``suml2`` (N_QX_CANDIDATES) are float32 scratch.
     """
     n = x.shape[0]
     mx = F0
@@ -176,36 +174,35 @@ def make_qx_quants(x, L, nmax, w, wx, Lt):
         for i in range(n):
             L[i] = 0
         return F0
+    fnmax = np.float32(nmax)
+    iscales[0] = -fnmax / mx
+    for c in range(1, N_QX_CANDIDATES):
+        step = c - 10 if c < 10 else c - 9
+        iscales[c] = -(fnmax + ONE_TENTH * np.float32(step)) / mx
+    for c in range(N_QX_CANDIDATES):
+        sumlx[c] = F0
+        suml2[c] = F0
     for i in range(n):
         w[i] = x[i] * x[i]
         wx[i] = w[i] * x[i]
-    fnmax = np.float32(nmax)
-    best = F0
-    scale = F0
-    for step in range(-10, 10):  # -10 stands for C's first candidate, iscale = -nmax/max
-        if step == 0:
-            continue
-        if step == -10:
-            iscale = -fnmax / mx
-        else:
-            iscale = -(fnmax + ONE_TENTH * np.float32(step)) / mx
-        symmetric_levels(x, iscale, nmax, Lt)
-        sumlx = F0
-        suml2 = F0
-        for i in range(n):
-            fl = np.float32(Lt[i])
-            sumlx += wx[i] * fl
-            suml2 += w[i] * fl * fl
-        if step == -10:
-            scale = sumlx / suml2 if suml2 != F0 else F0
-            best = scale * sumlx
-        elif not (suml2 > F0 and sumlx * sumlx > best * suml2):
-            continue
-        else:
-            scale = sumlx / suml2
-            best = scale * sumlx
-        for i in range(n):
-            L[i] = Lt[i] + nmax
+    for i in range(n):  # |iscale * x| <= nmax + 0.9: the branch-free rounding is exact
+        xi = x[i]
+        wi = w[i]
+        wxi = wx[i]
+        for c in range(N_QX_CANDIDATES):
+            fl = np.float32(max(-nmax, min(nmax - 1, nearest_small(iscales[c] * xi))))
+            sumlx[c] += wxi * fl
+            suml2[c] += wi * fl * fl
+    scale = sumlx[0] / suml2[0] if suml2[0] != F0 else F0
+    best = scale * sumlx[0]
+    chosen = 0
+    for c in range(1, N_QX_CANDIDATES):
+        if suml2[c] > F0 and sumlx[c] * sumlx[c] > best * suml2[c]:
+            scale = sumlx[c] / suml2[c]
+            best = scale * sumlx[c]
+            chosen = c
+    for i in range(n):
+        L[i] = nmax + max(-nmax, min(nmax - 1, nearest_small(iscales[chosen] * x[i])))
     return scale
 
 
@@ -420,7 +417,9 @@ def q6_k_blocks(x):
     d_out = np.empty(nb, np.float32)
     for c in prange((nb + CHUNK - 1) // CHUNK):
         Ls = np.empty(16, np.int32)
-        Lt = np.empty(16, np.int32)
+        iscales = np.empty(N_QX_CANDIDATES, np.float32)
+        sumlx = np.empty(N_QX_CANDIDATES, np.float32)
+        suml2 = np.empty(N_QX_CANDIDATES, np.float32)
         w = np.empty(16, np.float32)
         wx = np.empty(16, np.float32)
         scales = np.empty(16, np.float32)
@@ -428,7 +427,7 @@ def q6_k_blocks(x):
             max_scale = F0
             max_abs_scale = F0
             for j in range(16):
-                s = make_qx_quants(x[i, 16 * j:16 * j + 16], Ls, 32, w, wx, Lt)
+                s = make_qx_quants(x[i, 16 * j:16 * j + 16], Ls, 32, w, wx, iscales, sumlx, suml2)
                 for k in range(16):
                     L[i, 16 * j + k] = Ls[k]
                 scales[j] = s
