@@ -41,6 +41,10 @@ def with_edge_rows(a: np.ndarray) -> np.ndarray:
     a[9, :256] = np.linspace(-1, 1, 256)               # exact ties for the rounding
     a[10] = a[10].astype(np.float16).astype(np.float32)  # fp16-representable values
     a[11, 100] = 50.0                                  # one outlier
+    a[12, :32] = -0.0                                  # signed zeros: an all -0.0 block, then non-negative
+    a[12, 32:96] = np.abs(a[12, 32:96])                # blocks whose minimum 0 comes as +0.0 and -0.0 (C keeps
+    a[12, [32, 33, 64, 65]] = [0.0, -0.0, -0.0, 0.0]   # the first one, numpy's min may not)
+    a[12, 96:128] = np.repeat([0.0, 2e-5, -0.0, 3e-5], 8)
     return a
 
 
@@ -145,7 +149,7 @@ def test_round_trip_error(qtype):
 @pytest.mark.parametrize("qtype", K_TYPES + LEGACY_TYPES, ids=lambda t: t.name)
 def test_edge_cases_round_trip(qtype):
     rng = np.random.default_rng(3)
-    x = with_edge_rows(rng.standard_normal((12, 256)).astype(np.float32))
+    x = with_edge_rows(rng.standard_normal((13, 256)).astype(np.float32))
     y = quants.dequantize(quants.quantize(x, qtype), qtype)
     assert np.all(np.isfinite(y))
     assert np.all(y[0] == 0.0), "an all-zero block must dequantize to zeros"

@@ -54,17 +54,6 @@ def nearest_small(fval):
 
 
 @njit(cache=True, inline="always")
-def shifted_levels(x, mn, iscale, nmax, out, small):
-    """``out[i] = clamp(nearest_int(iscale * (x[i] - mn)), 0, nmax)``; ``small`` means every argument is bounded."""
-    if small:  # separate loops so the common case is branch-free and vectorises
-        for i in range(x.shape[0]):
-            out[i] = max(0, min(nmax, nearest_small(iscale * (x[i] - mn))))
-    else:
-        for i in range(x.shape[0]):
-            out[i] = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
-
-
-@njit(cache=True, inline="always")
 def fp16_round(f):
     """The float32 value of ``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))`` (IEEE half, round to nearest even)."""
     if f != f:
@@ -82,72 +71,115 @@ def fp16_round(f):
 
 
 @njit(cache=True, inline="always")
-def make_qkx2_quants(x, weights, L, Laux, nmax, rmin, rdelta, nstep, use_mad):
-    """Asymmetric (scale, -min) fit of ``x`` to levels 0..nmax; writes ``L``, returns ``(scale, the_min)``."""
-    n = x.shape[0]
-    mn = x[0]
-    mx = x[0]
-    sum_w = weights[0]
-    sum_x = sum_w * x[0]
+def shifted_levels(xt, mn, iscale, nmax, out, small):
+    """``out[i, j] = clamp(nearest_int(iscale[j] * (xt[i, j] - mn[j])), 0, nmax)``; ``small``: all arguments bounded."""
+    n, m = xt.shape
+    if small:  # separate loops so the common case is branch-free and vectorises
+        for i in range(n):
+            for j in range(m):
+                out[i, j] = max(0, min(nmax, nearest_small(iscale[j] * (xt[i, j] - mn[j]))))
+    else:
+        for i in range(n):
+            for j in range(m):
+                out[i, j] = max(0, min(nmax, nearest_int(iscale[j] * (xt[i, j] - mn[j]))))
+
+
+@njit(cache=True)
+def qkx2_scratch(n, m):
+    """Work arrays for :func:`make_qkx2_quants` on m sub-blocks of n weights."""
+    return (np.empty((n, m), np.float32), np.empty((n, m), np.float32), np.empty((n, m), np.int32),
+            np.empty((n, m), np.int32), np.empty((14, m), np.float32), np.empty((2, m), np.uint8))
+
+
+@njit(cache=True, inline="always")
+def make_qkx2_quants(scratch, nmax, rmin, rdelta, nstep, use_mad, scales, mins):
+    """ggml's make_qkx2_quants (asymmetric scale and -min fit to levels 0..nmax) on m sub-blocks side by side.
+
+    ``scratch`` comes from :func:`qkx2_scratch`; the caller fills ``xt``/``wt`` [n, m] (sub-block j is column j) and
+    reads the levels from ``Lt`` [n, m]. Every sub-block follows C's sequence of float32 operations exactly (its own
+    sequential sums, the in-place min update); running them side by side only lets the CPU overlap the independent
+    dependency chains. Writes ``scales[j]`` and ``mins[j]`` (C's return value and ``the_min``).
+    """
+    xt, wt, Lt, Laux, st, flags = scratch
+    n, m = xt.shape
+    mn, mx, sum_w, sum_x, best, scale, iscale = st[0], st[1], st[2], st[3], st[4], st[5], st[6]
+    sum_l, sum_l2, sum_xl, cur, tscale, tmin, xmin = st[7], st[8], st[9], st[10], st[11], st[12], st[13]
+    live, ok = flags[0], flags[1]
+    for j in range(m):
+        mn[j] = xt[0, j]
+        mx[j] = xt[0, j]
+        sum_w[j] = wt[0, j]
+        sum_x[j] = wt[0, j] * xt[0, j]
     for i in range(1, n):
-        if x[i] < mn:
-            mn = x[i]
-        if x[i] > mx:
-            mx = x[i]
-        w = weights[i]
-        sum_w += w
-        sum_x += w * x[i]
-    xmin = mn
-    if mn > F0:
-        mn = F0
-    if mx == mn:
-        for i in range(n):
-            L[i] = 0
-        return F0, -mn
+        for j in range(m):
+            v = xt[i, j]
+            if v < mn[j]:
+                mn[j] = v
+            if v > mx[j]:
+                mx[j] = v
+            sum_w[j] += wt[i, j]
+            sum_x[j] += wt[i, j] * v
     fnmax = np.float32(nmax)
-    iscale = fnmax / (mx - mn)
-    scale = F1 / iscale
-    best_error = F0
-    shifted_levels(x, mn, iscale, nmax, L, True)  # mn <= min(x): arguments lie in [0, nmax]
+    for j in range(m):
+        xmin[j] = mn[j]  # the data minimum, for the rounding bound below
+        if mn[j] > F0:
+            mn[j] = F0
+        live[j] = mx[j] != mn[j]  # a flat sub-block keeps L = 0 and scale 0
+        iscale[j] = fnmax / (mx[j] - mn[j]) if live[j] else F0
+        scale[j] = F1 / iscale[j] if live[j] else F0
+        best[j] = F0
+    shifted_levels(xt, mn, iscale, nmax, Lt, True)  # mn <= min(x): arguments lie in [0, nmax]
     for i in range(n):
-        diff = scale * np.float32(L[i]) + mn - x[i]
-        diff = abs(diff) if use_mad else diff * diff
-        best_error += weights[i] * diff
-    if nstep < 1:
-        return scale, -mn
-    for step in range(nstep + 1):
-        iscale = (rmin + rdelta * np.float32(step) + fnmax) / (mx - mn)
-        # |iscale * (x - mn)| is small unless an updated (fitted) min left the data range far behind
-        small = abs(iscale) * max(abs(mx - mn), abs(xmin - mn)) <= HALF_SAFE
-        sum_l = F0
-        sum_l2 = F0
-        sum_xl = F0
-        shifted_levels(x, mn, iscale, nmax, Laux, small)
+        for j in range(m):
+            diff = scale[j] * np.float32(Lt[i, j]) + mn[j] - xt[i, j]
+            diff = abs(diff) if use_mad else diff * diff
+            best[j] += wt[i, j] * diff
+    for step in range(nstep + 1 if nstep >= 1 else 0):
+        small = True
+        for j in range(m):
+            if live[j]:
+                iscale[j] = (rmin + rdelta * np.float32(step) + fnmax) / (mx[j] - mn[j])
+                # |iscale * (x - mn)| is small unless an updated (fitted) min left the data range far behind
+                if not abs(iscale[j]) * max(abs(mx[j] - mn[j]), abs(xmin[j] - mn[j])) <= HALF_SAFE:
+                    small = False
+            sum_l[j] = F0
+            sum_l2[j] = F0
+            sum_xl[j] = F0
+            cur[j] = F0
+        shifted_levels(xt, mn, iscale, nmax, Laux, small)
         for i in range(n):
-            w = weights[i]
-            fl = np.float32(Laux[i])
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > F0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > F0:
-                this_min = F0
-                this_scale = sum_xl / sum_l2
-            cur_error = F0
-            for i in range(n):
-                diff = this_scale * np.float32(Laux[i]) + this_min - x[i]
+            for j in range(m):
+                w = wt[i, j]
+                fl = np.float32(Laux[i, j])
+                sum_l[j] += w * fl
+                sum_l2[j] += w * fl * fl
+                sum_xl[j] += w * fl * xt[i, j]
+        for j in range(m):
+            D = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]
+            ok[j] = live[j] and D > F0
+            tscale[j] = F0
+            tmin[j] = F0
+            if ok[j]:
+                tscale[j] = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / D
+                tmin[j] = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / D
+                if tmin[j] > F0:
+                    tmin[j] = F0
+                    tscale[j] = sum_xl[j] / sum_l2[j]
+        for i in range(n):
+            for j in range(m):
+                diff = tscale[j] * np.float32(Laux[i, j]) + tmin[j] - xt[i, j]
                 diff = abs(diff) if use_mad else diff * diff
-                cur_error += weights[i] * diff
-            if cur_error < best_error:
+                cur[j] += wt[i, j] * diff
+        for j in range(m):
+            if ok[j] and cur[j] < best[j]:
                 for i in range(n):
-                    L[i] = Laux[i]
-                best_error = cur_error
-                scale = this_scale
-                mn = this_min  # later candidates use the updated min, as in C
-    return scale, -mn
+                    Lt[i, j] = Laux[i, j]
+                best[j] = cur[j]
+                scale[j] = tscale[j]
+                mn[j] = tmin[j]  # later candidates use the updated min, as in C
+    for j in range(m):
+        scales[j] = scale[j]
+        mins[j] = -mn[j]
 
 
 N_QX_CANDIDATES = 19  # C's first iscale = -nmax/max, then -(nmax + 0.1*is)/max for is = -9..9, is != 0
@@ -270,28 +302,33 @@ def qkx_blocks(x, nmax, rmin, rdelta, nstep):
     dmin_out = np.empty(nb, np.float32)
     f63 = np.float32(63.0)
     for c in prange((nb + CHUNK - 1) // CHUNK):
-        weights = np.empty(32, np.float32)
-        Laux = np.empty(32, np.uint8)
+        scratch = qkx2_scratch(32, 8)
+        xt, wt, Lt = scratch[0], scratch[1], scratch[2]
+        sum_x2 = np.empty(8, np.float32)
         scales = np.empty(8, np.float32)
         mins = np.empty(8, np.float32)
         for i in range(c * CHUNK, min(nb, (c + 1) * CHUNK)):
+            for j in range(8):
+                sum_x2[j] = F0
+            for k in range(32):
+                for j in range(8):
+                    v = x[i, 32 * j + k]
+                    xt[k, j] = v
+                    sum_x2[j] += v * v
+            for j in range(8):
+                av_x = np.float32(np.sqrt(sum_x2[j] / np.float32(32.0)))
+                for k in range(32):
+                    wt[k, j] = av_x + abs(xt[k, j])
+            make_qkx2_quants(scratch, nmax, rmin, rdelta, nstep, False, scales, mins)
             max_scale = F0
             max_min = F0
             for j in range(8):
-                xs = x[i, 32 * j:32 * j + 32]
-                sum_x2 = F0
                 for k in range(32):
-                    sum_x2 += xs[k] * xs[k]
-                av_x = np.float32(np.sqrt(sum_x2 / np.float32(32.0)))
-                for k in range(32):
-                    weights[k] = av_x + abs(xs[k])
-                s, m = make_qkx2_quants(xs, weights, L[i, 32 * j:32 * j + 32], Laux, nmax, rmin, rdelta, nstep, False)
-                scales[j] = s
-                mins[j] = m
-                if s > max_scale:
-                    max_scale = s
-                if m > max_min:
-                    max_min = m
+                    L[i, 32 * j + k] = Lt[k, j]
+                if scales[j] > max_scale:
+                    max_scale = scales[j]
+                if mins[j] > max_min:
+                    max_min = mins[j]
             inv_scale = f63 / max_scale if max_scale > F0 else F0
             inv_min = f63 / max_min if max_min > F0 else F0
             for j in range(8):
@@ -322,24 +359,26 @@ def q2_k_blocks(x):
     q4scale = np.float32(15.0)
     rmin = np.float32(-0.5)
     for c in prange((nb + CHUNK - 1) // CHUNK):
-        weights = np.empty(16, np.float32)
-        Laux = np.empty(16, np.uint8)
+        scratch = qkx2_scratch(16, 16)
+        xt, wt, Lt = scratch[0], scratch[1], scratch[2]
         scales = np.empty(16, np.float32)
         mins = np.empty(16, np.float32)
         for i in range(c * CHUNK, min(nb, (c + 1) * CHUNK)):
+            for k in range(16):
+                for j in range(16):
+                    v = x[i, 16 * j + k]
+                    xt[k, j] = v
+                    wt[k, j] = abs(v)
+            make_qkx2_quants(scratch, 3, rmin, ONE_TENTH, 15, True, scales, mins)
             max_scale = F0
             max_min = F0
             for j in range(16):
-                xs = x[i, 16 * j:16 * j + 16]
                 for k in range(16):
-                    weights[k] = abs(xs[k])
-                s, m = make_qkx2_quants(xs, weights, L[i, 16 * j:16 * j + 16], Laux, 3, rmin, ONE_TENTH, 15, True)
-                scales[j] = s
-                mins[j] = m
-                if s > max_scale:
-                    max_scale = s
-                if m > max_min:
-                    max_min = m
+                    L[i, 16 * j + k] = Lt[k, j]
+                if scales[j] > max_scale:
+                    max_scale = scales[j]
+                if mins[j] > max_min:
+                    max_min = mins[j]
             d = F0
             dmin = F0
             if max_scale > F0:

@@ -3,8 +3,10 @@
 ``quantize(data, qtype)`` takes float32 data of shape ``[..., n_per_row]`` and returns uint8 data of shape
 ``[..., bytes_per_row]`` (the layout ``gguf.quants.quantize`` uses and ``GGUFWriter.add_tensor(raw_dtype=...)`` takes).
 
-* F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 delegate to gguf-py's ``gguf.quants`` (byte-exact with libggml; the tests
-  check this against llama.cpp).
+* F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 delegate to gguf-py's ``gguf.quants`` (the tests check them against
+  llama.cpp). gguf-py differs from ggml's C in one corner, the sign of a zero in the block header: C keeps the first of
+  equal values (+0.0 vs -0.0) for Q4_1/Q5_1's min and max and writes d = -0.0 for an all-zero Q4_0/Q5_0 block;
+  :class:`LegacyQuant` rewrites those header fields the C way.
 * Q2_K, Q3_K, Q4_K, Q5_K, Q6_K are our own port of llama.cpp's ``quantize_row_q*_K_ref``: the per-block search runs in
   numba (:mod:`releaser.gguf.kquants`, parallel over blocks on all cores), the bit packing below is vectorised numpy,
   one small class per type as in gguf-py. Calls are thread-safe (K-quant kernels run one at a time; each uses all
@@ -69,6 +71,41 @@ def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
         ],
         axis=1,
     )
+
+
+class LegacyQuant:
+    """gguf-py's quantizer for a 32-weight legacy type, with the fp16 header recomputed with C's signed-zero semantics."""
+
+    qtype: GGMLQuantizationType
+    nmax = 0  # Q4_1/Q5_1: d = (max - min) / nmax; 0 for the symmetric Q4_0/Q5_0
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        out = np.array(gguf_quants.quantize(blocks, cls.qtype)).reshape(blocks.shape[0], -1)
+        if cls.nmax:  # C scans with strict < and >: the first of equal values (0.0 == -0.0) wins, as argmin/argmax do
+            mn = np.take_along_axis(blocks, blocks.argmin(axis=1)[:, None], axis=1)
+            mx = np.take_along_axis(blocks, blocks.argmax(axis=1)[:, None], axis=1)
+            out[:, 0:2] = _f16_bytes((mx - mn) / np.float32(cls.nmax))
+            out[:, 2:4] = _f16_bytes(mn)
+        else:  # C's max stays at its initial +0.0 in an all-zero block, so d = 0.0 / -8 = -0.0
+            out[~np.any(blocks != 0, axis=1), 0:2] = _f16_bytes(np.array([-0.0], np.float32))
+        return out
+
+
+class Q4_0(LegacyQuant):
+    qtype = QT.Q4_0
+
+
+class Q5_0(LegacyQuant):
+    qtype = QT.Q5_0
+
+
+class Q4_1(LegacyQuant):
+    qtype, nmax = QT.Q4_1, 15
+
+
+class Q5_1(LegacyQuant):
+    qtype, nmax = QT.Q5_1, 31
 
 
 class KQuant:
@@ -146,6 +183,7 @@ class Q6_K(KQuant):
 
 
 K_QUANTS: dict[GGMLQuantizationType, type[KQuant]] = {c.qtype: c for c in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
+LEGACY_FIXED: dict[GGMLQuantizationType, type[LegacyQuant]] = {c.qtype: c for c in (Q4_0, Q4_1, Q5_0, Q5_1)}
 SUPPORTED_TYPES = (*GGUF_PY_TYPES, *K_QUANTS)
 
 
@@ -200,6 +238,9 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return gguf_quants.quantize(data, qtype)
     if not np.isfinite(data).all():
         raise QuantizeError(f"cannot quantize to {qtype.name}: the tensor contains NaN or infinite values")
+    if qtype in LEGACY_FIXED:
+        blocks = np.ascontiguousarray(data).reshape(-1, block_size(qtype))
+        return LEGACY_FIXED[qtype].quantize_blocks(blocks).reshape(*data.shape[:-1], -1)
     if qtype not in K_QUANTS:
         return gguf_quants.quantize(data, qtype)
     blocks = np.ascontiguousarray(data).reshape(-1, QK_K)
