@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from threading import Lock
 
 import numpy as np
@@ -29,7 +30,7 @@ from releaser.gguf import kquants
 QT = GGMLQuantizationType
 QK_K = kquants.QK_K
 
-#: Types whose quantizer is gguf-py's (verified byte-identical with llama.cpp).
+#: Types quantized by gguf-py (the legacy block types with the header fix of LegacyQuant).
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 GGUF_PY_TYPES = (*FLOAT_TYPES, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)
 
@@ -108,14 +109,14 @@ class Q5_1(LegacyQuant):
     qtype, nmax = QT.Q5_1, 31
 
 
-class KQuant:
+class KQuant(ABC):
     """A K-quant type: ``quantize_blocks`` maps float32 super-blocks [nb, 256] to their bytes [nb, type_size]."""
 
     qtype: GGMLQuantizationType
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        raise TypeError(f"{cls.__name__} is abstract")
+    @abstractmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray: ...
 
 
 class Q2_K(KQuant):
@@ -189,13 +190,14 @@ SUPPORTED_TYPES = (*GGUF_PY_TYPES, *K_QUANTS)
 
 def _check_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
     try:
-        qtype = QT(qtype)
+        checked = QT(qtype)
     except ValueError:
-        qtype = None
-    if qtype not in SUPPORTED_TYPES:
+        checked = None
+    if checked not in SUPPORTED_TYPES:
+        shown = checked.name if checked is not None else repr(qtype)
         names = ", ".join(t.name for t in SUPPORTED_TYPES)
-        raise ConfigError(f"cannot quantize to {qtype!r}: supported tensor types are {names}")
-    return qtype
+        raise ConfigError(f"cannot quantize to {shown}: supported tensor types are {names}")
+    return checked
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:
