@@ -16,7 +16,6 @@ from gguf.gguf_writer import WriterState
 from rich.progress import Progress
 
 from ..checkpoint import CheckpointReader, parse_size
-from ..errors import ConfigError
 from . import kernels
 from .convert import Converter
 from .files import check_targets, publish, staging
@@ -128,10 +127,6 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
         conv = Converter(reader)
         descs = [p.desc for p in conv.plan]
         types = {q: tensor_types(descs, q, conv.shape) for q in quants}
-        missing = sorted({t.name for ts in types.values() for t in ts if not kernels.supported(t)})
-        if missing:
-            raise ConfigError(f"no quantization kernel for {', '.join(missing)} (needed by {', '.join(quants)}); "
-                              "choose other types")
         name = name or _default_name(conv)
         template, tok = _metadata(conv, name, license=license, tags=tags, base_models=base_models,
                                   quantized_by=quantized_by, pre=pre_tokenizer)
