@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -122,3 +123,43 @@ def test_metadata(tmp_path, smollm2):
                    "tokenizer.ggml.bos_token_id": "1", "tokenizer.ggml.add_bos_token": "false",
                    "llama.rope.dimension_count": "64", "llama.attention.head_count_kv": "1"}
     assert template == (smollm2 / "chat_template.jinja").read_text()
+
+
+def spm_style_tokenizer(folder):
+    """A Llama-2/Mistral-style byte-fallback BPE tokenizer.json (SentencePiece converted), trained on a small text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    text = ["Hello world, this is a small corpus for a tiny byte-fallback BPE tokenizer.",
+            "Llama and Mistral use SentencePiece with byte fallback; Привет мир; 你好世界; numbers 12345."] * 50
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    special = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=600, special_tokens=special, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+        "tokenizer_class": "LlamaTokenizerFast"}))
+    return tok.get_vocab_size()
+
+
+def test_sentencepiece_style_vocab(tmp_path):
+    import gguf
+    from transformers import AutoTokenizer
+
+    (tmp_path / "m").mkdir()
+    n_vocab = spm_style_tokenizer(tmp_path / "m")
+    model = tiny_model(tmp_path / "m", "llama", layers=1, hidden=64, intermediate=128, vocab=n_vocab)
+    result = export_gguf(model, tmp_path / "out", ["F16"])
+    assert (result.tokenizer.model, result.tokenizer.pre) == ("llama", "default")
+    text = "Hello Llama! Привет 你好 ☃ 12345"
+    with o.load(result.files["F16"][0], vocab_only=True) as m:
+        assert o.tokenize(m, text, add_special=True) == AutoTokenizer.from_pretrained(model).encode(text)
+        assert o.meta(m, "tokenizer.ggml.add_bos_token") == "true"
+    reader = gguf.GGUFReader(result.files["F16"][0])
+    tokens = reader.get_field("tokenizer.ggml.tokens").contents()
+    types = reader.get_field("tokenizer.ggml.token_type").contents()
+    assert len(reader.get_field("tokenizer.ggml.scores").contents()) == len(tokens) == n_vocab
+    assert types[tokens.index("<0x41>")] == gguf.TokenType.BYTE and types[tokens.index("<s>")] == gguf.TokenType.CONTROL
