@@ -123,3 +123,10 @@ def test_gguf_fix_changes_metadata_only(model, tmp_path):
     with pytest.raises(ConfigError, match="not in the GGUF vocabulary"):
         fix_gguf(fixed, eos="<|no such token|>")
     assert fix_gguf(fixed, eos="<|endoftext|>").changes == {}
+
+
+def test_missing_tokenizer(model, tmp_path):
+    (model / "tokenizer.json").unlink()
+    with pytest.raises(ModelError, match="has no tokenizer.json"):
+        export_gguf(model, tmp_path / "out", ["F16"])
+    assert gguf_files(tmp_path / "out") == []
