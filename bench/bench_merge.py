@@ -128,7 +128,7 @@ def main() -> None:
         for path, seed in ((la, 1), (lb, 2)):
             if not (path / "model.safetensors.index.json").exists():
                 tiny_model(path, seed=seed, shard_bytes=1_000_000_000, **big)
-        run_case("large", la, lb, {"merge_method": "slerp", "dtype": "float32", "parameters": {"t": 0.5}}, work,
+        run_case("large", la, lb, SLERP, work,
                  with_mergekit=args.mergekit_large)
     shutil.rmtree(work, ignore_errors=True) if args.work is None else None
 
