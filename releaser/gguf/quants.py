@@ -75,21 +75,26 @@ def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
 
 
 class LegacyQuant:
-    """gguf-py's quantizer for a 32-weight legacy type, with the fp16 header recomputed with C's signed-zero semantics."""
+    """gguf-py's quantizer for a 32-weight legacy type, with the fp16 header patched to C's signed-zero semantics."""
 
     qtype: GGMLQuantizationType
     nmax = 0  # Q4_1/Q5_1: d = (max - min) / nmax; 0 for the symmetric Q4_0/Q5_0
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        out = np.array(gguf_quants.quantize(blocks, cls.qtype)).reshape(blocks.shape[0], -1)
-        if cls.nmax:  # C scans with strict < and >: the first of equal values (0.0 == -0.0) wins, as argmin/argmax do
-            mn = np.take_along_axis(blocks, blocks.argmin(axis=1)[:, None], axis=1)
-            mx = np.take_along_axis(blocks, blocks.argmax(axis=1)[:, None], axis=1)
-            out[:, 0:2] = _f16_bytes((mx - mn) / np.float32(cls.nmax))
-            out[:, 2:4] = _f16_bytes(mn)
+    def quantize_rows(cls, data: np.ndarray) -> np.ndarray:
+        """Contiguous float32 [..., n_per_row] -> [..., bytes_per_row]: gguf-py on whole rows (it works 16 rows at a
+        time, so rows, not 32-weight blocks, keep it fast), then only the headers that can differ are rewritten."""
+        out = np.asarray(gguf_quants.quantize(data, cls.qtype))
+        blocks, headers = data.reshape(-1, 32), out.reshape(-1, type_size(cls.qtype))
+        if cls.nmax:  # only a zero min (±0.0, or an all-zero block's d) can differ; C's strict < and > keep the first
+            idx = np.flatnonzero(blocks.min(axis=1) == 0)  # of equal values (0.0 == -0.0), as argmin/argmax do
+            sub = blocks[idx]
+            mn = np.take_along_axis(sub, sub.argmin(axis=1)[:, None], axis=1)
+            mx = np.take_along_axis(sub, sub.argmax(axis=1)[:, None], axis=1)
+            headers[idx, 0:2] = _f16_bytes((mx - mn) / np.float32(cls.nmax))
+            headers[idx, 2:4] = _f16_bytes(mn)
         else:  # C's max stays at its initial +0.0 in an all-zero block, so d = 0.0 / -8 = -0.0
-            out[~np.any(blocks != 0, axis=1), 0:2] = _f16_bytes(np.array([-0.0], np.float32))
+            headers[np.abs(blocks).max(axis=1) == 0, 0:2] = _f16_bytes(np.array([-0.0], np.float32))
         return out
 
 
@@ -241,8 +246,7 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     if not np.isfinite(data).all():
         raise QuantizeError(f"cannot quantize to {qtype.name}: the tensor contains NaN or infinite values")
     if qtype in LEGACY_FIXED:
-        blocks = np.ascontiguousarray(data).reshape(-1, block_size(qtype))
-        return LEGACY_FIXED[qtype].quantize_blocks(blocks).reshape(*data.shape[:-1], -1)
+        return LEGACY_FIXED[qtype].quantize_rows(np.ascontiguousarray(data))
     if qtype not in K_QUANTS:
         return gguf_quants.quantize(data, qtype)
     blocks = np.ascontiguousarray(data).reshape(-1, QK_K)
