@@ -26,7 +26,7 @@ def test_help_reads_well():
 
 
 def test_merge_subprocess_prints_summary(tmp_path):
-    a, b = tiny_model(tmp_path / "a", seed=1), tiny_model(tmp_path / "b", seed=2)
+    tiny_model(tmp_path / "a", seed=1), tiny_model(tmp_path / "b", seed=2)
     cfg = {"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.3}, "dtype": "bfloat16",
            "models": [{"model": "a"}, {"model": "b"}]}  # paths relative to the config file
     (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointReader, CheckpointWriter
+from ..checkpoint import CheckpointWriter
 from ..checkpoint.writer import DEFAULT_SHARD_BYTES
-from ..errors import ConfigError, ModelError, OutputError
+from ..errors import ConfigError, OutputError
 from .config import MergeConfig, parse_config
 from .planner import MergePlan, TensorJob, plan_merge
 
@@ -226,5 +226,3 @@ def _execute_with_progress(plan: MergePlan, writer: CheckpointWriter, dev, worke
         execute(plan, writer, dev, workers=workers, memory=memory,
                 on_done=lambda job: bar.advance(task, job.input_bytes(plan)))
 
-
-__all__ = ["MergeResult", "run_merge", "execute", "merge_tensor", "resolve_device", "CheckpointReader", "ModelError"]
