@@ -1,0 +1,297 @@
+"""The one way releaser writes outputs, for every stage and command.
+
+- An output (a folder, or a file) is written under a temporary name in the same folder, unique per run
+  (``.NAME.releaser-tmp-<random>``), fsynced, and renamed into place only when complete.
+- A lock beside the output (``.NAME.releaser-lock``, ``flock``) lets one run write it at a time: a second run fails
+  at once with a one-line error instead of destroying the first run's work. The lock file is removed on release.
+- Under the lock, temporary entries of earlier runs that were killed (kill -9, power loss) are removed, so nothing a
+  dead run left behind survives the next run.
+- Replacing an existing folder (``overwrite``) swaps old and new in one ``renameat2(RENAME_EXCHANGE)`` where the
+  file system supports it, so there is no moment without an output; elsewhere it falls back to two renames.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import OutputError
+
+TMP_TAG = ".releaser-tmp-"
+OLD_TAG = ".releaser-old-"
+LOCK_TAG = ".releaser-lock"
+_LEGACY = (".releaser-tmp", ".releaser-old")  # fixed names of releaser <= 0.1 (one run at a time)
+
+
+def os_error(exc: OSError, where: Path) -> OutputError:
+    """A one-line OutputError for an OSError met while writing ``where``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return OutputError(f"not enough disk space to write {where} ({exc.strerror}); free space or choose another "
+                           "folder")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write {where}: {exc.strerror}; check the folder's permissions or choose another "
+                           "output")
+    if exc.errno == errno.EISDIR:
+        return OutputError(f"{where} is a folder; give a file path")
+    if exc.errno == errno.ENOTDIR:
+        return OutputError(f"cannot write {where}: a part of the path is a file, not a folder")
+    return OutputError(f"cannot write {where}: {exc.strerror or exc}")
+
+
+def hidden(path: Path, tag: str) -> str:
+    return f".{path.name}{tag}"
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on an output path, held by a lock file beside it (removed on release)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path).absolute()
+        self.file = self.path.parent / hidden(self.path, LOCK_TAG)
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, self.path) from exc
+        for _ in range(100):  # bounded: each pass only repeats when another run removed the lock file meanwhile
+            try:
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise os_error(exc, self.path) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(f"another releaser run is writing {self.path}; wait for it to finish or choose "
+                                  "another output") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return self
+            os.close(fd)
+        raise OutputError(f"cannot lock {self.path}: its lock file keeps changing")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                self.file.unlink(missing_ok=True)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def sweep(path: Path) -> None:
+    """Remove what killed runs left beside ``path`` (call with ``path``'s lock held: no live run owns them)."""
+    path = Path(path)
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    prefixes = (hidden(path, TMP_TAG), hidden(path, OLD_TAG))
+    legacy = {hidden(path, tag) for tag in _LEGACY}
+    for entry in entries:
+        if entry.name.startswith(prefixes) or entry.name in legacy:
+            remove(entry)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` and the folders themselves, so a rename publishes durable data."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_libc = None
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2); False where the system cannot."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        fn = _libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put the complete folder ``new`` at ``out`` (same parent), replacing an old ``out`` without a gap."""
+    if out.exists() or out.is_symlink():
+        if exchange(new, out):
+            remove(new)  # ``new`` now holds the old output
+        else:
+            old = Path(tempfile.mkdtemp(prefix=hidden(out, OLD_TAG), dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(new, out)
+            remove(old)
+    else:
+        os.replace(new, out)
+    fsync_dir(out.parent)
+
+
+def check_new(out: Path, overwrite: bool, *, kind: str = "folder") -> None:
+    """Refuse an existing output without ``overwrite``, and an existing output of the wrong kind."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise OutputError(f"{out} already exists; pass --overwrite to replace it or choose another output")
+    if kind == "folder" and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder; choose another output path")
+    if kind == "file" and out.is_dir():
+        raise OutputError(f"{out} is a folder; give a file path")
+
+
+@contextmanager
+def output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a whole folder: yields an empty temporary folder beside ``out`` that becomes ``out`` when the block ends
+    without error (durably, in one rename); on error or interruption it is removed and ``out`` is untouched."""
+    out = Path(out).absolute()
+    with OutputLock(out):
+        check_new(out, overwrite)
+        sweep(out)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=hidden(out, TMP_TAG), dir=out.parent))
+        except OSError as exc:
+            raise os_error(exc, out) from exc
+        try:
+            yield tmp
+            fsync_tree(tmp)
+            replace_dir(tmp, out)
+        except OSError as exc:
+            raise os_error(exc, out) from exc
+        finally:
+            remove(tmp)
+
+
+@contextmanager
+def output_files(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write several files into an existing or new folder that may hold other files (a GGUF folder): yields a
+    temporary folder inside ``out_dir``; when the block ends its files are renamed into ``out_dir`` (each rename is
+    atomic; files whose name ends in ``-00001-of-NNNNN.gguf`` or similar first parts go last, so a split set is only
+    found once whole). Existing files are replaced only with ``overwrite``."""
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir} exists and is not a folder; choose another output folder")
+    with OutputLock(out_dir):
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for entry in out_dir.iterdir():  # staging folders of killed runs
+                if entry.name.startswith(TMP_TAG):
+                    remove(entry)
+            tmp = Path(tempfile.mkdtemp(prefix=TMP_TAG, dir=out_dir))
+        except OSError as exc:
+            raise os_error(exc, out_dir) from exc
+        try:
+            yield tmp
+            staged = sorted(tmp.iterdir(), key=lambda p: ("-00001-of-" in p.name, p.name))
+            for path in staged:
+                check_new(out_dir / path.name, overwrite, kind="file")
+            fsync_tree(tmp)
+            for path in staged:
+                os.replace(path, out_dir / path.name)
+            fsync_dir(out_dir)
+        except OSError as exc:
+            raise os_error(exc, out_dir) from exc
+        finally:
+            remove(tmp)
+
+
+def write_file(path: str | os.PathLike, data: str | bytes, *, overwrite: bool = True, mode: int | None = None) -> Path:
+    """Write one file atomically (unique temporary name beside it, fsync, rename). An existing file keeps its mode
+    unless ``mode`` is given; a new one gets 0644 less the umask."""
+    path = Path(path).absolute()
+    with OutputLock(path):
+        check_new(path, overwrite, kind="file")
+        sweep(path)
+        with temp_file(path, mode=mode) as tmp:
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            except OSError as exc:
+                raise os_error(exc, path) from exc
+    return path
+
+
+@contextmanager
+def temp_file(path: Path, *, mode: int | None = None) -> Iterator[Path]:
+    """A unique temporary path beside ``path`` for the caller to fill; renamed over ``path`` when the block ends
+    without error (with ``path``'s old mode, or ``mode``), removed otherwise. Hold ``path``'s lock around it."""
+    path = Path(path).absolute()
+    try:
+        fd, name = tempfile.mkstemp(prefix=hidden(path, TMP_TAG), dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise os_error(exc, path) from exc
+    tmp = Path(name)
+    try:
+        yield tmp
+        if mode is None:
+            try:
+                mode = path.stat().st_mode & 0o7777
+            except FileNotFoundError:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o644 & ~umask
+        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise os_error(exc, path) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
