@@ -44,6 +44,12 @@ def main() -> None:
     """releaser: merge, fix, quantize, document and publish model releases."""
 
 
+def _reporter(quiet: bool = False):
+    from .ui import RichReporter
+
+    return RichReporter(console, quiet=quiet)
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -67,7 +73,7 @@ def merge(
     from .merge import run_merge
 
     result = run_merge(config, out_dir, device=device, overwrite=overwrite, max_shard_bytes=parse_size(shard_size),
-                       progress=not quiet)
+                       reporter=_reporter(quiet))
     out.print(f"[green]merged[/] {result.tensors} tensors ({_human(result.bytes_written)}) with {result.method} "
               f"in {result.seconds:.1f} s -> {result.out_dir} ({', '.join(result.files)})", highlight=False)
 
@@ -149,7 +155,7 @@ def gguf_cmd(
 
     result = export_gguf(model_dir, out_dir, quant, name, split_max_size, overwrite=overwrite, license=license,
                          tags=tag, base_models=base_model, quantized_by=quantized_by, pre_tokenizer=pre_tokenizer,
-                         progress=not quiet)
+                         reporter=_reporter(quiet))
     out.print(result.summary(), highlight=False)
 
 

@@ -4,7 +4,6 @@ requantizing. Every other key and every tensor byte is copied unchanged; the new
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import gguf
 import numpy as np
 from gguf import GGUFValueType as V, Keys
 
-from ..errors import ConfigError, ModelError, OutputError
+from ..atomic import OutputLock, os_error, sweep, temp_file
+from ..errors import ConfigError, ModelError
 from .vocab import END_OF_TURN
 
 
@@ -82,17 +82,13 @@ def fix_gguf(path, *, chat_template: str | None = None, eos: str | None = None, 
     if not changes and target == path:
         return FixResult(path, {})
     arch = _value(reader.get_field(Keys.General.ARCHITECTURE))
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"cannot write in {target.parent} ({exc.strerror or exc}); choose another --out") from exc
-    tmp = Path(tmp_name)
-    try:
-        _rewrite(reader, tmp, arch, new)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with OutputLock(target):
+        sweep(target)
+        with temp_file(target) as tmp:
+            try:
+                _rewrite(reader, tmp, arch, new)
+            except OSError as exc:
+                raise os_error(exc, target) from exc
     return FixResult(target, changes)
 
 
