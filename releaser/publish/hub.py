@@ -1,0 +1,274 @@
+"""The Hugging Face Hub target: plan against the remote tree, one ``create_commit`` per repo with exactly the planned
+operations, an optional pull request, a tag, and a check that the remote tree equals the folder afterwards.
+
+The transfer itself (preupload, LFS/Xet, skipping content the server has) is huggingface_hub's. The client retries
+transfers but not the commit POST, and a 5xx can arrive after a commit landed: a failed attempt is therefore
+followed by a fresh read of the remote tree and a new plan (empty when the commit had landed), with a bounded
+backoff that honours ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.hf_api import RepoFile
+
+from ..stage import Reporter
+from .options import PublishError, PublishOptions
+from .plan import LocalFile, RemoteFile, RepoPlan, plan_repo
+
+try:  # huggingface_hub 2.x
+    import httpx2 as _httpx
+except ImportError:  # pragma: no cover - huggingface_hub 1.x
+    import httpx as _httpx
+
+TRANSPORT_ERRORS = (_httpx.TransportError,)
+TRANSIENT_STATUS = {408, 409, 412, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class RemoteState:
+    head: str
+    private: bool
+    files: dict[str, RemoteFile]
+
+
+@dataclass
+class RepoOutcome:
+    repo_id: str
+    plan: RepoPlan | None = None       # the plan as first computed (what the table shows)
+    created: bool = False
+    commit: str | None = None          # the commit made by this run
+    landed_earlier: bool = False       # a failed attempt's commit turned out to have landed
+    pr_url: str | None = None
+    tag: str | None = None             # tag now on the repo's head
+    attempts: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"repo_id": self.repo_id, "plan": self.plan.to_dict() if self.plan else None,
+                "created": self.created, "commit": self.commit, "landed_earlier": self.landed_earlier,
+                "pr_url": self.pr_url, "tag": self.tag, "attempts": self.attempts, "notes": list(self.notes)}
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The HTTP or transport error behind a client exception (uploads wrap theirs in RuntimeError)."""
+    seen = 0
+    while not isinstance(exc, (HfHubHTTPError, *TRANSPORT_ERRORS)) and exc.__cause__ is not None and seen < 10:
+        exc, seen = exc.__cause__, seen + 1
+    return exc
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta or HTTP date), if the error's response has one."""
+    response = getattr(exc, "response", None)
+    value = response.headers.get("Retry-After") if response is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+
+
+def one_line(exc: BaseException) -> str:
+    """A short, single-line reason for an error (server message if any; never headers or the token)."""
+    server = getattr(exc, "server_message", None)
+    status = _status(exc)
+    text = (server or str(exc) or type(exc).__name__).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    if status is not None and str(status) not in first:
+        first = f"HTTP {status}: {first}"
+    return first[:300]
+
+
+def is_transient(exc: BaseException) -> bool:
+    cause = _root_cause(exc)
+    if isinstance(cause, TRANSPORT_ERRORS):
+        return True
+    return _status(cause) in TRANSIENT_STATUS
+
+
+def auth_error(exc: BaseException, repo_id: str) -> PublishError | None:
+    status = _status(_root_cause(exc))
+    if status == 401:
+        return PublishError(f"the Hub rejected the token (401) for {repo_id}; set HF_TOKEN to a valid token with "
+                            "write access or run `hf auth login`")
+    if status == 403:
+        return PublishError(f"the token has no write access to {repo_id} (403); use a token with write access to "
+                            f"{repo_id.split('/')[0]} or pass --create-pr")
+    return None
+
+
+class HubTarget:
+    """Publishes repos to a Hub endpoint (``HF_ENDPOINT``, read when the target is made, or https://huggingface.co)."""
+
+    def __init__(self, token: str | None, *, reporter: Reporter, endpoint: str | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        from .. import __version__
+
+        endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
+        self.api = HfApi(endpoint=endpoint, token=token if token else False, library_name="releaser",
+                         library_version=__version__)
+        self.endpoint = self.api.endpoint
+        self.reporter = reporter
+        self.sleep = sleep
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def state(self, repo_id: str, revision: str = "main") -> RemoteState | None:
+        """Head commit and files of ``revision`` (None when the repo does not exist)."""
+        try:
+            info = self.api.repo_info(repo_id, revision=revision)
+        except RepositoryNotFoundError:
+            return None
+        head = info.sha
+        files = {}
+        for entry in self.api.list_repo_tree(repo_id, recursive=True, revision=head or revision):
+            if isinstance(entry, RepoFile):
+                files[entry.path] = self._remote(entry)
+        return RemoteState(head, bool(info.private), files)
+
+    def tree(self, repo_id: str, revision: str) -> dict[str, RemoteFile]:
+        return {e.path: self._remote(e) for e in self.api.list_repo_tree(repo_id, recursive=True, revision=revision)
+                if isinstance(e, RepoFile)}
+
+    @staticmethod
+    def _remote(entry: RepoFile) -> RemoteFile:
+        if entry.lfs is not None:
+            return RemoteFile(entry.path, entry.size, sha256=entry.lfs.sha256)
+        return RemoteFile(entry.path, entry.size, blob_sha1=entry.blob_id)
+
+    # -- one repo --------------------------------------------------------------------------------------------
+
+    def publish_repo(self, repo_id: str, local: dict[str, LocalFile], options: PublishOptions,
+                     description: str) -> RepoOutcome:
+        outcome = RepoOutcome(repo_id)
+        revision, head = "main", None
+        for attempt in range(1, options.retries + 1):
+            outcome.attempts = attempt
+            try:
+                state = self.state(repo_id, revision)
+                if options.dry_run:
+                    outcome.plan = plan_repo(repo_id, local, state.files if state else None,
+                                             keep_stale=options.keep_stale)
+                    return outcome
+                if state is None:
+                    self.api.create_repo(repo_id, private=options.private, exist_ok=True)
+                    outcome.created = True
+                    self.reporter.message(f"{repo_id}: created ({'private' if options.private else 'public'})")
+                    state = self.state(repo_id, revision)
+                    if state is None:
+                        raise PublishError(f"{repo_id} was created but cannot be read back; check the token's "
+                                           "permissions")
+                elif attempt == 1 and options.private and not state.private:
+                    outcome.notes.append("repo exists and is public; --private applies only to new repos")
+                    self.reporter.warning(f"{repo_id} exists and is public; --private only applies to new repos")
+                plan = plan_repo(repo_id, local, state.files, keep_stale=options.keep_stale)
+                if outcome.plan is None:
+                    outcome.plan = plan
+                head = state.head
+                if plan.empty:
+                    if attempt > 1 and outcome.commit is None:
+                        outcome.landed_earlier = True
+                        outcome.notes.append("the failed attempt's commit had landed; nothing left to send")
+                    break
+                if options.create_pr and revision == "main":
+                    pr = self.api.create_pull_request(repo_id, title=options.commit_title, description=description)
+                    revision = pr.git_reference or "main"
+                    outcome.pr_url = pr.url
+                    self.reporter.message(f"{repo_id}: opened pull request {pr.url}")
+                    state = self.state(repo_id, revision)
+                    plan = plan_repo(repo_id, local, state.files if state else {}, keep_stale=options.keep_stale)
+                self.reporter.message(f"{repo_id}: committing {plan.summary()} (attempt {attempt})")
+                info = self.api.create_commit(repo_id, self._operations(plan, local),
+                                              commit_message=options.commit_title, commit_description=description,
+                                              revision=revision, parent_commit=state.head if state else None)
+                outcome.commit = head = info.oid
+                break
+            except PublishError:
+                raise
+            except (HfHubHTTPError, RuntimeError, ValueError, *TRANSPORT_ERRORS) as exc:
+                self._handle_failure(exc, repo_id, attempt, options)
+        if outcome.commit is not None:  # otherwise the last plan, read just now, was already empty
+            self._verify(repo_id, local, outcome.commit, options)
+        if options.tag_name and revision == "main" and head:
+            outcome.tag = self._tag(repo_id, options.tag_name, head, options.commit_title)
+        return outcome
+
+    @staticmethod
+    def _operations(plan: RepoPlan, local: dict[str, LocalFile]) -> list:
+        ops: list = [CommitOperationAdd(path_in_repo=c.path, path_or_fileobj=str(local[c.path].abspath))
+                     for c in plan.uploads]
+        ops += [CommitOperationDelete(path_in_repo=c.path, is_folder=False) for c in plan.deletions]
+        return ops
+
+    def _handle_failure(self, exc: BaseException, repo_id: str, attempt: int, options: PublishOptions) -> None:
+        """Raise a one-line PublishError for a permanent failure or the last attempt; otherwise wait."""
+        if err := auth_error(exc, repo_id):
+            raise err from None
+        cause = _root_cause(exc)
+        reason = one_line(cause if cause is not exc and isinstance(cause, HfHubHTTPError) else exc)
+        if isinstance(exc, ValueError) and not isinstance(exc, HfHubHTTPError):
+            raise PublishError(f"{repo_id}: the Hub refused the commit: {reason}") from None
+        if not is_transient(exc):
+            raise PublishError(f"{repo_id}: {reason}") from None
+        if attempt >= options.retries:
+            raise PublishError(f"{repo_id}: giving up after {attempt} attempts ({reason}); run the same command "
+                               "again to resume (files already on the Hub are not sent again)") from None
+        hinted = retry_after(cause)
+        status = _status(cause)
+        if hinted is not None and hinted > options.max_wait:
+            raise PublishError(f"{repo_id}: {'rate limited by the Hub (429)' if status == 429 else reason}; the Hub "
+                               f"asks to retry after {hinted:.0f} s; run the same command again then") from None
+        wait = hinted if hinted is not None else min(options.max_wait, float(2 ** (attempt - 1)))
+        if status == 429:
+            self.reporter.warning(f"{repo_id}: rate limited by the Hub (429); waiting {wait:.0f} s before retrying "
+                                  f"(attempt {attempt + 1}/{options.retries})")
+        else:
+            self.reporter.warning(f"{repo_id}: attempt {attempt} failed ({reason}); re-reading the repo and "
+                                  f"retrying in {wait:.0f} s (attempt {attempt + 1}/{options.retries})")
+        self.sleep(wait)
+
+    def _verify(self, repo_id: str, local: dict[str, LocalFile], revision: str, options: PublishOptions) -> None:
+        try:
+            files = self.tree(repo_id, revision)
+        except (HfHubHTTPError, *TRANSPORT_ERRORS) as exc:
+            raise PublishError(f"{repo_id}: cannot read the tree back to verify it ({one_line(exc)}); run the same "
+                               "command again to check") from None
+        after = plan_repo(repo_id, local, files, keep_stale=options.keep_stale)
+        if not after.empty:
+            raise PublishError(f"{repo_id}: after publishing, the Hub tree differs from the folder ({after.summary()})"
+                               "; run the same command again")
+
+    def _tag(self, repo_id: str, tag: str, head: str, message: str) -> str | None:
+        try:
+            tags = {t.name: t.target_commit for t in self.api.list_repo_refs(repo_id).tags}
+            if tag not in tags:
+                self.api.create_tag(repo_id, tag=tag, revision=head, tag_message=message, exist_ok=True)
+                self.reporter.message(f"{repo_id}: tagged {tag}")
+                return tag
+        except (HfHubHTTPError, *TRANSPORT_ERRORS) as exc:
+            if err := auth_error(exc, repo_id):
+                raise err from None
+            raise PublishError(f"{repo_id}: cannot tag {tag} ({one_line(exc)}); run the same command again") from None
+        if tags[tag] == head:
+            return tag
+        self.reporter.warning(f"{repo_id}: tag {tag} already names an older commit and was left as is; give the "
+                              "release a new version to tag this one")
+        return None

@@ -1,0 +1,117 @@
+"""The publish stage: ``run_publish(options, repos, reporter) -> StageResult``.
+
+``repos`` maps each Hub repo id to its local folder, in publishing order (main repo first: the quant cards link to
+it). Every folder is hashed once; each repo is planned against its remote tree and changed with one commit (or one
+atomic swap of its ``dir:`` mirror). ``facts["repos"]`` holds each repo's plan and outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import __version__
+from ..recipe import REPO_ID
+from ..stage import OutputFile, Reporter, StageResult
+from .hub import HubTarget, RepoOutcome
+from .local import DirTarget
+from .options import PublishError, PublishOptions
+from .plan import LocalFile, list_local, scan_local
+
+
+def resolve_token(required: bool) -> str | None:
+    """The Hub token from HF_TOKEN or the stored login (never shown); a one-line error when required and missing."""
+    from huggingface_hub import get_token
+
+    try:
+        token = get_token()
+    except Exception as exc:  # e.g. a failed OIDC exchange (HF_OIDC_RESOURCE set)
+        raise PublishError(f"cannot get a Hugging Face token ({type(exc).__name__}); set HF_TOKEN or run "
+                           "`hf auth login`") from None
+    if not token and required:
+        raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (the token needs write "
+                           "access to the repos), or publish to local folders with --to dir:PATH")
+    return token or None
+
+
+def _check_repos(repos: dict[str, Path]) -> dict[str, Path]:
+    if not repos:
+        raise PublishError("nothing to publish: no repos given")
+    checked = {}
+    for repo_id, folder in repos.items():
+        if not REPO_ID.match(repo_id):
+            raise PublishError(f"{repo_id!r} is not a Hub repo id (expected owner/name)")
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise PublishError(f"the folder for {repo_id} does not exist: {folder}")
+        if not list_local(folder):
+            raise PublishError(f"the folder for {repo_id} is empty: {folder}")
+        checked[repo_id] = folder
+    return checked
+
+
+def _hash_all(repos: dict[str, Path], reporter: Reporter) -> dict[str, dict[str, LocalFile]]:
+    total = sum((folder / rel).stat().st_size for folder in repos.values() for rel in list_local(folder))
+    with reporter.progress("hashing the release files", total=total) as advance:
+        return {repo_id: scan_local(folder, advance) for repo_id, folder in repos.items()}
+
+
+def default_description(options: PublishOptions) -> str:
+    version = f" {options.version}" if options.version else ""
+    return f"Release{version} published with releaser {__version__}."
+
+
+def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Reporter | None = None, *,
+                endpoint: str | None = None, sleep: Callable[[float], None] = time.sleep) -> StageResult:
+    """Publish each repo's folder to ``options.target``; returns the files sent or written and each repo's plan."""
+    reporter = reporter or Reporter()
+    repos = _check_repos(repos)
+    local = _hash_all(repos, reporter)
+    description = options.description or default_description(options)
+    outcomes: list[RepoOutcome] = []
+    files: list[OutputFile] = []
+    if options.target == "hub":
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():
+            raise PublishError("HF_HUB_OFFLINE is set: unset it to publish to the Hub, or publish to local folders "
+                               "with --to dir:PATH")
+        target = HubTarget(resolve_token(required=not options.dry_run), reporter=reporter, endpoint=endpoint,
+                           sleep=sleep)
+        where, output = target.endpoint, Path(os.path.commonpath([str(p.absolute()) for p in repos.values()]))
+        for repo_id in repos:
+            outcome = target.publish_repo(repo_id, local[repo_id], options, description)
+            outcomes.append(outcome)
+            if outcome.commit and outcome.plan:
+                files += [OutputFile(f"{repo_id}/{c.path}", c.size, local[repo_id][c.path].sha256)
+                          for c in outcome.plan.uploads]
+    else:
+        output = Path(options.target[4:]).absolute()
+        where = str(output)
+        dir_target = DirTarget(output, reporter)
+        for repo_id in repos:
+            outcome, written = dir_target.publish_repo(repo_id, local[repo_id], options)
+            outcomes.append(outcome)
+            files += written
+    return StageResult("publish", output, files, _summary(outcomes, options, where),
+                       facts={"target": options.target, "where": where, "dry_run": options.dry_run,
+                              "repos": [o.to_dict() for o in outcomes]})
+
+
+def _summary(outcomes: list[RepoOutcome], options: PublishOptions, where: str) -> str:
+    plans = [o.plan for o in outcomes if o.plan is not None]
+    changed = [p for p in plans if not p.empty]
+    sent = sum(p.bytes_to_send for p in changed)
+    deleted = sum(len(p.deletions) for p in changed)
+    verb = "would publish" if options.dry_run else "published"
+    text = (f"{verb} {len(outcomes)} repo(s) to {where}: {len(changed)} changed ({sent} B to send, {deleted} file(s) "
+            f"to delete), {len(plans) - len(changed)} unchanged")
+    created = sum(o.created or (o.plan is not None and not o.plan.exists) for o in outcomes)
+    if created:
+        text += f", {created} {'to create' if options.dry_run else 'created'}"
+    prs = [o.pr_url for o in outcomes if o.pr_url]
+    if prs:
+        text += f"; pull requests: {', '.join(prs)}"
+    return text
