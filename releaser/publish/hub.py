@@ -223,6 +223,9 @@ class HubTarget:
         if err := auth_error(exc, repo_id):
             raise err from None
         cause = _root_cause(exc)
+        if isinstance(cause, _httpx.ConnectError):
+            raise PublishError(f"cannot reach {self.endpoint} ({one_line(cause)}); check the network or "
+                               "HF_ENDPOINT, then run again") from None
         reason = one_line(cause if cause is not exc and isinstance(cause, HfHubHTTPError) else exc)
         if isinstance(exc, ValueError) and not isinstance(exc, HfHubHTTPError):
             raise PublishError(f"{repo_id}: the Hub refused the commit: {reason}") from None
