@@ -14,6 +14,7 @@ from rich.table import Table
 from ..errors import ConfigError
 from ..stage import Reporter, StageResult
 from .options import PublishOptions
+from .plan import RepoPlan
 from .stage import run_publish
 
 STYLE = {"add": "green", "update": "yellow", "delete": "red", "keep": "dim", "unchanged": "dim"}
@@ -78,34 +79,42 @@ def release_repos(release_dir: Path, recipe_path: Path | None, repo: str | None)
     return repos, facts
 
 
-def plan_table(repo: dict) -> Table:
-    plan = repo["plan"]
-    status = []
-    if not plan["exists"]:
-        status.append("new repo")
-    if repo.get("created"):
-        status.append("created")
-    if repo.get("pr_url"):
-        status.append(f"PR {repo['pr_url']}")
-    elif repo.get("commit"):
-        status.append(f"commit {repo['commit'][:10]}")
-    if repo.get("landed_earlier"):
-        status.append("commit had landed")
-    if repo.get("tag"):
-        status.append(f"tag {repo['tag']}")
-    changed = [c for c in plan["changes"] if c["action"] != "unchanged"]
-    if not changed and plan["exists"]:
-        status.append("unchanged")
-    table = Table(title=f"{repo['repo_id']}" + (f" ({', '.join(status)})" if status else ""), title_justify="left")
+def plan_table(plan: RepoPlan) -> Table:
+    """The plan of one repo: every file that changes, and one row for the unchanged ones."""
+    changed = [c for c in plan.changes if c.action != "unchanged"]
+    if plan.empty:
+        state = "unchanged"
+    else:
+        state = f"{len(plan.uploads)} to send ({human(plan.bytes_to_send)}), {len(plan.deletions)} to delete"
+        state = state if plan.exists else f"new repo, {state}"
+    table = Table(title=f"{plan.repo_id} ({state})", title_justify="left")
     table.add_column("action")
     table.add_column("file", overflow="fold")
     table.add_column("size", justify="right")
     for c in changed:
-        table.add_row(f"[{STYLE[c['action']]}]{c['action']}[/]", c["path"], human(c["size"]))
-    counts, sizes = plan["counts"], plan["bytes"]
+        table.add_row(f"[{STYLE[c.action]}]{c.action}[/]", c.path, human(c.size))
+    counts, sizes = plan.counts(), plan.bytes()
     if counts["unchanged"]:
         table.add_row("[dim]unchanged[/]", f"[dim]{counts['unchanged']} file(s)[/]", human(sizes["unchanged"]))
     return table
+
+
+def outcome_line(repo: dict) -> str:
+    """What happened to one repo (from ``facts["repos"]``)."""
+    done = []
+    if repo.get("created"):
+        done.append("created")
+    if repo.get("pr_url"):
+        done.append(f"pull request {repo['pr_url']}")
+    elif repo.get("commit"):
+        done.append(f"commit {repo['commit'][:10]}")
+    if repo.get("landed_earlier"):
+        done.append("an earlier attempt's commit had landed")
+    if repo.get("tag"):
+        done.append(f"tag {repo['tag']}")
+    if not (repo.get("commit") or repo.get("pr_url")):
+        done.insert(0, "no change")
+    return f"{repo['repo_id']}: {', '.join(done)}"
 
 
 def publish_options(**values) -> PublishOptions:
@@ -119,9 +128,10 @@ def publish_options(**values) -> PublishOptions:
 
 def run_publish_cli(options: PublishOptions, repos: dict[str, Path], out: Console,
                     err: Console) -> StageResult:
-    result = run_publish(options, repos, RichReporter(err))
-    for repo in result.facts["repos"]:
-        out.print(plan_table(repo))
+    result = run_publish(options, repos, RichReporter(err), on_plan=lambda plan: out.print(plan_table(plan)))
+    if not options.dry_run:
+        for repo in result.facts["repos"]:
+            out.print(outcome_line(repo), highlight=False, markup=False)
     out.print(("[yellow]dry run:[/] nothing sent or written; " if options.dry_run else "[green]done:[/] ")
               + result.summary, highlight=False)
     return result

@@ -156,8 +156,9 @@ class HubTarget:
 
     # -- one repo --------------------------------------------------------------------------------------------
 
-    def publish_repo(self, repo_id: str, local: dict[str, LocalFile], options: PublishOptions,
-                     description: str) -> RepoOutcome:
+    def publish_repo(self, repo_id: str, local: dict[str, LocalFile], options: PublishOptions, description: str,
+                     on_plan: Callable[[RepoPlan], None] = lambda plan: None) -> RepoOutcome:
+        """Plan (``on_plan`` sees it before anything is sent), commit with retries, verify, tag."""
         outcome = RepoOutcome(repo_id)
         revision, head = "main", None
         for attempt in range(1, options.retries + 1):
@@ -167,6 +168,7 @@ class HubTarget:
                 if options.dry_run:
                     outcome.plan = plan_repo(repo_id, local, state.files if state else None,
                                              keep_stale=options.keep_stale)
+                    on_plan(outcome.plan)
                     return outcome
                 if state is None:
                     self.api.create_repo(repo_id, private=options.private, exist_ok=True)
@@ -182,6 +184,7 @@ class HubTarget:
                 plan = plan_repo(repo_id, local, state.files, keep_stale=options.keep_stale)
                 if outcome.plan is None:
                     outcome.plan = plan
+                    on_plan(plan)
                 head = state.head
                 if plan.empty:
                     if attempt > 1 and outcome.commit is None:

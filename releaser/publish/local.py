@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +54,12 @@ class DirTarget:
         if bad:
             raise PublishError(f"{folder} differs from the plan after publishing ({', '.join(bad[:5])}); run again")
 
-    def publish_repo(self, repo_id: str, local: dict[str, LocalFile], options: PublishOptions) -> tuple[
-            RepoOutcome, list[OutputFile]]:
+    def publish_repo(self, repo_id: str, local: dict[str, LocalFile], options: PublishOptions,
+                     on_plan: Callable[[RepoPlan], None] = lambda plan: None) -> tuple[RepoOutcome, list[OutputFile]]:
         outcome = RepoOutcome(repo_id, attempts=1)
         remote = self.state(repo_id)
         plan = outcome.plan = plan_repo(repo_id, local, remote, keep_stale=options.keep_stale)
+        on_plan(plan)
         if options.dry_run or plan.empty:
             return outcome, []
         folder = self.mirror(repo_id)

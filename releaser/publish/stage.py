@@ -18,7 +18,7 @@ from ..stage import OutputFile, Reporter, StageResult
 from .hub import HubTarget, RepoOutcome
 from .local import DirTarget
 from .options import PublishError, PublishOptions
-from .plan import LocalFile, list_local, scan_local
+from .plan import LocalFile, RepoPlan, list_local, scan_local
 
 
 def resolve_token(required: bool) -> str | None:
@@ -64,8 +64,10 @@ def default_description(options: PublishOptions) -> str:
 
 
 def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Reporter | None = None, *,
-                endpoint: str | None = None, sleep: Callable[[float], None] = time.sleep) -> StageResult:
-    """Publish each repo's folder to ``options.target``; returns the files sent or written and each repo's plan."""
+                endpoint: str | None = None, sleep: Callable[[float], None] = time.sleep,
+                on_plan: Callable[[RepoPlan], None] = lambda plan: None) -> StageResult:
+    """Publish each repo's folder to ``options.target``; returns the files sent or written and each repo's plan.
+    ``on_plan`` is called with each repo's plan before anything is sent for that repo (the CLI prints it)."""
     reporter = reporter or Reporter()
     repos = _check_repos(repos)
     local = _hash_all(repos, reporter)
@@ -82,7 +84,7 @@ def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Repor
                            sleep=sleep)
         where, output = target.endpoint, Path(os.path.commonpath([str(p.absolute()) for p in repos.values()]))
         for repo_id in repos:
-            outcome = target.publish_repo(repo_id, local[repo_id], options, description)
+            outcome = target.publish_repo(repo_id, local[repo_id], options, description, on_plan)
             outcomes.append(outcome)
             if outcome.commit and outcome.plan:
                 files += [OutputFile(f"{repo_id}/{c.path}", c.size, local[repo_id][c.path].sha256)
@@ -92,7 +94,7 @@ def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Repor
         where = str(output)
         dir_target = DirTarget(output, reporter)
         for repo_id in repos:
-            outcome, written = dir_target.publish_repo(repo_id, local[repo_id], options)
+            outcome, written = dir_target.publish_repo(repo_id, local[repo_id], options, on_plan)
             outcomes.append(outcome)
             files += written
     return StageResult("publish", output, files, _summary(outcomes, options, where),
