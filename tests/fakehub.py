@@ -81,6 +81,7 @@ class FakeHub:
         (self.root / "repos").mkdir(exist_ok=True)
         self.token, self.read_token, self.user, self.page_size = token, read_token, user, page_size
         self.repos: dict[str, Repo] = {}
+        self.collections: dict[str, dict] = {}  # slug -> {"title", "namespace", "private", "items": [repo ids]}
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
         self.commit_bodies: list[list[dict]] = []
@@ -329,6 +330,8 @@ class _Handler(BaseHTTPRequestHandler):
             return {}
         if method == "POST" and len(s) == 6 and s[1].endswith(".git") and s[2:] == ["info", "lfs", "objects", "batch"]:
             return self._lfs_batch(f"{s[0]}/{s[1][:-4]}")
+        if s[:2] == ["api", "collections"]:
+            return self._collections(method, "/".join(s[2:4]), s[4:])
         if len(s) >= 4 and s[:2] == ["api", "models"]:
             repo_id, rest = f"{s[2]}/{s[3]}", s[4:]
             return self._repo_route(method, repo_id, rest)
@@ -377,6 +380,41 @@ class _Handler(BaseHTTPRequestHandler):
                     "createdAt": "2026-11-30T00:00:00.000Z", "status": "draft", "isPullRequest": True,
                     "repo": {"name": repo_id, "type": "model"}, "events": [], "filesWithConflicts": [],
                     "changes": {"base": "refs/heads/main"}}
+        raise Reply(404, {"error": f"no route for {method} {self.path}"})
+
+    def _collection_json(self, slug: str) -> dict:
+        c = self.hub.collections[slug]
+        return {"slug": slug, "title": c["title"], "owner": {"name": c["namespace"]}, "private": c["private"],
+                "items": [{"_id": f"item{i}", "id": repo_id, "type": "model", "position": i}
+                          for i, repo_id in enumerate(c["items"])],
+                "lastUpdated": "2026-11-30T00:00:00.000Z", "position": 0, "theme": "blue", "upvotes": 0}
+
+    def _collections(self, method: str, slug: str, rest: list[str]):
+        if method == "POST" and not slug:
+            self._auth(write=True)
+            data = self.json()
+            for known, c in self.hub.collections.items():
+                if (c["namespace"], c["title"]) == (data["namespace"], data["title"]):
+                    raise Reply(409, {"error": "Collection already exists", "slug": known})
+            name = re.sub("[^a-z0-9]+", "-", data["title"].lower())
+            slug = f"{data['namespace']}/{name}-{len(self.hub.collections):024x}"
+            self.hub.collections[slug] = {"title": data["title"], "namespace": data["namespace"],
+                                          "private": bool(data.get("private")), "items": []}
+            return self._collection_json(slug)
+        if slug not in self.hub.collections:
+            raise Reply(404, {"error": "Collection not found"})
+        if method == "GET" and not rest:
+            self._auth(write=False)
+            return self._collection_json(slug)
+        if method == "POST" and rest == ["items"]:
+            self._auth(write=True)
+            item = self.json()["item"]
+            if item["id"] in self.hub.collections[slug]["items"]:
+                raise Reply(409, {"error": "Item already in collection"})
+            if item["type"] != "model" or item["id"] not in self.hub.repos:
+                raise Reply(404, {"error": "Item not found"})
+            self.hub.collections[slug]["items"].append(item["id"])
+            return self._collection_json(slug)
         raise Reply(404, {"error": f"no route for {method} {self.path}"})
 
     def _create_repo(self):

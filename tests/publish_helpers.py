@@ -30,7 +30,8 @@ def write_release(root: Path, *, shards: int = 2, quants: tuple[str, ...] = ("Q4
                 f.unlink() if f.is_file() else f.rmdir()
         folder.mkdir(parents=True, exist_ok=True)
     main = folders[MAIN]
-    (main / "README.md").write_text(f"---\nlicense: apache-2.0\nbase_model_relation: merge\n---\n# Tiny-Merge {version}\n")
+    card = f"---\nlicense: apache-2.0\nbase_model_relation: merge\n---\n# Tiny-Merge {version}\n"
+    (main / "README.md").write_text(card)
     (main / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}\n')
     (main / "tokenizer_config.json").write_text(f'{{"eos_token": "{eos}", "chat_template": "chatml"}}\n')
     (main / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}\n')

@@ -260,3 +260,14 @@ def test_paged_tree_listing(hub, tmp_path):
     publish(folders)
     assert hub.commits == 0
     assert sum("/tree/" in r.path for r in hub.requests) > 3  # followed the Link pages
+
+
+def test_collection_gets_the_release_repos_once(hub, tmp_path):
+    folders = write_release(tmp_path / "release")
+    result, rec, _ = publish(folders, collection="Tiny Merge release")
+    [(slug, collection)] = hub.collections.items()
+    assert slug.startswith("me/tiny-merge-release-") and collection["items"] == [MAIN, GGUF, AWQ]
+    assert result.facts["collection"] == {"slug": slug, "added": [MAIN, GGUF, AWQ]}
+    result, _, _ = publish(folders, collection="Tiny Merge release")
+    assert len(hub.collections) == 1 and collection["items"] == [MAIN, GGUF, AWQ]
+    assert result.facts["collection"]["added"] == []

@@ -262,6 +262,24 @@ class HubTarget:
             raise PublishError(f"{repo_id}: after publishing, the Hub tree differs from the folder ({after.summary()})"
                                "; run the same command again")
 
+    def add_to_collection(self, title: str, repo_ids: list[str], private: bool) -> dict:
+        """Add the repos to the collection ``title`` in the first repo's namespace (made if missing); idempotent."""
+        namespace = repo_ids[0].split("/", 1)[0]
+        try:
+            collection = self.api.create_collection(title, namespace=namespace, private=private, exists_ok=True)
+            present = {item.item_id for item in collection.items}
+            added = [r for r in repo_ids if r not in present]
+            for repo_id in added:
+                self.api.add_collection_item(collection.slug, repo_id, "model", exists_ok=True)
+        except (HfHubHTTPError, *TRANSPORT_ERRORS) as exc:
+            if err := auth_error(exc, f"the collection {title!r}"):
+                raise err from None
+            raise PublishError(f"cannot add the repos to the collection {title!r} ({one_line(exc)}); run the "
+                               "same command again") from None
+        if added:
+            self.reporter.message(f"collection {collection.slug}: added {', '.join(added)}")
+        return {"slug": collection.slug, "added": added}
+
     def _tag(self, repo_id: str, tag: str, head: str, message: str) -> str | None:
         try:
             tags = {t.name: t.target_commit for t in self.api.list_repo_refs(repo_id).tags}

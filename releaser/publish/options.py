@@ -23,6 +23,8 @@ class PublishOptions(StageOptions):
     keep_stale: bool = Field(False, description="Keep remote files that are no longer in the release folders.")
     version: str | None = Field(None, description="Release version; each updated repo is tagged with it.")
     tag: str | None = Field(None, description="Tag name (default: v + version).")
+    collection: str | None = Field(None, description="Hub collection (title, in the main repo's namespace) to add "
+                                                     "the release's repos to; created if missing.")
     retries: int = Field(5, ge=1, le=20, description="Attempts per commit before giving up.")
     max_wait: float = Field(120.0, gt=0, le=3600, description="Longest wait between attempts, in seconds; a "
                                                               "Retry-After above it ends the run with its wait.")

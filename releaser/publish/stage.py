@@ -73,6 +73,7 @@ def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Repor
     local = _hash_all(repos, reporter)
     description = options.description or default_description(options)
     outcomes: list[RepoOutcome] = []
+    collection = None
     files: list[OutputFile] = []
     if options.target == "hub":
         from huggingface_hub import constants
@@ -89,7 +90,11 @@ def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Repor
             if outcome.commit and outcome.plan:
                 files += [OutputFile(f"{repo_id}/{c.path}", c.size, local[repo_id][c.path].sha256)
                           for c in outcome.plan.uploads]
+        if options.collection and not options.dry_run:
+            collection = target.add_to_collection(options.collection, list(repos), options.private)
     else:
+        if options.collection:
+            reporter.warning(f"collection {options.collection!r} left out: collections exist only on the Hub")
         output = Path(options.target[4:]).absolute()
         where = str(output)
         dir_target = DirTarget(output, reporter)
@@ -99,7 +104,7 @@ def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Repor
             files += written
     return StageResult("publish", output, files, _summary(outcomes, options, where),
                        facts={"target": options.target, "where": where, "dry_run": options.dry_run,
-                              "repos": [o.to_dict() for o in outcomes]})
+                              "repos": [o.to_dict() for o in outcomes], "collection": collection})
 
 
 def _summary(outcomes: list[RepoOutcome], options: PublishOptions, where: str) -> str:
