@@ -146,6 +146,22 @@ def test_private_and_pull_request(hub, tmp_path):
     assert remote_files(hub, MAIN, "refs/pr/1") == local_files(folders[MAIN])
     assert "v1.1" not in hub.repos[MAIN].tags
     assert repo_fact(result, GGUF)["pr_url"] is None  # unchanged repo: no PR
+    # the same again: the open PR already has the changes, no second PR
+    hub.reset_counts()
+    result, _, _ = publish(folders, create_pr=True, version="1.1")
+    assert repo_fact(result, MAIN)["pr_url"] == fact["pr_url"] and len(hub.repos[MAIN].prs) == 1
+    assert hub.commits == 0
+
+
+def test_pull_request_commit_retried_on_its_branch(hub, tmp_path):
+    folders = write_release(tmp_path / "release", awq=False)
+    publish(folders)
+    write_release(tmp_path / "release", awq=False, shards=3)
+    hub.fail("POST", f"/api/models/{MAIN}/commit/", status=500, after=True)
+    result, _, sleeps = publish(folders, create_pr=True)
+    fact = repo_fact(result, MAIN)
+    assert fact["landed_earlier"] and len(hub.repos[MAIN].prs) == 1 and len(sleeps) == 1
+    assert remote_files(hub, MAIN, "refs/pr/1") == local_files(folders[MAIN])
 
 
 # -- faults ------------------------------------------------------------------------------------------------------

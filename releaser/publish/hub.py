@@ -192,6 +192,12 @@ class HubTarget:
                         outcome.notes.append("the failed attempt's commit had landed; nothing left to send")
                     break
                 if options.create_pr and revision == "main":
+                    if existing := self._open_pr_with(repo_id, local, options):
+                        revision, outcome.pr_url = existing
+                        outcome.notes.append(f"the open pull request {existing[1]} already has these changes")
+                        self.reporter.message(f"{repo_id}: the open pull request {existing[1]} already has these "
+                                              "changes")
+                        break
                     pr = self.api.create_pull_request(repo_id, title=options.commit_title, description=description)
                     revision = pr.git_reference or "main"
                     outcome.pr_url = pr.url
@@ -213,6 +219,19 @@ class HubTarget:
         if options.tag_name and revision == "main" and head:
             outcome.tag = self._tag(repo_id, options.tag_name, head, options.commit_title)
         return outcome
+
+    def _open_pr_with(self, repo_id: str, local: dict[str, LocalFile], options: PublishOptions,
+                      newest: int = 5) -> tuple[str, str] | None:
+        """An open pull request (among the ``newest``) whose files already equal the folder: (ref, url)."""
+        refs = self.api.list_repo_refs(repo_id, include_pull_requests=True).pull_requests or []
+        numbered = sorted(((int(r.ref.rsplit("/", 1)[1]), r.ref) for r in refs
+                           if r.ref.rsplit("/", 1)[-1].isdigit()), reverse=True)
+        for num, ref in numbered[:newest]:
+            if plan_repo(repo_id, local, self.tree(repo_id, ref), keep_stale=options.keep_stale).empty:
+                details = self.api.get_discussion_details(repo_id, num)
+                if details.status in ("open", "draft"):
+                    return ref, details.url
+        return None
 
     @staticmethod
     def _operations(plan: RepoPlan, local: dict[str, LocalFile]) -> list:
