@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from publish_helpers import AWQ, GGUF, MAIN, WEIGHTS, hub, local_files, remote_files, write_release  # noqa: F401
 
@@ -61,6 +63,7 @@ def test_first_publish_equals_folders_byte_for_byte(hub, tmp_path):
     assert hub.inline_bytes(WEIGHTS) == 0
     assert {f.path for f in result.files} == {f"{r}/{p}" for r, f in folders.items() for p in local_files(f)}
     assert "3 changed" in result.summary and "3 created" in result.summary
+    json.dumps(result.facts)  # serialisable, for the release manifest
 
 
 def test_same_release_again_costs_only_metadata_requests(hub, tmp_path):
@@ -287,3 +290,11 @@ def test_collection_gets_the_release_repos_once(hub, tmp_path):
     result, _, _ = publish(folders, collection="Tiny Merge release")
     assert len(hub.collections) == 1 and collection["items"] == [MAIN, GGUF, AWQ]
     assert result.facts["collection"]["added"] == []
+
+
+def test_a_refused_commit_is_not_retried(hub, tmp_path):
+    folders = write_release(tmp_path / "release", awq=False)
+    hub.fail("POST", f"/api/models/{MAIN}/commit/", status=422)
+    with pytest.raises(PublishError, match=f"^{MAIN}: .*422") as err:
+        publish(folders)
+    assert "\n" not in str(err.value) and hub.commits == 0
