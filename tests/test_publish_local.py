@@ -184,3 +184,29 @@ def test_cli_single_folder_and_errors(hub, tmp_path, monkeypatch):
     missing = runner.invoke(app, ["publish", str(tmp_path / "release"), "--repo", MAIN])
     assert missing.exit_code == 2 and "error: no Hugging Face token" in missing.output
     assert "Traceback" not in missing.output
+
+
+def test_failure_classification():
+    import email.utils
+    import time
+
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from releaser.publish.failures import auth_error, is_transient, one_line, retry_after
+
+    def http_error(status, **headers):
+        response = httpx2.Response(status, headers=headers, request=httpx2.Request("POST", "http://127.0.0.1/x"))
+        return HfHubHTTPError(f"{status} Server Error\n\nfor url http://127.0.0.1/x", response=response)
+
+    assert retry_after(http_error(429, **{"Retry-After": "12"})) == 12
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= retry_after(http_error(503, **{"Retry-After": date})) <= 31
+    assert retry_after(http_error(503)) is None
+    wrapped = RuntimeError("Error while uploading 'x' to the Hub.")
+    wrapped.__cause__ = http_error(503)
+    assert is_transient(wrapped) and is_transient(httpx2.RemoteProtocolError("dropped"))
+    assert not is_transient(http_error(404)) and not is_transient(ValueError("bad card"))
+    assert "\n" not in one_line(http_error(500)) and "500" in one_line(http_error(500))
+    assert "401" in str(auth_error(http_error(401), "me/x")) and "403" in str(auth_error(http_error(403), "me/x"))
+    assert auth_error(http_error(500), "me/x") is None

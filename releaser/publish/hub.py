@@ -9,7 +9,6 @@ backoff that honours ``Retry-After``.
 
 from __future__ import annotations
 
-import email.utils
 import os
 import time
 from collections.abc import Callable
@@ -20,16 +19,10 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 
 from ..stage import Reporter
+from .failures import (TRANSPORT_ERRORS, UNREACHABLE, auth_error, is_transient, one_line, retry_after, root_cause,
+                       status_of)
 from .options import PublishError, PublishOptions
 from .plan import LocalFile, RemoteFile, RepoPlan, plan_repo
-
-try:  # huggingface_hub 2.x
-    import httpx2 as _httpx
-except ImportError:  # pragma: no cover - huggingface_hub 1.x
-    import httpx as _httpx
-
-TRANSPORT_ERRORS = (_httpx.TransportError,)
-TRANSIENT_STATUS = {408, 409, 412, 425, 429, 500, 502, 503, 504}
 
 
 @dataclass
@@ -55,64 +48,6 @@ class RepoOutcome:
         return {"repo_id": self.repo_id, "plan": self.plan.to_dict() if self.plan else None,
                 "created": self.created, "commit": self.commit, "landed_earlier": self.landed_earlier,
                 "pr_url": self.pr_url, "tag": self.tag, "attempts": self.attempts, "notes": list(self.notes)}
-
-
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The HTTP or transport error behind a client exception (uploads wrap theirs in RuntimeError)."""
-    seen = 0
-    while not isinstance(exc, (HfHubHTTPError, *TRANSPORT_ERRORS)) and exc.__cause__ is not None and seen < 10:
-        exc, seen = exc.__cause__, seen + 1
-    return exc
-
-
-def retry_after(exc: BaseException) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta or HTTP date), if the error's response has one."""
-    response = getattr(exc, "response", None)
-    value = response.headers.get("Retry-After") if response is not None else None
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        return max(0.0, when.timestamp() - time.time())
-
-
-def one_line(exc: BaseException) -> str:
-    """A short, single-line reason for an error (server message if any; never headers or the token)."""
-    server = getattr(exc, "server_message", None)
-    status = _status(exc)
-    text = (server or str(exc) or type(exc).__name__).strip()
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-    if status is not None and str(status) not in first:
-        first = f"HTTP {status}: {first}"
-    return first[:300]
-
-
-def is_transient(exc: BaseException) -> bool:
-    cause = _root_cause(exc)
-    if isinstance(cause, TRANSPORT_ERRORS):
-        return True
-    return _status(cause) in TRANSIENT_STATUS
-
-
-def auth_error(exc: BaseException, repo_id: str) -> PublishError | None:
-    status = _status(_root_cause(exc))
-    if status == 401:
-        return PublishError(f"the Hub rejected the token (401) for {repo_id}; set HF_TOKEN to a valid token with "
-                            "write access or run `hf auth login`")
-    if status == 403:
-        return PublishError(f"the token has no write access to {repo_id} (403); use a token with write access to "
-                            f"{repo_id.split('/')[0]} or pass --create-pr")
-    return None
 
 
 class HubTarget:
@@ -244,8 +179,8 @@ class HubTarget:
         """Raise a one-line PublishError for a permanent failure or the last attempt; otherwise wait."""
         if err := auth_error(exc, repo_id):
             raise err from None
-        cause = _root_cause(exc)
-        if isinstance(cause, _httpx.ConnectError):
+        cause = root_cause(exc)
+        if isinstance(cause, UNREACHABLE):
             raise PublishError(f"cannot reach {self.endpoint} ({one_line(cause)}); check the network or "
                                "HF_ENDPOINT, then run again") from None
         reason = one_line(cause if cause is not exc and isinstance(cause, HfHubHTTPError) else exc)
@@ -257,7 +192,7 @@ class HubTarget:
             raise PublishError(f"{repo_id}: giving up after {attempt} attempts ({reason}); run the same command "
                                "again to resume (files already on the Hub are not sent again)") from None
         hinted = retry_after(cause)
-        status = _status(cause)
+        status = status_of(cause)
         if hinted is not None and hinted > options.max_wait:
             raise PublishError(f"{repo_id}: {'rate limited by the Hub (429)' if status == 429 else reason}; the Hub "
                                f"asks to retry after {hinted:.0f} s; run the same command again then") from None
