@@ -74,7 +74,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-publish-"))
     release = work / "release"
     recipe = work / "recipe.yml"
-    recipe.write_text("name: me/Bench\ndescription: bench\nquants: {gguf: me/Bench-GGUF, awq: me/Bench-AWQ}\n")
+    recipe.write_text("name: me/Bench\ndescription: bench\nquants: {gguf: me/Bench-GGUF, awq: me/Bench-AWQ}\n"
+                      "releases: [{version: '1.0', date: 2026-11-30, changes: [First release.]}]\n")
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_OFFLINE"))}
     base_env.update(HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HOME=str(work / "hf-home"),
                     PYTHONPATH=str(ROOT))

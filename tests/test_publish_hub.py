@@ -79,6 +79,20 @@ def test_same_release_again_costs_only_metadata_requests(hub, tmp_path):
     assert result.files == [] and "0 changed" in result.summary and "3 unchanged" in result.summary
 
 
+def test_files_are_hashed_only_when_compared_and_once(hub, tmp_path, monkeypatch):
+    import releaser.publish.plan as plan_module
+
+    hashed = []
+    real = plan_module.sha256_file
+    monkeypatch.setattr(plan_module, "sha256_file", lambda path: hashed.append(path) or real(path))
+    folders = write_release(tmp_path / "release")
+    publish(folders)
+    assert hashed == []  # new paths need no comparison; the client's own hash of each upload is reused
+    publish(folders)
+    lfs = sorted(str(f / p) for f in folders.values() for p in local_files(f) if p.endswith(WEIGHTS))
+    assert sorted(map(str, hashed)) == lfs  # regular files compare by git blob sha1, LFS files by sha256, once
+
+
 def test_tokenizer_fix_sends_only_the_changed_file(hub, tmp_path):
     folders = write_release(tmp_path / "release")
     publish(folders)

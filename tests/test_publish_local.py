@@ -180,6 +180,14 @@ def test_cli_single_folder_and_errors(hub, tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "error: --to: target must be 'hub' or 'dir:PATH'" in bad.output
     none = runner.invoke(app, ["publish", str(tmp_path / "release")])
     assert none.exit_code == 2 and "--recipe" in none.output
+    flags = ["--repo", GGUF, "--private", "--message", "Fix eos", "--keep-stale"]
+    first = runner.invoke(app, ["publish", str(folders[GGUF]), *flags])
+    assert first.exit_code == 0, first.output
+    assert hub.repos[GGUF].private and hub.commit_bodies[-1][0]["value"]["summary"] == "Fix eos"
+    write_release(tmp_path / "release", awq=False, quants=("Q8_0",))
+    kept = runner.invoke(app, ["publish", str(folders[GGUF]), *flags])
+    assert kept.exit_code == 0 and set(remote_files(hub, GGUF)) == {"README.md", "Tiny-Merge-Q4_K_M.gguf",
+                                                                     "Tiny-Merge-Q8_0.gguf"}
     monkeypatch.delenv("HF_TOKEN")
     missing = runner.invoke(app, ["publish", str(tmp_path / "release"), "--repo", MAIN])
     assert missing.exit_code == 2 and "error: no Hugging Face token" in missing.output

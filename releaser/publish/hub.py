@@ -22,7 +22,7 @@ from ..stage import Reporter
 from .failures import (TRANSPORT_ERRORS, UNREACHABLE, auth_error, is_transient, one_line, retry_after, root_cause,
                        status_of)
 from .options import PublishError, PublishOptions
-from .plan import LocalFile, RemoteFile, RepoPlan, plan_repo
+from .plan import LocalFile, RemoteFile, RepoPlan, plan_repo, prehash
 
 
 @dataclass
@@ -100,6 +100,7 @@ class HubTarget:
             outcome.attempts = attempt
             try:
                 state = self.state(repo_id, revision)
+                prehash(repo_id, local, state.files if state else None, self.reporter)
                 if options.dry_run:
                     outcome.plan = plan_repo(repo_id, local, state.files if state else None,
                                              keep_stale=options.keep_stale)
@@ -170,8 +171,11 @@ class HubTarget:
 
     @staticmethod
     def _operations(plan: RepoPlan, local: dict[str, LocalFile]) -> list:
-        ops: list = [CommitOperationAdd(path_in_repo=c.path, path_or_fileobj=str(local[c.path].abspath))
-                     for c in plan.uploads]
+        ops: list = []
+        for c in plan.uploads:
+            op = CommitOperationAdd(path_in_repo=c.path, path_or_fileobj=str(local[c.path].abspath))
+            local[c.path]._sha256 = op.upload_info.sha256.hex()  # the client hashed it: no second pass
+            ops.append(op)
         ops += [CommitOperationDelete(path_in_repo=c.path, is_folder=False) for c in plan.deletions]
         return ops
 

@@ -8,6 +8,7 @@ sees the old mirror or the new one, never a half-applied plan. An unchanged mirr
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from ..atomic import output_dir
 from ..stage import OutputFile, Reporter, sha256_file
 from .hub import RepoOutcome
 from .options import PublishError, PublishOptions
-from .plan import LocalFile, RemoteFile, RepoPlan, list_local, plan_repo
+from .plan import LocalFile, RemoteFile, RepoPlan, list_local, plan_repo, prehash
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -27,6 +28,18 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def _copy_hashed(src: Path, dst: Path, chunk: int = 1 << 22) -> str:
+    """Copy a file and return the sha256 of what was read."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while block := fin.read(chunk):
+            digest.update(block)
+            fout.write(block)
+    shutil.copystat(src, dst)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -41,8 +54,7 @@ class DirTarget:
         folder = self.mirror(repo_id)
         if not folder.is_dir():
             return None
-        return {rel.as_posix(): RemoteFile(rel.as_posix(), (folder / rel).stat().st_size,
-                                           sha256=sha256_file(folder / rel))
+        return {rel.as_posix(): RemoteFile(rel.as_posix(), (folder / rel).stat().st_size, abspath=folder / rel)
                 for rel in list_local(folder)}
 
     @staticmethod
@@ -58,6 +70,7 @@ class DirTarget:
                      on_plan: Callable[[RepoPlan], None] = lambda plan: None) -> tuple[RepoOutcome, list[OutputFile]]:
         outcome = RepoOutcome(repo_id, attempts=1)
         remote = self.state(repo_id)
+        prehash(repo_id, local, remote, self.reporter)
         plan = outcome.plan = plan_repo(repo_id, local, remote, keep_stale=options.keep_stale)
         on_plan(plan)
         if options.dry_run or plan.empty:
@@ -70,9 +83,9 @@ class DirTarget:
                     if change.action in ("unchanged", "keep"):
                         _link_or_copy(folder / change.path, tmp / change.path)
                     elif change.action in ("add", "update"):
-                        (tmp / change.path).parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copyfile(local[change.path].abspath, tmp / change.path)
-                        written.append(OutputFile(change.path, change.size, local[change.path].sha256))
+                        digest = _copy_hashed(local[change.path].abspath, tmp / change.path)
+                        local[change.path]._sha256 = digest
+                        written.append(OutputFile(change.path, change.size, digest))
         except OSError as exc:
             raise PublishError(f"cannot write the mirror {folder}: {exc.strerror or exc}") from None
         outcome.created = remote is None

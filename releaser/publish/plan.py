@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..stage import sha256_file
+from ..stage import Reporter, sha256_file
 
 # Never deleted: the Hub creates it with every repo (LFS rules); a local .gitattributes still replaces it.
 PROTECTED = frozenset({".gitattributes"})
@@ -39,11 +38,19 @@ def wanted(rel: Path) -> bool:
 
 @dataclass
 class LocalFile:
+    """A file of a release folder; its hashes are computed when first needed (a new path needs none)."""
+
     path: str           # relative, forward slashes
     abspath: Path
     size: int
-    sha256: str
+    _sha256: str | None = field(default=None, repr=False)
     _blob: str | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.abspath)
+        return self._sha256
 
     @property
     def blob_sha1(self) -> str:
@@ -52,18 +59,24 @@ class LocalFile:
         return self._blob
 
 
-@dataclass(frozen=True)
+@dataclass
 class RemoteFile:
     path: str
     size: int
-    sha256: str | None = None    # LFS files (Hub) and every file of a dir: mirror
+    sha256: str | None = None     # LFS files (Hub)
     blob_sha1: str | None = None  # regular (non-LFS) Hub files
+    abspath: Path | None = None   # a dir: mirror's file, hashed when compared
+
+    def content_sha256(self) -> str | None:
+        if self.sha256 is None and self.abspath is not None:
+            self.sha256 = sha256_file(self.abspath)
+        return self.sha256
 
     def same_content(self, local: LocalFile) -> bool:
         if self.size != local.size:
             return False
-        if self.sha256 is not None:
-            return self.sha256 == local.sha256
+        if self.sha256 is not None or self.abspath is not None:
+            return self.content_sha256() == local.sha256
         if self.blob_sha1 is not None:
             return self.blob_sha1 == local.blob_sha1
         return False
@@ -82,15 +95,27 @@ def list_local(folder: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.as_posix())
 
 
-def scan_local(folder: Path, advance: Callable[[int], None] = lambda n: None) -> dict[str, LocalFile]:
-    """Size and sha256 of every file of a repo folder (``advance`` is called with the bytes hashed)."""
-    files = {}
-    for rel in list_local(folder):
-        full = folder / rel
-        size = full.stat().st_size
-        files[rel.as_posix()] = LocalFile(rel.as_posix(), full, size, sha256_file(full))
-        advance(size)
-    return files
+def scan_local(folder: Path) -> dict[str, LocalFile]:
+    """Every file of a repo folder with its size (hashes come later, only where a comparison needs them)."""
+    return {rel.as_posix(): LocalFile(rel.as_posix(), folder / rel, (folder / rel).stat().st_size)
+            for rel in list_local(folder)}
+
+
+def prehash(repo_id: str, local: dict[str, LocalFile], remote: dict[str, RemoteFile] | None,
+            reporter: Reporter) -> None:
+    """Hash, with a progress bar, the files the plan will compare by sha256: same path and size on both sides."""
+    pairs = [(f, remote[p]) for p, f in local.items() if remote and p in remote and remote[p].size == f.size
+             and (remote[p].sha256 is not None or remote[p].abspath is not None)]
+    total = sum(f.size * (1 + (r.sha256 is None)) for f, r in pairs)
+    if not total:
+        return
+    with reporter.progress(f"comparing {repo_id}", total=total) as advance:
+        for f, r in pairs:
+            f.sha256
+            advance(f.size)
+            if r.sha256 is None:
+                r.content_sha256()
+                advance(f.size)
 
 
 ACTIONS = ("add", "update", "delete", "keep", "unchanged")

@@ -1,8 +1,8 @@
 """The publish stage: ``run_publish(options, repos, reporter) -> StageResult``.
 
 ``repos`` maps each Hub repo id to its local folder, in publishing order (main repo first: the quant cards link to
-it). Every folder is hashed once; each repo is planned against its remote tree and changed with one commit (or one
-atomic swap of its ``dir:`` mirror). ``facts["repos"]`` holds each repo's plan and outcome.
+it). Each repo is planned against its remote tree (a file is hashed only when a remote file of the same path and
+size needs comparing, and at most once) and changed with one commit (or one atomic swap of its ``dir:`` mirror). ``facts["repos"]`` holds each repo's plan and outcome.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..stage import OutputFile, Reporter, StageResult
 from .hub import HubTarget, RepoOutcome
 from .local import DirTarget
 from .options import PublishError, PublishOptions
-from .plan import LocalFile, RepoPlan, list_local, scan_local
+from .plan import RepoPlan, list_local, scan_local
 
 
 def resolve_token(required: bool) -> str | None:
@@ -52,12 +52,6 @@ def _check_repos(repos: dict[str, Path]) -> dict[str, Path]:
     return checked
 
 
-def _hash_all(repos: dict[str, Path], reporter: Reporter) -> dict[str, dict[str, LocalFile]]:
-    total = sum((folder / rel).stat().st_size for folder in repos.values() for rel in list_local(folder))
-    with reporter.progress("hashing the release files", total=total) as advance:
-        return {repo_id: scan_local(folder, advance) for repo_id, folder in repos.items()}
-
-
 def default_description(options: PublishOptions) -> str:
     version = f" {options.version}" if options.version else ""
     return f"Release{version} published with releaser {__version__}."
@@ -70,7 +64,7 @@ def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Repor
     ``on_plan`` is called with each repo's plan before anything is sent for that repo (the CLI prints it)."""
     reporter = reporter or Reporter()
     repos = _check_repos(repos)
-    local = _hash_all(repos, reporter)
+    local = {repo_id: scan_local(folder) for repo_id, folder in repos.items()}
     description = options.description or default_description(options)
     outcomes: list[RepoOutcome] = []
     collection = None
@@ -87,7 +81,7 @@ def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Repor
         for repo_id in repos:
             outcome = target.publish_repo(repo_id, local[repo_id], options, description, on_plan)
             outcomes.append(outcome)
-            if outcome.commit and outcome.plan:
+            if (outcome.commit or outcome.landed_earlier) and outcome.plan:
                 files += [OutputFile(f"{repo_id}/{c.path}", c.size, local[repo_id][c.path].sha256)
                           for c in outcome.plan.uploads]
         if options.collection and not options.dry_run:
