@@ -18,7 +18,7 @@ from ..stage import OutputFile, Reporter, StageResult
 from .hub import HubTarget, RepoOutcome
 from .local import DirTarget
 from .options import PublishError, PublishOptions
-from .plan import RepoPlan, list_local, scan_local
+from .plan import LocalFile, RepoPlan, list_local, scan_local
 
 
 def resolve_token(required: bool) -> str | None:
@@ -65,40 +65,47 @@ def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Repor
     reporter = reporter or Reporter()
     repos = _check_repos(repos)
     local = {repo_id: scan_local(folder) for repo_id, folder in repos.items()}
-    description = options.description or default_description(options)
-    outcomes: list[RepoOutcome] = []
-    collection = None
-    files: list[OutputFile] = []
+    facts: dict = {"target": options.target, "dry_run": options.dry_run, "collection": None}
     if options.target == "hub":
-        from huggingface_hub import constants
-
-        if constants.is_offline_mode():
-            raise PublishError("HF_HUB_OFFLINE is set: unset it to publish to the Hub, or publish to local folders "
-                               "with --to dir:PATH")
-        target = HubTarget(resolve_token(required=not options.dry_run), reporter=reporter, endpoint=endpoint,
-                           sleep=sleep)
-        where, output = target.endpoint, Path(os.path.commonpath([str(p.absolute()) for p in repos.values()]))
-        for repo_id in repos:
-            outcome = target.publish_repo(repo_id, local[repo_id], options, description, on_plan)
-            outcomes.append(outcome)
-            if (outcome.commit or outcome.landed_earlier) and outcome.plan:
-                files += [OutputFile(f"{repo_id}/{c.path}", c.size, local[repo_id][c.path].sha256)
-                          for c in outcome.plan.uploads]
-        if options.collection and not options.dry_run:
-            collection = target.add_to_collection(options.collection, list(repos), options.private)
+        output, outcomes, files = _to_hub(options, repos, local, reporter, endpoint, sleep, on_plan, facts)
     else:
         if options.collection:
             reporter.warning(f"collection {options.collection!r} left out: collections exist only on the Hub")
         output = Path(options.target[4:]).absolute()
-        where = str(output)
-        dir_target = DirTarget(output, reporter)
+        facts["where"] = str(output)
+        target = DirTarget(output, reporter)
+        outcomes, files = [], []
         for repo_id in repos:
-            outcome, written = dir_target.publish_repo(repo_id, local[repo_id], options, on_plan)
+            outcome, written = target.publish_repo(repo_id, local[repo_id], options, on_plan)
             outcomes.append(outcome)
             files += written
-    return StageResult("publish", output, files, _summary(outcomes, options, where),
-                       facts={"target": options.target, "where": where, "dry_run": options.dry_run,
-                              "repos": [o.to_dict() for o in outcomes], "collection": collection})
+    facts["repos"] = [o.to_dict() for o in outcomes]
+    return StageResult("publish", output, files, _summary(outcomes, options, facts["where"]), facts=facts)
+
+
+def _to_hub(options: PublishOptions, repos: dict[str, Path], local: dict[str, dict[str, LocalFile]],
+            reporter: Reporter, endpoint: str | None, sleep: Callable[[float], None],
+            on_plan: Callable[[RepoPlan], None], facts: dict) -> tuple[Path, list[RepoOutcome], list[OutputFile]]:
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise PublishError("HF_HUB_OFFLINE is set: unset it to publish to the Hub, or publish to local folders "
+                           "with --to dir:PATH")
+    target = HubTarget(resolve_token(required=not options.dry_run), reporter=reporter, endpoint=endpoint,
+                       sleep=sleep)
+    facts["where"] = target.endpoint
+    description = options.description or default_description(options)
+    outcomes, files = [], []
+    for repo_id in repos:
+        outcome = target.publish_repo(repo_id, local[repo_id], options, description, on_plan)
+        outcomes.append(outcome)
+        if (outcome.commit or outcome.landed_earlier) and outcome.plan:
+            files += [OutputFile(f"{repo_id}/{c.path}", c.size, local[repo_id][c.path].sha256)
+                      for c in outcome.plan.uploads]
+    if options.collection and not options.dry_run:
+        facts["collection"] = target.add_to_collection(options.collection, list(repos), options.private)
+    # the release folder (the common parent of the repo folders) stands for what was published
+    return Path(os.path.commonpath([str(p.absolute()) for p in repos.values()])), outcomes, files
 
 
 def _summary(outcomes: list[RepoOutcome], options: PublishOptions, where: str) -> str:
@@ -107,8 +114,9 @@ def _summary(outcomes: list[RepoOutcome], options: PublishOptions, where: str) -
     sent = sum(p.bytes_to_send for p in changed)
     deleted = sum(len(p.deletions) for p in changed)
     verb = "would publish" if options.dry_run else "published"
-    text = (f"{verb} {len(outcomes)} repo(s) to {where}: {len(changed)} changed ({sent} B to send, {deleted} file(s) "
-            f"to delete), {len(plans) - len(changed)} unchanged")
+    sent_word, deleted_word = ("to send", "to delete") if options.dry_run else ("sent", "deleted")
+    text = (f"{verb} {len(outcomes)} repo(s) to {where}: {len(changed)} changed ({sent} B {sent_word}, {deleted} "
+            f"file(s) {deleted_word}), {len(plans) - len(changed)} unchanged")
     created = sum(o.created or (o.plan is not None and not o.plan.exists) for o in outcomes)
     if created:
         text += f", {created} {'to create' if options.dry_run else 'created'}"
