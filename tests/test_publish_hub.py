@@ -55,7 +55,7 @@ def test_first_publish_equals_folders_byte_for_byte(hub, tmp_path):
     for repo_id in folders:
         assert hub.repos[repo_id].tags["v1.0"] == hub.repos[repo_id].branches["main"]
         fact = repo_fact(result, repo_id)
-        assert fact["created"] and fact["commit"] and fact["tag"] == "v1.0"
+        assert fact["created"] and fact["commit"] and fact["applied"] and fact["tag"] == "v1.0"
         assert fact["plan"]["counts"]["add"] == len(local_files(folders[repo_id]))
         assert not hub.repos[repo_id].private
     assert hub.lfs_bytes == sum(len(b) for f in folders.values() for p, b in local_files(f).items()
@@ -75,7 +75,7 @@ def test_same_release_again_costs_only_metadata_requests(hub, tmp_path):
     # per repo: the head (repo_info), its tree, and the refs (is the tag there?): three GETs, nothing written
     assert [r.method for r in hub.requests] == ["GET"] * 9
     assert len(hub.requests) == 3 * len(folders)
-    assert all(repo_fact(result, r)["commit"] is None for r in folders)
+    assert all(repo_fact(result, r)["commit"] is None and not repo_fact(result, r)["applied"] for r in folders)
     assert result.files == [] and "0 changed" in result.summary and "3 unchanged" in result.summary
 
 

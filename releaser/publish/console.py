@@ -7,9 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import ConfigError
 from ..stage import Reporter, StageResult
@@ -79,15 +80,16 @@ def release_repos(release_dir: Path, recipe_path: Path | None, repo: str | None)
     return repos, facts
 
 
-def plan_table(plan: RepoPlan) -> Table:
-    """The plan of one repo: every file that changes, and one row for the unchanged ones."""
+def plan_table(plan: RepoPlan) -> Group:
+    """The plan of one repo: a heading, then every file that changes and one row for the unchanged ones."""
     changed = [c for c in plan.changes if c.action != "unchanged"]
     if plan.empty:
         state = "unchanged"
     else:
         state = f"{len(plan.uploads)} to send ({human(plan.bytes_to_send)}), {len(plan.deletions)} to delete"
         state = state if plan.exists else f"new repo, {state}"
-    table = Table(title=f"{plan.repo_id} ({state})", title_justify="left")
+    heading = Text.assemble((plan.repo_id, "bold"), f" ({state})")
+    table = Table()
     table.add_column("action")
     table.add_column("file", overflow="fold")
     table.add_column("size", justify="right")
@@ -96,7 +98,7 @@ def plan_table(plan: RepoPlan) -> Table:
     counts, sizes = plan.counts(), plan.bytes()
     if counts["unchanged"]:
         table.add_row("[dim]unchanged[/]", f"[dim]{counts['unchanged']} file(s)[/]", human(sizes["unchanged"]))
-    return table
+    return Group(heading, table)
 
 
 def outcome_line(repo: dict) -> str:
@@ -108,11 +110,13 @@ def outcome_line(repo: dict) -> str:
         done.append(f"pull request {repo['pr_url']}")
     elif repo.get("commit"):
         done.append(f"commit {repo['commit'][:10]}")
+    elif repo.get("applied"):
+        done.append("mirror updated")
     if repo.get("landed_earlier"):
         done.append("an earlier attempt's commit had landed")
     if repo.get("tag"):
         done.append(f"tag {repo['tag']}")
-    if not (repo.get("commit") or repo.get("pr_url")):
+    if not (repo.get("applied") or repo.get("pr_url")):
         done.insert(0, "no change")
     return f"{repo['repo_id']}: {', '.join(done)}"
 

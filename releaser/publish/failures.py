@@ -74,5 +74,5 @@ def auth_error(exc: BaseException, repo_id: str) -> PublishError | None:
                             "write access or run `hf auth login`")
     if status == 403:
         return PublishError(f"the token has no write access to {repo_id} (403); use a token with write access to "
-                            f"{repo_id.split('/')[0]} or pass --create-pr")
+                            f"{repo_id.split('/')[0]}, or --create-pr to propose the change to an existing repo")
     return None

@@ -39,6 +39,7 @@ class RepoOutcome:
     created: bool = False
     commit: str | None = None          # the commit made by this run
     landed_earlier: bool = False       # a failed attempt's commit turned out to have landed
+    applied: bool = False              # this run's changes are in place (a commit, or a swapped dir: mirror)
     pr_url: str | None = None
     tag: str | None = None             # tag now on the repo's head
     attempts: int = 0
@@ -47,6 +48,7 @@ class RepoOutcome:
     def to_dict(self) -> dict:
         return {"repo_id": self.repo_id, "plan": self.plan.to_dict() if self.plan else None,
                 "created": self.created, "commit": self.commit, "landed_earlier": self.landed_earlier,
+                "applied": self.applied,
                 "pr_url": self.pr_url, "tag": self.tag, "attempts": self.attempts, "notes": list(self.notes)}
 
 
@@ -124,7 +126,7 @@ class HubTarget:
                 head = state.head
                 if plan.empty:
                     if attempt > 1 and outcome.commit is None:
-                        outcome.landed_earlier = True
+                        outcome.landed_earlier = outcome.applied = True
                         outcome.notes.append("the failed attempt's commit had landed; nothing left to send")
                     break
                 if options.create_pr and revision == "main":
@@ -145,6 +147,7 @@ class HubTarget:
                                               commit_message=options.commit_title, commit_description=description,
                                               revision=revision, parent_commit=state.head if state else None)
                 outcome.commit = head = info.oid
+                outcome.applied = True
                 break
             except PublishError:
                 raise

@@ -88,7 +88,7 @@ class DirTarget:
                         written.append(OutputFile(change.path, change.size, digest))
         except OSError as exc:
             raise PublishError(f"cannot write the mirror {folder}: {exc.strerror or exc}") from None
-        outcome.created = remote is None
+        outcome.created, outcome.applied = remote is None, True
         self._verify(folder, plan, written)
         self.reporter.message(f"{repo_id}: {plan.summary()} -> {folder}")
         return outcome, [OutputFile(f"{repo_id}/{f.path}", f.size, f.sha256) for f in written]
