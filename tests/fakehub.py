@@ -85,6 +85,7 @@ class FakeHub:
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
         self.commit_bodies: list[list[dict]] = []
+        self.before_commit = None  # called once with the repo when the next commit arrives (a concurrent writer)
         self.lock = threading.RLock()
         self._secret = hashlib.sha256(str(id(self)).encode()).hexdigest()
         self._counter = 0
@@ -514,6 +515,9 @@ class _Handler(BaseHTTPRequestHandler):
         lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
         self.hub.commit_bodies.append(lines)
         header = lines[0]["value"]
+        if self.hub.before_commit is not None:
+            hook, self.hub.before_commit = self.hub.before_commit, None
+            hook(repo)
         head = self.hub._resolve(repo, revision)
         parent = header.get("parentCommit")
         if parent and not head.startswith(parent):

@@ -312,3 +312,22 @@ def test_a_refused_commit_is_not_retried(hub, tmp_path):
     with pytest.raises(PublishError, match=f"^{MAIN}: .*422") as err:
         publish(folders)
     assert "\n" not in str(err.value) and hub.commits == 0
+
+
+def test_branch_moved_since_the_plan_is_replanned(hub, tmp_path):
+    folders = write_release(tmp_path / "release", awq=False)
+    publish(folders)
+    write_release(tmp_path / "release", awq=False, eos="</s>")
+    # someone else commits to main between our plan and our commit: the server answers 412 to our parent_commit
+
+    def concurrent_commit(repo):
+        tree = dict(repo.commits[repo.branches["main"]]["tree"])
+        tree["notes.txt"] = hub._store_blob(b"added by someone else\n")
+        hub._new_commit(repo, "main", tree, "concurrent edit")
+
+    hub.before_commit = concurrent_commit
+    # the first commit attempt sees main moved (412), re-plans (notes.txt is now stale) and commits again
+    result, rec, sleeps = publish(folders)
+    fact = repo_fact(result, MAIN)
+    assert fact["attempts"] == 2 and any("412" in w for w in rec.warnings)
+    assert remote_files(hub, MAIN) == local_files(folders[MAIN])  # notes.txt was stale in the new plan: deleted
