@@ -182,5 +182,29 @@ def gguf_fix_cmd(
     out.print(result.summary(), highlight=False)
 
 
+@app.command("publish")
+@friendly
+def publish_cmd(
+    release_dir: Path = typer.Argument(..., metavar="RELEASE_DIR", help="Folder with one folder per repo, named like "
+                                       "the repos (Name, Name-GGUF, Name-AWQ); with --repo, that repo's folder."),
+    to: str = typer.Option("hub", "--to", help="hub, or dir:PATH (local mirror folders PATH/OWNER/NAME)."),
+    repo: str | None = typer.Option(None, "--repo", help="Repo id OWNER/NAME of a single folder."),
+    recipe: Path | None = typer.Option(None, "--recipe", "-r", help="Release recipe: repo ids (name, quants.gguf, "
+                                       "quants.awq), version (tag) and notes (commit description)."),
+    private: bool = typer.Option(False, "--private", help="Create missing repos as private."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; send and write nothing."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request per changed repo."),
+    message: str | None = typer.Option(None, "--message", "-m", help="Commit title (default: Release vVERSION)."),
+    keep_stale: bool = typer.Option(False, "--keep-stale", help="Keep remote files missing from the folders."),
+) -> None:
+    """Publish a release: plan each repo, send only what changed, delete what is stale, tag, verify."""
+    from .publish.console import publish_options, release_repos, run_publish_cli
+
+    repos, facts = release_repos(release_dir, recipe, repo)
+    options = publish_options(target=to, private=private, dry_run=dry_run, create_pr=create_pr, message=message,
+                              keep_stale=keep_stale, **facts)
+    run_publish_cli(options, repos, out, console)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
