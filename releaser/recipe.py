@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-from .options import check_repo_id, CardOptions, GGUFOptions, MergeOptions, PublishTarget, Section, TokenizerOptions
+from .options import check_repo_id, CardOptions, GGUFOptions, MergeOptions, PublishSection, Section, TokenizerOptions
 
 _check_repo_id = check_repo_id
 
@@ -56,7 +56,7 @@ class Recipe(_Strict):
     gguf: GGUFOptions | None = None
     card: CardOptions = Field(default_factory=CardOptions)
     releases: list[Release] = Field(default_factory=list)
-    publish: PublishTarget = Field(default_factory=PublishTarget)
+    publish: PublishSection = Field(default_factory=PublishSection)
 
     _name = field_validator("name")(_check_repo_id)
 

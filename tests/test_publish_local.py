@@ -127,9 +127,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 RECIPE = """\
 name: me/Tiny-Merge
 description: A tiny merge.
-quants:
-  gguf: me/Tiny-Merge-GGUF
-  awq: me/Tiny-Merge-AWQ
+publish:
+  repos:
+    gguf: me/Tiny-Merge-GGUF
+    awq: me/Tiny-Merge-AWQ
 releases:
   - version: "2.0"
     date: 2026-11-30

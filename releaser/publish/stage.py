@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..recipe import REPO_ID
+from ..options import REPO_ID
 from ..stage import OutputFile, Reporter, StageResult
 from .hub import HubTarget, RepoOutcome
 from .local import DirTarget
