@@ -206,5 +206,63 @@ def publish_cmd(
     run_publish_cli(options, repos, out, console)
 
 
+def _stage_table(stages, title: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("stage", "status", "why", "result"):
+        table.add_column(col, overflow="fold")
+    style = {"ran": "green", "skipped": "dim", "would run": "yellow", "runs": "green"}
+    for s in stages:
+        what = s.summary
+        if s.files:
+            what += f" ({s.files} files, {_human(s.bytes)}" + (f", {s.seconds:.1f} s)" if s.seconds else ")")
+        table.add_row(s.name, f"[{style.get(s.status, 'dim')}]{s.status}[/]", s.reason, what)
+    return table
+
+
+def _stages(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+@friendly
+def release(
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release recipe YAML (see recipes/example.yml)."),
+    work_dir: Path = typer.Option(Path("release"), "--output", "-o", help="Work folder: the repo folders "
+                                  "(NAME, NAME-GGUF, ...), merged/ and the manifest release.json."),
+    push: bool = typer.Option(False, "--push", help="Publish to the Hugging Face Hub (default: the recipe's "
+                              "publish.target, local folders unless it says hub)."),
+    only: str | None = typer.Option(None, "--only", help="Run only these stages (comma-separated)."),
+    skip: str | None = typer.Option(None, "--skip", help="Leave these stages out (comma-separated)."),
+    force: bool = typer.Option(False, "--force", help="Run every stage again, even when up to date."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show which stages would run and why; change nothing."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Make the whole release a recipe describes: merge, fix tokenizer, verify, GGUF, cards, publish; reruns skip
+    what is up to date."""
+    from .pipeline import run_release
+
+    result = run_release(recipe, work_dir, only=_stages(only), skip=_stages(skip), force=force, dry_run=dry_run,
+                         push=push, reporter=_reporter(quiet))
+    out.print(_stage_table(result.stages, f"release {result.work}" + (" (dry run)" if dry_run else "")))
+    if not dry_run:
+        ran = result.ran
+        out.print(f"[green]release[/] {len(ran)} stage(s) ran ({', '.join(ran) or 'none: everything up to date'}); "
+                  f"folders: {', '.join(str(p) for p in result.folders.values())}; manifest "
+                  f"{result.work / 'release.json'}", highlight=False)
+
+
+@app.command()
+@friendly
+def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release recipe YAML.")) -> None:
+    """Validate a recipe (offline) and print the stages a release would run."""
+    from .pipeline import check_recipe
+
+    result = check_recipe(recipe)
+    out.print(_stage_table(result.stages, f"{recipe}: {result.recipe.name} {result.recipe.version}"))
+    out.print(f"[green]ok[/]: {recipe} is a valid recipe", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -188,12 +188,14 @@ def _check_output(out_dir: Path, plan: MergePlan) -> None:
             raise OutputError(f"output folder {out_dir} would replace input model {m}; choose another output folder")
 
 
-def run_merge(config: str | Path | dict, out_dir: str | Path, *, device: str = "cpu", overwrite: bool = False,
+def run_merge(config: str | Path | dict, out_dir: str | Path, *, base_dir: str | Path | None = None,
+              device: str = "cpu", overwrite: bool = False,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, reporter: Reporter | None = None,
               workers: int | None = None, memory: int = DEFAULT_MEMORY) -> MergeResult:
-    """Merge the models described by a mergekit YAML config (a path or a parsed dict) into ``out_dir``."""
+    """Merge the models described by a mergekit YAML config (a path or a parsed dict) into ``out_dir``. Relative
+    model paths are taken from the config file's folder, or from ``base_dir``."""
     start = time.perf_counter()
-    cfg, yaml_text = parse_config(config)
+    cfg, yaml_text = parse_config(config, base_dir=Path(base_dir) if base_dir is not None else None)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise OutputError(f"{out_dir} already exists; pass --overwrite to replace it or choose a new folder")
