@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..recipe import Recipe, load_recipe
 from ..stage import Reporter
 from .context import Release
-from .manifest import Manifest, fingerprint
+from .manifest import Manifest, fingerprint, relative
 from .stages import NAMES, STEPS, Step, _merge_config, _template
 
 
@@ -61,7 +61,7 @@ def _decide(r: Release, step: Step, depends: dict, *, force: bool) -> tuple[bool
         return True, "not run yet"
     if old["fingerprint"] != fingerprint(step.name, depends):
         return True, "its inputs or options changed"
-    wrong = r.manifest.intact(Path(old["root"]), old["files"])
+    wrong = r.manifest.intact(r.work / old["root"], old["files"])
     if wrong:
         return True, wrong
     return False, "up to date"
@@ -123,7 +123,7 @@ def run_release(recipe_path: str | Path, work_dir: str | Path, *, only: list[str
         old = r.manifest.stage(step.name)
         r.manifest.record(step.name, {
             "fingerprint": fingerprint(step.name, depends), "depends": depends,
-            "root": str(out.output), "files": [f.to_dict() for f in out.files], "summary": out.summary,
+            "root": relative(out.output, r.work), "files": [f.to_dict() for f in out.files], "summary": out.summary,
             "facts": out.facts, "seconds": round(seconds, 2),
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "changed": _changes(old["files"] if old else [], [f.to_dict() for f in out.files])})
