@@ -168,7 +168,8 @@ def _validate(r: Release) -> dict[str, str]:
 
     detail = {}
     if r.recipe.merge is not None:
-        config, _ = parse_config(*_merge_config(r))
+        source, base_dir = _merge_config(r)
+        config, _ = parse_config(source, base_dir=base_dir)
         detail["merge"] = f"{config.merge_method} of {', '.join(config.referenced_models())}"
     else:
         detail["tokenizer"] = f"releases {r.recipe.model}"
