@@ -65,9 +65,14 @@ def merge(
     """Merge models with a mergekit YAML config; the output equals mergekit's."""
     from .checkpoint import parse_size
     from .merge import run_merge
+    from .stage import Reporter
+
+    class Warnings(Reporter):
+        def warning(self, text: str) -> None:
+            console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
 
     result = run_merge(config, out_dir, device=device, overwrite=overwrite, max_shard_bytes=parse_size(shard_size),
-                       progress=not quiet)
+                       progress=not quiet, reporter=Warnings())
     out.print(f"[green]merged[/] {result.tensors} tensors ({_human(result.bytes_written)}) with {result.method} "
               f"in {result.seconds:.1f} s -> {result.out_dir} ({', '.join(result.files)})", highlight=False)
 

@@ -11,31 +11,101 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ConfigError
 
 Scalar = Union[bool, int, float, str]
-ScalarOrGradient = Union[Scalar, list[Scalar]]
+# releaser extension: {layer index: value}, linear between the given layers and constant outside them
+LayerGradient = dict[int, float]
+ScalarOrGradient = Union[Scalar, list[Scalar], LayerGradient]
+
+# keys of mergekit 0.1.5's configuration that releaser does not support yet (a clear message instead of "unknown")
+MERGEKIT_UNSUPPORTED = {
+    "modules": "multi-module (`modules:`) merges",
+    "residual_weight": "`residual_weight` in slices",
+    "override_architecture": "`override_architecture`",
+}
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_layer_gradient(v):
+    if isinstance(v, dict):
+        keys = list(v)
+        if any(k < 0 for k in keys):
+            raise ValueError(f"layer gradient keys must be layer indices >= 0, got {keys}")
+        if keys != sorted(keys) or len(set(keys)) != len(keys):
+            raise ValueError(f"layer gradient keys must be in increasing order, got {keys}")
+        if not keys:
+            raise ValueError("a layer gradient needs at least one {layer: value} entry")
+    return v
+
+
+def _check_parameters(v):
+    for name, setting in (v or {}).items():
+        try:
+            _check_layer_gradient(setting)
+        except ValueError as exc:
+            raise ValueError(f"`{name}`: {exc}") from None
+    return v
+
+
 class Conditional(_Model):
     value: ScalarOrGradient
     filter: Optional[str] = None
+
+    @field_validator("value")
+    @classmethod
+    def _layers(cls, v):
+        return _check_layer_gradient(v)
 
 
 Setting = Union[Conditional, list[Conditional], ScalarOrGradient]
 Parameters = Optional[dict[str, Setting]]
 
 
-class InputModel(_Model):
+class LoraSource(_Model):
+    """releaser's form of a LoRA source: ``lora: {path: adapter_dir, weight: 0.25}`` beside ``model:``."""
+
+    path: str
+    weight: float = 1.0
+
+
+def split_lora(ref: str) -> tuple[str, Optional[str]]:
+    """mergekit's ``model+lora`` reference -> (model, lora); a path that exists as written is never split."""
+    if "+" not in ref or Path(ref).exists():
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"cannot parse model reference {ref!r}; use model+adapter_path (one '+')")
+    return parts[0], parts[1]
+
+
+class _Source(_Model):
     model: str
+    lora: Optional[LoraSource] = None
     parameters: Parameters = None
 
+    def model_post_init(self, _context: Any) -> None:
+        try:
+            model, lora = split_lora(self.model)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if lora is not None:
+            if self.lora is not None:
+                raise ConfigError(f"{self.model} names a LoRA with '+' and with `lora:`; keep one of them")
+            self.model, self.lora = model, LoraSource(path=lora, weight=1.0)
 
-class InputSlice(_Model):
-    model: str
+    @field_validator("parameters")
+    @classmethod
+    def _layers(cls, v):
+        return _check_parameters(v)
+
+
+class InputModel(_Source):
+    pass
+
+
+class InputSlice(_Source):
     layer_range: tuple[int, int]
-    parameters: Parameters = None
 
     @field_validator("layer_range")
     @classmethod
@@ -49,6 +119,11 @@ class OutputSlice(_Model):
     sources: list[InputSlice] = Field(min_length=1)
     base_model: Optional[str] = None
     parameters: Parameters = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _layers(cls, v):
+        return _check_parameters(v)
 
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -66,6 +141,11 @@ class MergeConfig(_Model):
     chat_template: Optional[str] = None
     random_seed: Optional[int] = None
     name: Optional[str] = None  # mergekit-multi's merge name; accepted and ignored
+
+    @field_validator("parameters")
+    @classmethod
+    def _layers(cls, v):
+        return _check_parameters(v)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -89,8 +169,11 @@ class MergeConfig(_Model):
             refs.append(self.base_model)
         for m in self.models or []:
             refs.append(m.model)
+            if m.lora:
+                refs.append(m.lora.path)
         for s in self.slices or []:
             refs.extend([src.model for src in s.sources])
+            refs.extend([src.lora.path for src in s.sources if src.lora])
             if s.base_model:
                 refs.append(s.base_model)
         return list(dict.fromkeys(refs))
@@ -116,6 +199,10 @@ def _explain(err: ValidationError) -> str:
     if kind == "missing":
         return f"missing required field `{path}`"
     if kind == "extra_forbidden":
+        key = str(first["loc"][-1])
+        if key in MERGEKIT_UNSUPPORTED:
+            return (f"`{path}`: {MERGEKIT_UNSUPPORTED[key]} is valid mergekit but releaser does not support it yet; "
+                    "remove it or merge this config with mergekit")
         return f"unknown field `{path}`; check its spelling (see the mergekit config reference)"
     msg = first["msg"].removeprefix("Value error, ")
     return f"invalid value at `{path}`: {msg}"
@@ -165,19 +252,41 @@ def _resolve_paths(config: MergeConfig, base_dir: Path) -> MergeConfig:
             data[key] = fix(data[key])
     for m in data.get("models", []):
         m["model"] = fix(m["model"])
+        if "lora" in m:
+            m["lora"]["path"] = fix(m["lora"]["path"])
     for s in data.get("slices", []):
         if "base_model" in s:
             s["base_model"] = fix(s["base_model"])
         for src in s["sources"]:
             src["model"] = fix(src["model"])
+            if "lora" in src:
+                src["lora"]["path"] = fix(src["lora"]["path"])
     return MergeConfig.model_validate(data)
 
 
-def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
+def evaluate_layers(gradient: dict[int, float], layer: int | None) -> float:
+    """A layer gradient at output layer ``layer``: linear between the given layers, constant outside them. Tensors
+    outside the layers (embeddings, final norm, lm_head) take the first value, like mergekit's t=0 for them."""
+    keys = list(gradient)
+    if layer is None or layer <= keys[0]:
+        return gradient[keys[0]]
+    if layer >= keys[-1]:
+        return gradient[keys[-1]]
+    for k0, k1 in zip(keys, keys[1:]):
+        if k0 <= layer <= k1:
+            frac = (layer - k0) / (k1 - k0)
+            return (1 - frac) * gradient[k0] + frac * gradient[k1]
+    raise AssertionError("unreachable")
+
+
+def evaluate(setting: Setting, tensor_name: str, t: float, layer: int | None = None) -> Any:
     """mergekit's ``evaluate_setting``: scalars as is; numeric lists are gradients over ``t`` (s = t(L-1), linear between
-    neighbours); non-numeric lists pick ``v[int(t(L-1))]``; ``{filter, value}`` lists: first substring match wins."""
+    neighbours); non-numeric lists pick ``v[int(t(L-1))]``; ``{filter, value}`` lists: first substring match wins.
+    A ``{layer: value}`` mapping (releaser extension) is a gradient over the output layer index ``layer``."""
     if isinstance(setting, Conditional):
         setting = [setting]
+    if isinstance(setting, dict):
+        return evaluate_layers(setting, layer)
     if isinstance(setting, (bool, int, float, str)):
         return setting
     if not setting:
@@ -192,5 +301,5 @@ def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
         return (1 - frac) * setting[i0] + frac * setting[i1]
     for cond in setting:
         if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
-            return evaluate(cond.value, tensor_name, t)
+            return evaluate(cond.value, tensor_name, t, layer)
     return None

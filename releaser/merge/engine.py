@@ -16,7 +16,8 @@ import torch
 
 from ..checkpoint import CheckpointWriter
 from ..checkpoint.writer import DEFAULT_SHARD_BYTES
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError, ModelError, OutputError
+from ..stage import Reporter
 from .config import MergeConfig, parse_config
 from .planner import MergePlan, TensorJob, plan_merge
 
@@ -33,6 +34,7 @@ class MergeResult:
     bytes_written: int
     seconds: float
     files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -60,7 +62,12 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     out = plan.method.fn(tensors, job.base_index, job.params, job.model_params, generator)
     if tuple(out.shape) != job.shape:
         out = out.reshape(job.shape)
-    return out.to(job.dtype).cpu()
+    out = out.to(job.dtype)
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        inputs = ", ".join(plan.labels[mi] if plan.labels else plan.models[mi] for mi, _ in job.sources)
+        raise ModelError(f"merged tensor {job.name} has NaN or infinite values (inputs: {inputs}); check the inputs "
+                         f"and the merge parameters (or a narrower out_dtype overflowing); nothing was written")
+    return out.cpu()
 
 
 class _Budget:
@@ -189,8 +196,9 @@ def _check_output(out_dir: Path, plan: MergePlan) -> None:
 
 def run_merge(config: str | Path | dict, out_dir: str | Path, *, device: str = "cpu", overwrite: bool = False,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False, workers: int | None = None,
-              memory: int = DEFAULT_MEMORY) -> MergeResult:
-    """Merge the models described by a mergekit YAML config (a path or a parsed dict) into ``out_dir``."""
+              memory: int = DEFAULT_MEMORY, reporter: Reporter | None = None) -> MergeResult:
+    """Merge the models described by a mergekit YAML config (a path or a parsed dict) into ``out_dir``.
+    Warnings (e.g. a filter that matches no tensor) go to ``reporter`` and into the result."""
     start = time.perf_counter()
     cfg, yaml_text = parse_config(config)
     out_dir = Path(out_dir)
@@ -198,6 +206,8 @@ def run_merge(config: str | Path | dict, out_dir: str | Path, *, device: str = "
         raise OutputError(f"{out_dir} already exists; pass --overwrite to replace it or choose a new folder")
     dev = resolve_device(device)
     plan = plan_merge(cfg)
+    for text in plan.warnings:
+        (reporter or Reporter()).warning(text)
     try:
         _check_output(out_dir, plan)
         specs = [(j.name, j.dtype, j.shape) for j in plan.jobs]
@@ -210,7 +220,7 @@ def run_merge(config: str | Path | dict, out_dir: str | Path, *, device: str = "
             writer.commit()
             files = sorted(p.name for p in out_dir.iterdir())
             return MergeResult(out_dir, plan.method.name, len(plan.jobs), writer.total_bytes,
-                               time.perf_counter() - start, files)
+                               time.perf_counter() - start, files, list(plan.warnings))
     finally:
         plan.close()
 
