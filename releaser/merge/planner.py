@@ -303,7 +303,7 @@ class _Planner:
             shapes.append(tuple(reader.tensors[name].shape))
             model_params.append(self.resolve(self.method.model_specs, [src.parameters, s.parameters, cfg.parameters],
                                              name, t, layer, self.labels[mi],
-                                             required=not (is_base and self.method.base == "required")))
+                                             required=not is_base or self.method.base_model_params))
         vocab = self.vocab is not None and self.arch.is_embedding(out_name)
         if vocab:
             shapes = [(self.vocab.size, *shape[1:]) for shape in shapes]

@@ -136,6 +136,7 @@ class Method:
     min_others: int | None = None         # models besides the base
     max_others: int | None = None
     random: bool = False                  # uses the generator (reproducible with random_seed)
+    base_model_params: bool = False       # the base model takes per-model parameters too (mergekit's INPUT scope)
     # cross-parameter checks for one tensor: (params, model_params, base_index) -> problem or None
     validate: Callable[[dict, list[dict], int | None], str | None] | None = None
     global_specs: dict[str, Param] = field(default_factory=dict, init=False, compare=False, repr=False)

@@ -48,7 +48,8 @@ register(Method(
     fn=linear,
     global_params={"normalize": True},
     model_params={"weight": REQUIRED},
-    base="optional",
+    base="ignored",   # every input counts, a base_model too
     min_models=1,
     validate=_weights_sum,
+    base_model_params=True,
 ))

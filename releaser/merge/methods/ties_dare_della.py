@@ -17,7 +17,7 @@ from releaser.merge.methods import REQUIRED, Method, Param, between, register
 from releaser.merge.methods.sparsify import SPARSIFIERS
 
 
-def _sign_consensus(weighted: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
+def sign_consensus(weighted: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
     """Per element, keep the models whose sign agrees with the sign of the summed (weighted) deltas."""
     sign = weighted.sign().to(mask_dtype)
     majority = (weighted.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
@@ -48,7 +48,7 @@ def task_arithmetic_merge(tensors, base_index, params, model_params, generator=N
     deltas.mul_(weights)
 
     if consensus:
-        mask = _sign_consensus(deltas, torch.int8 if params["int8_mask"] else base.dtype)
+        mask = sign_consensus(deltas, torch.int8 if params["int8_mask"] else base.dtype)
         mixed = (deltas * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
         divisor[divisor == 0] = 1
