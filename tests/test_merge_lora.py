@@ -248,3 +248,23 @@ def test_card_lists_the_lora_and_its_weight(tmp_path):
     assert [(l.lora.ref, l.model.ref) for l in facts.loras] == [("org/limarp", "org/base")]
     assert "LoRA weight 0.25" in facts.loras[0].lora.details
     assert facts.hub_models == ["org/base", "org/limarp", "org/other"]
+
+
+def test_fan_in_fan_out_adapter(setup, tmp_path):
+    """Conv1D-style adapters (weights stored as [in, out]): the update is (B @ A) transposed."""
+    ad = tmp_path / "fifo"
+    ad.mkdir()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 128, generator=g), torch.randn(64, 2, generator=g)
+    key = "base_model.model.model.layers.1.mlp.up_proj"
+    save_file({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}, ad / "adapter_model.safetensors")
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 3,
+                                                         "fan_in_fan_out": True, "target_modules": ["up_proj"]}))
+    cfg = {"merge_method": "passthrough", "models": [{"model": str(setup["base"]),
+                                                      "lora": {"path": str(ad), "weight": 0.5}}]}
+    run_merge(cfg, tmp_path / "out")
+    got = load_out(tmp_path / "out")
+    base = load_file(setup["base"] / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert torch.allclose(got[name], base[name] + 0.5 * 1.5 * (b @ a).T, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(got[k], base[k]) for k in base if k != name)
