@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -126,6 +126,35 @@ class OutputSlice(_Model):
         return _check_parameters(v)
 
 
+class TokenEmbedding(_Model):
+    """Where a token's embedding row comes from: a model's row of another token (``model_token``) or zeros."""
+
+    kind: Literal["model_token", "zero"]
+    model: Optional[str] = None
+    token_id: Optional[int] = None
+    token: Optional[str] = None
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.kind == "model_token":
+            if not self.model:
+                raise ConfigError("a `kind: model_token` token source needs `model`")
+            if (self.token_id is None) == (self.token is None):
+                raise ConfigError("a `kind: model_token` token source needs exactly one of `token` or `token_id`")
+
+
+class TokenSetting(_Model):
+    source: Union[TokenEmbedding, str, None] = None   # a model (that model's row of the token), or a TokenEmbedding
+    force: bool = False                               # use the source even for models that have the token
+
+
+class TokenizerSettings(_Model):
+    """mergekit's ``tokenizer:`` block."""
+
+    source: str = "union"                             # union, base or a model
+    tokens: Optional[dict[str, TokenSetting]] = None
+    pad_to_multiple_of: Optional[int] = Field(default=None, ge=1)
+
+
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -138,6 +167,7 @@ class MergeConfig(_Model):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSettings] = None
     chat_template: Optional[str] = None
     random_seed: Optional[int] = None
     name: Optional[str] = None  # mergekit-multi's merge name; accepted and ignored
@@ -161,6 +191,8 @@ class MergeConfig(_Model):
     def model_post_init(self, _context: Any) -> None:
         if bool(self.models) == bool(self.slices):
             raise ConfigError("the config needs exactly one of `models` or `slices` (modules are not supported)")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ConfigError("set either `tokenizer_source` or the `tokenizer:` block (its `source`), not both")
 
     # -- helpers ---------------------------------------------------------------------------------
     def referenced_models(self) -> list[str]:
@@ -250,6 +282,15 @@ def _resolve_paths(config: MergeConfig, base_dir: Path) -> MergeConfig:
     for key in ("base_model", "tokenizer_source"):
         if key in data:
             data[key] = fix(data[key])
+    tokenizer = data.get("tokenizer")
+    if tokenizer:
+        tokenizer["source"] = fix(tokenizer.get("source", "union"))
+        for setting in (tokenizer.get("tokens") or {}).values():
+            source = setting.get("source")
+            if isinstance(source, str):
+                setting["source"] = fix(source)
+            elif isinstance(source, dict) and source.get("model"):
+                source["model"] = fix(source["model"])
     for m in data.get("models", []):
         m["model"] = fix(m["model"])
         if "lora" in m:

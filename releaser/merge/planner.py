@@ -15,7 +15,7 @@ from .config import InputModel, InputSlice, LoraSource, MergeConfig, OutputSlice
 from .lora import LoraAdapter, LoraReader
 from .methods import REQUIRED, Method, Param, get_method, method_names
 from .params import check_layer_gradients, check_names, unused_filters
-from .vocab import VocabAlignment, build_alignment
+from .vocab import VocabAlignment, build_alignment, set_token_sources
 
 
 @dataclass
@@ -217,12 +217,8 @@ class _Planner:
         check_layer_gradients(cfg, total_layers)
 
         first, last = slices[0][0], slices[-1][0]
-        if cfg.tokenizer_source:
-            donor = self.donor(first)
-            source = cfg.tokenizer_source
-            if source not in ("base", "union") and Path(source).is_dir():
-                source = self.models[self.model(source)]
-            self.vocab = build_alignment(source, self.models, [r.config for r in self.readers], donor)
+        if cfg.tokenizer_source or cfg.tokenizer:
+            self.align_vocab(first)
         pre = [self.arch.embed]
         post = self.non_layer_names(last, exclude=set(pre))
         for name in pre:
@@ -240,6 +236,30 @@ class _Planner:
         for name in post:
             self.add_job(name, last, [name] * len(last.sources), t=0.0, layer=None, where=slices[-1][1])
         return self.finish(layer_out, first, last)
+
+    def align_vocab(self, first: OutputSlice) -> None:
+        cfg = self.config
+        settings = cfg.tokenizer
+        source = cfg.tokenizer_source or settings.source
+        if source not in ("base", "union"):
+            model, lora = split_lora(source)
+            if not Path(model).is_dir():
+                where = "tokenizer.source" if settings else "tokenizer_source"
+                raise ConfigError(f"`{where}` {source} is neither base, union nor a model folder")
+            source = self.models[self.model(model, LoraSource(path=lora) if lora else None)]
+        tokens = (settings.tokens or {}) if settings else {}
+        self.vocab = build_alignment(source, self.models, [r.config for r in self.readers], self.donor(first),
+                                     add_tokens=list(tokens), pad_to_multiple_of=settings.pad_to_multiple_of
+                                     if settings else None)
+
+        def index(ref: str, where: str) -> int:
+            model, lora = split_lora(ref)
+            key = _ref_key(model, LoraSource(path=lora) if lora else None)
+            if key not in self.keys:
+                raise ConfigError(f"{where}: {ref} is not one of the merged models; use one of them")
+            return self.keys.index(key)
+
+        set_token_sources(self.vocab, tokens, index, lambda i: self.labels[i])
 
     def donor(self, first: OutputSlice) -> int:
         base_model, base_lora = self.base
