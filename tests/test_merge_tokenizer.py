@@ -138,7 +138,7 @@ def test_bad_token_sources(merged, tmp_path):
     assert "exactly one of `token` or `token_id`" in cli_error(tmp_path, cfg)
     cfg["tokenizer"]["tokens"] = {"x": {"source": {"kind": "embedding"}}}
     assert "tokenizer.tokens.x.source" in cli_error(tmp_path, cfg)
-    cfg["tokenizer"] = {"source": "somewhere/else"}
+    cfg["tokenizer"] = {"source": "./somewhere/else"}
     assert "neither base, union nor a model folder" in cli_error(tmp_path, cfg)
     cfg["tokenizer"] = {"source": "union", "pad_to_multiple_of": 0}
     assert "pad_to_multiple_of" in cli_error(tmp_path, cfg)

@@ -12,6 +12,7 @@ import torch
 from ..checkpoint import Architecture, CheckpointReader, architecture_for
 from ..errors import ConfigError, ModelError
 from .config import InputModel, InputSlice, LoraSource, MergeConfig, OutputSlice, evaluate, split_lora
+from . import hub
 from .lora import LoraAdapter, LoraReader
 from .methods import REQUIRED, Method, Param, get_method, method_names
 from .params import check_layer_gradients, check_names, unused_filters
@@ -109,17 +110,15 @@ class _Planner:
         key = _ref_key(ref, lora)
         if key in self.keys:
             return self.keys.index(key)
-        if not Path(ref).exists():
-            raise ModelError(f"model {ref} not found: releaser merges local folders; check the path "
-                             "(or download it first with `huggingface-cli download`)")
-        folder = os.path.abspath(ref)
+        local = hub.resolve(ref)   # a local folder, or a Hub id's snapshot in the HF cache
+        folder = os.path.abspath(local)
         reader = self.plain.get(folder)
         if reader is None:
-            reader = self.plain[folder] = CheckpointReader(ref)
+            reader = self.plain[folder] = CheckpointReader(local)
         label = _label(ref, lora)
         if lora is not None:
-            reader = LoraReader(reader, LoraAdapter(lora.path, lora.weight), ref)
-        self.models.append(ref)
+            reader = LoraReader(reader, LoraAdapter(hub.resolve(lora.path, "adapter"), lora.weight), ref)
+        self.models.append(local)
         self.labels.append(label)
         self.keys.append(key)
         self.readers.append(reader)
@@ -243,7 +242,7 @@ class _Planner:
         source = cfg.tokenizer_source or settings.source
         if source not in ("base", "union"):
             model, lora = split_lora(source)
-            if not Path(model).is_dir():
+            if not Path(model).is_dir() and not hub.is_hub_ref(model):
                 where = "tokenizer.source" if settings else "tokenizer_source"
                 raise ConfigError(f"`{where}` {source} is neither base, union nor a model folder")
             source = self.models[self.model(model, LoraSource(path=lora) if lora else None)]
