@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ModelError
@@ -44,7 +45,8 @@ def resolve(ref: str, kind: str = "model") -> str:
             patterns = MODEL_FILES + SAFETENSORS + BINARY   # only what the cache holds is looked at
         else:
             patterns = MODEL_FILES + _weight_patterns(repo, revision)
-        folder = snapshot_download(repo, revision=revision, allow_patterns=patterns)
+        with _quiet():   # the library never prints: no huggingface_hub progress bars
+            folder = snapshot_download(repo, revision=revision, allow_patterns=patterns)
     except RevisionNotFoundError:
         raise ModelError(f"{what} {at}: the revision {revision} does not exist on the Hub; check the @revision") \
             from None
@@ -67,6 +69,19 @@ def resolve(ref: str, kind: str = "model") -> str:
         raise ModelError(f"{what} {at}: cannot write the Hugging Face cache ({exc.strerror or exc}); "
                          "check HF_HOME and free space") from None
     return folder
+
+
+@contextmanager
+def _quiet():
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was:
+            enable_progress_bars()
 
 
 def _weight_patterns(repo: str, revision: str | None) -> list[str]:
