@@ -63,7 +63,7 @@ def test_hub_ids_and_revisions_resolve_from_the_cache(hub_home, tmp_path):
     cfg = {"merge_method": "ties", "base_model": "org/base", "dtype": "float32", "models": [
         {"model": "org/base"},
         {"model": "org/tuned", "parameters": {"weight": 0.5, "density": 0.5}},
-        {"model": f"org/tuned@v2", "lora": {"path": "org/lora", "weight": 0.5},
+        {"model": "org/tuned@v2", "lora": {"path": "org/lora", "weight": 0.5},
          "parameters": {"weight": 0.5, "density": 0.5}},
         {"model": f"org/tuned@{COMMIT_B1}+org/lora", "parameters": {"weight": 0.3, "density": 0.7}}]}
     proc = run_cli(cfg, tmp_path, home, tmp_path / "out")

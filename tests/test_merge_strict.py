@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner

@@ -11,8 +11,8 @@ import torch
 
 from ..checkpoint import Architecture, CheckpointReader, architecture_for
 from ..errors import ConfigError, ModelError
-from .config import InputModel, InputSlice, LoraSource, MergeConfig, OutputSlice, evaluate, split_lora
 from . import hub
+from .config import InputModel, InputSlice, LoraSource, MergeConfig, OutputSlice, evaluate, split_lora
 from .lora import LoraAdapter, LoraReader
 from .methods import REQUIRED, Method, Param, get_method, method_names
 from .params import check_layer_gradients, check_names, unused_filters
@@ -126,7 +126,10 @@ class _Planner:
 
     def slice_base(self, s: OutputSlice) -> tuple[str | None, LoraSource | None]:
         if s.base_model:
-            model, lora = split_lora(s.base_model)
+            try:
+                model, lora = split_lora(s.base_model)
+            except ValueError as exc:
+                raise ConfigError(f"`base_model` of a slice: {exc}") from None
             return model, LoraSource(path=lora) if lora else None
         return self.base
 
