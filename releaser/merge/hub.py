@@ -57,11 +57,12 @@ def resolve(ref: str, kind: str = "model") -> str:
                          "private: set HF_TOKEN)") from None
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise ModelError(f"{what} {at} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it "
-                             f"first (hf download {repo}{f' --revision {revision}' if revision else ''}) or unset "
+            raise ModelError(f"{what} {at} is no local folder and is not in the Hugging Face cache (HF_HUB_OFFLINE is "
+                             "set); check the path, or download it first ("
+                             f"hf download {repo}{f' --revision {revision}' if revision else ''}) or unset "
                              "HF_HUB_OFFLINE") from None
-        raise ModelError(f"{what} {at}: the Hub cannot be reached and it is not in the cache; check the network "
-                         "or HF_ENDPOINT") from None
+        raise ModelError(f"{what} {at} is no local folder, and the Hub cannot be reached and does not have it in the "
+                         "cache; check the path, the network or HF_ENDPOINT") from None
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", "?")
         raise ModelError(f"{what} {at}: the Hub answered HTTP {status}; try again later or check HF_TOKEN") from None
