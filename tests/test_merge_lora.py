@@ -268,3 +268,27 @@ def test_fan_in_fan_out_adapter(setup, tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
     assert torch.allclose(got[name], base[name] + 0.5 * 1.5 * (b @ a).T, rtol=1e-6, atol=1e-6)
     assert all(torch.equal(got[k], base[k]) for k in base if k != name)
+
+
+@pytest.mark.slow
+def test_shipped_demo_adapter_fits_smollm2(smollm2):
+    """recipes/lora/smollm2-shiplog-lora (the demo's fine-tune) folds into SmolLM2-135M-Instruct's attention."""
+    from releaser.checkpoint import CheckpointReader
+    from releaser.merge.lora import LoraAdapter, LoraReader
+
+    folder = Path(__file__).resolve().parents[1] / "recipes" / "lora" / "smollm2-shiplog-lora"
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    state = load_file(folder / "adapter_model.safetensors")
+    with CheckpointReader(smollm2) as reader:
+        lora = LoraReader(reader, LoraAdapter(folder, 0.25), "SmolLM2")
+        layers = reader.config["num_hidden_layers"]
+        assert len(lora.updates) == 4 * layers
+        assert {k.split(".")[-2] for k in lora.updates} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        name = "model.layers.7.self_attn.v_proj"
+        a = state[f"base_model.model.{name}.lora_A.weight"]
+        b = state[f"base_model.model.{name}.lora_B.weight"]
+        scale = cfg["lora_alpha"] / cfg["r"]
+        want = reader.read(f"{name}.weight") + 0.25 * scale * (b @ a)
+        assert torch.allclose(lora.read(f"{name}.weight"), want, rtol=1e-5, atol=1e-6)
+        assert torch.count_nonzero(b) > 0   # trained, not the zero initialisation

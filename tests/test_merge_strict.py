@@ -144,11 +144,12 @@ def test_filter_matching_no_tensor_is_a_warning(tmp_path, family):
     assert run_merge(cfg, tmp_path / "out2").warnings == []
 
 
-def test_non_finite_output_names_the_tensor(tmp_path, family):
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_output_names_the_tensor(tmp_path, family, value):
     bad = tmp_path / "bad"
     tiny_model(bad, seed=0)
     state = load_file(bad / "model.safetensors")
-    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = value
     save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
     cfg = {"merge_method": "linear", "models": [{"model": str(bad), "parameters": {"weight": 0.5}},
                                                 {"model": family[1], "parameters": {"weight": 0.5}}]}

@@ -63,11 +63,17 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     if tuple(out.shape) != job.shape:
         out = out.reshape(job.shape)
     out = out.to(job.dtype)
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+    if out.is_floating_point() and out.numel() and not _finite(out):
         inputs = ", ".join(plan.labels[mi] if plan.labels else plan.models[mi] for mi, _ in job.sources)
         raise ModelError(f"merged tensor {job.name} has NaN or infinite values (inputs: {inputs}); check the inputs "
                          f"and the merge parameters (or a narrower out_dtype overflowing); nothing was written")
     return out.cpu()
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t``: min and max in one pass (NaN propagates), much faster than isfinite().all()."""
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 class _Budget:
