@@ -55,8 +55,11 @@ def test_manifest_records_inputs_versions_stages_and_artefacts(demo):
     m = _manifest(work)
     assert m["release"] == f"demo/{NAME}" and m["versions"]["releaser"] and m["versions"]["torch"]
     assert sorted(m["stages"]) == ["cards", "gguf", "merge", "publish", "tokenizer", "verify"]
-    inputs = m["inputs"]
-    assert len(inputs) == 2 and all(len(i["files"]["model.safetensors"]) == 64 for i in inputs.values())
+    inputs = m["inputs"]   # the two parents and the LoRA folded into the second
+    assert len(inputs) == 3
+    weights = [i["files"].get("model.safetensors") or i["files"].get("adapter_model.safetensors")
+               for i in inputs.values()]
+    assert all(len(w) == 64 for w in weights), inputs
     gguf_files = {f["path"]: f for f in m["stages"]["gguf"]["files"]}
     path = work / f"{NAME}-GGUF" / f"{NAME}-Q4_K_M.gguf"
     assert gguf_files[path.name]["size"] == path.stat().st_size
