@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import ReleaserError
+from .failures import Terminated, foreseen, one_line, unforeseen
 
 app = typer.Typer(
     name="releaser",
@@ -22,26 +27,47 @@ console = Console(stderr=True)
 out = Console()
 
 
+def _fail(message: str, code: int) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
 def friendly(fn):
-    """Turn ReleaserError (and Ctrl-C) into a one-line message and a non-zero exit code."""
+    """Every failure ends in one line and a non-zero exit code: ReleaserError (bad input), OS and library errors
+    (disk full, permissions, broken files), Ctrl-C and SIGTERM; anything else also names a full report's file."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except ReleaserError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            raise _fail(str(exc), exc.exit_code) from None
+        except Terminated:
+            console.print("[bold red]terminated[/]: nothing was written under the output name")
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]: nothing was written under the output name")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into one line
+            message = foreseen(exc)
+            if message is not None:
+                raise _fail(message, 1) from None
+            raise _fail(unforeseen(exc), 70) from None
 
     return wrapper
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 @app.callback()
 def main() -> None:
     """releaser: merge, fix, quantize, document and publish model releases."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # SIGTERM cleans up like Ctrl-C
 
 
 def _human(n: float) -> str:

@@ -1,0 +1,113 @@
+"""Issue 13: bad inputs and faults end in one clear line, refuse to overwrite, and write nothing broken."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from releaser.cli import app
+from releaser.errors import ConfigError, ModelError, OutputError
+from releaser.testing import tiny_gguf, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tiny_model(tmp_path / "model", seed=0)
+    tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture
+def gguf_file(tmp_path):
+    return tiny_gguf(tmp_path / "tiny.gguf")
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
+    return result.exit_code, result.output
+
+
+def one_line_error(output: str) -> str:
+    """The output is exactly one line starting with 'error:' and holds no traceback."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in output, output
+    return lines[0]
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def truncate(path, keep: float = 0.5):
+    size = os.path.getsize(path)
+    os.truncate(path, int(size * keep))
+
+
+# -- item 3: truncated or inconsistent checkpoints, before any work starts ---------------------------------------------
+
+def test_truncated_safetensors_is_one_line_naming_the_file(model, tmp_path):
+    from releaser.checkpoint import CheckpointReader
+
+    truncate(model / "model.safetensors")
+    with pytest.raises(ModelError, match=r"model\.safetensors is not a valid safetensors file \(truncated: the header "
+                                         r"describes \d+ bytes of tensor data, the file holds \d+\)"):
+        CheckpointReader(model)
+
+
+def test_safetensors_with_trailing_bytes_is_inconsistent(model):
+    from releaser.checkpoint import CheckpointReader
+
+    with open(model / "model.safetensors", "ab") as fh:
+        fh.write(b"\0" * 16)
+    with pytest.raises(ModelError, match="inconsistent: the file holds"):
+        CheckpointReader(model)
+
+
+def test_truncated_input_merge_is_one_line_and_writes_nothing(model, tmp_path):
+    other = tiny_model(tmp_path / "other", seed=1)
+    truncate(other / "model.safetensors", 0.9)
+    cfg = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 0.5}},
+                                                 {"model": str(other), "parameters": {"weight": 0.5}}]}
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(cfg))
+    code, output = cli("merge", tmp_path / "m.yml", tmp_path / "out")
+    assert code == 2 and "other/model.safetensors is not a valid safetensors file (truncated" in one_line_error(output)
+    assert not (tmp_path / "out").exists()
+
+
+# -- item 6: the CLI turns every failure into one line ----------------------------------------------------------------
+
+def test_unforeseen_exception_is_one_line_plus_a_report(model, tmp_path, monkeypatch):
+    import releaser.merge
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(releaser.merge, "run_merge", boom)
+    monkeypatch.setenv("RELEASER_CRASH_DIR", str(tmp_path / "crash"))
+    (tmp_path / "m.yml").write_text("merge_method: linear\n")
+    code, output = cli("merge", tmp_path / "m.yml", tmp_path / "out")
+    line = one_line_error(output)
+    assert code == 70 and "unexpected RuntimeError: boom second line; the full report is in" in line
+    reports = list((tmp_path / "crash").glob("crash-*.txt"))
+    assert len(reports) == 1 and str(reports[0]) in line
+    text = reports[0].read_text()
+    assert "Traceback" in text and "RuntimeError: boom" in text and "merge" in text
+
+
+@pytest.mark.parametrize("err, words", [(28, "the disk is full"), (13, "permission denied"), (30, "read-only")])
+def test_os_errors_are_one_line(model, tmp_path, monkeypatch, err, words):
+    import releaser.merge
+
+    def fail(*args, **kwargs):
+        raise OSError(err, os.strerror(err), str(tmp_path / "out" / "x"))
+
+    monkeypatch.setattr(releaser.merge, "run_merge", fail)
+    (tmp_path / "m.yml").write_text("merge_method: linear\n")
+    code, output = cli("merge", tmp_path / "m.yml", tmp_path / "out")
+    line = one_line_error(output)
+    assert code == 1 and line.startswith(f"error: {tmp_path / 'out' / 'x'}: ") and words in line
