@@ -11,6 +11,7 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
+from ..checkpoint.reader import check_folder
 from ..errors import ModelError, OutputError, ReleaserError
 from ..recipe import Recipe
 from .context import Facts, card_context, human_count, human_size
@@ -36,8 +37,7 @@ class CardResult:
 def gather_facts(model_dir: str | os.PathLike) -> Facts:
     """Read what a card states from a model folder: HF (merged or not), GGUF or AWQ."""
     folder = Path(model_dir)
-    if not folder.is_dir():
-        raise ModelError(f"model folder {folder} does not exist")
+    check_folder(folder)
     if any(folder.glob("*.gguf")):
         return gguf_facts(folder)
     if not (folder / "config.json").is_file():
