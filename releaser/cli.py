@@ -187,6 +187,7 @@ def gguf_fix_cmd(
     eos: str | None = typer.Option(None, "--eos", help="Text of the new eos token, e.g. <|im_end|>."),
     name: str | None = typer.Option(None, "--name", help="New general.name."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the fixed file here instead."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Rewrite a GGUF's chat template, eos or name without requantizing (tensor bytes are copied unchanged)."""
     from .errors import ConfigError
@@ -198,7 +199,7 @@ def gguf_fix_cmd(
             template = chat_template.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read the chat template {chat_template} ({exc.strerror or exc})") from exc
-    result = fix_gguf(file, chat_template=template, eos=eos, name=name, out=output)
+    result = fix_gguf(file, chat_template=template, eos=eos, name=name, out=output, overwrite=overwrite)
     out.print(result.summary(), highlight=False)
 
 

@@ -111,3 +111,54 @@ def test_os_errors_are_one_line(model, tmp_path, monkeypatch, err, words):
     code, output = cli("merge", tmp_path / "m.yml", tmp_path / "out")
     line = one_line_error(output)
     assert code == 1 and line.startswith(f"error: {tmp_path / 'out' / 'x'}: ") and words in line
+
+
+# -- gguf-fix: items 2, 6, 7, 8 ----------------------------------------------------------------------------------------
+
+def test_gguf_fix_refuses_an_existing_output_file(gguf_file, tmp_path):
+    other = tmp_path / "notes.txt"
+    other.write_text("my notes")
+    code, output = cli("gguf-fix", gguf_file, "-o", other, "--name", "X")
+    assert code == 2 and "already exists; pass --overwrite" in one_line_error(output)
+    assert other.read_text() == "my notes"
+    code, output = cli("gguf-fix", gguf_file, "-o", other, "--name", "X", "--overwrite")
+    assert code == 0 and other.read_bytes()[:4] == b"GGUF"
+
+
+def test_gguf_fix_output_folder_is_one_line(gguf_file, tmp_path):
+    (tmp_path / "folder").mkdir()
+    code, output = cli("gguf-fix", gguf_file, "-o", tmp_path / "folder", "--name", "X")
+    assert code == 2 and "is a folder" in one_line_error(output)
+    assert list((tmp_path / "folder").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["folder", "tiny.gguf"]
+
+
+def test_gguf_fix_validates_the_chat_template_before_writing(gguf_file, tmp_path):
+    before = gguf_file.read_bytes()
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}{{ m['content'] }}")
+    code, output = cli("gguf-fix", gguf_file, "--chat-template", tmp_path / "bad.jinja")
+    assert code == 2 and "Jinja syntax error" in one_line_error(output)
+    assert gguf_file.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jinja", "tiny.gguf"]
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640])
+def test_gguf_fix_keeps_the_file_mode(gguf_file, tmp_path, mode):
+    os.chmod(gguf_file, mode)
+    assert cli("gguf-fix", gguf_file, "--name", "In place")[0] == 0
+    assert stat.S_IMODE(gguf_file.stat().st_mode) == mode
+    assert cli("gguf-fix", gguf_file, "--name", "Copy", "-o", tmp_path / "copy.gguf")[0] == 0
+    assert stat.S_IMODE((tmp_path / "copy.gguf").stat().st_mode) == mode
+
+
+def test_truncated_gguf_is_named_not_numpy_text(gguf_file):
+    truncate(gguf_file, 0.6)
+    code, output = cli("gguf-fix", gguf_file, "--name", "X")
+    line = one_line_error(output)
+    assert code == 2 and "tiny.gguf is truncated or damaged" in line and "reshape" not in line
+
+
+def test_gguf_fix_messages_name_real_options(gguf_file, tmp_path):
+    code, output = cli("gguf-fix", gguf_file, "-o", tmp_path / "missing" / "x.gguf", "--name", "X")
+    assert code != 0 and "--out " not in output and "--out)" not in output
+    one_line_error(output)

@@ -100,12 +100,9 @@ def good_for(quant: str) -> str:
 
 
 def _reader(path: Path):
-    import gguf
+    from ..gguf.reader import open_gguf
 
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # noqa: BLE001 - gguf-py raises ValueError/struct errors for bad files
-        raise ModelError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+    return open_gguf(path)
 
 
 def _field(reader, key: str, index: int | None = None):

@@ -4,7 +4,6 @@ requantizing. Every other key and every tensor byte is copied unchanged; the new
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,10 @@ import gguf
 import numpy as np
 from gguf import GGUFValueType as V, Keys
 
+from ..atomic import temp_file
 from ..errors import ConfigError, ModelError, OutputError
+from ..tokenizer.templates import check_syntax
+from .reader import open_gguf
 from .vocab import END_OF_TURN
 
 
@@ -33,15 +35,6 @@ class FixResult:
 
 def _value(f: gguf.ReaderField):
     return f.contents()
-
-
-def _open(path: Path) -> gguf.GGUFReader:
-    if not path.is_file():
-        raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise ModelError(f"{path} is not a readable GGUF file ({exc})") from exc
 
 
 def _new_values(reader: gguf.GGUFReader, chat_template: str | None, eos: str | None, name: str | None) -> dict:
@@ -66,12 +59,21 @@ def _new_values(reader: gguf.GGUFReader, chat_template: str | None, eos: str | N
 
 
 def fix_gguf(path, *, chat_template: str | None = None, eos: str | None = None, name: str | None = None,
-             out: str | os.PathLike | None = None) -> FixResult:
+             out: str | os.PathLike | None = None, overwrite: bool = False) -> FixResult:
     """Set the chat template, eos token (by text) and/or ``general.name`` of ``path``; write to ``out`` (default: in
-    place). The result is written under a temporary name beside the target and renamed when complete."""
+    place; an existing ``out`` only with ``overwrite``). The result is written under a temporary name beside the
+    target and renamed when complete; it keeps ``path``'s file mode. A chat template is checked (Jinja syntax, in a
+    sandbox) before anything is written."""
     path = Path(path)
     target = Path(out) if out is not None else path
-    reader = _open(path)
+    reader = open_gguf(path)
+    if chat_template is not None:
+        check_syntax(chat_template, "the chat template")
+    if target.is_dir():
+        raise OutputError(f"{target} is a folder; give the path of the .gguf file to write")
+    same = target.exists() and target.resolve() == path.resolve()
+    if target.exists() and not same and not overwrite:
+        raise OutputError(f"{target} already exists; pass --overwrite to replace it or choose another --output")
     new = _new_values(reader, chat_template, eos, name)
     changes = {}
     for key, (value, _) in new.items():
@@ -79,20 +81,11 @@ def fix_gguf(path, *, chat_template: str | None = None, eos: str | None = None, 
         old_value = _value(old) if old is not None else None
         if old_value != value:
             changes[key] = (old_value, value)
-    if not changes and target == path:
+    if not changes and same:
         return FixResult(path, {})
     arch = _value(reader.get_field(Keys.General.ARCHITECTURE))
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"cannot write in {target.parent} ({exc.strerror or exc}); choose another --out") from exc
-    tmp = Path(tmp_name)
-    try:
+    with temp_file(target, mode=path.stat().st_mode & 0o7777) as tmp:
         _rewrite(reader, tmp, arch, new)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return FixResult(target, changes)
 
 
