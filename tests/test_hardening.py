@@ -162,3 +162,86 @@ def test_truncated_gguf_is_named_not_numpy_text(gguf_file):
 def test_gguf_fix_messages_name_real_options(gguf_file, tmp_path):
     code, output = cli("gguf-fix", gguf_file, "-o", tmp_path / "missing" / "x.gguf", "--name", "X")
     assert code != 0 and not re.search(r"--out(?!put)", one_line_error(output))
+
+
+# -- item 4: fix-tokenizer never adds an untrained eos by typo, never writes a fix that fails its own re-check --------
+
+def test_fix_tokenizer_refuses_an_eos_that_is_not_a_token(model, tmp_path):
+    before = snapshot(model)
+    code, output = cli("fix-tokenizer", model, "-t", "chatml", "--eos", "<|nope|>", "-o", tmp_path / "out")
+    line = one_line_error(output)
+    assert code == 2 and "'<|nope|>' is not in the vocabulary" in line and "such as '<|im_end|>'" in line
+    assert not (tmp_path / "out").exists() and snapshot(model) == before
+
+
+def test_fix_that_fails_its_recheck_writes_nothing(model, tmp_path):
+    before = snapshot(model)
+    code, output = cli("fix-tokenizer", model, "-t", "llama3", "--eos", "<|im_end|>", "-o", tmp_path / "out")
+    line = one_line_error(output)
+    assert code == 2 and "so nothing was written" in line and "'<|eot_id|>'" in line
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    code, output = cli("fix-tokenizer", model, "-t", "llama3", "--eos", "<|im_end|>", "--in-place")
+    assert code == 2 and "so nothing was written" in one_line_error(output)
+    assert snapshot(model) == before
+
+
+# -- item 8: messages that say what is wrong ---------------------------------------------------------------------------
+
+def test_hidden_size_mismatch_does_not_suggest_tokenizer_source(model, tmp_path):
+    other = tiny_model(tmp_path / "wide", seed=1, hidden=128, intermediate=256)
+    cfg = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 0.5}},
+                                                 {"model": str(other), "parameters": {"weight": 0.5}}]}
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(cfg))
+    code, output = cli("merge", tmp_path / "m.yml", tmp_path / "out")
+    line = one_line_error(output)
+    assert code == 2 and "shape mismatch" in line and "tokenizer_source" not in line and "differ in size" in line
+
+
+def test_model_path_that_is_a_file(model, tmp_path):
+    for args in (["fix-tokenizer", model / "config.json", "-t", "chatml", "-o", tmp_path / "o"],
+                 ["doctor", model / "config.json"], ["card", model / "config.json"],
+                 ["gguf", model / "model.safetensors", "-o", tmp_path / "g"]):
+        code, output = cli(*args)
+        line = one_line_error(output)
+        assert code == 2 and "is a file, not a model folder" in line and "does not exist" not in line, args
+
+
+def test_missing_template_file_is_not_an_unknown_template(model, tmp_path):
+    code, output = cli("doctor", model, "-t", tmp_path / "mine.jinja")
+    line = one_line_error(output)
+    assert code == 2 and "chat template file" in line and "does not exist" in line and "unknown" not in line
+    code, output = cli("doctor", model, "-t", "chatmll")
+    assert code == 2 and "unknown chat template 'chatmll'" in one_line_error(output)
+
+
+def test_unknown_pre_tokenizer_mentions_the_option():
+    from releaser.gguf.vocab import pre_tokenizer
+
+    class Odd:
+        def encode(self, text):
+            return [len(text), 12345]
+
+    with pytest.raises(ModelError, match="--pre-tokenizer"):
+        pre_tokenizer(Odd())
+
+
+def test_doctor_with_a_template_that_cannot_render_is_not_clean(model, tmp_path):
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content.nope() }}{% endfor %}")
+    result = CliRunner().invoke(app, ["doctor", str(model), "-t", str(tmp_path / "broken.jinja"), "--json"])
+    report = json.loads(result.output)
+    assert result.exit_code == 1 and not report["clean"]
+    assert "template-render" in {f["code"] for f in report["findings"]}
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "SecurityError"),
+    ("{% for m in messages %}{{ m.content }}", "TemplateSyntaxError"),
+])
+def test_model_with_a_bad_own_chat_template(model, tmp_path, template, words):
+    (model / "chat_template.jinja").write_text(template)
+    code, output = cli("card", model)
+    line = one_line_error(output)
+    assert code == 2 and f"the chat template of {model} cannot be rendered ({words}" in line
+    (tmp_path / "own.jinja").write_text(template)
+    code, output = cli("fix-tokenizer", model, "-t", tmp_path / "own.jinja", "-o", tmp_path / "out")
+    assert code == 2 and "own" in one_line_error(output) and not (tmp_path / "out").exists()

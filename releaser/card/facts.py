@@ -14,7 +14,7 @@ import yaml
 from ..checkpoint import CheckpointReader
 from ..errors import ModelError
 from .methods import MethodFacts, method_facts
-from .prompt import PromptFacts, prompt_facts
+from .prompt import PromptFacts, prompt_facts, template_errors
 
 HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MERGE_CONFIG = "mergekit_config.yml"
@@ -163,7 +163,8 @@ def hf_prompt_facts(folder: Path) -> PromptFacts:
     def render(messages: list[dict]) -> str:
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    return prompt_facts(render if tok.chat_template else None, stops, tok.bos_token)
+    with template_errors(str(folder), "fix it with releaser fix-tokenizer --template NAME"):
+        return prompt_facts(render if tok.chat_template else None, stops, tok.bos_token)
 
 
 def count_parameters(reader: CheckpointReader) -> int:

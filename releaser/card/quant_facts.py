@@ -10,7 +10,7 @@ from pathlib import Path
 from ..checkpoint import CheckpointReader
 from ..errors import ModelError
 from .facts import architecture_of, hf_prompt_facts, read_json, weights_size
-from .prompt import PromptFacts, jinja_renderer, prompt_facts
+from .prompt import PromptFacts, jinja_renderer, prompt_facts, template_errors
 
 SPLIT = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 HUB = "https://huggingface.co/"
@@ -143,9 +143,10 @@ def _gguf_prompt(reader, path: Path) -> PromptFacts:
         raise ModelError(f"{path} has no tokenizer.ggml.eos_token_id; fix it with releaser fix-tokenizer")
     bos = token("tokenizer.ggml.bos_token_id")
     template = _field(reader, "tokenizer.chat_template")
-    render = jinja_renderer(template, bos or "", eos) if template else None
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
-    return prompt_facts(render, [token("tokenizer.ggml.eot_token_id") or eos, eos], bos if add_bos else None)
+    with template_errors(str(path), "fix it with releaser gguf-fix --chat-template FILE"):
+        render = jinja_renderer(template, bos or "", eos) if template else None
+        return prompt_facts(render, [token("tokenizer.ggml.eot_token_id") or eos, eos], bos if add_bos else None)
 
 
 def _base_models(reader) -> list[str]:
