@@ -13,6 +13,6 @@ releaser fix-tokenizer demo/merged -t chatml -o "$out/$name" --overwrite
 releaser doctor "$out/$name" --template chatml
 releaser gguf "$out/$name" -o "$out/$name-GGUF" --quant Q8_0,Q4_K_M --name "$name" --license apache-2.0 \
   --quantized-by demo --overwrite
-releaser card "$out/$name" --recipe recipes/smollm2-release.yml -o "$out/$name/README.md"
-releaser card "$out/$name-GGUF" --recipe recipes/smollm2-release.yml -o "$out/$name-GGUF/README.md"
+releaser card "$out/$name" --recipe recipes/smollm2-release.yml -o "$out/$name/README.md" --overwrite
+releaser card "$out/$name-GGUF" --recipe recipes/smollm2-release.yml -o "$out/$name-GGUF/README.md" --overwrite
 echo "release folders: $out/$name and $out/$name-GGUF"

@@ -105,6 +105,7 @@ def card(
     recipe: Path | None = typer.Option(None, "--recipe", "-r", help="Release recipe YAML (name, license, ...)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the card here (default: stdout)."),
     template: Path | None = typer.Option(None, "--template", "-t", help="Your own Jinja2 card template."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Render a model card (README.md) from what MODEL_DIR contains and the recipe."""
     from .card import render_card, write_card
@@ -114,7 +115,7 @@ def card(
     if output is None:
         sys.stdout.write(render_card(model_dir, spec, template))
         return
-    result = write_card(model_dir, output, spec, template)
+    result = write_card(model_dir, output, spec, template, overwrite=overwrite, inputs=(recipe,))
     console.print(f"[green]card[/] ({result.kind}, {result.bytes} bytes, template {result.template.name}) "
                   f"-> {result.path}", highlight=False)
 

@@ -245,3 +245,25 @@ def test_model_with_a_bad_own_chat_template(model, tmp_path, template, words):
     (tmp_path / "own.jinja").write_text(template)
     code, output = cli("fix-tokenizer", model, "-t", tmp_path / "own.jinja", "-o", tmp_path / "out")
     assert code == 2 and "own" in one_line_error(output) and not (tmp_path / "out").exists()
+
+
+# -- item 2: no command writes over an existing file without --overwrite, or over an input ever ----------------------
+
+def test_card_refuses_an_existing_output_and_its_inputs(model, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("mine")
+    code, output = cli("card", model, "-o", notes)
+    assert code == 2 and "already exists; pass --overwrite" in one_line_error(output) and notes.read_text() == "mine"
+    assert cli("card", model, "-o", notes, "--overwrite")[0] == 0 and notes.read_text().startswith("---")
+    before = snapshot(model)
+    code, output = cli("card", model, "-o", model / "config.json", "--overwrite")
+    assert code == 2 and "is an input of the card" in one_line_error(output) and snapshot(model) == before
+    code, output = cli("card", model, "-o", tmp_path)
+    assert code == 2 and "is a folder" in one_line_error(output)
+    assert cli("card", model, "-o", model / "README.md")[0] == 0 and (model / "README.md").is_file()
+
+
+def test_fix_tokenizer_never_replaces_a_folder_holding_its_input(model, tmp_path):
+    before = snapshot(tmp_path)
+    code, output = cli("fix-tokenizer", model, "-t", "chatml", "-o", tmp_path, "--overwrite")
+    assert code == 2 and "holds the input folder" in one_line_error(output) and snapshot(tmp_path) == before
