@@ -70,6 +70,11 @@ def main() -> None:
         signal.signal(signal.SIGTERM, _terminate)  # SIGTERM cleans up like Ctrl-C
 
 
+def flag(*names: str, help: str):
+    """An on/off option: given or not, without a value (help shows no <bool>, so nobody types --overwrite true)."""
+    return typer.Option(False, *names, help=help, metavar="", show_default=False)
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -84,9 +89,9 @@ def merge(
     config: Path = typer.Argument(..., metavar="CONFIG", help="mergekit-style YAML merge config (models or slices, merge_method, ...)."),
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Folder to write the merged model to (written atomically)."),
     device: str = typer.Option("cpu", help="Where the math runs: cpu, cuda or auto."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
     shard_size: str = typer.Option("5G", help="Maximum bytes per output shard (K/M/G suffixes, powers of 1000)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Merge models with a mergekit YAML config; the output equals mergekit's."""
     from .checkpoint import parse_size
@@ -105,7 +110,7 @@ def card(
     recipe: Path | None = typer.Option(None, "--recipe", "-r", help="Release recipe YAML (name, license, ...)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the card here (default: stdout)."),
     template: Path | None = typer.Option(None, "--template", "-t", help="Your own Jinja2 card template."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
+    overwrite: bool = flag("--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Render a model card (README.md) from what MODEL_DIR contains and the recipe."""
     from .card import render_card, write_card
@@ -127,7 +132,7 @@ def doctor(
     template: str | None = typer.Option(None, "--template", "-t", help="Chat format it should have: a built-in "
                                         "name (chatml, llama2, llama3, mistral, alpaca, vicuna, zephyr, gemma, phi3) "
                                         "or a .jinja file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+    as_json: bool = flag("--json", help="Print the findings as JSON."),
 ) -> None:
     """Find why a model would not stop generating: eos, generation_config, pad, template, special tokens, rows."""
     from .tokenizer.console import run_doctor
@@ -141,10 +146,10 @@ def fix_tokenizer_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder to fix."),
     template: str = typer.Option(..., "--template", "-t", help="Built-in chat template name or a .jinja file."),
     out_dir: Path | None = typer.Option(None, "--output", "-o", help="Write a fixed copy to this folder."),
-    in_place: bool = typer.Option(False, "--in-place", help="Change MODEL_DIR itself (only the changed files)."),
+    in_place: bool = flag("--in-place", help="Change MODEL_DIR itself (only the changed files)."),
     eos: str | None = typer.Option(None, "--eos", help="End-of-turn token (default: the template's, else the eos)."),
     system_prompt: str | None = typer.Option(None, "--system-prompt", help="Default system message."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Set the chat template and fix eos, generation_config, pad, special tokens, BOS and untrained rows."""
     from .tokenizer.console import run_fix
@@ -153,12 +158,12 @@ def fix_tokenizer_cmd(
     run_fix(model_dir, FixSpec(template, out_dir, in_place, eos, system_prompt, overwrite), Console())
 
 
-@app.command("gguf")
+@app.command("gguf", context_settings={"allow_extra_args": True})
 @friendly
 def gguf_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face Llama/Mistral/Qwen2 model folder."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
-    quant: str = typer.Option("Q4_K_M", "--quant", "-q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
+    quant: str = typer.Option("Q4_K_M", "--quant", "-Q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
                               "Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K."),
     name: str | None = typer.Option(None, "--name", help="Model name: general.name and the file names {Name}-{TYPE}."),
     split_max_size: str | None = typer.Option(None, "--split-max-size", help="Split files above this size, e.g. 48G."),
@@ -168,11 +173,18 @@ def gguf_cmd(
     quantized_by: str | None = typer.Option(None, "--quantized-by", help="general.quantized_by."),
     pre_tokenizer: str | None = typer.Option(None, "--pre-tokenizer", help="llama.cpp BPE pre-tokenizer name "
                                              "(default: detected by llama.cpp's hash check)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files of the same names."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    overwrite: bool = flag("--overwrite", help="Replace existing files of the same names."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bar."),
+    ctx: typer.Context = None,
 ) -> None:
     """Export GGUF files (one pass over the checkpoint; llama-quantize's mixes, same bytes as llama.cpp)."""
+    from .errors import ConfigError
     from .gguf import export_gguf
+
+    stray = ctx.args if ctx is not None else []
+    if stray:  # releaser <= 0.1 used -q for --quant: `-q Q8_0` now reads as --quiet plus a stray argument
+        hint = " (-q means --quiet in every command; the types go with --quant/-Q)" if quiet else ""
+        raise ConfigError(f"unexpected argument {stray[0]!r}{hint}; e.g. --quant {stray[0]}")
 
     result = export_gguf(model_dir, out_dir, quant, name, split_max_size, overwrite=overwrite, license=license,
                          tags=tag, base_models=base_model, quantized_by=quantized_by, pre_tokenizer=pre_tokenizer,
@@ -188,7 +200,7 @@ def gguf_fix_cmd(
     eos: str | None = typer.Option(None, "--eos", help="Text of the new eos token, e.g. <|im_end|>."),
     name: str | None = typer.Option(None, "--name", help="New general.name."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the fixed file here instead."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
+    overwrite: bool = flag("--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Rewrite a GGUF's chat template, eos or name without requantizing (tensor bytes are copied unchanged)."""
     from .errors import ConfigError
