@@ -162,6 +162,10 @@ def _write_tensors(conv: Converter, types: dict[str, list[T]], writers: dict, wo
     with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as reader, \
             Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("GGUF export", total=len(conv.plan))
+        k_types = {t for ts in types.values() for t in ts if t in kernels.K_TYPES}
+        if k_types and kernels.needs_compile(k_types):
+            bar.update(task, description="compiling quantization kernels (first run only)")
+        kernels.warm_up(k_types)
         pending = reader.submit(conv.read, conv.plan[0])
         for i, plan in enumerate(conv.plan):
             data = pending.result()
