@@ -64,9 +64,24 @@ def hub_repo(ref: str) -> str | None:
     return None
 
 
+def shown(ref: str) -> str:
+    """How a card names a model reference: a Hub repo id as is, a local path by its folder name only (a card is
+    published: the machine's absolute paths mean nothing to readers and should not leak)."""
+    parts = [p if hub_repo(p) or "/" not in p.rstrip("/") and "\\" not in p else Path(p.rstrip("/")).name
+             for p in ref.split("+")]
+    return "+".join(parts)
+
+
 def model_ref(ref: str, details: str = "") -> ModelRef:
     repo = hub_repo(ref.partition("+")[0])  # model+lora links to the model
-    return ModelRef(ref, f"https://huggingface.co/{repo}" if repo else None, details)
+    return ModelRef(shown(ref), f"https://huggingface.co/{repo}" if repo else None, details)
+
+
+def _local_paths_shown(text: str, refs: list[str]) -> str:
+    """The merge config with every absolute local model path replaced by its folder name."""
+    for ref in sorted({p for r in refs for p in r.split("+") if Path(p).is_absolute()}, key=len, reverse=True):
+        text = text.replace(ref, shown(ref))
+    return text
 
 
 def read_json(path: Path) -> dict:
@@ -131,8 +146,9 @@ def merge_facts(folder: Path) -> MergeFacts | None:
             loras.append(LoraRef(model_ref(lora, details), model_ref(model)))
         if ref != base and ref not in models:
             models[ref] = model_ref(ref, details)
+    shown_text = _local_paths_shown(text, [ref for ref, _ in entries] + ([base] if base else []))
     return MergeFacts(method_facts(str(method)), model_ref(base) if base else None, list(models.values()), loras,
-                      text.rstrip("\n"), list(dict.fromkeys(hub)))
+                      shown_text.rstrip("\n"), list(dict.fromkeys(hub)))
 
 
 def has_tokenizer(folder: Path) -> bool:
