@@ -267,3 +267,93 @@ def test_fix_tokenizer_never_replaces_a_folder_holding_its_input(model, tmp_path
     before = snapshot(tmp_path)
     code, output = cli("fix-tokenizer", model, "-t", "chatml", "-o", tmp_path, "--overwrite")
     assert code == 2 and "holds the input folder" in one_line_error(output) and snapshot(tmp_path) == before
+
+
+# -- item 9: CLI habits ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["merge", "card", "fix-tokenizer", "gguf", "gguf-fix", "doctor"])
+def test_flags_show_no_value_in_help(command):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    for line in result.output.splitlines():
+        if re.search(r"--(overwrite|quiet|in-place|json)\b", line):
+            assert "<bool>" not in line, line
+
+
+def test_q_means_quiet_everywhere(model, tmp_path):
+    for command in ("merge", "gguf"):
+        result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert re.search(r"--quiet\s+-q\b", result.output), command
+    code, output = cli("gguf", model, "-o", tmp_path / "g", "-q", "Q8_0")   # the old meaning of -q
+    line = one_line_error(output)
+    assert code == 2 and "-q means --quiet" in line and "--quant Q8_0" in line and not (tmp_path / "g").exists()
+
+
+def test_first_k_quant_run_is_announced(tmp_path):
+    """The K-quant kernels' compilation (first run on a machine, ~10 s) is detected, so the progress bar can say so."""
+    import subprocess
+    import sys
+
+    code = ("from releaser.gguf import kernels; from gguf import GGMLQuantizationType as T\n"
+            "print(kernels.needs_compile({T.Q6_K}), kernels.needs_compile({T.Q8_0}))\n"
+            "kernels.warm_up({T.Q6_K}); print(kernels.needs_compile({T.Q6_K}))\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))   # an empty numba cache: a first run
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.stdout.split() == ["True", "False", "False"], out.stderr[-2000:]
+
+
+def test_export_says_it_compiles_kernels(monkeypatch):
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+
+    from releaser.gguf import export, kernels
+
+    shown = []
+
+    class Bar:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_task(self, description, total):
+            shown.append(description)
+
+        def update(self, task, description=None, **kw):
+            shown.append(description)
+
+    class Conv:
+        plan = [type("Plan", (), {"name": "w"})()]
+
+        @staticmethod
+        def read(plan):
+            return np.zeros((1, 256), np.float32)
+
+    class Writer:
+        def write_tensor_data(self, data):
+            shown.append("written")
+
+    monkeypatch.setattr(export, "Progress", Bar)
+    monkeypatch.setattr(kernels, "warm_up", lambda types: shown.append(f"warm {sorted(t.name for t in types)}"))
+    monkeypatch.setattr(kernels, "submit", lambda pool, data, t: [])
+    monkeypatch.setattr(kernels, "collect", lambda futures: b"")
+    for first_run in (True, False):
+        shown.clear()
+        monkeypatch.setattr(kernels, "needs_compile", lambda types, first_run=first_run: first_run)
+        export._write_tensors(Conv, {"Q6_K": [T.Q6_K]}, {"Q6_K": Writer()}, 1, True)
+        compiling = ["compiling quantization kernels (first run only)"] if first_run else []
+        assert shown == ["GGUF export", *compiling, "warm ['Q6_K']", "written", "GGUF export: w"]
+
+
+def test_card_without_recipe_shows_no_absolute_paths(model, tmp_path):
+    other = tiny_model(tmp_path / "other", seed=1)
+    cfg = {"merge_method": "linear", "base_model": str(model),
+           "models": [{"model": str(model), "parameters": {"weight": 0.5}},
+                      {"model": str(other), "parameters": {"weight": 0.5}}]}
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(cfg))
+    assert cli("merge", tmp_path / "m.yml", tmp_path / "out")[0] == 0
+    code, output = cli("card", tmp_path / "out")
+    assert code == 0 and str(tmp_path) not in output and "- `other` (weight: 0.5)" in output
