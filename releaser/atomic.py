@@ -36,12 +36,13 @@ def os_error(exc: OSError, where: Path) -> OutputError:
         return OutputError(f"not enough disk space to write {where} ({exc.strerror}); free space or choose another "
                            "folder")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"cannot write {where}: {exc.strerror}; check the folder's permissions or choose another "
-                           "output")
+        return OutputError(f"{where} is not writable ({exc.strerror}); check the folder's permissions or choose "
+                           "another output")
     if exc.errno == errno.EISDIR:
         return OutputError(f"{where} is a folder; give a file path")
-    if exc.errno == errno.ENOTDIR:
-        return OutputError(f"cannot write {where}: a part of the path is a file, not a folder")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return OutputError(f"{where} is not writable: a part of its path is a file, not a folder; choose another "
+                           "output")
     return OutputError(f"cannot write {where}: {exc.strerror or exc}")
 
 
@@ -192,26 +193,50 @@ def check_new(out: Path, overwrite: bool, *, kind: str = "folder") -> None:
         raise OutputError(f"{out} is a folder; give a file path")
 
 
+class PendingDir:
+    """A folder being written: ``tmp`` (unique, beside ``out``, locked) becomes ``out`` on :meth:`commit`, or is
+    removed on :meth:`abort`. :func:`output_dir` is the context-manager form."""
+
+    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False):
+        self.out = Path(out).absolute()
+        self._lock = OutputLock(self.out).acquire()
+        try:
+            check_new(self.out, overwrite)
+            sweep(self.out)
+            self.tmp = Path(tempfile.mkdtemp(prefix=hidden(self.out, TMP_TAG), dir=self.out.parent))
+        except OSError as exc:
+            self._lock.release()
+            raise os_error(exc, self.out) from exc
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def commit(self) -> Path:
+        try:
+            fsync_tree(self.tmp)
+            replace_dir(self.tmp, self.out)
+        except OSError as exc:
+            self.abort()
+            raise os_error(exc, self.out) from exc
+        self._lock.release()
+        return self.out
+
+    def abort(self) -> None:
+        remove(self.tmp)
+        self._lock.release()
+
+
 @contextmanager
 def output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Write a whole folder: yields an empty temporary folder beside ``out`` that becomes ``out`` when the block ends
     without error (durably, in one rename); on error or interruption it is removed and ``out`` is untouched."""
-    out = Path(out).absolute()
-    with OutputLock(out):
-        check_new(out, overwrite)
-        sweep(out)
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=hidden(out, TMP_TAG), dir=out.parent))
-        except OSError as exc:
-            raise os_error(exc, out) from exc
-        try:
-            yield tmp
-            fsync_tree(tmp)
-            replace_dir(tmp, out)
-        except OSError as exc:
-            raise os_error(exc, out) from exc
-        finally:
-            remove(tmp)
+    pending = PendingDir(out, overwrite=overwrite)
+    try:
+        yield pending.tmp
+    except BaseException:
+        pending.abort()
+        raise
+    pending.commit()
 
 
 @contextmanager
@@ -237,12 +262,13 @@ def output_files(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iter
             staged = sorted(tmp.iterdir(), key=lambda p: ("-00001-of-" in p.name, p.name))
             for path in staged:
                 check_new(out_dir / path.name, overwrite, kind="file")
-            fsync_tree(tmp)
-            for path in staged:
-                os.replace(path, out_dir / path.name)
-            fsync_dir(out_dir)
-        except OSError as exc:
-            raise os_error(exc, out_dir) from exc
+            try:
+                fsync_tree(tmp)
+                for path in staged:
+                    os.replace(path, out_dir / path.name)
+                fsync_dir(out_dir)
+            except OSError as exc:
+                raise os_error(exc, out_dir) from exc
         finally:
             remove(tmp)
 

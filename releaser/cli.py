@@ -43,10 +43,10 @@ def friendly(fn):
         except ReleaserError as exc:
             raise _fail(str(exc), exc.exit_code) from None
         except Terminated:
-            console.print("[bold red]terminated[/]: nothing was written under the output name")
+            console.print("[bold red]terminated[/]: nothing partial was left under the output name")
             raise typer.Exit(143) from None
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]: nothing was written under the output name")
+            console.print("[bold red]interrupted[/]: nothing partial was left under the output name")
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
@@ -75,6 +75,12 @@ def flag(*names: str, help: str):
     return typer.Option(False, *names, help=help, metavar="", show_default=False)
 
 
+def _reporter(quiet: bool = False):
+    from .ui import RichReporter
+
+    return RichReporter(console, quiet=quiet)
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -98,7 +104,7 @@ def merge(
     from .merge import run_merge
 
     result = run_merge(config, out_dir, device=device, overwrite=overwrite, max_shard_bytes=parse_size(shard_size),
-                       progress=not quiet)
+                       reporter=_reporter(quiet))
     out.print(f"[green]merged[/] {result.tensors} tensors ({_human(result.bytes_written)}) with {result.method} "
               f"in {result.seconds:.1f} s -> {result.out_dir} ({', '.join(result.files)})", highlight=False)
 
@@ -188,7 +194,7 @@ def gguf_cmd(
 
     result = export_gguf(model_dir, out_dir, quant, name, split_max_size, overwrite=overwrite, license=license,
                          tags=tag, base_models=base_model, quantized_by=quantized_by, pre_tokenizer=pre_tokenizer,
-                         progress=not quiet)
+                         reporter=_reporter(quiet))
     out.print(result.summary(), highlight=False)
 
 
@@ -214,6 +220,88 @@ def gguf_fix_cmd(
             raise ConfigError(f"cannot read the chat template {chat_template} ({exc.strerror or exc})") from exc
     result = fix_gguf(file, chat_template=template, eos=eos, name=name, out=output, overwrite=overwrite)
     out.print(result.summary(), highlight=False)
+
+
+@app.command("publish")
+@friendly
+def publish_cmd(
+    release_dir: Path = typer.Argument(..., metavar="RELEASE_DIR", help="Folder with one folder per repo, named like "
+                                       "the repos (Name, Name-GGUF, Name-AWQ); with --repo, that repo's folder."),
+    to: str = typer.Option("hub", "--to", help="hub, or dir:PATH (local mirror folders PATH/OWNER/NAME)."),
+    repo: str | None = typer.Option(None, "--repo", help="Repo id OWNER/NAME of a single folder."),
+    recipe: Path | None = typer.Option(None, "--recipe", "-r", help="Release recipe: repo ids (name, quants.gguf, "
+                                       "quants.awq), version (tag) and notes (commit description)."),
+    private: bool = flag("--private", help="Create missing repos as private."),
+    dry_run: bool = flag("--dry-run", help="Show the plan; send and write nothing."),
+    create_pr: bool = flag("--create-pr", help="Open a pull request per changed repo."),
+    message: str | None = typer.Option(None, "--message", "-m", help="Commit title (default: Release vVERSION)."),
+    keep_stale: bool = flag("--keep-stale", help="Keep remote files missing from the folders."),
+) -> None:
+    """Publish a release: plan each repo, send only what changed, delete what is stale, tag, verify."""
+    from .publish.console import publish_options, release_repos, run_publish_cli
+
+    repos, facts = release_repos(release_dir, recipe, repo)
+    options = publish_options(target=to, private=private, dry_run=dry_run, create_pr=create_pr, message=message,
+                              keep_stale=keep_stale, **facts)
+    run_publish_cli(options, repos, out, console)
+
+
+def _stage_table(stages, title: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("stage", "status", "why", "result"):
+        table.add_column(col, overflow="fold")
+    style = {"ran": "green", "skipped": "dim", "would run": "yellow", "runs": "green"}
+    for s in stages:
+        what = s.summary
+        if s.files:
+            what += f" ({s.files} files, {_human(s.bytes)}" + (f", {s.seconds:.1f} s)" if s.seconds else ")")
+        table.add_row(s.name, f"[{style.get(s.status, 'dim')}]{s.status}[/]", s.reason, what)
+    return table
+
+
+def _stages(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+@friendly
+def release(
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release recipe YAML (see recipes/example.yml)."),
+    work_dir: Path = typer.Option(Path("release"), "--output", "-o", help="Work folder: the repo folders "
+                                  "(NAME, NAME-GGUF, ...), merged/ and the manifest release.json."),
+    push: bool = flag("--push", help="Publish to the Hugging Face Hub (default: the recipe's "
+                              "publish.target, local folders unless it says hub)."),
+    only: str | None = typer.Option(None, "--only", help="Run only these stages (comma-separated)."),
+    skip: str | None = typer.Option(None, "--skip", help="Leave these stages out (comma-separated)."),
+    force: bool = flag("--force", help="Run every stage again, even when up to date."),
+    dry_run: bool = flag("--dry-run", help="Show which stages would run and why; change nothing."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Make the whole release a recipe describes: merge, fix tokenizer, verify, GGUF, cards, publish; reruns skip
+    what is up to date."""
+    from .pipeline import run_release
+
+    result = run_release(recipe, work_dir, only=_stages(only), skip=_stages(skip), force=force, dry_run=dry_run,
+                         push=push, reporter=_reporter(quiet))
+    out.print(_stage_table(result.stages, f"release {result.work}" + (" (dry run)" if dry_run else "")))
+    if not dry_run:
+        ran = result.ran
+        out.print(f"[green]release[/] {len(ran)} stage(s) ran ({', '.join(ran) or 'none: everything up to date'}); "
+                  f"folders: {', '.join(str(p) for p in result.folders.values())}; manifest "
+                  f"{result.work / 'release.json'}", highlight=False)
+
+
+@app.command()
+@friendly
+def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release recipe YAML.")) -> None:
+    """Validate a recipe (offline) and print the stages a release would run."""
+    from .pipeline import check_recipe
+
+    result = check_recipe(recipe)
+    out.print(_stage_table(result.stages, f"{recipe}: {result.recipe.name} {result.recipe.version}"))
+    out.print(f"[green]ok[/]: {recipe} is a valid recipe", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

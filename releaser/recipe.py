@@ -1,38 +1,28 @@
-"""The release recipe: one YAML file that describes a release (for now: the parts a model card needs).
-
-Later stages extend :class:`Recipe` with their own sections; unknown keys are rejected so a typo is an error.
+"""The release recipe: one YAML file that describes a whole release (``releaser release``, ``releaser check``) and
+what the model cards say (``releaser card --recipe``). Unknown keys are errors that name the key, its YAML path and
+the closest valid key.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import os
-import re
+import types
+import typing
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .options import check_repo_id, CardOptions, GGUFOptions, MergeOptions, PublishSection, Section, TokenizerOptions
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _check_repo_id(value: str | None) -> str | None:
-    if value is not None and not REPO_ID.match(value):
-        raise ValueError(f"{value!r} is not a Hub repo id (expected owner/name)")
-    return value
+_check_repo_id = check_repo_id
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Section(_Strict):
-    """A section of the user's own, rendered as ``## title`` followed by ``body`` (Markdown)."""
-
-    title: str = Field(min_length=1)
-    body: str = Field(min_length=1)
 
 
 class Release(_Strict):
@@ -53,26 +43,88 @@ class QuantRepos(_Strict):
 
 
 class Recipe(_Strict):
-    name: str                               # Hub repo id of the main (merged) model, e.g. alice/Tiny-Merge-1B
-    title: str | None = None                # card title; defaults to the repo name
+    name: str                               # Hub repo id of the main model, e.g. alice/Tiny-Merge-1B
+    version: str | None = None              # release version (default: the newest releases: entry, else 1.0)
     description: str = Field(min_length=1)  # short description shown under the title
     license: str | None = None              # Hub license id (apache-2.0, mit, llama3.1, other, ...)
     language: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
     author: str | None = None               # shown as quantized_by on the quant repos; defaults to the repo owner
-    quants: QuantRepos = Field(default_factory=QuantRepos)
-    sections: list[Section] = Field(default_factory=list)
+    merge: MergeOptions | None = None       # a mergekit config (inline or config: PATH) ...
+    model: str | None = None                # ... or an existing model folder to release (re-upload fixed weights)
+    tokenizer: TokenizerOptions | None = None
+    gguf: GGUFOptions | None = None
+    card: CardOptions = Field(default_factory=CardOptions)
     releases: list[Release] = Field(default_factory=list)
+    publish: PublishSection = Field(default_factory=PublishSection)
 
     _name = field_validator("name")(_check_repo_id)
 
     @model_validator(mode="after")
     def _defaults(self) -> "Recipe":
-        if self.title is None:
-            object.__setattr__(self, "title", self.name.split("/", 1)[1])
         if self.author is None:
             object.__setattr__(self, "author", self.name.split("/", 1)[0])
+        if self.version is None:
+            object.__setattr__(self, "version", self.releases[0].version if self.releases else "1.0")
         return self
+
+    # what the cards read
+    @property
+    def title(self) -> str:
+        return self.card.title or self.name.split("/", 1)[1]
+
+    @property
+    def sections(self) -> list[Section]:
+        return list(self.card.sections)
+
+    @property
+    def quants(self) -> QuantRepos:
+        """The quant repos to link: given in publish.repos, or named NAME-GGUF / NAME-AWQ when the recipe makes them."""
+        repos = self.publish.repos
+        gguf = repos.gguf or (f"{self.name}-GGUF" if self.gguf is not None else None)
+        awq = repos.awq or (f"{self.name}-AWQ" if getattr(self, "awq", None) is not None else None)
+        return QuantRepos(gguf=gguf, awq=awq)
+
+    @property
+    def main_repo(self) -> str:
+        return self.publish.repos.main or self.name
+
+    def require_source(self) -> None:
+        """A release needs exactly one of merge: and model:."""
+        if (self.merge is None) == (self.model is None):
+            raise ConfigError("the recipe needs exactly one of merge: (a mergekit config to run) and model: (an "
+                              "existing model folder to release)" + (", not both" if self.merge else ""))
+
+
+def _field_model(annotation) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, (types.UnionType, typing._GenericAlias)) or typing.get_origin(annotation):
+        for arg in typing.get_args(annotation):
+            found = _field_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+MOVED = {"title": "card.title", "sections": "card.sections", "quants": "publish.repos"}  # keys of releaser <= 0.1
+
+
+def _closest(loc: tuple) -> str:
+    """For an unknown key at ``loc``: '; did you mean X?' with the closest valid key of the enclosing section."""
+    if len(loc) == 1 and loc[0] in MOVED:
+        return f"; it is now {MOVED[loc[0]]}"
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = _field_model(field.annotation) if field else None
+    if model is None:
+        return ""
+    near = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), 1, 0.5)
+    return f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(model.model_fields)}"
 
 
 def _location(loc: tuple) -> str:
@@ -94,5 +146,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        message = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"recipe {path}: {_location(err['loc'])}: {message}") from None
+        loc = tuple(p for p in err["loc"] if p not in ("function-after[_inline_form(), MergeOptions]",))
+        if err["type"] == "extra_forbidden":
+            message = f"unknown key {loc[-1]!r}{_closest(loc)}"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"recipe {path}: {_location(loc)}: {message}") from None

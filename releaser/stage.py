@@ -48,8 +48,8 @@ class Reporter:
 
     @contextmanager
     def progress(self, description: str, total: float | None = None) -> Iterator[Callable[..., None]]:
-        """A progress bar; yields ``advance(n=1)``."""
-        yield lambda n=1: None
+        """A progress bar; yields ``advance(n=1, description=None)``."""
+        yield lambda n=1, description=None: None
 
 
 class LoggingReporter(Reporter):

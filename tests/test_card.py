@@ -264,9 +264,11 @@ def test_not_a_model_folder(tmp_path):
 @pytest.mark.parametrize("text, problem", [
     ("name: alice\ndescription: x\n", "name: 'alice' is not a Hub repo id (expected owner/name)"),
     ("name: a/b\n", "description: Field required"),
-    ("name: a/b\ndescription: x\nlicence: mit\n", "licence: Extra inputs are not permitted"),
+    ("name: a/b\ndescription: x\nlicence: mit\n", "licence: unknown key 'licence'; did you mean 'license'?"),
+    ("name: a/b\ndescription: x\ngguf: {quant: [Q4_K_M]}\n", "gguf.quant: unknown key 'quant'; did you mean 'quants'?"),
+    ("name: a/b\ndescription: x\ntitle: T\n", "title: unknown key 'title'; it is now card.title"),
     ("name: a/b\ndescription: x\nreleases: [{version: '1', date: yesterday, changes: [x]}]\n", "releases.0.date"),
-    ("name: a/b\ndescription: x\nquants: {gguf: bad id}\n", "quants.gguf"),
+    ("name: a/b\ndescription: x\npublish: {repos: {gguf: bad id}}\n", "publish.repos.gguf: 'bad id' is not a Hub"),
     ("- a\n", "must be a YAML mapping"),
 ])
 def test_recipe_errors_name_the_field(tmp_path, text, problem):

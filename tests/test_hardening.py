@@ -160,7 +160,8 @@ def test_truncated_gguf_is_named_not_numpy_text(gguf_file):
 
 
 def test_gguf_fix_messages_name_real_options(gguf_file, tmp_path):
-    code, output = cli("gguf-fix", gguf_file, "-o", tmp_path / "missing" / "x.gguf", "--name", "X")
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    code, output = cli("gguf-fix", gguf_file, "-o", tmp_path / "blocker" / "x.gguf", "--name", "X")
     assert code != 0 and not re.search(r"--out(?!put)", one_line_error(output))
 
 
@@ -302,28 +303,24 @@ def test_first_k_quant_run_is_announced(tmp_path):
 
 
 def test_export_says_it_compiles_kernels(monkeypatch):
+    from contextlib import contextmanager
+
     import numpy as np
     from gguf import GGMLQuantizationType as T
 
     from releaser.gguf import export, kernels
+    from releaser.stage import Reporter
 
     shown = []
 
-    class Bar:
-        def __init__(self, *a, **k):
-            pass
+    class Recorder(Reporter):
+        def message(self, text):
+            shown.append(text)
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def add_task(self, description, total):
+        @contextmanager
+        def progress(self, description, total=None):
             shown.append(description)
-
-        def update(self, task, description=None, **kw):
-            shown.append(description)
+            yield lambda n=1, description=None: shown.append(description)
 
     class Conv:
         plan = [type("Plan", (), {"name": "w"})()]
@@ -336,16 +333,15 @@ def test_export_says_it_compiles_kernels(monkeypatch):
         def write_tensor_data(self, data):
             shown.append("written")
 
-    monkeypatch.setattr(export, "Progress", Bar)
     monkeypatch.setattr(kernels, "warm_up", lambda types: shown.append(f"warm {sorted(t.name for t in types)}"))
     monkeypatch.setattr(kernels, "submit", lambda pool, data, t: [])
     monkeypatch.setattr(kernels, "collect", lambda futures: b"")
     for first_run in (True, False):
         shown.clear()
         monkeypatch.setattr(kernels, "needs_compile", lambda types, first_run=first_run: first_run)
-        export._write_tensors(Conv, {"Q6_K": [T.Q6_K]}, {"Q6_K": Writer()}, 1, True)
+        export._write_tensors(Conv, {"Q6_K": [T.Q6_K]}, {"Q6_K": Writer()}, 1, Recorder())
         compiling = ["compiling quantization kernels (first run only)"] if first_run else []
-        assert shown == ["GGUF export", *compiling, "warm ['Q6_K']", "written", "GGUF export: w"]
+        assert shown == [*compiling, "warm ['Q6_K']", "GGUF export", "written", "GGUF export: w"]
 
 
 def test_card_without_recipe_shows_no_absolute_paths(model, tmp_path):

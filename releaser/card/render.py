@@ -11,14 +11,15 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
+from ..atomic import write_file
 from ..checkpoint.reader import check_folder
 from ..errors import ModelError, OutputError, ReleaserError
 from ..recipe import Recipe
+from ..resources import templates_dir
 from .context import Facts, card_context, human_count, human_size
 from .facts import model_facts, read_json
 from .quant_facts import awq_facts, gguf_facts, is_awq
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "cards"
 TEMPLATE_FOR = {"model": "model.md.j2", "gguf": "gguf.md.j2", "awq": "awq.md.j2"}
 
 
@@ -70,10 +71,10 @@ def render_card(model_dir: str | os.PathLike, recipe: Recipe | None = None,
 
 def _render(model_dir, recipe, template) -> tuple[str, Facts, Path]:
     facts = gather_facts(model_dir)
-    path = Path(template) if template else TEMPLATES / TEMPLATE_FOR[facts.kind]
+    path = Path(template) if template else templates_dir() / "cards" / TEMPLATE_FOR[facts.kind]
     if not path.is_file():
         raise CardError(f"card template {path} does not exist")
-    search = [path.resolve().parent, TEMPLATES]
+    search = [path.resolve().parent, templates_dir() / "cards"]
     env = _environment(search)
     try:
         text = env.get_template(path.name).render(card_context(facts, recipe))
@@ -173,11 +174,5 @@ def write_card(model_dir: str | os.PathLike, out: str | os.PathLike, recipe: Rec
     out = Path(out)
     check_card_output(out, Path(model_dir), overwrite, (template, *inputs))
     text, facts, path = _render(model_dir, recipe, template)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    out = write_file(out, text, overwrite=overwrite)
     return CardResult(out, facts.kind, path, len(text.encode()))

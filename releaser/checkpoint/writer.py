@@ -2,13 +2,13 @@
 
 The caller declares every output tensor (name, dtype, shape) up front; the writer plans the shards, reserves their
 space (a full disk fails before any work is done) and accepts tensors in any order from any thread, writing each at its
-planned offset. Everything goes to a hidden temporary folder beside the output, which replaces the output only in
-:meth:`CheckpointWriter.commit`, so a failed or killed run never leaves a partial model under the final name.
+planned offset. Everything goes to a temporary folder beside the output (:class:`releaser.atomic.PendingDir`: unique
+name, locked output), which replaces the output only in :meth:`CheckpointWriter.commit`, so a failed or killed run
+never leaves a partial model under the final name.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -17,16 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import PendingDir, os_error as _os_error
 from ..errors import OutputError
 from . import safetensors_io as st
 
 DEFAULT_SHARD_BYTES = 5_000_000_000
-
-
-def _os_error(exc: OSError, where: Path) -> OutputError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return OutputError(f"not enough disk space to write {where} ({exc.strerror}); free space or choose another folder")
-    return OutputError(f"cannot write {where}: {exc.strerror or exc}; check the folder's permissions")
 
 
 def parse_size(text: str | int) -> int:
@@ -53,11 +48,6 @@ class CheckpointWriter:
     def __init__(self, out_dir: str | os.PathLike, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], *,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False):
         self.out_dir = Path(out_dir).absolute()
-        if self.out_dir.exists() and not overwrite:
-            raise OutputError(f"{self.out_dir} already exists; pass --overwrite to replace it or choose a new folder")
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise OutputError(f"{self.out_dir} exists and is not a folder; choose another output path")
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.releaser-tmp"
         self._state = "open"
         self._lock = threading.Lock()
         self._pending = {name for name, _, _ in tensors}
@@ -77,11 +67,9 @@ class CheckpointWriter:
         self.files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
         self._where: dict[str, tuple[int, int]] = {}   # name -> (fd, offset)
         self._fds: list[int] = []
+        self._pending_dir = PendingDir(self.out_dir, overwrite=overwrite)
+        self.tmp_dir = self._pending_dir.tmp
         try:
-            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-            if self.tmp_dir.exists():   # left over by a killed run
-                shutil.rmtree(self.tmp_dir)
-            self.tmp_dir.mkdir()
             for fname, shard in zip(self.files, shards):
                 header, offsets = st.layout([(a, b, tuple(c)) for a, b, c in shard])
                 fd = os.open(self.tmp_dir / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -146,17 +134,10 @@ class CheckpointWriter:
             for fd in self._fds:
                 os.close(fd)
             self._fds.clear()
-            old = self.out_dir.parent / f".{self.out_dir.name}.releaser-old"
-            if self.out_dir.exists():
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(self.out_dir, old)
-            os.replace(self.tmp_dir, self.out_dir)
-            if old.exists():
-                shutil.rmtree(old)
         except OSError as exc:
             self.abort()
             raise _os_error(exc, self.out_dir) from exc
+        self._pending_dir.commit()
         self._state = "committed"
         return self.out_dir
 
@@ -167,7 +148,8 @@ class CheckpointWriter:
             except OSError:
                 pass
         self._fds.clear()
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self._state == "open":
+            self._pending_dir.abort()
         self._state = "aborted"
 
     def __enter__(self) -> CheckpointWriter:

@@ -13,12 +13,12 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.gguf_writer import WriterState
-from rich.progress import Progress
 
+from ..atomic import check_new, output_files
 from ..checkpoint import CheckpointReader, parse_size
+from ..stage import Reporter
 from . import kernels
 from .convert import Converter
-from .files import check_targets, publish, staging
 from .mixes import file_type, parse_quants, tensor_types
 from .vocab import TokenizerInfo, add_tokenizer
 
@@ -112,7 +112,7 @@ def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_mod
 def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None, split_max_size=None, *,
                 overwrite: bool = False, license: str | None = None, tags=None, base_models=None,
                 quantized_by: str | None = None, pre_tokenizer: str | None = None, workers: int | None = None,
-                progress: bool = False) -> GGUFResult:
+                reporter: Reporter | None = None) -> GGUFResult:
     """Convert ``model_dir`` (Llama/Mistral/Qwen2 HF folder) to GGUF files ``{Name}-{TYPE}.gguf`` in ``out_dir``.
 
     The checkpoint is read once, one tensor at a time; every requested type is written from that tensor before the
@@ -130,7 +130,7 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
         name = name or _default_name(conv)
         template, tok = _metadata(conv, name, license=license, tags=tags, base_models=base_models,
                                   quantized_by=quantized_by, pre=pre_tokenizer)
-        with staging(out_dir) as tmp:
+        with output_files(out_dir, overwrite=overwrite) as tmp:
             writers, packed = {}, {}
             for q in quants:
                 w = _Writer(tmp / f"{_file_stem(name)}-{q}.gguf", template.arch, split_bytes, packed)
@@ -142,30 +142,32 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
                     w.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), _nbytes(plan.shape, t), raw_dtype=t)
                 writers[q] = w
             staged = {q: w.format_shard_names(w.path) for q, w in writers.items()}
-            check_targets([out_dir / p.name for paths in staged.values() for p in paths], overwrite)
+            for paths in staged.values():   # fail before the work, not after it
+                for p in paths:
+                    check_new(out_dir / p.name, overwrite, kind="file")
             for w in writers.values():
                 w.write_header_to_file()
                 w.write_kv_data_to_file()
                 w.write_ti_data_to_file()
-            _write_tensors(conv, types, writers, workers or os.cpu_count() or 1, progress)
+            _write_tensors(conv, types, writers, workers or os.cpu_count() or 1, reporter or Reporter())
             for w in writers.values():
                 w.close()
             sizes = {q: sum(p.stat().st_size for p in paths) for q, paths in staged.items()}
-            files = {q: publish(paths, out_dir) for q, paths in staged.items()}
+        files = {q: [out_dir / p.name for p in paths] for q, paths in staged.items()}
     names = [p.name for p in conv.plan]
     return GGUFResult(out_dir, name, files, {q: dict(zip(names, (t.name for t in ts))) for q, ts in types.items()},
                       tok, time.perf_counter() - start, sizes)
 
 
-def _write_tensors(conv: Converter, types: dict[str, list[T]], writers: dict, workers: int, progress: bool) -> None:
+def _write_tensors(conv: Converter, types: dict[str, list[T]], writers: dict, workers: int,
+                   reporter: Reporter) -> None:
     """Read each tensor once (prefetching the next), quantize it to every needed type in parallel, write in order."""
+    k_types = {t for ts in types.values() for t in ts if t in kernels.K_TYPES}
+    if k_types and kernels.needs_compile(k_types):
+        reporter.message("compiling quantization kernels (first run only)")
+    kernels.warm_up(k_types)
     with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as reader, \
-            Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("GGUF export", total=len(conv.plan))
-        k_types = {t for ts in types.values() for t in ts if t in kernels.K_TYPES}
-        if k_types and kernels.needs_compile(k_types):
-            bar.update(task, description="compiling quantization kernels (first run only)")
-        kernels.warm_up(k_types)
+            reporter.progress("GGUF export", len(conv.plan)) as advance:
         pending = reader.submit(conv.read, conv.plan[0])
         for i, plan in enumerate(conv.plan):
             data = pending.result()
@@ -177,4 +179,4 @@ def _write_tensors(conv: Converter, types: dict[str, list[T]], writers: dict, wo
             del data
             for q, w in writers.items():
                 w.write_tensor_data(results[types[q][i]])
-            bar.update(task, advance=1, description=f"GGUF export: {plan.name}")
+            advance(1, description=f"GGUF export: {plan.name}")

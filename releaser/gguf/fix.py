@@ -3,6 +3,7 @@ requantizing. Every other key and every tensor byte is copied unchanged; the new
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ import gguf
 import numpy as np
 from gguf import GGUFValueType as V, Keys
 
-from ..atomic import temp_file
+from ..atomic import OutputLock, os_error, sweep, temp_file
 from ..errors import ConfigError, ModelError, OutputError
 from ..tokenizer.templates import check_syntax
 from .reader import open_gguf
@@ -55,7 +56,7 @@ def _new_values(reader: gguf.GGUFReader, chat_template: str | None, eos: str | N
         new[Keys.Tokenizer.EOS_ID] = (tokens.index(eos), V.UINT32)
         if eos in END_OF_TURN:
             new[Keys.Tokenizer.EOT_ID] = (tokens.index(eos), V.UINT32)
-    return new
+    return {key: (value, vtype, None) for key, (value, vtype) in new.items()}
 
 
 def fix_gguf(path, *, chat_template: str | None = None, eos: str | None = None, name: str | None = None,
@@ -74,38 +75,66 @@ def fix_gguf(path, *, chat_template: str | None = None, eos: str | None = None, 
     same = target.exists() and target.resolve() == path.resolve()
     if target.exists() and not same and not overwrite:
         raise OutputError(f"{target} already exists; pass --overwrite to replace it or choose another --output")
-    new = _new_values(reader, chat_template, eos, name)
+    return _apply(reader, path, path if same else target, _new_values(reader, chat_template, eos, name))
+
+
+def sync_tokenizer(path, model_dir: str | os.PathLike) -> FixResult:
+    """Make every ``tokenizer.*`` key of the GGUF ``path`` (the first file of a split set) what an export of
+    ``model_dir`` would write (vocabulary, special token ids, add_bos/add_eos, chat template), in place; tensor bytes
+    are copied unchanged. Used to re-release a tokenizer fix without requantizing."""
+    from .vocab import add_tokenizer
+
+    path = Path(path)
+    reader = open_gguf(path)
+    arch = _value(reader.get_field(Keys.General.ARCHITECTURE))
+    pre = reader.get_field(Keys.Tokenizer.PRE)
+    template = gguf.GGUFWriter(None, arch)
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    add_tokenizer(template, Path(model_dir), config, _value(pre) if pre is not None else None)
+    new = {key: (val.value, val.type, val.sub_type) for key, val in template.kv_data[0].items()
+           if key.startswith("tokenizer.")}
+    drop = {key for key in reader.fields if key.startswith("tokenizer.") and key not in new}
+    return _apply(reader, path, path, new, drop)
+
+
+def _apply(reader: gguf.GGUFReader, path: Path, target: Path, new: dict, drop: set[str] = frozenset()) -> FixResult:
     changes = {}
-    for key, (value, _) in new.items():
+    for key, (value, _, _) in new.items():
         old = reader.get_field(key)
         old_value = _value(old) if old is not None else None
         if old_value != value:
             changes[key] = (old_value, value)
-    if not changes and same:
+    for key in drop:
+        changes[key] = (_value(reader.get_field(key)), None)
+    if not changes and target == path:
         return FixResult(path, {})
     arch = _value(reader.get_field(Keys.General.ARCHITECTURE))
-    with temp_file(target, mode=path.stat().st_mode & 0o7777) as tmp:
-        _rewrite(reader, tmp, arch, new)
+    with OutputLock(target):
+        sweep(target)
+        with temp_file(target, mode=path.stat().st_mode & 0o7777) as tmp:
+            try:
+                _rewrite(reader, tmp, arch, dict(new), drop)
+            except OSError as exc:
+                raise os_error(exc, target) from exc
     return FixResult(target, changes)
 
 
-def _rewrite(reader: gguf.GGUFReader, tmp: Path, arch: str, new: dict) -> None:
+def _rewrite(reader: gguf.GGUFReader, tmp: Path, arch: str, new: dict, drop: set[str]) -> None:
     w = gguf.GGUFWriter(tmp, arch)
     alignment = reader.get_field(Keys.General.ALIGNMENT)
     if alignment is not None:
         w.data_alignment = int(_value(alignment))
     for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == Keys.General.ARCHITECTURE:
+        if key.startswith("GGUF.") or key == Keys.General.ARCHITECTURE or key in drop:
             continue
         if key in new:
-            value, vtype = new.pop(key)
-            w.add_key_value(key, value, vtype)
+            w.add_key_value(key, *new.pop(key))
             continue
         vtype = f.types[0]
         sub_type = f.types[-1] if vtype == V.ARRAY else None
         w.add_key_value(key, _value(f), vtype, sub_type)
-    for key, (value, vtype) in new.items():
-        w.add_key_value(key, value, vtype)
+    for key, (value, vtype, sub_type) in new.items():
+        w.add_key_value(key, value, vtype, sub_type)
     for t in reader.tensors:
         w.add_tensor_info(t.name, list(reversed(t.shape.tolist())), np.dtype(np.float32), int(t.n_bytes),
                           raw_dtype=t.tensor_type)

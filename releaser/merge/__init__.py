@@ -1,6 +1,15 @@
-"""Merging: mergekit-compatible configs, a streaming engine, and one module per merge method family."""
+"""Merging: mergekit-compatible configs, a streaming engine, and one module per merge method family.
+
+``run_merge`` and ``MergeResult`` are loaded on first use, so that parsing a config does not import torch."""
 
 from .config import MergeConfig, parse_config
-from .engine import MergeResult, run_merge
 
 __all__ = ["MergeConfig", "MergeResult", "parse_config", "run_merge"]
+
+
+def __getattr__(name: str):
+    if name in ("MergeResult", "run_merge"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(name)

@@ -17,6 +17,7 @@ import torch
 from ..checkpoint import CheckpointWriter
 from ..checkpoint.writer import DEFAULT_SHARD_BYTES
 from ..errors import ConfigError, OutputError
+from ..stage import Reporter
 from .config import MergeConfig, parse_config
 from .planner import MergePlan, TensorJob, plan_merge
 
@@ -187,12 +188,14 @@ def _check_output(out_dir: Path, plan: MergePlan) -> None:
             raise OutputError(f"output folder {out_dir} would replace input model {m}; choose another output folder")
 
 
-def run_merge(config: str | Path | dict, out_dir: str | Path, *, device: str = "cpu", overwrite: bool = False,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False, workers: int | None = None,
-              memory: int = DEFAULT_MEMORY) -> MergeResult:
-    """Merge the models described by a mergekit YAML config (a path or a parsed dict) into ``out_dir``."""
+def run_merge(config: str | Path | dict, out_dir: str | Path, *, base_dir: str | Path | None = None,
+              device: str = "cpu", overwrite: bool = False,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, reporter: Reporter | None = None,
+              workers: int | None = None, memory: int = DEFAULT_MEMORY) -> MergeResult:
+    """Merge the models described by a mergekit YAML config (a path or a parsed dict) into ``out_dir``. Relative
+    model paths are taken from the config file's folder, or from ``base_dir``."""
     start = time.perf_counter()
-    cfg, yaml_text = parse_config(config)
+    cfg, yaml_text = parse_config(config, base_dir=Path(base_dir) if base_dir is not None else None)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise OutputError(f"{out_dir} already exists; pass --overwrite to replace it or choose a new folder")
@@ -203,26 +206,11 @@ def run_merge(config: str | Path | dict, out_dir: str | Path, *, device: str = "
         specs = [(j.name, j.dtype, j.shape) for j in plan.jobs]
         with CheckpointWriter(out_dir, specs, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             _write_side_files(writer, cfg, plan, yaml_text)
-            if progress:
-                _execute_with_progress(plan, writer, dev, workers, memory)
-            else:
-                execute(plan, writer, dev, workers=workers, memory=memory)
+            with (reporter or Reporter()).progress(f"merging ({plan.method.name})", len(plan.jobs)) as advance:
+                execute(plan, writer, dev, workers=workers, memory=memory, on_done=lambda job: advance())
             writer.commit()
             files = sorted(p.name for p in out_dir.iterdir())
             return MergeResult(out_dir, plan.method.name, len(plan.jobs), writer.total_bytes,
                                time.perf_counter() - start, files)
     finally:
         plan.close()
-
-
-def _execute_with_progress(plan: MergePlan, writer: CheckpointWriter, dev, workers, memory) -> None:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-    total = sum(j.input_bytes(plan) for j in plan.jobs)
-    columns = (TextColumn(f"merging ({plan.method.name})"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task("merge", total=total)
-        execute(plan, writer, dev, workers=workers, memory=memory,
-                on_done=lambda job: bar.advance(task, job.input_bytes(plan)))
-

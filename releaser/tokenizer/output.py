@@ -8,11 +8,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import Progress
 
-from ..checkpoint import CheckpointReader, CheckpointWriter
-from ..checkpoint.writer import DEFAULT_SHARD_BYTES, _os_error
+from ..atomic import OutputLock, os_error as _os_error, output_dir, temp_file, write_file
+from ..checkpoint import CheckpointReader, CheckpointWriter, safetensors_io as st
+from ..checkpoint.writer import DEFAULT_SHARD_BYTES
 from ..errors import OutputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -27,89 +26,128 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES) or name in WEIGHT_INDEXES
 
 
-def _replace_file(folder: Path, name: str, content: str) -> None:
-    tmp = folder / f".{name}.releaser-tmp"
-    try:
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, folder / name)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _os_error(exc, folder / name) from exc
-
-
 def _skip(name: str) -> bool:
     """Never copied into a new folder: git metadata, caches, and releaser's own temporary folders."""
     return name in (".git", ".cache") or (name.startswith(".") and ".releaser-" in name)
 
 
-def _copy_into(src: Path, dst: Path, changed: dict[str, str], skip_weights: bool) -> None:
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link an unchanged file (no copy of a 70B model's shards; every releaser write replaces files by rename,
+    so the input's bytes are never changed through the link); copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _copy_into(src: Path, dst: Path, changed: dict[str, str], skip_weights: bool, skip: set[str] = frozenset()) -> None:
     for item in src.iterdir():
-        if _skip(item.name) or item.name in changed or (skip_weights and is_weight_file(item.name)):
+        if (_skip(item.name) or item.name in changed or item.name in skip
+                or (skip_weights and is_weight_file(item.name))):
             continue
         if item.is_dir():
-            shutil.copytree(item, dst / item.name)
+            shutil.copytree(item, dst / item.name, copy_function=_link_or_copy)
         else:
-            shutil.copy2(item, dst / item.name)
+            _link_or_copy(item, dst / item.name)
     for name, content in changed.items():
         (dst / name).write_text(content, encoding="utf-8")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.releaser-old"
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_files(src: Path, out: Path | None, changed: dict[str, str]) -> Path:
-    """Write ``changed`` (name -> text). In place (``out`` None) each file is replaced atomically; otherwise the whole
-    folder is copied to a hidden temporary folder beside ``out`` and renamed into place."""
+    """Write ``changed`` (name -> text). In place (``out`` None) each file is replaced atomically; otherwise the
+    folder is assembled in a temporary folder beside ``out`` (unchanged files hard-linked) and renamed into place."""
     if out is None:
         for name, content in changed.items():
-            _replace_file(src, name, content)
+            write_file(src / name, content)
         return src
-    tmp = out.parent / f".{out.name}.releaser-tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        _copy_into(src, tmp, changed, skip_weights=False)
-        _swap_in(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_error(exc, out) from exc
+    with output_dir(out, overwrite=True) as tmp:
+        try:
+            _copy_into(src, tmp, changed, skip_weights=False)
+        except OSError as exc:
+            raise _os_error(exc, out) from exc
     return out
 
 
+def _rewrite_shard(reader: CheckpointReader, file: str, dst: Path, edits: dict[str, torch.Tensor]) -> None:
+    """Write ``dst``: the safetensors file ``file`` with ``edits`` applied (same tensor order and metadata)."""
+    infos = [i for i in reader.tensors.values() if i.file == file]
+    specs = [(i.name, i.dtype, tuple(edits[i.name].shape) if i.name in edits else i.shape) for i in infos]
+    metadata = st.read_header(file)[0].get("__metadata__")
+    header, offsets = st.layout(specs, metadata)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        st.write_at(fd, header, 0)
+        for info in infos:
+            t = edits.get(info.name)
+            t = (t if t is not None else reader.read(info.name)).to(info.dtype).contiguous()
+            if t.numel():
+                st.write_at(fd, t.view(torch.uint8).reshape(-1).numpy().data, offsets[info.name])
+    finally:
+        os.close(fd)
+
+
+def _rewritten_index(src: Path, reader: CheckpointReader, edits: dict[str, torch.Tensor]) -> str | None:
+    index = src / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    data = json.loads(index.read_text(encoding="utf-8"))
+    total = sum(edits[name].numel() * torch.empty((), dtype=info.dtype).element_size() if name in edits
+                else info.nbytes for name, info in reader.tensors.items())
+    data.setdefault("metadata", {})["total_size"] = total
+    return dump_json(data)
+
+
 def write_with_weights(src: Path, out: Path | None, changed: dict[str, str], edits: dict[str, torch.Tensor]) -> Path:
-    """Rewrite every tensor (``edits`` replace some) with CheckpointWriter. With ``out`` the other files are copied and
-    the folder is committed as a whole; in place, the new weight files replace the old ones file by file (other files
-    in the folder, such as .git, stay untouched), then the changed text files are replaced."""
-    target = out or src.parent / f".{src.name}.releaser-weights"
+    """Apply ``edits`` (tensor name -> new value) and the text changes. Only the safetensors files that hold an edited
+    tensor are rewritten (under their own names: a 70B model's fix rewrites the shards of embed_tokens and lm_head);
+    the others are hard-linked into ``out``, or left alone in place. With ``out`` the folder is committed as a whole;
+    in place each rewritten file and then each changed text file replaces its old self atomically."""
     with CheckpointReader(src) as reader:
-        specs = []
-        for name, info in reader.tensors.items():
-            t = edits.get(name)
-            specs.append((name, info.dtype, tuple(t.shape) if t is not None else info.shape))
-        files = {i.file for i in reader.tensors.values()}
-        shard = DEFAULT_SHARD_BYTES
-        if len(files) > 1:
-            shard = max(os.path.getsize(f) for f in files) + sum(t.numel() * t.element_size() for t in edits.values())
-        with CheckpointWriter(target, specs, max_shard_bytes=shard, overwrite=True) as writer:
-            with Progress(console=Console(stderr=True), transient=True) as progress:
-                task = progress.add_task("writing weights", total=len(specs))
-                for name, dtype, _ in specs:
-                    t = edits.get(name)
-                    writer.write(name, (t if t is not None else reader.read(name)).to(dtype).contiguous())
-                    progress.advance(task)
-            if out is not None:
+        files = sorted({reader.tensors[name].file for name in edits})
+        if any(not f.endswith(".safetensors") for f in {i.file for i in reader.tensors.values()}):
+            return _convert_with_weights(src, out, changed, edits, reader)
+        changed = dict(changed)
+        index = _rewritten_index(src, reader, edits)
+        if index is not None:
+            changed["model.safetensors.index.json"] = index
+        rewritten = [Path(f).name for f in files]
+        if out is not None:
+            with output_dir(out, overwrite=True) as tmp:
                 try:
-                    _copy_into(src, writer.tmp_dir, changed, skip_weights=True)
+                    for f in files:
+                        _rewrite_shard(reader, f, tmp / Path(f).name, edits)
+                    _copy_into(src, tmp, changed, skip_weights=False, skip=set(rewritten))
                 except OSError as exc:
                     raise _os_error(exc, out) from exc
-            writer.commit()
+            return out
+        for f in files:
+            with OutputLock(Path(f)), temp_file(Path(f)) as tmp:
+                try:
+                    _rewrite_shard(reader, f, tmp, edits)
+                except OSError as exc:
+                    raise _os_error(exc, Path(f)) from exc
+    return write_files(src, None, changed)
+
+
+def _convert_with_weights(src: Path, out: Path | None, changed: dict[str, str], edits: dict[str, torch.Tensor],
+                          reader: CheckpointReader) -> Path:
+    """``pytorch_model*.bin`` input: every tensor is rewritten as safetensors with CheckpointWriter."""
+    target = out or src.parent / f".{src.name}.releaser-weights"
+    specs = []
+    for name, info in reader.tensors.items():
+        t = edits.get(name)
+        specs.append((name, info.dtype, tuple(t.shape) if t is not None else info.shape))
+    shard = max(DEFAULT_SHARD_BYTES, sum(i.nbytes for i in reader.tensors.values()) // 4)
+    with CheckpointWriter(target, specs, max_shard_bytes=shard, overwrite=True) as writer:
+        for name, dtype, _ in specs:
+            t = edits.get(name)
+            writer.write(name, (t if t is not None else reader.read(name)).to(dtype).contiguous())
+        if out is not None:
+            try:
+                _copy_into(src, writer.tmp_dir, changed, skip_weights=True)
+            except OSError as exc:
+                raise _os_error(exc, out) from exc
+        writer.commit()
     if out is not None:
         return out
     try:

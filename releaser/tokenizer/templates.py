@@ -15,8 +15,8 @@ import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import ConfigError
+from ..resources import templates_dir
 
-CHAT_DIR = Path(__file__).resolve().parents[2] / "templates" / "chat"
 
 
 class TemplateError(ConfigError):
@@ -52,7 +52,7 @@ def check_syntax(source: str, where: str) -> None:
 
 
 def _catalog() -> dict[str, dict]:
-    meta = CHAT_DIR / "templates.yaml"
+    meta = templates_dir() / "chat" / "templates.yaml"
     try:
         data = yaml.safe_load(meta.read_text())
     except (OSError, yaml.YAMLError) as exc:  # pragma: no cover - broken installation
@@ -80,7 +80,7 @@ def load_template(name_or_path: str | Path) -> ChatTemplate:
     text = str(name_or_path)
     if text in catalog:
         meta = catalog[text]
-        path = CHAT_DIR / f"{text}.jinja"
+        path = templates_dir() / "chat" / f"{text}.jinja"
         return ChatTemplate(text, _read(path), meta.get("eos"), tuple(meta.get("tokens") or ()),
                             tuple(meta.get("stop") or ()), meta.get("description", ""), path)
     path = Path(name_or_path)

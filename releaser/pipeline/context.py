@@ -1,0 +1,53 @@
+"""What the stages of one release share: the recipe, the work folder and its layout, the manifest, the reporter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..recipe import Recipe
+from ..stage import Reporter
+from .manifest import Manifest
+
+
+@dataclass
+class Release:
+    recipe: Recipe
+    recipe_path: Path
+    work: Path
+    manifest: Manifest
+    reporter: Reporter
+    push: bool = False
+
+    @property
+    def recipe_dir(self) -> Path:
+        return self.recipe_path.parent
+
+    def local(self, ref: str) -> Path:
+        """A path written in the recipe, relative to the recipe's folder."""
+        path = Path(ref).expanduser()
+        return path if path.is_absolute() else (self.recipe_dir / path)
+
+    # the work folder: merged/ (the merge's raw output) and one folder per Hub repo, named as the repo
+    @property
+    def merged_dir(self) -> Path:
+        return self.work / "merged"
+
+    @property
+    def main_dir(self) -> Path:
+        return self.work / self.recipe.main_repo.split("/", 1)[1]
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.work / self.recipe.quants.gguf.split("/", 1)[1]
+
+    def source_dir(self) -> Path:
+        """The model the release is made of: the merge's output, or the recipe's ``model:`` folder."""
+        return self.merged_dir if self.recipe.merge is not None else self.local(self.recipe.model)
+
+    def repo_folders(self) -> dict[str, Path]:
+        """Repo id -> folder, main repo first (the quant cards link to it)."""
+        repos = {self.recipe.main_repo: self.main_dir}
+        if self.recipe.gguf is not None:
+            repos[self.recipe.quants.gguf] = self.gguf_dir
+        return repos

@@ -1,0 +1,83 @@
+"""The verification gate, run before anything is published: every check runs, and a failure lists them all.
+
+- the main folder: the doctor (with the stop test) is clean against the recipe's template;
+- each GGUF: it parses, its eos (and eot, when set) is the main folder's end-of-turn token, and its chat template
+  equals the main folder's;
+- each card: no placeholder, valid Hub metadata (the card renderer's own check);
+- every artefact: size and sha256 (read again from disk) equal the manifest's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .context import Release
+from .stages import GateError, _template
+
+
+def _gguf_checks(r: Release, eos: str | None, template: str | None) -> list[str]:
+    import gguf
+
+    problems = []
+    for path in sorted(r.gguf_dir.glob("*.gguf")):
+        if "-of-" in path.name and "-00001-of-" not in path.name:
+            continue
+        try:
+            reader = gguf.GGUFReader(path)
+        except Exception as exc:   # a damaged file can fail in numpy as well as in gguf-py
+            problems.append(f"{path.name} does not parse ({type(exc).__name__}: {exc})")
+            continue
+
+        def field(key: str):
+            f = reader.get_field(key)
+            return f.contents() if f is not None else None
+
+        tokens = field("tokenizer.ggml.tokens") or []
+        for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+            tid = field(key)
+            if tid is None and key.endswith("eot_token_id"):
+                continue
+            text = tokens[tid] if tid is not None and tid < len(tokens) else None
+            if text != eos:
+                problems.append(f"{path.name}: {key} is {tid} ({text!r}), the main folder's end-of-turn token is "
+                                f"{eos!r}")
+        if field("tokenizer.chat_template") != template:
+            problems.append(f"{path.name}: its chat template differs from the main folder's")
+    return problems
+
+
+def _main_tokenizer(r: Release) -> tuple[str | None, str | None]:
+    from ..tokenizer.model import ModelFolder
+
+    model = ModelFolder.open(r.main_dir)
+    return model.tokenizer.eos_token, getattr(model.tokenizer, "chat_template", None)
+
+
+def check_release(r: Release) -> None:
+    """Raise GateError listing every failed check."""
+    from ..card.render import CardError, check_card
+    from ..tokenizer.doctor import diagnose
+
+    problems: list[str] = []
+    report = diagnose(r.main_dir, _template(r))
+    problems += [f"{r.main_dir.name}: {f.problem}" for f in report.findings if f.severity == "error"]
+    eos, template = _main_tokenizer(r)
+    if r.recipe.gguf is not None:
+        problems += _gguf_checks(r, eos, template)
+    for folder in r.repo_folders().values():
+        card = folder / "README.md"
+        try:
+            check_card(card.read_text(encoding="utf-8"), card)
+        except (OSError, CardError) as exc:
+            problems.append(f"{card.relative_to(r.work)}: {exc}")
+    for stage in ("merge", "tokenizer", "gguf", "cards"):
+        entry = r.manifest.stage(stage)
+        if entry is None:
+            continue
+        wrong = r.manifest.intact(Path(entry["root"]), entry["files"], rehash=True)
+        if wrong:
+            problems.append(f"{stage}: {wrong}")
+    if problems:
+        raise GateError(f"the release failed {len(problems)} check(s), nothing was published: "
+                        + "; ".join(problems))
+

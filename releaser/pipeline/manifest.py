@@ -1,0 +1,141 @@
+"""``release.json``: what a release was made from and what it wrote, and the memory that lets a rerun skip work.
+
+It records the recipe, releaser's and the key libraries' versions, every input (path or repo id, sha256 of its
+files), and for each stage its fingerprint (options and input hashes) and the files it wrote (path, size, sha256,
+mtime). A ``checksum`` over the rest detects a file that was edited by hand or truncated: such a manifest is
+refused, never trusted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from .. import __version__
+from ..atomic import write_file
+from ..errors import ConfigError
+from ..stage import OutputFile, sha256_file
+
+NAME = "release.json"
+FORMAT = 1
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "gguf", "numpy")
+
+
+class ManifestError(ConfigError):
+    """The work folder's manifest cannot be used (damaged, edited, or another release's)."""
+
+
+def _checksum(data: dict) -> str:
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    out = {"releaser": __version__}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class Manifest:
+    path: Path
+    data: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, work_dir: Path, release: str, *, force: bool = False) -> Manifest:
+        """The manifest of ``work_dir`` for the release ``release`` (repo id); a new one when there is none (or with
+        ``force``, which rebuilds every stage)."""
+        path = work_dir / NAME
+        fresh = cls(path, {"format": FORMAT, "release": release, "stages": {}, "inputs": {}, "hashes": {}})
+        if not path.exists():
+            return fresh
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            ok = isinstance(data, dict) and data.get("checksum") == _checksum(data) and data.get("format") == FORMAT
+        except (OSError, ValueError, UnicodeDecodeError):
+            ok, data = False, None
+        if not ok:
+            if force:
+                return fresh
+            raise ManifestError(f"{path} is damaged or was edited by hand (its checksum does not match), so it is "
+                                "not trusted; move it away or rerun with --force to rebuild every stage")
+        if data.get("release") != release:
+            raise ManifestError(f"{work_dir} holds the release of {data.get('release')!r}, not {release!r}; choose "
+                                "another work folder with -o")
+        if force:
+            fresh.data["hashes"] = data.get("hashes", {})
+            return fresh
+        return cls(path, data)
+
+    def save(self) -> None:
+        self.data["versions"] = versions()
+        self.data["updated"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.data["checksum"] = _checksum(self.data)
+        write_file(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+
+    # -- stages ------------------------------------------------------------------------------------------------------
+    def stage(self, name: str) -> dict | None:
+        return self.data["stages"].get(name)
+
+    def record(self, name: str, entry: dict) -> None:
+        self.data["stages"][name] = entry
+        self.save()
+
+    def forget(self, name: str) -> None:
+        if self.data["stages"].pop(name, None) is not None:
+            self.save()
+
+    # -- file hashes (a cache keyed by path, size and mtime, like git's index) ------------------------------------
+    def hash(self, path: Path) -> str:
+        path = Path(path).absolute()
+        st = path.stat()
+        key = str(path)
+        cached = self.data["hashes"].get(key)
+        if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+            return cached[2]
+        digest = sha256_file(path)
+        self.data["hashes"][key] = [st.st_size, st.st_mtime_ns, digest]
+        return digest
+
+    def describe(self, root: Path, paths: list[Path] | None = None) -> list[OutputFile]:
+        """Like :func:`releaser.stage.describe_files`, through the hash cache."""
+        root = Path(root)
+        if paths is None:
+            paths = [p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".")
+                                                                            for part in p.relative_to(root).parts)]
+        out = [OutputFile(Path(p).relative_to(root).as_posix(), Path(p).stat().st_size, self.hash(p)) for p in paths]
+        return sorted(out, key=lambda f: f.path)
+
+    def intact(self, root: Path, files: list[dict], *, rehash: bool = False) -> str | None:
+        """None when every recorded file is there with its size and sha256 (from the cache unless ``rehash``);
+        otherwise what is wrong."""
+        for f in files:
+            path = Path(root) / f["path"]
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != f["size"]:
+                return f"{path} has {path.stat().st_size} bytes, the manifest says {f['size']}"
+            digest = sha256_file(path) if rehash else self.hash(path)
+            if digest != f["sha256"]:
+                return f"{path} changed (sha256 {digest[:12]}..., the manifest says {f['sha256'][:12]}...)"
+        return None
+
+
+def relative(path: Path, root: Path) -> str:
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:
+        return str(path)

@@ -1,0 +1,257 @@
+"""The stages of a release, in order. Each is a :class:`Step`: when it applies, the fingerprint of what it depends on
+(its options and the hashes of its inputs), where its files are, and how to run it. The runner (``run.py``) skips a
+stage whose fingerprint and files match the manifest and runs the others."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..atomic import output_dir
+from ..errors import ConfigError, ModelError
+from ..stage import StageResult
+from .context import Release
+from .manifest import fingerprint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json", "added_tokens.json", "tokenizer.model")
+
+
+class GateError(ConfigError):
+    """The release failed a check; nothing was published."""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    applies: Callable[[Release], str | None]          # None: it runs; else why it does not apply
+    depends: Callable[[Release], dict]                # what its fingerprint is made of
+    root: Callable[[Release], Path]                   # the folder its recorded files are relative to
+    run: Callable[[Release], StageResult]
+
+
+def _files(r: Release, stage: str) -> list[dict]:
+    entry = r.manifest.stage(stage)
+    return entry["files"] if entry else []
+
+
+def _folder_hashes(r: Release, folder: Path) -> dict[str, str]:
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} does not exist; check the path in the recipe")
+    return {f.path: f.sha256 for f in r.manifest.describe(folder)}
+
+
+def _result(r: Release, stage: str, root: Path, summary: str, paths: list[Path] | None = None,
+            facts: dict | None = None) -> StageResult:
+    return StageResult(stage, root, r.manifest.describe(root, paths), summary, facts or {})
+
+
+# -- merge -------------------------------------------------------------------------------------------------------------
+def _merge_config(r: Release) -> tuple[dict | Path, Path | None]:
+    """The config and the folder its relative model paths are taken from (a config file's own folder)."""
+    m = r.recipe.merge
+    return (r.local(m.config), None) if m.config is not None else (m.inline, r.recipe_dir)
+
+
+def _merge_depends(r: Release) -> dict:
+    from ..merge.config import parse_config
+
+    config, base_dir = _merge_config(r)
+    cfg, text = parse_config(config, base_dir=base_dir)
+    inputs = {}
+    for ref in cfg.referenced_models():
+        inputs[ref] = _folder_hashes(r, Path(ref))
+    r.manifest.data["inputs"] = {ref: {"files": hashes} for ref, hashes in inputs.items()}
+    return {"config": text, "options": r.recipe.merge.model_dump(mode="json", exclude={"inline", "config"}),
+            "inputs": inputs}
+
+
+def _merge_run(r: Release) -> StageResult:
+    from ..checkpoint import parse_size
+    from ..merge import run_merge
+
+    m = r.recipe.merge
+    config, base_dir = _merge_config(r)
+    result = run_merge(config, r.merged_dir, device=m.device, overwrite=True, max_shard_bytes=parse_size(m.shard_size),
+                       reporter=r.reporter, base_dir=base_dir)
+    return _result(r, "merge", r.merged_dir, f"merged {result.tensors} tensors with {result.method}")
+
+
+# -- tokenizer: the main repo folder --------------------------------------------------------------------------------
+def _source_depends(r: Release) -> dict:
+    if r.recipe.merge is not None:
+        return {f["path"]: f["sha256"] for f in _files(r, "merge")}
+    hashes = _folder_hashes(r, r.source_dir())
+    r.manifest.data["inputs"] = {r.recipe.model: {"files": hashes}}
+    return hashes
+
+
+def _template(r: Release) -> str | None:
+    t = r.recipe.tokenizer
+    if t is None:
+        return None
+    return str(r.local(t.template)) if t.template.endswith((".jinja", ".j2")) or "/" in t.template else t.template
+
+
+def _tokenizer_depends(r: Release) -> dict:
+    t = r.recipe.tokenizer
+    template = _template(r)
+    text = Path(template).read_text(encoding="utf-8") if template and Path(template).is_file() else template
+    return {"options": t.model_dump(mode="json") if t else None, "template": text, "source": _source_depends(r)}
+
+
+def _tokenizer_run(r: Release) -> StageResult:
+    t = r.recipe.tokenizer
+    if t is None:   # no fix asked for: the main folder is the source as it is (unchanged files are hard links)
+        from ..tokenizer.output import _copy_into
+
+        with output_dir(r.main_dir, overwrite=True) as tmp:
+            _copy_into(r.source_dir(), tmp, {}, skip_weights=False, skip={"README.md"})
+        return _result(r, "tokenizer", r.main_dir, "copied the model as it is (no tokenizer: section)")
+    from ..tokenizer.fix import FixSpec, fix_tokenizer
+
+    report = fix_tokenizer(r.source_dir(), FixSpec(_template(r), r.main_dir, False, t.eos, t.system_prompt,
+                                                    overwrite=True))
+    return _result(r, "tokenizer", r.main_dir,
+                   f"{report.template}: eos {report.eos_token!r}, stop ids {report.eos_ids}, "
+                   f"{len(report.changes)} file(s) changed", facts={"changes": report.changes,
+                                                                    "stop_strings": report.stop_strings})
+
+
+# -- verify: doctor and stop test on the main folder ----------------------------------------------------------------
+def _verify_depends(r: Release) -> dict:
+    return {"template": _tokenizer_depends(r)["template"], "main": {f["path"]: f["sha256"]
+                                                                    for f in _files(r, "tokenizer")}}
+
+
+def _verify_run(r: Release) -> StageResult:
+    from ..tokenizer.doctor import diagnose
+
+    report = diagnose(r.main_dir, _template(r))
+    if not report.clean:
+        problems = "; ".join(f"{f.problem} ({f.fix})" for f in report.findings if f.severity == "error")
+        raise GateError(f"{r.main_dir} fails the doctor: {problems}")
+    return StageResult("verify", r.main_dir, [], f"doctor clean: turns end with {report.end_of_turn}, generation "
+                       f"eos ids {report.generation_eos}", {"doctor": report.to_dict()})
+
+
+# -- gguf ---------------------------------------------------------------------------------------------------------------
+def _gguf_weights(r: Release) -> dict:
+    """What the tensors depend on: everything in the main folder but the tokenizer files."""
+    main = {f["path"]: f["sha256"] for f in _files(r, "tokenizer")}
+    return {"options": r.recipe.gguf.model_dump(mode="json"), "license": r.recipe.license, "author": r.recipe.author,
+            "name": r.recipe.main_repo, "model": {k: v for k, v in main.items() if k not in TOKENIZER_FILES}}
+
+
+def _gguf_depends(r: Release) -> dict:
+    main = {f["path"]: f["sha256"] for f in _files(r, "tokenizer")}
+    return {"weights": fingerprint(_gguf_weights(r)),
+            "tokenizer": {k: v for k, v in main.items() if k in TOKENIZER_FILES}}
+
+
+def _gguf_run(r: Release) -> StageResult:
+    """A full export, or -- when only the tokenizer files changed and the files are intact -- a rewrite of each
+    file's tokenizer metadata with the tensor bytes copied unchanged (a tokenizer fix is not requantized)."""
+    old = r.manifest.stage("gguf")
+    if old and old["depends"]["weights"] == fingerprint(_gguf_weights(r)) and \
+            r.manifest.intact(r.gguf_dir, old["files"]) is None:
+        from ..gguf.fix import sync_tokenizer
+
+        changed = []
+        for f in old["files"]:
+            path = r.gguf_dir / f["path"]
+            if "-of-" in path.name and "-00001-of-" not in path.name:
+                continue   # metadata lives in the first file of a split set
+            if sync_tokenizer(path, r.main_dir).changes:
+                changed.append(path.name)
+        paths = [r.gguf_dir / f["path"] for f in old["files"]]
+        return _result(r, "gguf", r.gguf_dir, f"tokenizer metadata rewritten in {len(changed)} file(s), tensors "
+                       "unchanged", paths, {"tensor_types": old["facts"].get("tensor_types", {}),
+                                            "metadata_only": True})
+    from ..gguf import export_gguf
+
+    g = r.recipe.gguf
+    name = r.recipe.main_repo.split("/", 1)[1]
+    with output_dir(r.gguf_dir, overwrite=True) as tmp:
+        result = export_gguf(r.main_dir, tmp, g.quants, name, g.split_max_size, overwrite=True,
+                             license=r.recipe.license, base_models=[r.recipe.main_repo],
+                             quantized_by=r.recipe.author, pre_tokenizer=g.pre_tokenizer, reporter=r.reporter)
+    paths = [r.gguf_dir / p.name for ps in result.files.values() for p in ps]
+    return _result(r, "gguf", r.gguf_dir, f"{len(paths)} GGUF file(s): {', '.join(result.files)}", paths,
+                   {"tensor_types": result.tensor_types})
+
+
+# -- cards --------------------------------------------------------------------------------------------------------------
+def _card_depends(r: Release) -> dict:
+    recipe = r.recipe.model_dump(mode="json", exclude={"merge", "gguf", "tokenizer", "publish"})
+    template = r.local(r.recipe.card.template) if r.recipe.card.template else None
+    return {"recipe": recipe, "template": template.read_text(encoding="utf-8") if template else None,
+            "folders": {stage: _files(r, stage) for stage in ("tokenizer", "gguf")}}
+
+
+def _card_run(r: Release) -> StageResult:
+    from ..card import write_card
+
+    template = r.local(r.recipe.card.template) if r.recipe.card.template else None
+    written = [write_card(folder, folder / "README.md", r.recipe, template, overwrite=True).path
+               for folder in r.repo_folders().values()]
+    return StageResult("cards", r.work, r.manifest.describe(r.work, written),
+                       f"{len(written)} card(s): " + ", ".join(str(p.relative_to(r.work)) for p in written))
+
+
+# -- publish ------------------------------------------------------------------------------------------------------------
+def _publish_options(r: Release):
+    from ..options import PublishOptions
+
+    p = r.recipe.publish
+    target = "hub" if r.push else (f"dir:{r.work / p.target[4:]}" if p.target.startswith("dir:") else p.target)
+    notes = "\n".join(f"- {c}" for c in r.recipe.releases[0].changes) if r.recipe.releases else None
+    fields = p.model_dump(exclude={"repos", "target"})
+    fields.update(target=target, version=r.recipe.version, description=p.description or notes)
+    return PublishOptions(**fields)
+
+
+def _publish_depends(r: Release) -> dict:
+    return {"options": _publish_options(r).model_dump(mode="json"),
+            "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "cards")}}
+
+
+def _publish_root(r: Release) -> Path:
+    options = _publish_options(r)
+    return Path(options.target[4:]) if options.target.startswith("dir:") else r.work
+
+
+def _publish_run(r: Release) -> StageResult:
+    from ..publish import run_publish
+    from .gate import check_release
+
+    check_release(r)
+    options = _publish_options(r)
+    result = run_publish(options, r.repo_folders(), r.reporter)
+    if options.target == "hub":
+        return StageResult("publish", r.work, [], result.summary, result.facts)
+    root = _publish_root(r)
+    files = [root / repo / f.path for repo in r.repo_folders() for f in r.manifest.describe(root / repo)]
+    return StageResult("publish", root, r.manifest.describe(root, files), result.summary, result.facts)
+
+
+def _publish_applies(r: Release) -> str | None:
+    if r.recipe.publish.target == "hub" and not r.push:
+        return "publish.target is hub: pass --push to upload"
+    return None
+
+
+def _needs(section: str) -> Callable[[Release], str | None]:
+    return lambda r: None if getattr(r.recipe, section) is not None else f"the recipe has no {section}: section"
+
+
+STEPS = [
+    Step("merge", _needs("merge"), _merge_depends, lambda r: r.merged_dir, _merge_run),
+    Step("tokenizer", lambda r: None, _tokenizer_depends, lambda r: r.main_dir, _tokenizer_run),
+    Step("verify", lambda r: None, _verify_depends, lambda r: r.main_dir, _verify_run),
+    Step("gguf", _needs("gguf"), _gguf_depends, lambda r: r.gguf_dir, _gguf_run),
+    Step("cards", lambda r: None, _card_depends, lambda r: r.work, _card_run),
+    Step("publish", _publish_applies, _publish_depends, _publish_root, _publish_run),
+]
+NAMES = [s.name for s in STEPS]

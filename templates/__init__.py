@@ -1,0 +1,1 @@
+"""Card and chat templates shipped with releaser (found through releaser.resources.templates_dir)."""
