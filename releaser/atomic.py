@@ -249,28 +249,36 @@ def output_files(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iter
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir} exists and is not a folder; choose another output folder")
     with OutputLock(out_dir):
+        created = not out_dir.exists()   # a folder this run creates goes again if the run fails
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for entry in out_dir.iterdir():  # staging folders of killed runs
-                if entry.name.startswith(TMP_TAG):
-                    remove(entry)
-            tmp = Path(tempfile.mkdtemp(prefix=TMP_TAG, dir=out_dir))
-        except OSError as exc:
-            raise os_error(exc, out_dir) from exc
-        try:
-            yield tmp
-            staged = sorted(tmp.iterdir(), key=lambda p: ("-00001-of-" in p.name, p.name))
-            for path in staged:
-                check_new(out_dir / path.name, overwrite, kind="file")
             try:
-                fsync_tree(tmp)
-                for path in staged:
-                    os.replace(path, out_dir / path.name)
-                fsync_dir(out_dir)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                for entry in out_dir.iterdir():  # staging folders of killed runs
+                    if entry.name.startswith(TMP_TAG):
+                        remove(entry)
+                tmp = Path(tempfile.mkdtemp(prefix=TMP_TAG, dir=out_dir))
             except OSError as exc:
                 raise os_error(exc, out_dir) from exc
+            try:
+                yield tmp
+                staged = sorted(tmp.iterdir(), key=lambda p: ("-00001-of-" in p.name, p.name))
+                for path in staged:
+                    check_new(out_dir / path.name, overwrite, kind="file")
+                try:
+                    fsync_tree(tmp)
+                    for path in staged:
+                        os.replace(path, out_dir / path.name)
+                    fsync_dir(out_dir)
+                except OSError as exc:
+                    raise os_error(exc, out_dir) from exc
+            finally:
+                remove(tmp)
         finally:
-            remove(tmp)
+            if created:
+                try:
+                    out_dir.rmdir()   # succeeds only while empty: a first run that failed or was stopped
+                except OSError:
+                    pass
 
 
 def write_file(path: str | os.PathLike, data: str | bytes, *, overwrite: bool = True, mode: int | None = None) -> Path:

@@ -353,3 +353,19 @@ def test_card_without_recipe_shows_no_absolute_paths(model, tmp_path):
     assert cli("merge", tmp_path / "m.yml", tmp_path / "out")[0] == 0
     code, output = cli("card", tmp_path / "out")
     assert code == 0 and str(tmp_path) not in output and "- `other` (weight: 0.5)" in output
+
+
+def test_a_failed_first_export_leaves_no_output_folder(tmp_path, monkeypatch):
+    """atomic.output_files removes the folder a failed run created (it is empty): nothing beside the output."""
+    from releaser.atomic import output_files
+
+    with pytest.raises(OSError, match="disk on fire"):
+        with output_files(tmp_path / "new") as staging:
+            (staging / "x.gguf").write_bytes(b"partial")
+            raise OSError(28, "disk on fire")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OSError):
+        with output_files(tmp_path / "kept"):
+            raise OSError(28, "disk on fire")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]   # a folder that was there stays
