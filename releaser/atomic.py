@@ -207,7 +207,8 @@ class PendingDir:
         except OSError as exc:
             self._lock.release()
             raise os_error(exc, self.out) from exc
-        except BaseException:
+        except BaseException:   # interrupted, perhaps after mkdtemp made the folder: the lock is ours, so sweep
+            sweep(self.out)
             self._lock.release()
             raise
 
@@ -218,6 +219,9 @@ class PendingDir:
         except OSError as exc:
             self.abort()
             raise os_error(exc, self.out) from exc
+        except BaseException:   # Ctrl-C or SIGTERM while publishing: no temporary folder or lock is left
+            self.abort()
+            raise
         self._lock.release()
         return self.out
 
