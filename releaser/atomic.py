@@ -277,6 +277,12 @@ def output_files(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iter
                     raise os_error(exc, out_dir) from exc
             finally:
                 remove(tmp)
+        except BaseException:   # interrupted, perhaps right after mkdtemp: the lock is ours, so sweep
+            if out_dir.is_dir():
+                for entry in out_dir.iterdir():
+                    if entry.name.startswith(TMP_TAG):
+                        remove(entry)
+            raise
         finally:
             if created:
                 try:
