@@ -68,19 +68,26 @@ class OutputLock:
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise os_error(exc, self.path) from exc
+            locked = False
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise OutputError(f"another releaser run is writing {self.path}; wait for it to finish or "
+                                      "choose another output") from None
+                locked = True
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self._fd = fd
+                    return self
+            except BaseException:
+                if locked:   # Ctrl-C or SIGTERM while we held it: the lock file is ours to remove
+                    self.file.unlink(missing_ok=True)
                 os.close(fd)
-                raise OutputError(f"another releaser run is writing {self.path}; wait for it to finish or choose "
-                                  "another output") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._fd = fd
-                return self
+                raise
             os.close(fd)
         raise OutputError(f"cannot lock {self.path}: its lock file keeps changing")
 
