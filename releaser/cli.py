@@ -158,10 +158,12 @@ def fix_tokenizer_cmd(
     overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Set the chat template and fix eos, generation_config, pad, special tokens, BOS and untrained rows."""
+    from .options import TokenizerOptions
     from .tokenizer.console import run_fix
     from .tokenizer.fix import FixSpec
 
-    run_fix(model_dir, FixSpec(template, out_dir, in_place, eos, system_prompt, overwrite), Console())
+    opts = TokenizerOptions.build(template=template, eos=eos, system_prompt=system_prompt)
+    run_fix(model_dir, FixSpec(opts.template, out_dir, in_place, opts.eos, opts.system_prompt, overwrite), Console())
 
 
 @app.command("gguf", context_settings={"allow_extra_args": True})
@@ -170,7 +172,8 @@ def gguf_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face Llama/Mistral/Qwen2 model folder."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
     quant: str = typer.Option("Q4_K_M", "--quant", "-Q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
-                              "Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K."),
+                              "Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K "
+                              "(the recipe's gguf.quants)."),
     name: str | None = typer.Option(None, "--name", help="Model name: general.name and the file names {Name}-{TYPE}."),
     split_max_size: str | None = typer.Option(None, "--split-max-size", help="Split files above this size, e.g. 48G."),
     license: str | None = typer.Option(None, "--license", help="general.license (default: from the model card)."),
@@ -186,15 +189,17 @@ def gguf_cmd(
     """Export GGUF files (one pass over the checkpoint; llama-quantize's mixes, same bytes as llama.cpp)."""
     from .errors import ConfigError
     from .gguf import export_gguf
+    from .options import GGUFOptions
 
     stray = ctx.args if ctx is not None else []
     if stray:  # releaser <= 0.1 used -q for --quant: `-q Q8_0` now reads as --quiet plus a stray argument
         hint = " (-q means --quiet in every command; the types go with --quant/-Q)" if quiet else ""
         raise ConfigError(f"unexpected argument {stray[0]!r}{hint}; e.g. --quant {stray[0]}")
 
-    result = export_gguf(model_dir, out_dir, quant, name, split_max_size, overwrite=overwrite, license=license,
-                         tags=tag, base_models=base_model, quantized_by=quantized_by, pre_tokenizer=pre_tokenizer,
-                         reporter=_reporter(quiet))
+    opts = GGUFOptions.build(quants=quant, split_max_size=split_max_size, pre_tokenizer=pre_tokenizer)
+    result = export_gguf(model_dir, out_dir, opts.quants, name, opts.split_max_size, overwrite=overwrite,
+                         license=license, tags=tag, base_models=base_model, quantized_by=quantized_by,
+                         pre_tokenizer=opts.pre_tokenizer, reporter=_reporter(quiet))
     out.print(result.summary(), highlight=False)
 
 

@@ -36,6 +36,24 @@ class StageOptions(BaseModel):
         """The field's description, for the CLI flag that sets it."""
         return cls.model_fields[name].description or ""
 
+    @classmethod
+    def build(cls, **values):
+        """The options from command-line values (None: the default), validated as the recipe section is: a bad
+        value is a one-line ConfigError naming the option."""
+        from pydantic import ValidationError
+
+        from .errors import ConfigError, ReleaserError
+
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, ReleaserError):
+                raise cause from None
+            where = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(f"--{where.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
+
 
 class Reporter:
     """Silent reporter (library default). Subclasses show messages and progress."""

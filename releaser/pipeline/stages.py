@@ -213,7 +213,8 @@ def _publish_options(r: Release):
 
 
 def _publish_depends(r: Release) -> dict:
-    return {"options": _publish_options(r).model_dump(mode="json"),
+    return {"options": r.recipe.publish.model_dump(mode="json"), "push": r.push, "version": r.recipe.version,
+            "notes": [c for rel in r.recipe.releases[:1] for c in rel.changes],
             "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "cards")}}
 
 

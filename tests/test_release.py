@@ -1,0 +1,172 @@
+"""``releaser release`` end to end on the demo recipe (the real SmolLM2 model), run as real processes: the folders,
+the manifest, the no-op rerun, a tokenizer re-release, kill -9 and resume, and the gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import yaml
+
+from release_helpers import NAME, ROOT, cli, demo_layout, hashes, link_copy, timed_release, tree
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """One demo release for the whole session: (recipe path, work folder, wall seconds of the first run)."""
+    root = tmp_path_factory.mktemp("demo-release")
+    recipe = demo_layout(root)
+    proc, seconds = timed_release(recipe, root / "work")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return recipe, root / "work", seconds
+
+
+def _manifest(work: Path) -> dict:
+    return json.loads((work / "release.json").read_text())
+
+
+def test_release_folders_mirror_the_repos(demo):
+    _, work, _ = demo
+    main, quants = work / NAME, work / f"{NAME}-GGUF"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "generation_config.json"} <= \
+        {p.name for p in main.iterdir()}
+    assert sorted(p.name for p in quants.iterdir()) == ["README.md", f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q8_0.gguf"]
+    card = (quants / "README.md").read_text()
+    assert "base_model_relation: quantized" in card and "quantized_by: demo" in card and "apache-2.0" in card
+    # the published mirror (dir: target) equals the repo folders byte for byte
+    for repo in (NAME, f"{NAME}-GGUF"):
+        assert hashes(work / "published" / "demo" / repo) == hashes(work / repo)
+    # nothing temporary is left anywhere
+    assert not [p for p in work.rglob("*") if ".releaser-" in p.name]
+
+
+def test_manifest_records_inputs_versions_stages_and_artefacts(demo):
+    _, work, _ = demo
+    m = _manifest(work)
+    assert m["release"] == f"demo/{NAME}" and m["versions"]["releaser"] and m["versions"]["torch"]
+    assert sorted(m["stages"]) == ["cards", "gguf", "merge", "publish", "tokenizer", "verify"]
+    inputs = m["inputs"]
+    assert len(inputs) == 2 and all(len(i["files"]["model.safetensors"]) == 64 for i in inputs.values())
+    gguf_files = {f["path"]: f for f in m["stages"]["gguf"]["files"]}
+    path = work / f"{NAME}-GGUF" / f"{NAME}-Q4_K_M.gguf"
+    assert gguf_files[path.name]["size"] == path.stat().st_size
+    import hashlib
+
+    assert gguf_files[path.name]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_second_run_is_a_fast_no_op(demo, tmp_path):
+    recipe, work, first = demo
+    copy = link_copy(work, tmp_path / "work")
+    before = tree(copy)
+    proc, seconds = timed_release(recipe, copy)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 stage(s) ran" in proc.stdout
+    assert tree(copy) == before          # not one file rewritten (same bytes and mtimes)
+    assert seconds <= 0.10 * first, (seconds, first)
+
+
+def _tensor_bytes(path: Path) -> dict[str, bytes]:
+    reader = gguf.GGUFReader(path)
+    return {t.name: np.asarray(t.data).tobytes() for t in reader.tensors}
+
+
+def test_re_release_of_a_tokenizer_fix_touches_no_weights(demo, tmp_path):
+    recipe, work, _ = demo
+    copy = link_copy(work, tmp_path / "work")
+    data = yaml.safe_load(recipe.read_text())
+    data["tokenizer"]["system_prompt"] = "You are a careful assistant."
+    data["releases"].insert(0, {"version": "1.1", "date": "2026-11-30", "changes": ["Default system prompt."]})
+    fixed = recipe.with_name("demo-fix.yaml")
+    fixed.write_text(yaml.safe_dump(data, sort_keys=False))
+    before = hashes(copy)
+    q4 = copy / f"{NAME}-GGUF" / f"{NAME}-Q4_K_M.gguf"
+    tensors_before = _tensor_bytes(q4)
+    proc = cli("release", fixed, "-o", copy)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    after = hashes(copy)
+    changed = {k for k in before if before[k] != after.get(k)}
+    repos = {k for k in changed if not k.startswith("published/")}
+    assert repos == {f"{NAME}/chat_template.jinja", f"{NAME}/README.md", f"{NAME}-GGUF/README.md",
+                     f"{NAME}-GGUF/{NAME}-Q4_K_M.gguf", f"{NAME}-GGUF/{NAME}-Q8_0.gguf"}, repos
+    m = _manifest(copy)
+    assert m["stages"]["gguf"]["facts"]["metadata_only"] is True
+    assert _tensor_bytes(q4) == tensors_before                    # not requantized
+    template = gguf.GGUFReader(q4).get_field("tokenizer.chat_template").contents()
+    assert "You are a careful assistant." in template
+    assert "1.1" in (copy / NAME / "README.md").read_text() and "Default system prompt." in \
+        (copy / NAME / "README.md").read_text()
+    assert m["stages"]["tokenizer"]["changed"]["changed"]          # the manifest shows what changed
+    # and the published mirror followed, only for the changed files
+    assert hashes(copy / "published" / "demo" / NAME) == hashes(copy / NAME)
+
+
+def _kill_during(recipe: Path, work: Path, stage: str, delay: float) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "releaser.cli", "release", str(recipe), "-o", str(work),
+                             "--skip", "cards,publish"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 600
+    seen = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+        if f"{stage}: running" in line:
+            time.sleep(delay)
+            break
+    assert f"{stage}: running" in seen, seen
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+
+
+@pytest.mark.parametrize("stage, delay", [("merge", 1.0), ("gguf", 2.0)])
+def test_killed_release_resumes_to_the_same_bytes(demo, tmp_path, stage, delay):
+    recipe, work, _ = demo
+    _kill_during(recipe, tmp_path / "work", stage, delay)
+    proc = cli("release", recipe, "-o", tmp_path / "work", "--skip", "cards,publish")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    done = _manifest(tmp_path / "work")["stages"]
+    reference = _manifest(work)["stages"]
+    for name in ("merge", "tokenizer", "gguf"):
+        assert done[name]["files"] == reference[name]["files"], name
+    assert not [p for p in (tmp_path / "work").rglob("*") if ".releaser-" in p.name]
+
+
+def test_gate_stops_a_release_with_a_broken_gguf_eos(demo, tmp_path):
+    from releaser.gguf.fix import fix_gguf
+
+    recipe, work, _ = demo
+    copy = link_copy(work, tmp_path / "work")
+    published = hashes(copy / "published")
+    q8 = copy / f"{NAME}-GGUF" / f"{NAME}-Q8_0.gguf"
+    fix_gguf(q8, eos="<|endoftext|>")
+    proc = cli("release", recipe, "-o", copy, "--only", "publish", "--force")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    message = errors[0]
+    assert "nothing was published" in message and f"{NAME}-Q8_0.gguf: tokenizer.ggml.eos_token_id" in message
+    assert "<|endoftext|>" in message and "changed (sha256" in message
+    assert hashes(copy / "published") == published
+
+
+def test_check_validates_every_recipe_in_the_repository():
+    recipes = sorted((ROOT / "recipes").rglob("*.yaml")) + [ROOT / "recipes" / "example.yml"]
+    assert len(recipes) >= 7
+    for recipe in recipes:
+        proc = cli("check", recipe)
+        assert proc.returncode == 0, (recipe, proc.stderr)
+        assert "valid recipe" in proc.stdout

@@ -1,0 +1,121 @@
+"""Bad input to ``releaser release`` / ``releaser check``: one line naming the problem, a non-zero exit code, and
+nothing written. A tiny model keeps these fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from releaser.cli import app
+from releaser.testing import tiny_model, tiny_tokenizer
+
+BASE = """\
+name: me/Tiny
+description: A tiny release.
+"""
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model(path, vocab=256)
+    tiny_tokenizer(path)
+    return path
+
+
+def _run(*args) -> tuple[int, str]:
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    return res.exit_code, res.output
+
+
+def _one_line_error(output: str) -> str:
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in output, output
+    return errors[0]
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("model: {m}\nlicence: mit\n", "licence: unknown key 'licence'; did you mean 'license'?"),
+    ("model: {m}\ngguf: {{quantz: [Q4_K_M]}}\n", "gguf.quantz: unknown key 'quantz'; did you mean 'quants'?"),
+    ("model: {m}\ngguf: {{quants: [Q4_K_X]}}\n", "unknown GGUF quant type Q4_K_X"),
+    ("model: {m}\ntokenizer: {{template: chatml, eoss: x}}\n", "tokenizer.eoss: unknown key 'eoss'; did you mean 'eos'?"),
+    ("model: {m}\npublish: {{target: s3:bucket}}\n", "publish.target: target must be 'hub' or 'dir:PATH'"),
+    ("", "needs exactly one of merge: (a mergekit config to run) and model:"),
+    ("model: {m}\nmerge: {{merge_method: linear, models: [{{model: {m}, parameters: {{weight: 1}}}}]}}\n",
+     "needs exactly one of merge:"),
+    ("merge: {{merge_methd: linear}}\n", "merge: unknown key 'merge_methd' in the merge config; did you mean "
+                                         "'merge_method'?"),
+    ("model: {m}\ntokenizer: {{template: nosuch}}\n", "nosuch"),
+])
+def test_bad_recipes_are_one_line_errors_and_write_nothing(model, tmp_path, body, problem):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BASE + body.format(m=model))
+    for command in (["check", recipe], ["release", recipe, "-o", tmp_path / "work"]):
+        code, output = _run(*command)
+        assert code != 0
+        assert problem in _one_line_error(output), output
+    assert not (tmp_path / "work").exists()
+
+
+def test_only_names_an_unknown_stage(model, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BASE + f"model: {model}\n")
+    code, output = _run("release", recipe, "-o", tmp_path / "work", "--only", "gguf,quantise")
+    assert code != 0
+    assert "--only: unknown stage 'quantise'; the stages are merge, tokenizer, verify, gguf, cards, publish" in \
+        _one_line_error(output)
+    assert not (tmp_path / "work").exists()
+
+
+def _release(model: Path, tmp_path: Path, name: str = "me/Tiny") -> Path:
+    recipe = tmp_path / f"{name.split('/')[1]}.yaml"
+    recipe.write_text(f"name: {name}\ndescription: A tiny release.\nmodel: {model}\ntokenizer: {{template: chatml}}\n")
+    code, output = _run("release", recipe, "-o", tmp_path / "work")
+    assert code == 0, output
+    return recipe
+
+
+def test_a_tiny_release_without_gguf(model, tmp_path):
+    _release(model, tmp_path)
+    work = tmp_path / "work"
+    assert sorted(p.name for p in work.iterdir()) == ["Tiny", "published", "release.json"]
+    assert (work / "published" / "me" / "Tiny" / "README.md").is_file()
+    stages = json.loads((work / "release.json").read_text())["stages"]
+    assert sorted(stages) == ["cards", "publish", "tokenizer", "verify"]   # no gguf: section, no gguf stage
+    assert "<|im_end|>" in stages["verify"]["summary"]
+
+
+def test_work_folder_of_another_release(model, tmp_path):
+    _release(model, tmp_path)
+    before = sorted(p.name for p in (tmp_path / "work").rglob("*"))
+    other = tmp_path / "other.yaml"
+    other.write_text(f"name: me/Other\ndescription: x\nmodel: {model}\n")
+    code, output = _run("release", other, "-o", tmp_path / "work")
+    assert code != 0
+    assert "holds the release of 'me/Tiny', not 'me/Other'; choose another work folder with -o" in \
+        _one_line_error(output)
+    assert sorted(p.name for p in (tmp_path / "work").rglob("*")) == before
+
+
+@pytest.mark.parametrize("damage", ["edit", "truncate"])
+def test_a_damaged_manifest_is_not_trusted(model, tmp_path, damage):
+    recipe = _release(model, tmp_path)
+    manifest = tmp_path / "work" / "release.json"
+    text = manifest.read_text()
+    if damage == "edit":
+        data = json.loads(text)
+        data["stages"]["tokenizer"]["files"][0]["sha256"] = "0" * 64
+        manifest.write_text(json.dumps(data))
+    else:
+        manifest.write_text(text[: len(text) // 2])
+    damaged = manifest.read_bytes()
+    code, output = _run("release", recipe, "-o", tmp_path / "work")
+    assert code != 0
+    assert "is damaged or was edited by hand" in _one_line_error(output)
+    assert manifest.read_bytes() == damaged
+    code, output = _run("release", recipe, "-o", tmp_path / "work", "--force")   # the documented way out
+    assert code == 0, output
+    assert json.loads(manifest.read_text())["release"] == "me/Tiny"
