@@ -113,7 +113,8 @@ def sweep(path: Path) -> None:
         entries = list(path.parent.iterdir())
     except OSError:
         return
-    prefixes = (hidden(path, TMP_TAG), hidden(path, OLD_TAG))
+    # temporary entries, and the locks a killed run took on its own temporary folder ("..NAME.releaser-tmp-*")
+    prefixes = (hidden(path, TMP_TAG), hidden(path, OLD_TAG), "." + hidden(path, TMP_TAG))
     legacy = {hidden(path, tag) for tag in _LEGACY}
     for entry in entries:
         if entry.name.startswith(prefixes) or entry.name in legacy:

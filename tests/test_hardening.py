@@ -369,3 +369,16 @@ def test_a_failed_first_export_leaves_no_output_folder(tmp_path, monkeypatch):
         with output_files(tmp_path / "kept"):
             raise OSError(28, "disk on fire")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]   # a folder that was there stays
+
+
+def test_sweep_removes_locks_of_dead_temporary_folders(tmp_path):
+    """A run killed while writing into its own temporary folder (the release pipeline's GGUF stage) leaves a lock
+    beside that folder; the next run on the output removes it with the folder."""
+    from releaser.atomic import output_dir
+
+    (tmp_path / ".out.releaser-tmp-abc").mkdir()
+    (tmp_path / "..out.releaser-tmp-abc.releaser-lock").write_text("")
+    (tmp_path / ".other.releaser-lock").write_text("")   # another output's lock is not ours to touch
+    with output_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.releaser-lock", "out"]
