@@ -93,16 +93,26 @@ def _human(n: float) -> str:
 @friendly
 def merge(
     config: Path = typer.Argument(..., metavar="CONFIG", help="mergekit-style YAML merge config (models or slices, merge_method, ...)."),
-    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Folder to write the merged model to (written atomically)."),
+    out_dir: Path | None = typer.Argument(None, metavar="OUT_DIR", help="Folder to write the merged model to (written atomically)."),
     device: str = typer.Option("cpu", help="Where the math runs: cpu, cuda or auto."),
     overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
     shard_size: str = typer.Option("5G", help="Maximum bytes per output shard (K/M/G suffixes, powers of 1000)."),
     quiet: bool = flag("--quiet", "-q", help="No progress bar."),
+    dry_run: bool = flag("--dry-run", help="Print the plan (per tensor group: method, sources, "
+                         "parameters per layer) and write nothing."),
 ) -> None:
     """Merge models with a mergekit YAML config; the output equals mergekit's."""
     from .checkpoint import parse_size
+    from .errors import ConfigError
     from .merge import run_merge
 
+    if dry_run:
+        from .merge.describe import dry_run as describe
+
+        out.print("\n".join(describe(config)), highlight=False, markup=False, soft_wrap=True)
+        return
+    if out_dir is None:
+        raise ConfigError("merge needs OUT_DIR, the folder to write the merged model to (or --dry-run)")
     result = run_merge(config, out_dir, device=device, overwrite=overwrite, max_shard_bytes=parse_size(shard_size),
                        reporter=_reporter(quiet))
     out.print(f"[green]merged[/] {result.tensors} tensors ({_human(result.bytes_written)}) with {result.method} "

@@ -24,6 +24,7 @@ def demo_layout(root: Path) -> Path:
     (root / "recipes").mkdir(exist_ok=True)
     for name in ("demo.yaml", "smollm2-slerp.yml"):
         shutil.copy(ROOT / "recipes" / name, root / "recipes" / name)
+    shutil.copytree(ROOT / "recipes" / "lora", root / "recipes" / "lora")
     return root / "recipes" / "demo.yaml"
 
 

@@ -111,14 +111,25 @@ def _entries(config: dict) -> list[tuple[str, str]]:
     """(model reference, details) for every model entry of a merge config, in order."""
     out: list[tuple[str, str]] = []
     for entry in config.get("models") or []:
-        out.append((str(entry["model"]), _params_text(entry.get("parameters"))))
+        details = [_params_text(entry.get("parameters"))] if entry.get("parameters") else []
+        out.append((_with_lora(entry, details), ", ".join(details)))
     for piece in config.get("slices") or []:
         for src in piece.get("sources") or []:
             lr = src.get("layer_range")
             details = [f"layers {lr[0]}-{lr[1] - 1}"] if lr else []
             details += [_params_text(src.get("parameters"))] if src.get("parameters") else []
-            out.append((str(src["model"]), ", ".join(details)))
+            out.append((_with_lora(src, details), ", ".join(details)))
     return out
+
+
+def _with_lora(entry: dict, details: list[str]) -> str:
+    """releaser's ``lora: {path, weight}`` beside ``model:`` as mergekit's ``model+lora`` (weight in the details)."""
+    lora = entry.get("lora")
+    if not isinstance(lora, dict) or "path" not in lora:
+        return str(entry["model"])
+    if lora.get("weight", 1.0) != 1.0:
+        details.insert(0, f"LoRA weight {lora['weight']}")
+    return f"{entry['model']}+{lora['path']}"
 
 
 def merge_facts(folder: Path) -> MergeFacts | None:

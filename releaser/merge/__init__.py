@@ -4,7 +4,7 @@
 
 from .config import MergeConfig, parse_config
 
-__all__ = ["MergeConfig", "MergeResult", "parse_config", "run_merge"]
+__all__ = ["MergeConfig", "MergeResult", "dry_run", "parse_config", "run_merge"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from . import engine
 
         return getattr(engine, name)
+    if name == "dry_run":
+        from .describe import dry_run
+
+        return dry_run
     raise AttributeError(name)

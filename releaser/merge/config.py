@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -11,31 +11,101 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ConfigError
 
 Scalar = Union[bool, int, float, str]
-ScalarOrGradient = Union[Scalar, list[Scalar]]
+# releaser extension: {layer index: value}, linear between the given layers and constant outside them
+LayerGradient = dict[int, float]
+ScalarOrGradient = Union[Scalar, list[Scalar], LayerGradient]
+
+# keys of mergekit 0.1.5's configuration that releaser does not support yet (a clear message instead of "unknown")
+MERGEKIT_UNSUPPORTED = {
+    "modules": "multi-module (`modules:`) merges",
+    "residual_weight": "`residual_weight` in slices",
+    "override_architecture": "`override_architecture`",
+}
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_layer_gradient(v):
+    if isinstance(v, dict):
+        keys = list(v)
+        if any(k < 0 for k in keys):
+            raise ValueError(f"layer gradient keys must be layer indices >= 0, got {keys}")
+        if keys != sorted(keys) or len(set(keys)) != len(keys):
+            raise ValueError(f"layer gradient keys must be in increasing order, got {keys}")
+        if not keys:
+            raise ValueError("a layer gradient needs at least one {layer: value} entry")
+    return v
+
+
+def _check_parameters(v):
+    for name, setting in (v or {}).items():
+        try:
+            _check_layer_gradient(setting)
+        except ValueError as exc:
+            raise ValueError(f"`{name}`: {exc}") from None
+    return v
+
+
 class Conditional(_Model):
     value: ScalarOrGradient
     filter: Optional[str] = None
+
+    @field_validator("value")
+    @classmethod
+    def _layers(cls, v):
+        return _check_layer_gradient(v)
 
 
 Setting = Union[Conditional, list[Conditional], ScalarOrGradient]
 Parameters = Optional[dict[str, Setting]]
 
 
-class InputModel(_Model):
+class LoraSource(_Model):
+    """releaser's form of a LoRA source: ``lora: {path: adapter_dir, weight: 0.25}`` beside ``model:``."""
+
+    path: str
+    weight: float = 1.0
+
+
+def split_lora(ref: str) -> tuple[str, Optional[str]]:
+    """mergekit's ``model+lora`` reference -> (model, lora); a path that exists as written is never split."""
+    if "+" not in ref or Path(ref).exists():
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"cannot parse model reference {ref!r}; use model+adapter_path (one '+')")
+    return parts[0], parts[1]
+
+
+class _Source(_Model):
     model: str
+    lora: Optional[LoraSource] = None
     parameters: Parameters = None
 
+    def model_post_init(self, _context: Any) -> None:
+        try:
+            model, lora = split_lora(self.model)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if lora is not None:
+            if self.lora is not None:
+                raise ConfigError(f"{self.model} names a LoRA with '+' and with `lora:`; keep one of them")
+            self.model, self.lora = model, LoraSource(path=lora, weight=1.0)
 
-class InputSlice(_Model):
-    model: str
+    @field_validator("parameters")
+    @classmethod
+    def _layers(cls, v):
+        return _check_parameters(v)
+
+
+class InputModel(_Source):
+    pass
+
+
+class InputSlice(_Source):
     layer_range: tuple[int, int]
-    parameters: Parameters = None
 
     @field_validator("layer_range")
     @classmethod
@@ -50,6 +120,40 @@ class OutputSlice(_Model):
     base_model: Optional[str] = None
     parameters: Parameters = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _layers(cls, v):
+        return _check_parameters(v)
+
+
+class TokenEmbedding(_Model):
+    """Where a token's embedding row comes from: a model's row of another token (``model_token``) or zeros."""
+
+    kind: Literal["model_token", "zero"]
+    model: Optional[str] = None
+    token_id: Optional[int] = None
+    token: Optional[str] = None
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.kind == "model_token":
+            if not self.model:
+                raise ConfigError("a `kind: model_token` token source needs `model`")
+            if (self.token_id is None) == (self.token is None):
+                raise ConfigError("a `kind: model_token` token source needs exactly one of `token` or `token_id`")
+
+
+class TokenSetting(_Model):
+    source: Union[TokenEmbedding, str, None] = None   # a model (that model's row of the token), or a TokenEmbedding
+    force: bool = False                               # use the source even for models that have the token
+
+
+class TokenizerSettings(_Model):
+    """mergekit's ``tokenizer:`` block."""
+
+    source: str = "union"                             # union, base or a model
+    tokens: Optional[dict[str, TokenSetting]] = None
+    pad_to_multiple_of: Optional[int] = Field(default=None, ge=1)
+
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -63,9 +167,15 @@ class MergeConfig(_Model):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSettings] = None
     chat_template: Optional[str] = None
     random_seed: Optional[int] = None
     name: Optional[str] = None  # mergekit-multi's merge name; accepted and ignored
+
+    @field_validator("parameters")
+    @classmethod
+    def _layers(cls, v):
+        return _check_parameters(v)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -81,6 +191,8 @@ class MergeConfig(_Model):
     def model_post_init(self, _context: Any) -> None:
         if bool(self.models) == bool(self.slices):
             raise ConfigError("the config needs exactly one of `models` or `slices` (modules are not supported)")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ConfigError("set either `tokenizer_source` or the `tokenizer:` block (its `source`), not both")
 
     # -- helpers ---------------------------------------------------------------------------------
     def referenced_models(self) -> list[str]:
@@ -89,8 +201,11 @@ class MergeConfig(_Model):
             refs.append(self.base_model)
         for m in self.models or []:
             refs.append(m.model)
+            if m.lora:
+                refs.append(m.lora.path)
         for s in self.slices or []:
             refs.extend([src.model for src in s.sources])
+            refs.extend([src.lora.path for src in s.sources if src.lora])
             if s.base_model:
                 refs.append(s.base_model)
         return list(dict.fromkeys(refs))
@@ -116,6 +231,10 @@ def _explain(err: ValidationError) -> str:
     if kind == "missing":
         return f"missing required field `{path}`"
     if kind == "extra_forbidden":
+        key = str(first["loc"][-1])
+        if key in MERGEKIT_UNSUPPORTED:
+            return (f"`{path}`: {MERGEKIT_UNSUPPORTED[key]} is valid mergekit but releaser does not support it yet; "
+                    "remove it or merge this config with mergekit")
         return f"unknown field `{path}`; check its spelling (see the mergekit config reference)"
     msg = first["msg"].removeprefix("Value error, ")
     return f"invalid value at `{path}`: {msg}"
@@ -163,21 +282,52 @@ def _resolve_paths(config: MergeConfig, base_dir: Path) -> MergeConfig:
     for key in ("base_model", "tokenizer_source"):
         if key in data:
             data[key] = fix(data[key])
+    tokenizer = data.get("tokenizer")
+    if tokenizer:
+        tokenizer["source"] = fix(tokenizer.get("source", "union"))
+        for setting in (tokenizer.get("tokens") or {}).values():
+            source = setting.get("source")
+            if isinstance(source, str):
+                setting["source"] = fix(source)
+            elif isinstance(source, dict) and source.get("model"):
+                source["model"] = fix(source["model"])
     for m in data.get("models", []):
         m["model"] = fix(m["model"])
+        if "lora" in m:
+            m["lora"]["path"] = fix(m["lora"]["path"])
     for s in data.get("slices", []):
         if "base_model" in s:
             s["base_model"] = fix(s["base_model"])
         for src in s["sources"]:
             src["model"] = fix(src["model"])
+            if "lora" in src:
+                src["lora"]["path"] = fix(src["lora"]["path"])
     return MergeConfig.model_validate(data)
 
 
-def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
+def evaluate_layers(gradient: dict[int, float], layer: int | None) -> float:
+    """A layer gradient at output layer ``layer``: linear between the given layers, constant outside them. Tensors
+    outside the layers (embeddings, final norm, lm_head) take the first value, like mergekit's t=0 for them."""
+    keys = list(gradient)
+    if layer is None or layer <= keys[0]:
+        return gradient[keys[0]]
+    if layer >= keys[-1]:
+        return gradient[keys[-1]]
+    for k0, k1 in zip(keys, keys[1:]):
+        if k0 <= layer <= k1:
+            frac = (layer - k0) / (k1 - k0)
+            return (1 - frac) * gradient[k0] + frac * gradient[k1]
+    raise AssertionError("unreachable")
+
+
+def evaluate(setting: Setting, tensor_name: str, t: float, layer: int | None = None) -> Any:
     """mergekit's ``evaluate_setting``: scalars as is; numeric lists are gradients over ``t`` (s = t(L-1), linear between
-    neighbours); non-numeric lists pick ``v[int(t(L-1))]``; ``{filter, value}`` lists: first substring match wins."""
+    neighbours); non-numeric lists pick ``v[int(t(L-1))]``; ``{filter, value}`` lists: first substring match wins.
+    A ``{layer: value}`` mapping (releaser extension) is a gradient over the output layer index ``layer``."""
     if isinstance(setting, Conditional):
         setting = [setting]
+    if isinstance(setting, dict):
+        return evaluate_layers(setting, layer)
     if isinstance(setting, (bool, int, float, str)):
         return setting
     if not setting:
@@ -192,5 +342,5 @@ def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
         return (1 - frac) * setting[i0] + frac * setting[i1]
     for cond in setting:
         if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
-            return evaluate(cond.value, tensor_name, t)
+            return evaluate(cond.value, tensor_name, t, layer)
     return None

@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoint import CheckpointWriter
 from ..checkpoint.writer import DEFAULT_SHARD_BYTES
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError, ModelError, OutputError
 from ..stage import Reporter
 from .config import MergeConfig, parse_config
 from .planner import MergePlan, TensorJob, plan_merge
@@ -34,6 +34,7 @@ class MergeResult:
     bytes_written: int
     seconds: float
     files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -61,7 +62,18 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     out = plan.method.fn(tensors, job.base_index, job.params, job.model_params, generator)
     if tuple(out.shape) != job.shape:
         out = out.reshape(job.shape)
-    return out.to(job.dtype).cpu()
+    out = out.to(job.dtype)
+    if out.is_floating_point() and out.numel() and not _finite(out):
+        inputs = ", ".join(plan.labels[mi] if plan.labels else plan.models[mi] for mi, _ in job.sources)
+        raise ModelError(f"merged tensor {job.name} has NaN or infinite values (inputs: {inputs}); check the inputs "
+                         f"and the merge parameters (or a narrower out_dtype overflowing); nothing was written")
+    return out.cpu()
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t``: min and max in one pass (NaN propagates), much faster than isfinite().all()."""
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 class _Budget:
@@ -193,24 +205,28 @@ def run_merge(config: str | Path | dict, out_dir: str | Path, *, base_dir: str |
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, reporter: Reporter | None = None,
               workers: int | None = None, memory: int = DEFAULT_MEMORY) -> MergeResult:
     """Merge the models described by a mergekit YAML config (a path or a parsed dict) into ``out_dir``. Relative
-    model paths are taken from the config file's folder, or from ``base_dir``."""
+    model paths are taken from the config file's folder, or from ``base_dir``. Warnings (e.g. a filter that matches
+    no tensor) go to ``reporter`` and into the result."""
     start = time.perf_counter()
+    reporter = reporter or Reporter()
     cfg, yaml_text = parse_config(config, base_dir=Path(base_dir) if base_dir is not None else None)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise OutputError(f"{out_dir} already exists; pass --overwrite to replace it or choose a new folder")
     dev = resolve_device(device)
     plan = plan_merge(cfg)
+    for text in plan.warnings:
+        reporter.warning(text)
     try:
         _check_output(out_dir, plan)
         specs = [(j.name, j.dtype, j.shape) for j in plan.jobs]
         with CheckpointWriter(out_dir, specs, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             _write_side_files(writer, cfg, plan, yaml_text)
-            with (reporter or Reporter()).progress(f"merging ({plan.method.name})", len(plan.jobs)) as advance:
+            with reporter.progress(f"merging ({plan.method.name})", len(plan.jobs)) as advance:
                 execute(plan, writer, dev, workers=workers, memory=memory, on_done=lambda job: advance())
             writer.commit()
             files = sorted(p.name for p in out_dir.iterdir())
             return MergeResult(out_dir, plan.method.name, len(plan.jobs), writer.total_bytes,
-                               time.perf_counter() - start, files)
+                               time.perf_counter() - start, files, list(plan.warnings))
     finally:
         plan.close()

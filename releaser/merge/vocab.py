@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,23 +19,40 @@ from ..errors import ConfigError, ModelError
 
 
 @dataclass
+class TokenOverride:
+    """An explicit embedding for one output token (the ``tokens:`` of mergekit's ``tokenizer:`` block)."""
+
+    model: int | None                       # model whose row is used (None: a zero row)
+    row: int | None                         # that model's row id
+    force: bool                             # also replace the row of models that have the token
+
+
+@dataclass
 class VocabAlignment:
     tokenizer: object                       # transformers tokenizer of the output
-    size: int                               # rows of the output embedding
-    perms: dict[int, torch.Tensor]          # model index -> [size] original row id, or -1 when missing
+    size: int                               # rows of the output embedding (the vocabulary, padded)
+    perms: dict[int, torch.Tensor]          # model index -> [vocabulary] original row id, or -1 when missing
     identity: bool                          # every model already has the output's rows in order
     folder: str | None                      # copy the tokenizer files from here (None: save ``tokenizer``)
+    overrides: dict[int, TokenOverride] = field(default_factory=dict)   # output token id -> explicit source
+    vocabs: list[dict[str, int]] = field(default_factory=list)          # each model's own vocabulary
+    sizes: list[int] = field(default_factory=list)                      # each model's embedding rows
 
     def align(self, tensors: list[torch.Tensor], models: list[int], base_pos: int | None) -> list[torch.Tensor]:
-        if self.identity:
+        if self.identity and not self.overrides:
             return tensors
         dtype = tensors[0].dtype
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
         perms = [self.perms[m] for m in models]
-        has = torch.stack([p >= 0 for p in perms])                        # [models, size]
+        has = torch.stack([p >= 0 for p in perms])                        # [models, vocabulary]
         rows = [t.to(dtype)[p.clamp(min=0)] for t, p in zip(tensors, perms)]
-        need = ~has.all(0)
+        explicit = torch.zeros(has.shape[1], dtype=torch.bool)
+        forced = torch.zeros_like(explicit)
+        for token_id, o in self.overrides.items():
+            explicit[token_id] = True
+            forced[token_id] = o.force
+        need = ~has.all(0) & ~explicit
         count = has.sum(0)
         default = torch.zeros_like(rows[0])
         idx = need.nonzero().squeeze(1)
@@ -49,7 +66,19 @@ class VocabAlignment:
                 base_has = has[base_pos, idx] & (count[idx] > 1)
                 fill = torch.where(base_has.unsqueeze(1), rows[base_pos][idx], fill)
             default[idx] = fill
-        return [torch.where(h.unsqueeze(1), r, default) for r, h in zip(rows, has)]
+        for token_id, o in self.overrides.items():
+            if not (o.force or not has[:, token_id].all()) or o.model is None:
+                continue
+            if o.model not in models:
+                raise ModelError(f"tokenizer.tokens: the row for token id {token_id} comes from a model that is not "
+                                 "an input of this tensor; use one of the merged models as its source")
+            default[token_id] = tensors[models.index(o.model)].to(dtype)[o.row]
+        keep = has & ~forced
+        out = [torch.where(k.unsqueeze(1), r, default) for r, k in zip(rows, keep)]
+        if self.size > has.shape[1]:   # pad_to_multiple_of: extra rows are the mean of the real ones
+            out = [torch.cat([o, torch.mean(o, dim=0, keepdim=True).expand(self.size - o.shape[0], *o.shape[1:])])
+                   for o in out]
+        return out
 
 
 def _load_tokenizer(folder: str):
@@ -116,8 +145,9 @@ def _union(base_tok, toks: list, sizes: list[int]):
     return out
 
 
-def build_alignment(source: str, models: list[str], configs: list[dict], base: int) -> VocabAlignment:
-    """Build the output tokenizer for ``tokenizer_source`` and each model's row permutation."""
+def build_alignment(source: str, models: list[str], configs: list[dict], base: int, *, add_tokens=(),
+                    pad_to_multiple_of: int | None = None) -> VocabAlignment:
+    """Build the output tokenizer for ``tokenizer_source`` (plus ``add_tokens``) and each model's row permutation."""
     toks = [_load_tokenizer(m) for m in models]
     sizes = [_vocab_size(c, t) for c, t in zip(configs, toks)]
     full = len(toks[base].get_vocab())
@@ -132,6 +162,12 @@ def build_alignment(source: str, models: list[str], configs: list[dict], base: i
         if not Path(source).is_dir():
             raise ConfigError(f"`tokenizer_source` {source} is neither base, union nor a model folder")
         out, folder = _load_tokenizer(source), source
+    existing = set(out.get_vocab())
+    for token in add_tokens:
+        if token not in existing:
+            out.add_tokens(token)
+            existing.add(token)
+            folder = None   # the tokenizer changed: save it instead of copying files
     vocab_out = out.get_vocab()
     size = len(vocab_out)
     perms, identity = {}, True
@@ -144,4 +180,41 @@ def build_alignment(source: str, models: list[str], configs: list[dict], base: i
                 perm[new_id] = old
         perms[m] = perm
         identity &= n == size and bool((perm == torch.arange(size)).all())
-    return VocabAlignment(out, size, perms, identity, folder)
+    rows = size
+    if pad_to_multiple_of and size % pad_to_multiple_of:
+        rows = (size // pad_to_multiple_of + 1) * pad_to_multiple_of
+        identity = False
+    return VocabAlignment(out, rows, perms, identity, folder, vocabs=[t.get_vocab() for t in toks], sizes=sizes)
+
+
+def set_token_sources(alignment: VocabAlignment, tokens: dict, model_index, label) -> None:
+    """Resolve the ``tokens:`` settings of a ``tokenizer:`` block into explicit rows. ``model_index(ref)`` maps a model
+    reference to its index (raising for a model that is not merged); ``label(i)`` names model ``i``."""
+    vocab_out = alignment.tokenizer.get_vocab()
+    for token, setting in tokens.items():
+        where = f"`tokenizer.tokens.{token}.source`"
+        token_id = vocab_out[token]
+        source = setting.source
+        if source is None:
+            continue   # no explicit source: the automatic rules apply (force has nothing to use)
+        if getattr(source, "kind", None) == "zero":
+            alignment.overrides[token_id] = TokenOverride(None, None, setting.force)
+            continue
+        model = model_index(source if isinstance(source, str) else source.model, where)
+        if isinstance(source, str):
+            row = int(alignment.perms[model][token_id])
+            if row < 0:
+                raise ConfigError(f"{where}: {label(model)} does not have the token {token!r}; name a model that "
+                                  "has it, or use {kind: model_token, model, token}")
+        elif source.token_id is not None:
+            row = source.token_id
+            if not 0 <= row < alignment.sizes[model]:
+                raise ConfigError(f"{where}: token_id {row} is out of range for {label(model)} "
+                                  f"({alignment.sizes[model]} rows)")
+        else:
+            row = alignment.vocabs[model].get(source.token, -1)
+            if not 0 <= row < alignment.sizes[model]:
+                raise ConfigError(f"{where}: {label(model)} has no token {source.token!r}; check the token text")
+        alignment.overrides[token_id] = TokenOverride(model, row, setting.force)
+    if alignment.overrides:
+        alignment.identity = False

@@ -57,12 +57,17 @@ def _merge_config(r: Release) -> tuple[dict | Path, Path | None]:
 def _merge_depends(r: Release) -> dict:
     from ..merge.config import parse_config
 
+    from ..merge import hub
+
     config, base_dir = _merge_config(r)
     cfg, text = parse_config(config, base_dir=base_dir)
-    inputs = {}
-    for ref in cfg.referenced_models():
-        inputs[ref] = _folder_hashes(r, Path(ref))
-    r.manifest.data["inputs"] = {ref: {"files": hashes} for ref, hashes in inputs.items()}
+    sources = [*(cfg.models or []), *(src for s in cfg.slices or [] for src in s.sources)]
+    adapters = {src.lora.path for src in sources if src.lora}
+    inputs, where = {}, {}
+    for ref in cfg.referenced_models():   # a local folder, or a Hub id's snapshot (fetched once, then cached)
+        where[ref] = hub.resolve(ref, "adapter" if ref in adapters else "model")
+        inputs[ref] = _folder_hashes(r, Path(where[ref]))
+    r.manifest.data["inputs"] = {ref: {"path": where[ref], "files": hashes} for ref, hashes in inputs.items()}
     return {"config": text, "options": r.recipe.merge.model_dump(mode="json", exclude={"inline", "config"}),
             "inputs": inputs}
 

@@ -29,6 +29,14 @@ def linear(tensors, base_index, params, model_params, generator=None):
     return result.to(first.dtype)
 
 
+def _weights_sum(params, model_params, base_index):
+    weights = [mp["weight"] for mp in model_params if mp.get("weight") is not None]
+    if params["normalize"] and weights and abs(sum(weights)) < 1e-8:
+        return (f"the weights {weights} add up to 0, so normalize would divide by zero; change a weight or set "
+                "normalize: false")
+    return None
+
+
 register(Method(
     name="linear",
     pretty_name="Linear",
@@ -40,6 +48,8 @@ register(Method(
     fn=linear,
     global_params={"normalize": True},
     model_params={"weight": REQUIRED},
-    base="optional",
+    base="ignored",   # every input counts, a base_model too
     min_models=1,
+    validate=_weights_sum,
+    base_model_params=True,
 ))

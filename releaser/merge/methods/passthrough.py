@@ -21,7 +21,8 @@ register(Method(
     ),
     fn=passthrough,
     model_params={"scale": None},
-    base="optional",
+    base="ignored",   # every input counts, a base_model too
     min_models=1,
     max_models=1,
+    base_model_params=True,
 ))

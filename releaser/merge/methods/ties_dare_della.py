@@ -1,4 +1,6 @@
-"""The generalized task-arithmetic family: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
+"""The generalized task-arithmetic family (mergekit's table): task_arithmetic, ties, dare_ties, dare_linear,
+breadcrumbs, breadcrumbs_ties, della, della_linear. The table ``_FAMILY`` below lists each one's sparsifier, sign
+consensus and defaults.
 
 All of them work on task vectors (model - base): each is sparsified (per model ``density``), weighted (per model
 ``weight``), optionally filtered by sign consensus (TIES), summed, optionally normalised by the sum of the weights that
@@ -11,11 +13,11 @@ from functools import partial
 
 import torch
 
-from releaser.merge.methods import REQUIRED, Method, register
+from releaser.merge.methods import REQUIRED, Method, Param, between, register
 from releaser.merge.methods.sparsify import SPARSIFIERS
 
 
-def _sign_consensus(weighted: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
+def sign_consensus(weighted: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
     """Per element, keep the models whose sign agrees with the sign of the summed (weighted) deltas."""
     sign = weighted.sign().to(mask_dtype)
     majority = (weighted.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
@@ -46,7 +48,7 @@ def task_arithmetic_merge(tensors, base_index, params, model_params, generator=N
     deltas.mul_(weights)
 
     if consensus:
-        mask = _sign_consensus(deltas, torch.int8 if params["int8_mask"] else base.dtype)
+        mask = sign_consensus(deltas, torch.int8 if params["int8_mask"] else base.dtype)
         mixed = (deltas * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
         divisor[divisor == 0] = 1
@@ -102,12 +104,23 @@ _FAMILY = [
 ]
 
 
+def _della_ranges(params, model_params, base_index):
+    for i, mp in enumerate(model_params):
+        density, epsilon = mp.get("density", 1.0), mp.get("epsilon", 0.15)
+        if i != base_index and 0 < density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+            return (f"della needs 0 < density - epsilon and density + epsilon < 1 (got density={density:g}, "
+                    f"epsilon={epsilon:g}); lower epsilon or change density")
+    return None
+
+
 def _method(name, pretty, url, sparsify, consensus, normalize, rescale, text) -> Method:
-    model_params = {"weight": REQUIRED, "density": 1.0}
+    model_params = {"weight": REQUIRED,
+                    "density": Param(1.0, check=between(0, 1, low_open=True), doc="fraction of each task vector kept")}
     if sparsify == "magnitude_outliers":
-        model_params["gamma"] = 0.01
+        model_params["gamma"] = Param(0.01, check=between(0, 1), doc="fraction of largest magnitudes dropped")
     if sparsify == "della_magprune":
-        model_params["epsilon"] = 0.15
+        model_params["epsilon"] = Param(0.15, check=between(0, 0.5, high_open=True),
+                                        doc="spread of keep probabilities around density")
     return Method(
         name=name,
         pretty_name=pretty,
@@ -119,6 +132,7 @@ def _method(name, pretty, url, sparsify, consensus, normalize, rescale, text) ->
         base="required",
         min_models=1,
         random=sparsify in ("random", "della_magprune"),
+        validate=_della_ranges if sparsify == "della_magprune" else None,
     )
 
 
