@@ -68,19 +68,26 @@ class OutputLock:
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise os_error(exc, self.path) from exc
+            locked = False
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise OutputError(f"another releaser run is writing {self.path}; wait for it to finish or "
+                                      "choose another output") from None
+                locked = True
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self._fd = fd
+                    return self
+            except BaseException:
+                if locked:   # Ctrl-C or SIGTERM while we held it: the lock file is ours to remove
+                    self.file.unlink(missing_ok=True)
                 os.close(fd)
-                raise OutputError(f"another releaser run is writing {self.path}; wait for it to finish or choose "
-                                  "another output") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._fd = fd
-                return self
+                raise
             os.close(fd)
         raise OutputError(f"cannot lock {self.path}: its lock file keeps changing")
 
@@ -106,7 +113,8 @@ def sweep(path: Path) -> None:
         entries = list(path.parent.iterdir())
     except OSError:
         return
-    prefixes = (hidden(path, TMP_TAG), hidden(path, OLD_TAG))
+    # temporary entries, and the locks a killed run took on its own temporary folder ("..NAME.releaser-tmp-*")
+    prefixes = (hidden(path, TMP_TAG), hidden(path, OLD_TAG), "." + hidden(path, TMP_TAG))
     legacy = {hidden(path, tag) for tag in _LEGACY}
     for entry in entries:
         if entry.name.startswith(prefixes) or entry.name in legacy:
@@ -207,7 +215,8 @@ class PendingDir:
         except OSError as exc:
             self._lock.release()
             raise os_error(exc, self.out) from exc
-        except BaseException:
+        except BaseException:   # interrupted, perhaps after mkdtemp made the folder: the lock is ours, so sweep
+            sweep(self.out)
             self._lock.release()
             raise
 
@@ -218,6 +227,9 @@ class PendingDir:
         except OSError as exc:
             self.abort()
             raise os_error(exc, self.out) from exc
+        except BaseException:   # Ctrl-C or SIGTERM while publishing: no temporary folder or lock is left
+            self.abort()
+            raise
         self._lock.release()
         return self.out
 
@@ -249,28 +261,42 @@ def output_files(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iter
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir} exists and is not a folder; choose another output folder")
     with OutputLock(out_dir):
+        created = not out_dir.exists()   # a folder this run creates goes again if the run fails
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for entry in out_dir.iterdir():  # staging folders of killed runs
-                if entry.name.startswith(TMP_TAG):
-                    remove(entry)
-            tmp = Path(tempfile.mkdtemp(prefix=TMP_TAG, dir=out_dir))
-        except OSError as exc:
-            raise os_error(exc, out_dir) from exc
-        try:
-            yield tmp
-            staged = sorted(tmp.iterdir(), key=lambda p: ("-00001-of-" in p.name, p.name))
-            for path in staged:
-                check_new(out_dir / path.name, overwrite, kind="file")
             try:
-                fsync_tree(tmp)
-                for path in staged:
-                    os.replace(path, out_dir / path.name)
-                fsync_dir(out_dir)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                for entry in out_dir.iterdir():  # staging folders of killed runs
+                    if entry.name.startswith(TMP_TAG):
+                        remove(entry)
+                tmp = Path(tempfile.mkdtemp(prefix=TMP_TAG, dir=out_dir))
             except OSError as exc:
                 raise os_error(exc, out_dir) from exc
+            try:
+                yield tmp
+                staged = sorted(tmp.iterdir(), key=lambda p: ("-00001-of-" in p.name, p.name))
+                for path in staged:
+                    check_new(out_dir / path.name, overwrite, kind="file")
+                try:
+                    fsync_tree(tmp)
+                    for path in staged:
+                        os.replace(path, out_dir / path.name)
+                    fsync_dir(out_dir)
+                except OSError as exc:
+                    raise os_error(exc, out_dir) from exc
+            finally:
+                remove(tmp)
+        except BaseException:   # interrupted, perhaps right after mkdtemp: the lock is ours, so sweep
+            if out_dir.is_dir():
+                for entry in out_dir.iterdir():
+                    if entry.name.startswith(TMP_TAG):
+                        remove(entry)
+            raise
         finally:
-            remove(tmp)
+            if created:
+                try:
+                    out_dir.rmdir()   # succeeds only while empty: a first run that failed or was stopped
+                except OSError:
+                    pass
 
 
 def write_file(path: str | os.PathLike, data: str | bytes, *, overwrite: bool = True, mode: int | None = None) -> Path:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import ReleaserError
+from .failures import Terminated, foreseen, one_line, unforeseen
 
 app = typer.Typer(
     name="releaser",
@@ -22,26 +27,52 @@ console = Console(stderr=True)
 out = Console()
 
 
+def _fail(message: str, code: int) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
 def friendly(fn):
-    """Turn ReleaserError (and Ctrl-C) into a one-line message and a non-zero exit code."""
+    """Every failure ends in one line and a non-zero exit code: ReleaserError (bad input), OS and library errors
+    (disk full, permissions, broken files), Ctrl-C and SIGTERM; anything else also names a full report's file."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except ReleaserError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            raise _fail(str(exc), exc.exit_code) from None
+        except Terminated:
+            console.print("[bold red]terminated[/]: nothing partial was left under the output name")
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]: nothing was written under the output name")
+            console.print("[bold red]interrupted[/]: nothing partial was left under the output name")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into one line
+            message = foreseen(exc)
+            if message is not None:
+                raise _fail(message, 1) from None
+            raise _fail(unforeseen(exc), 70) from None
 
     return wrapper
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 @app.callback()
 def main() -> None:
     """releaser: merge, fix, quantize, document and publish model releases."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # SIGTERM cleans up like Ctrl-C
+
+
+def flag(*names: str, help: str):
+    """An on/off option: given or not, without a value (help shows no <bool>, so nobody types --overwrite true)."""
+    return typer.Option(False, *names, help=help, metavar="", show_default=False)
 
 
 def _reporter(quiet: bool = False):
@@ -64,11 +95,11 @@ def merge(
     config: Path = typer.Argument(..., metavar="CONFIG", help="mergekit-style YAML merge config (models or slices, merge_method, ...)."),
     out_dir: Path | None = typer.Argument(None, metavar="OUT_DIR", help="Folder to write the merged model to (written atomically)."),
     device: str = typer.Option("cpu", help="Where the math runs: cpu, cuda or auto."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
     shard_size: str = typer.Option("5G", help="Maximum bytes per output shard (K/M/G suffixes, powers of 1000)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (per tensor group: method, sources, "
-                                 "parameters per layer) and write nothing."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bar."),
+    dry_run: bool = flag("--dry-run", help="Print the plan (per tensor group: method, sources, "
+                         "parameters per layer) and write nothing."),
 ) -> None:
     """Merge models with a mergekit YAML config; the output equals mergekit's."""
     from .checkpoint import parse_size
@@ -95,6 +126,7 @@ def card(
     recipe: Path | None = typer.Option(None, "--recipe", "-r", help="Release recipe YAML (name, license, ...)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the card here (default: stdout)."),
     template: Path | None = typer.Option(None, "--template", "-t", help="Your own Jinja2 card template."),
+    overwrite: bool = flag("--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Render a model card (README.md) from what MODEL_DIR contains and the recipe."""
     from .card import render_card, write_card
@@ -104,7 +136,7 @@ def card(
     if output is None:
         sys.stdout.write(render_card(model_dir, spec, template))
         return
-    result = write_card(model_dir, output, spec, template)
+    result = write_card(model_dir, output, spec, template, overwrite=overwrite, inputs=(recipe,))
     console.print(f"[green]card[/] ({result.kind}, {result.bytes} bytes, template {result.template.name}) "
                   f"-> {result.path}", highlight=False)
 
@@ -116,7 +148,7 @@ def doctor(
     template: str | None = typer.Option(None, "--template", "-t", help="Chat format it should have: a built-in "
                                         "name (chatml, llama2, llama3, mistral, alpaca, vicuna, zephyr, gemma, phi3) "
                                         "or a .jinja file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+    as_json: bool = flag("--json", help="Print the findings as JSON."),
 ) -> None:
     """Find why a model would not stop generating: eos, generation_config, pad, template, special tokens, rows."""
     from .tokenizer.console import run_doctor
@@ -130,10 +162,10 @@ def fix_tokenizer_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder to fix."),
     template: str = typer.Option(..., "--template", "-t", help="Built-in chat template name or a .jinja file."),
     out_dir: Path | None = typer.Option(None, "--output", "-o", help="Write a fixed copy to this folder."),
-    in_place: bool = typer.Option(False, "--in-place", help="Change MODEL_DIR itself (only the changed files)."),
+    in_place: bool = flag("--in-place", help="Change MODEL_DIR itself (only the changed files)."),
     eos: str | None = typer.Option(None, "--eos", help="End-of-turn token (default: the template's, else the eos)."),
     system_prompt: str | None = typer.Option(None, "--system-prompt", help="Default system message."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Set the chat template and fix eos, generation_config, pad, special tokens, BOS and untrained rows."""
     from .options import TokenizerOptions
@@ -144,12 +176,12 @@ def fix_tokenizer_cmd(
     run_fix(model_dir, FixSpec(opts.template, out_dir, in_place, opts.eos, opts.system_prompt, overwrite), Console())
 
 
-@app.command("gguf")
+@app.command("gguf", context_settings={"allow_extra_args": True})
 @friendly
 def gguf_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face Llama/Mistral/Qwen2 model folder."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
-    quant: str = typer.Option("Q4_K_M", "--quant", "-q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
+    quant: str = typer.Option("Q4_K_M", "--quant", "-Q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
                               "Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K "
                               "(the recipe's gguf.quants)."),
     name: str | None = typer.Option(None, "--name", help="Model name: general.name and the file names {Name}-{TYPE}."),
@@ -160,12 +192,19 @@ def gguf_cmd(
     quantized_by: str | None = typer.Option(None, "--quantized-by", help="general.quantized_by."),
     pre_tokenizer: str | None = typer.Option(None, "--pre-tokenizer", help="llama.cpp BPE pre-tokenizer name "
                                              "(default: detected by llama.cpp's hash check)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files of the same names."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    overwrite: bool = flag("--overwrite", help="Replace existing files of the same names."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bar."),
+    ctx: typer.Context = None,
 ) -> None:
     """Export GGUF files (one pass over the checkpoint; llama-quantize's mixes, same bytes as llama.cpp)."""
+    from .errors import ConfigError
     from .gguf import export_gguf
     from .options import GGUFOptions
+
+    stray = ctx.args if ctx is not None else []
+    if stray:  # releaser <= 0.1 used -q for --quant: `-q Q8_0` now reads as --quiet plus a stray argument
+        hint = " (-q means --quiet in every command; the types go with --quant/-Q)" if quiet else ""
+        raise ConfigError(f"unexpected argument {stray[0]!r}{hint}; e.g. --quant {stray[0]}")
 
     opts = GGUFOptions.build(quants=quant, split_max_size=split_max_size, pre_tokenizer=pre_tokenizer)
     result = export_gguf(model_dir, out_dir, opts.quants, name, opts.split_max_size, overwrite=overwrite,
@@ -182,6 +221,7 @@ def gguf_fix_cmd(
     eos: str | None = typer.Option(None, "--eos", help="Text of the new eos token, e.g. <|im_end|>."),
     name: str | None = typer.Option(None, "--name", help="New general.name."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the fixed file here instead."),
+    overwrite: bool = flag("--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Rewrite a GGUF's chat template, eos or name without requantizing (tensor bytes are copied unchanged)."""
     from .errors import ConfigError
@@ -193,7 +233,7 @@ def gguf_fix_cmd(
             template = chat_template.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read the chat template {chat_template} ({exc.strerror or exc})") from exc
-    result = fix_gguf(file, chat_template=template, eos=eos, name=name, out=output)
+    result = fix_gguf(file, chat_template=template, eos=eos, name=name, out=output, overwrite=overwrite)
     out.print(result.summary(), highlight=False)
 
 
@@ -206,11 +246,11 @@ def publish_cmd(
     repo: str | None = typer.Option(None, "--repo", help="Repo id OWNER/NAME of a single folder."),
     recipe: Path | None = typer.Option(None, "--recipe", "-r", help="Release recipe: repo ids (name, quants.gguf, "
                                        "quants.awq), version (tag) and notes (commit description)."),
-    private: bool = typer.Option(False, "--private", help="Create missing repos as private."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; send and write nothing."),
-    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request per changed repo."),
+    private: bool = flag("--private", help="Create missing repos as private."),
+    dry_run: bool = flag("--dry-run", help="Show the plan; send and write nothing."),
+    create_pr: bool = flag("--create-pr", help="Open a pull request per changed repo."),
     message: str | None = typer.Option(None, "--message", "-m", help="Commit title (default: Release vVERSION)."),
-    keep_stale: bool = typer.Option(False, "--keep-stale", help="Keep remote files missing from the folders."),
+    keep_stale: bool = flag("--keep-stale", help="Keep remote files missing from the folders."),
 ) -> None:
     """Publish a release: plan each repo, send only what changed, delete what is stale, tag, verify."""
     from .publish.console import publish_options, release_repos, run_publish_cli
@@ -246,13 +286,13 @@ def release(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release recipe YAML (see recipes/example.yml)."),
     work_dir: Path = typer.Option(Path("release"), "--output", "-o", help="Work folder: the repo folders "
                                   "(NAME, NAME-GGUF, ...), merged/ and the manifest release.json."),
-    push: bool = typer.Option(False, "--push", help="Publish to the Hugging Face Hub (default: the recipe's "
+    push: bool = flag("--push", help="Publish to the Hugging Face Hub (default: the recipe's "
                               "publish.target, local folders unless it says hub)."),
     only: str | None = typer.Option(None, "--only", help="Run only these stages (comma-separated)."),
     skip: str | None = typer.Option(None, "--skip", help="Leave these stages out (comma-separated)."),
-    force: bool = typer.Option(False, "--force", help="Run every stage again, even when up to date."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show which stages would run and why; change nothing."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    force: bool = flag("--force", help="Run every stage again, even when up to date."),
+    dry_run: bool = flag("--dry-run", help="Show which stages would run and why; change nothing."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Make the whole release a recipe describes: merge, fix tokenizer, verify, GGUF, cards, publish; reruns skip
     what is up to date."""

@@ -45,9 +45,10 @@ dtype: float32
 
     text = render_card(out)
     assert "# merged\n" in text
-    assert f"merged with the [SLERP](" in text and f"using `{a}` as the base model" in text
-    assert f"- `{b}`\n" in text
-    assert "```yaml\n" + written.rstrip("\n") + "\n```" in text
+    assert "merged with the [SLERP](" in text and f"using `{a.name}` as the base model" in text
+    assert f"- `{b.name}`\n" in text and str(tmp_path) not in text   # local paths by folder name only
+    shown = written.replace(str(a), a.name).replace(str(b), b.name)
+    assert "```yaml\n" + shown.rstrip("\n") + "\n```" in text
     data = ModelCard(text).data.to_dict()
     assert data["tags"] == ["merge", "mergekit"] and data["library_name"] == "transformers"
     assert "base_model" not in data and "base_model_relation" not in data  # local inputs are not Hub repos

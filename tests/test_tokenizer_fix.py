@@ -18,6 +18,7 @@ from releaser.tokenizer.doctor import diagnose
 from releaser.tokenizer.fix import FixSpec, fix_tokenizer
 from releaser.tokenizer.model import ModelFolder
 from releaser.tokenizer.stoptest import CONVERSATION
+from releaser.tokenizer.templates import load_template
 
 runner = CliRunner()
 
@@ -150,7 +151,13 @@ def test_system_prompt(tiny, tmp_path):
 def test_custom_eos(tiny, tmp_path):
     legacy = {"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}, "unk_token": "<unk>"}
     (tiny / "special_tokens_map.json").write_text(json.dumps(legacy))
-    report = fix_tokenizer(tiny, FixSpec("alpaca", out_dir=tmp_path / "out", eos="<|end_of_answer|>"))
+    with pytest.raises(ConfigError, match="alpaca template does not define it"):  # a new, untrained eos: a typo?
+        fix_tokenizer(tiny, FixSpec("alpaca", out_dir=tmp_path / "out", eos="<|end_of_answer|>"))
+    assert not (tmp_path / "out").exists()
+    template = tmp_path / "answer.jinja"   # a template that defines its end-of-turn token may add it
+    shutil.copy(load_template("alpaca").path, template)
+    template.with_suffix(".yaml").write_text("eos: <|end_of_answer|>\n")
+    report = fix_tokenizer(tiny, FixSpec(str(template), out_dir=tmp_path / "out", eos="<|end_of_answer|>"))
     assert report.eos_token == "<|end_of_answer|>" and report.added_tokens == ["<|end_of_answer|>"]
     assert report.eos_ids == [200, 2] and not [f for f in report.remaining if f.severity == "error"]
     legacy = _json(tmp_path / "out" / "special_tokens_map.json")
@@ -158,7 +165,7 @@ def test_custom_eos(tiny, tmp_path):
 
 
 def test_bad_inputs(tiny, tmp_path):
-    with pytest.raises(ConfigError, match="'not a token' is not in the vocabulary and cannot be added"):
+    with pytest.raises(ConfigError, match="'not a token' is not in the vocabulary and the chatml template does not"):
         fix_tokenizer(tiny, FixSpec("chatml", out_dir=tmp_path / "o", eos="not a token"))
     result = runner.invoke(app, ["fix-tokenizer", str(tiny), "-t", "chatml", "-o", str(tmp_path / "o"),
                                  "--eos", "not a token"])

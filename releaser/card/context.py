@@ -83,6 +83,12 @@ def _default_title(facts: Facts) -> str:
     return name[: -len(suffix)] if suffix and name.upper().endswith(suffix) else name
 
 
+def _local_id(folder: Path) -> str:
+    """An unpublished folder as usage snippets name it: as given when relative, by its name when absolute (a card
+    must not show the machine's absolute paths)."""
+    return folder.name if folder.is_absolute() else folder.as_posix()
+
+
 def card_context(facts: Facts, recipe: Recipe | None) -> dict[str, Any]:
     """The variables a card template sees (documented in templates/cards/README.md)."""
     from huggingface_hub import ModelCardData
@@ -99,7 +105,7 @@ def card_context(facts: Facts, recipe: Recipe | None) -> dict[str, Any]:
         "description": recipe.description if recipe else _description(facts, base_title),
         "license": _license(facts, recipe),
         "repo": repo,                                  # this card's repo id (None: no recipe, not published)
-        "model_id": repo or str(facts.folder),         # what usage snippets load
+        "model_id": repo or _local_id(facts.folder),   # what usage snippets load
         "main_repo": _main_repo(facts, recipe),
         "gguf_repo": recipe.quants.gguf if recipe else None,
         "awq_repo": recipe.quants.awq if recipe else None,

@@ -14,7 +14,7 @@ import yaml
 from ..checkpoint import CheckpointReader
 from ..errors import ModelError
 from .methods import MethodFacts, method_facts
-from .prompt import PromptFacts, prompt_facts
+from .prompt import PromptFacts, prompt_facts, template_errors
 
 HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MERGE_CONFIG = "mergekit_config.yml"
@@ -64,9 +64,24 @@ def hub_repo(ref: str) -> str | None:
     return None
 
 
+def shown(ref: str) -> str:
+    """How a card names a model reference: a Hub repo id as is, a local path by its folder name only (a card is
+    published: the machine's absolute paths mean nothing to readers and should not leak)."""
+    parts = [p if hub_repo(p) or "/" not in p.rstrip("/") and "\\" not in p else Path(p.rstrip("/")).name
+             for p in ref.split("+")]
+    return "+".join(parts)
+
+
 def model_ref(ref: str, details: str = "") -> ModelRef:
     repo = hub_repo(ref.partition("+")[0])  # model+lora links to the model
-    return ModelRef(ref, f"https://huggingface.co/{repo}" if repo else None, details)
+    return ModelRef(shown(ref), f"https://huggingface.co/{repo}" if repo else None, details)
+
+
+def _local_paths_shown(text: str, refs: list[str]) -> str:
+    """The merge config with every absolute local model path replaced by its folder name."""
+    for ref in sorted({p for r in refs for p in r.split("+") if Path(p).is_absolute()}, key=len, reverse=True):
+        text = text.replace(ref, shown(ref))
+    return text
 
 
 def read_json(path: Path) -> dict:
@@ -142,8 +157,9 @@ def merge_facts(folder: Path) -> MergeFacts | None:
             loras.append(LoraRef(model_ref(lora, details), model_ref(model)))
         if ref != base and ref not in models:
             models[ref] = model_ref(ref, details)
+    shown_text = _local_paths_shown(text, [ref for ref, _ in entries] + ([base] if base else []))
     return MergeFacts(method_facts(str(method)), model_ref(base) if base else None, list(models.values()), loras,
-                      text.rstrip("\n"), list(dict.fromkeys(hub)))
+                      shown_text.rstrip("\n"), list(dict.fromkeys(hub)))
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -174,7 +190,8 @@ def hf_prompt_facts(folder: Path) -> PromptFacts:
     def render(messages: list[dict]) -> str:
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    return prompt_facts(render if tok.chat_template else None, stops, tok.bos_token)
+    with template_errors(str(folder), "fix it with releaser fix-tokenizer --template NAME"):
+        return prompt_facts(render if tok.chat_template else None, stops, tok.bos_token)
 
 
 def count_parameters(reader: CheckpointReader) -> int:

@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..errors import ModelError
 
 SYSTEM, PROMPT = "{system_prompt}", "{prompt}"
 Render = Callable[[list[dict]], str]     # messages -> prompt text (with the generation prompt)
@@ -91,6 +95,17 @@ def jinja_renderer(template: str, bos: str, eos: str) -> Render:
         return compiled.render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
 
     return render
+
+
+@contextmanager
+def template_errors(where: str, fix: str) -> Iterator[None]:
+    """Turn a chat template that cannot be compiled or rendered (syntax, sandbox refusal) into one ModelError."""
+    try:
+        yield
+    except (jinja2.TemplateError, TypeError, ValueError) as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise ModelError(f"the chat template of {where} cannot be rendered ({type(exc).__name__}: {text}); {fix}") \
+            from None
 
 
 def prompt_facts(render: Render | None, stop_tokens: list[str], bos: str | None) -> PromptFacts:

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..checkpoint import CheckpointReader
 from ..errors import ModelError
 from .facts import architecture_of, hf_prompt_facts, read_json, weights_size
-from .prompt import PromptFacts, jinja_renderer, prompt_facts
+from .prompt import PromptFacts, jinja_renderer, prompt_facts, template_errors
 
 SPLIT = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 HUB = "https://huggingface.co/"
@@ -100,12 +100,9 @@ def good_for(quant: str) -> str:
 
 
 def _reader(path: Path):
-    import gguf
+    from ..gguf.reader import open_gguf
 
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # noqa: BLE001 - gguf-py raises ValueError/struct errors for bad files
-        raise ModelError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+    return open_gguf(path)
 
 
 def _field(reader, key: str, index: int | None = None):
@@ -146,9 +143,10 @@ def _gguf_prompt(reader, path: Path) -> PromptFacts:
         raise ModelError(f"{path} has no tokenizer.ggml.eos_token_id; fix it with releaser fix-tokenizer")
     bos = token("tokenizer.ggml.bos_token_id")
     template = _field(reader, "tokenizer.chat_template")
-    render = jinja_renderer(template, bos or "", eos) if template else None
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
-    return prompt_facts(render, [token("tokenizer.ggml.eot_token_id") or eos, eos], bos if add_bos else None)
+    with template_errors(str(path), "fix it with releaser gguf-fix --chat-template FILE"):
+        render = jinja_renderer(template, bos or "", eos) if template else None
+        return prompt_facts(render, [token("tokenizer.ggml.eot_token_id") or eos, eos], bos if add_bos else None)
 
 
 def _base_models(reader) -> list[str]:

@@ -12,7 +12,8 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
 from ..atomic import write_file
-from ..errors import ModelError, ReleaserError
+from ..checkpoint.reader import check_folder
+from ..errors import ModelError, OutputError, ReleaserError
 from ..recipe import Recipe
 from ..resources import templates_dir
 from .context import Facts, card_context, human_count, human_size
@@ -37,8 +38,7 @@ class CardResult:
 def gather_facts(model_dir: str | os.PathLike) -> Facts:
     """Read what a card states from a model folder: HF (merged or not), GGUF or AWQ."""
     folder = Path(model_dir)
-    if not folder.is_dir():
-        raise ModelError(f"model folder {folder} does not exist")
+    check_folder(folder)
     if any(folder.glob("*.gguf")):
         return gguf_facts(folder)
     if not (folder / "config.json").is_file():
@@ -151,9 +151,28 @@ def check_card(text: str, template: Path) -> None:
             raise CardError(f"{template}: section {m[2]!r} is empty")
 
 
+def check_card_output(out: Path, model_dir: Path, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse a folder, an existing file without ``overwrite``, and any input: a file of the model (its README.md
+    aside, which is where a card goes), the template, the recipe."""
+    if out.is_dir():
+        raise OutputError(f"{out} is a folder; give the card's file path, e.g. {out / 'README.md'}")
+    if not out.exists():
+        return
+    target = out.resolve()
+    model_files = {p.resolve() for p in Path(model_dir).rglob("*") if p.is_file() and p.name != "README.md"}
+    if target in model_files or target in {Path(p).resolve() for p in inputs if p}:
+        raise OutputError(f"{out} is an input of the card; choose another output file")
+    if not overwrite:
+        raise OutputError(f"{out} already exists; pass --overwrite to replace it or choose another output file")
+
+
 def write_card(model_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe | None = None,
-               template: str | os.PathLike | None = None) -> CardResult:
-    """Render the card and write it to ``out`` atomically (temporary name, then rename)."""
+               template: str | os.PathLike | None = None, *, overwrite: bool = False,
+               inputs: tuple = ()) -> CardResult:
+    """Render the card and write it to ``out`` atomically (temporary name, then rename). An existing ``out`` is
+    replaced only with ``overwrite``, an input (``inputs``: e.g. the recipe file) never."""
+    out = Path(out)
+    check_card_output(out, Path(model_dir), overwrite, (template, *inputs))
     text, facts, path = _render(model_dir, recipe, template)
-    out = write_file(out, text)
+    out = write_file(out, text, overwrite=overwrite)
     return CardResult(out, facts.kind, path, len(text.encode()))

@@ -14,6 +14,15 @@ from . import safetensors_io as st
 from .safetensors_io import TensorInfo
 
 
+def check_folder(folder: Path, hint: str = "check the path") -> None:
+    """A one-line ModelError unless ``folder`` is an existing folder (a file is named as such)."""
+    if folder.is_dir():
+        return
+    if folder.exists():
+        raise ModelError(f"model path {folder} is a file, not a model folder; give the folder that holds config.json")
+    raise ModelError(f"model folder {folder} does not exist; {hint}")
+
+
 def _weight_files(folder: Path) -> list[Path]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
@@ -41,8 +50,7 @@ class CheckpointReader:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise ModelError(f"model folder {self.folder} does not exist; check the path in your config")
+        check_folder(self.folder, "check the path in your config")
         files = _weight_files(self.folder)
         if not files:
             raise ModelError(f"{self.folder} has no weights (expected model.safetensors, sharded "

@@ -47,20 +47,39 @@ def read_header(path: str) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise ValueError("safetensors header length is implausible")
-        header = json.loads(f.read(n))
+        text = f.read(n)
+        if len(text) != n:
+            raise ValueError(f"truncated: the header needs {n} bytes, the file has {len(text)} after the length")
+        header = json.loads(text)
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
     return header, 8 + n
 
 
 def list_tensors(path: str) -> list[TensorInfo]:
+    """The tensors of a safetensors file, after checking that the header and the file size agree (a truncated or
+    inconsistent file fails here, before any work starts)."""
     header, start = read_header(path)
-    out = []
+    out, end = [], 0
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in DTYPES:
-            raise ValueError(f"unsupported dtype {meta['dtype']} for tensor {name}")
-        begin, _end = meta["data_offsets"]
-        out.append(TensorInfo(name, DTYPES[meta["dtype"]], tuple(meta["shape"]), path, start + begin))
+        try:
+            dtype, shape, (begin, stop) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {name} has no valid dtype, shape and data_offsets") from None
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype} for tensor {name}")
+        info = TensorInfo(name, DTYPES[dtype], shape, path, start + begin)
+        if not 0 <= begin <= stop or stop - begin != info.nbytes:
+            raise ValueError(f"tensor {name}: data_offsets [{begin}, {stop}] do not fit {dtype} {list(shape)}")
+        end = max(end, stop)
+        out.append(info)
+    size = os.path.getsize(path) - start
+    if size < end:
+        raise ValueError(f"truncated: the header describes {end} bytes of tensor data, the file holds {size}")
+    if size > end:
+        raise ValueError(f"inconsistent: the file holds {size} bytes of tensor data, the header describes {end}")
     return out
 
 

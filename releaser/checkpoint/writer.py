@@ -85,6 +85,9 @@ class CheckpointWriter:
         except OSError as exc:
             self.abort()
             raise _os_error(exc, self.out_dir) from exc
+        except BaseException:   # Ctrl-C or SIGTERM before the caller's ``with`` holds the writer
+            self.abort()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._state != "open":

@@ -162,6 +162,10 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
 def _write_tensors(conv: Converter, types: dict[str, list[T]], writers: dict, workers: int,
                    reporter: Reporter) -> None:
     """Read each tensor once (prefetching the next), quantize it to every needed type in parallel, write in order."""
+    k_types = {t for ts in types.values() for t in ts if t in kernels.K_TYPES}
+    if k_types and kernels.needs_compile(k_types):
+        reporter.message("compiling quantization kernels (first run only)")
+    kernels.warm_up(k_types)
     with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as reader, \
             reporter.progress("GGUF export", len(conv.plan)) as advance:
         pending = reader.submit(conv.read, conv.plan[0])

@@ -13,7 +13,9 @@ import numpy as np
 from gguf import GGUFValueType as V, Keys
 
 from ..atomic import OutputLock, os_error, sweep, temp_file
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, OutputError
+from ..tokenizer.templates import check_syntax
+from .reader import open_gguf
 from .vocab import END_OF_TURN
 
 
@@ -34,15 +36,6 @@ class FixResult:
 
 def _value(f: gguf.ReaderField):
     return f.contents()
-
-
-def _open(path: Path) -> gguf.GGUFReader:
-    if not path.is_file():
-        raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise ModelError(f"{path} is not a readable GGUF file ({exc})") from exc
 
 
 def _new_values(reader: gguf.GGUFReader, chat_template: str | None, eos: str | None, name: str | None) -> dict:
@@ -67,12 +60,22 @@ def _new_values(reader: gguf.GGUFReader, chat_template: str | None, eos: str | N
 
 
 def fix_gguf(path, *, chat_template: str | None = None, eos: str | None = None, name: str | None = None,
-             out: str | os.PathLike | None = None) -> FixResult:
+             out: str | os.PathLike | None = None, overwrite: bool = False) -> FixResult:
     """Set the chat template, eos token (by text) and/or ``general.name`` of ``path``; write to ``out`` (default: in
-    place). The result is written under a temporary name beside the target and renamed when complete."""
+    place; an existing ``out`` only with ``overwrite``). The result is written under a temporary name beside the
+    target and renamed when complete; it keeps ``path``'s file mode. A chat template is checked (Jinja syntax, in a
+    sandbox) before anything is written."""
     path = Path(path)
-    reader = _open(path)
-    return _apply(reader, path, Path(out) if out is not None else path, _new_values(reader, chat_template, eos, name))
+    target = Path(out) if out is not None else path
+    reader = open_gguf(path)
+    if chat_template is not None:
+        check_syntax(chat_template, "the chat template")
+    if target.is_dir():
+        raise OutputError(f"{target} is a folder; give the path of the .gguf file to write")
+    same = target.exists() and target.resolve() == path.resolve()
+    if target.exists() and not same and not overwrite:
+        raise OutputError(f"{target} already exists; pass --overwrite to replace it or choose another --output")
+    return _apply(reader, path, path if same else target, _new_values(reader, chat_template, eos, name))
 
 
 def sync_tokenizer(path, model_dir: str | os.PathLike) -> FixResult:
@@ -82,7 +85,7 @@ def sync_tokenizer(path, model_dir: str | os.PathLike) -> FixResult:
     from .vocab import add_tokenizer
 
     path = Path(path)
-    reader = _open(path)
+    reader = open_gguf(path)
     arch = _value(reader.get_field(Keys.General.ARCHITECTURE))
     pre = reader.get_field(Keys.Tokenizer.PRE)
     template = gguf.GGUFWriter(None, arch)
@@ -108,7 +111,7 @@ def _apply(reader: gguf.GGUFReader, path: Path, target: Path, new: dict, drop: s
     arch = _value(reader.get_field(Keys.General.ARCHITECTURE))
     with OutputLock(target):
         sweep(target)
-        with temp_file(target) as tmp:
+        with temp_file(target, mode=path.stat().st_mode & 0o7777) as tmp:
             try:
                 _rewrite(reader, tmp, arch, dict(new), drop)
             except OSError as exc:

@@ -7,6 +7,7 @@ call at a time (in larger row chunks, which bounds their temporary memory).
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Executor
 from threading import Lock
 
@@ -43,3 +44,27 @@ def collect(futures: list) -> np.ndarray:
     """Join the chunks of :func:`submit` into one contiguous byte array."""
     parts = [f.result() for f in futures]
     return np.concatenate([p.reshape(-1).view(np.uint8) for p in parts])
+
+
+def _dispatchers(qtypes) -> list:
+    from . import kquants
+
+    by_type = {T.Q2_K: kquants.q2_k_blocks, T.Q3_K: kquants.q3_k_blocks, T.Q4_K: kquants.qkx_blocks,
+               T.Q5_K: kquants.qkx_blocks, T.Q6_K: kquants.q6_k_blocks}
+    return list({id(f): f for t in qtypes if (f := by_type.get(t)) is not None}.values())
+
+
+def needs_compile(qtypes) -> bool:
+    """True when a K-quant kernel of ``qtypes`` has no compiled version in numba's on-disk cache (the first run on a
+    machine compiles them, ~10 s); False when all are cached or the cache cannot be inspected."""
+    try:
+        return any(not os.path.exists(f._cache._cache_file._index_path) for f in _dispatchers(qtypes))
+    except Exception:  # noqa: BLE001 - numba internals; the answer only chooses a progress message
+        return False
+
+
+def warm_up(qtypes) -> None:
+    """Compile (or load from the cache) the K-quant kernels of ``qtypes`` on one block, before the real work."""
+    for qtype in dict.fromkeys(qtypes):
+        if qtype in K_TYPES:
+            _one(np.zeros((1, 256), np.float32), qtype)

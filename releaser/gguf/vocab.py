@@ -43,7 +43,8 @@ def pre_tokenizer(tokenizer) -> str:
     chkhsh = hashlib.sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
     if chkhsh not in PRE_TOKENIZERS:
         raise ModelError(f"unknown BPE pre-tokenizer (llama.cpp chkhsh {chkhsh}); llama.cpp cannot tokenize this "
-                         "model correctly: use the base model's unmodified tokenizer files or a llama.cpp-supported one")
+                         "model correctly: use the base model's unmodified tokenizer files, or name the llama.cpp "
+                         "pre-tokenizer it matches with --pre-tokenizer NAME (e.g. llama-bpe, qwen2, smollm)")
     return PRE_TOKENIZERS[chkhsh]
 
 

@@ -331,8 +331,10 @@ class _Planner:
             shapes = [(self.vocab.size, *shape[1:]) for shape in shapes]
         if len(set(shapes)) > 1:
             detail = ", ".join(f"{self.labels[mi]} {list(shape)}" for (mi, _), shape in zip(sources, shapes))
+            vocab_only = len({shape[1:] for shape in shapes}) == 1  # only the number of token rows differs
             hint = ("; set tokenizer_source: base or union to align vocabularies"
-                    if self.arch.is_embedding(out_name) else "; these models cannot be merged tensor by tensor")
+                    if self.arch.is_embedding(out_name) and vocab_only and self.vocab is None
+                    else "; the models differ in size (hidden size or layout), so they cannot be merged")
             raise ModelError(f"shape mismatch for {out_name}: {detail}{hint}")
         params = self.resolve(self.method.global_specs, [s.parameters, cfg.parameters], out_name, t, layer, where,
                               required=True)

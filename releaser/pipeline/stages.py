@@ -199,7 +199,7 @@ def _card_run(r: Release) -> StageResult:
     from ..card import write_card
 
     template = r.local(r.recipe.card.template) if r.recipe.card.template else None
-    written = [write_card(folder, folder / "README.md", r.recipe, template).path
+    written = [write_card(folder, folder / "README.md", r.recipe, template, overwrite=True).path
                for folder in r.repo_folders().values()]
     return StageResult("cards", r.work, r.manifest.describe(r.work, written),
                        f"{len(written)} card(s): " + ", ".join(str(p.relative_to(r.work)) for p in written))

@@ -60,19 +60,23 @@ def _token_findings(model: ModelFolder, tokens: list[str]) -> list[Finding]:
     return out
 
 
-def _weight_findings(model: ModelFolder, ids: list[int]) -> list[Finding]:
+def _weight_findings(model: ModelFolder, ids: list[int], tensors: dict | None = None) -> list[Finding]:
+    """Embedding checks; ``tensors`` (name -> tensor) replace the checkpoint's tensors of the same names."""
     out = []
+    tensors = tensors or {}
     with CheckpointReader(model.path) as reader:
         embed, head = embedding_names(reader)
-        rows = reader.tensors[embed].shape[0]
+        shape = tuple(tensors[embed].shape) if embed in tensors else tuple(reader.tensors[embed].shape)
+        rows = shape[0]
         if len(model.tokenizer) > rows:
             out.append(Finding("vocab-mismatch", f"the tokenizer has {len(model.tokenizer)} tokens but the embedding "
-                               f"has {rows} rows", f"{embed} {tuple(reader.tensors[embed].shape)}",
+                               f"has {rows} rows", f"{embed} {shape}",
                                "resize the embeddings"))
         bad = set()
         for name in (embed, head):
             if name:
-                bad.update(untrained_rows(reader.read(name), ids))
+                matrix = tensors[name] if name in tensors else reader.read(name)
+                bad.update(untrained_rows(matrix, ids))
     if bad:
         names = ", ".join(f"{model.tokenizer.convert_ids_to_tokens(i)!r} ({i})" for i in sorted(bad))
         out.append(Finding("untrained-rows", "embedding rows of tokens the template writes are untrained (zero)",
@@ -86,14 +90,24 @@ def _emitted_ids(model: ModelFolder, text: str) -> list[int]:
     return sorted({i for i in ids if i in model.tokenizer.added_tokens_decoder})
 
 
-def diagnose(model_dir: str | Path, template: str | Path | ChatTemplate | None = None) -> DoctorReport:
-    """Check a model folder; ``template`` (a built-in name, a .jinja path) is the chat format it should have."""
-    model = ModelFolder.open(model_dir)
+def diagnose(model_dir: str | Path | ModelFolder, template: str | Path | ChatTemplate | None = None, *,
+             tensors: dict | None = None) -> DoctorReport:
+    """Check a model folder; ``template`` (a built-in name, a .jinja path) is the chat format it should have.
+
+    ``model_dir`` may be an opened :class:`ModelFolder` (a planned result held in memory) and ``tensors`` embedding
+    tensors that replace the checkpoint's (a planned resize), so a fix can be checked before it is written."""
+    model = model_dir if isinstance(model_dir, ModelFolder) else ModelFolder.open(model_dir)
     tok = model.tokenizer
     spec = load_template(template) if isinstance(template, (str, Path)) else template
     report = DoctorReport(model.path, spec.name if spec else None, tok.eos_token,
                           generation_eos=model.generation_eos)
     add = report.findings.append
+    if spec:
+        try:
+            render(tok, spec.source, CONVERSATION)
+        except RenderError as exc:
+            add(Finding("template-render", f"the template {spec.name} fails on a plain user/assistant conversation",
+                        str(exc)[:200], "fix the template or choose another"))
     own = model_template(tok)
     if own is None:
         add(Finding("no-template", "the model has no chat template", "no chat_template.jinja or chat_template in "
@@ -138,7 +152,8 @@ def diagnose(model_dir: str | Path, template: str | Path | ChatTemplate | None =
         report.findings += _token_findings(model, tok.convert_ids_to_tokens(emitted))
     if model.has_weights():
         known = [model.token_id(t) for t in tokens]
-        report.findings += _weight_findings(model, sorted({*emitted, *ends, *(i for i in known if i is not None)}))
+        report.findings += _weight_findings(model, sorted({*emitted, *ends, *(i for i in known if i is not None)}),
+                                            tensors)
     return report
 
 

@@ -19,8 +19,8 @@ from tokenizers import AddedToken
 from ..checkpoint import CheckpointReader
 from ..errors import ConfigError, ModelError
 from .doctor import diagnose
-from .findings import Finding
-from .model import ModelFolder, embedding_names, trained_mean, untrained_rows
+from .findings import ERROR, Finding
+from .model import ModelFolder, embedding_names, load_tokenizer, trained_mean, untrained_rows
 from .output import check_target, dump_json, write_files, write_with_weights
 from .stoptest import CONVERSATION, RenderError, render
 from .templates import ChatTemplate, load_template, with_default_system
@@ -90,14 +90,19 @@ def _tokenizer_json_changes(old: dict, new: dict) -> list[str]:
     return lines or ["re-serialised by transformers"]
 
 
-def _check_eos(model: ModelFolder, eos: str | None) -> str:
+def _check_eos(model: ModelFolder, eos: str | None, tpl: ChatTemplate) -> str:
+    """The eos must be a token of the vocabulary, or a control token the template itself defines (added then)."""
     if not eos:
         raise ModelError(f"the tokenizer in {model.path} has no eos token and the template names none; "
                          "pass --eos TOKEN")
-    if model.token_id(eos) is None and not CONTROL_TOKEN.fullmatch(eos):
-        raise ConfigError(f"--eos {eos!r} is not in the vocabulary and cannot be added as a special token (only "
-                          "control tokens such as <|end|> or [END] can be added); pass an existing token")
-    return eos
+    if model.token_id(eos) is not None:
+        return eos
+    if eos in (tpl.eos, *tpl.tokens) and CONTROL_TOKEN.fullmatch(eos):
+        return eos
+    existing = model.tokenizer.eos_token
+    raise ConfigError(f"--eos {eos!r} is not in the vocabulary and the {tpl.name} template does not define it, so it "
+                      "cannot be added (a new token would be untrained); pass an existing token"
+                      + (f" such as {existing!r}" if existing else ""))
 
 
 def _pick_pad(model: ModelFolder, avoid: set[int]) -> str | None:
@@ -208,6 +213,17 @@ def _changed_files(src: Path, files: dict[str, str], template: str, lines: dict[
     return changed
 
 
+def _recheck(model: ModelFolder, files: dict[str, str], config: dict, generation: dict, tpl: ChatTemplate,
+             edits: dict) -> list[Finding]:
+    """The doctor's findings on the planned result, before anything is written: the tokenizer is reloaded from the
+    planned files (in a private temporary folder), the weights are the checkpoint's with ``edits`` applied."""
+    with tempfile.TemporaryDirectory(prefix="releaser-recheck-") as tmp:
+        for name, content in files.items():
+            Path(tmp, name).write_text(content, encoding="utf-8")
+        planned = ModelFolder(model.path, config, generation, load_tokenizer(Path(tmp)))
+    return diagnose(planned, tpl, tensors=edits).findings
+
+
 def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
     """Apply ``spec`` to the model folder ``model_dir`` and return what was changed (see the module docstring)."""
     src = Path(model_dir)
@@ -217,7 +233,7 @@ def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
     tok = model.tokenizer
     old_size = len(tok)
     source = _template_source(tpl, model, spec.system_prompt)
-    eos = _check_eos(model, spec.eos or tpl.eos or tok.eos_token)
+    eos = _check_eos(model, spec.eos or tpl.eos or tok.eos_token, tpl)
     control = list(dict.fromkeys([*tpl.tokens, eos]))
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in control], special_tokens=True)
     tok.eos_token = eos
@@ -230,7 +246,11 @@ def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
             tok.add_tokens([AddedToken(pad, special=True, normalized=False)], special_tokens=True)
         tok.pad_token = pad
     tok.chat_template = source
-    text = render(tok, source, CONVERSATION)
+    try:
+        text = render(tok, source, CONVERSATION)
+    except RenderError as exc:
+        raise ConfigError(f"the {tpl.name} template fails on a plain user/assistant conversation ({exc}); fix the "
+                          "template or choose another") from None
     if tok.bos_token_id is not None and tok(text)["input_ids"][:2] == [tok.bos_token_id] * 2:
         tok.add_bos_token = False
     eos_ids = _stop_ids(model, tpl, eos)
@@ -248,6 +268,12 @@ def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
     report = FixReport(src, out or src, tpl.name, eos, eos_ids, tok.pad_token, tpl.stop_strings(eos),
                        added_tokens=tok.convert_ids_to_tokens(list(range(old_size, len(tok)))),
                        repaired_rows=repaired, resized=resized)
+    report.remaining = _recheck(model, files, config, generation, dataclasses.replace(tpl, source=source), edits)
+    errors = [f for f in report.remaining if f.severity == ERROR]
+    if errors:
+        first = errors[0]
+        raise ModelError(f"the fix would leave {len(errors)} error(s), so nothing was written: {first.problem} "
+                         f"({first.evidence}); {first.fix}")
     changes = _changed_files(src, files, tpl.name, report.changes)
     if edits:
         for name in edits:
@@ -257,5 +283,4 @@ def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
         report.out_dir = write_with_weights(src, out, changes, edits)
     elif changes or out is not None:
         report.out_dir = write_files(src, out, changes)
-    report.remaining = diagnose(report.out_dir, dataclasses.replace(tpl, source=source)).findings
     return report

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointReader
+from ..checkpoint.reader import check_folder
 from ..errors import ModelError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -59,8 +60,7 @@ class ModelFolder:
     @classmethod
     def open(cls, path: str | Path) -> ModelFolder:
         path = Path(path)
-        if not path.is_dir():
-            raise ModelError(f"model folder {path} does not exist; check the path")
+        check_folder(path)
         config = read_json(path / "config.json")
         if config is None:
             raise ModelError(f"{path} has no config.json; is it a Hugging Face model folder?")

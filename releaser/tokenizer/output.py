@@ -172,6 +172,8 @@ def check_target(src: Path, out: Path | None, in_place: bool, overwrite: bool) -
     out = Path(out).absolute()
     if out == src.absolute():
         raise OutputError(f"{out} is the input folder; use --in-place to change it")
+    if out.resolve() in src.resolve().parents:
+        raise OutputError(f"{out} holds the input folder {src}, which replacing it would delete; choose another output")
     if out.exists() and not overwrite:
         raise OutputError(f"{out} already exists; pass --overwrite to replace it or choose a new folder")
     return out

@@ -84,7 +84,11 @@ def load_template(name_or_path: str | Path) -> ChatTemplate:
         return ChatTemplate(text, _read(path), meta.get("eos"), tuple(meta.get("tokens") or ()),
                             tuple(meta.get("stop") or ()), meta.get("description", ""), path)
     path = Path(name_or_path)
+    if path.is_dir():
+        raise TemplateError(f"chat template {path} is a folder; give a .jinja file or a built-in name")
     if not path.is_file():
+        if path.suffix or len(path.parts) > 1:
+            raise TemplateError(f"chat template file {path} does not exist; check the path")
         raise TemplateError(f"unknown chat template {text!r}; use one of {', '.join(catalog)} "
                             "or the path of a .jinja file")
     source = _read(path)
