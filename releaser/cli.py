@@ -176,5 +176,50 @@ def gguf_fix_cmd(
     out.print(result.summary(), highlight=False)
 
 
+@app.command("awq")
+@friendly
+def awq_cmd(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face Llama/Mistral/Qwen2 model folder."),
+    out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the AWQ checkpoint (written atomically)."),
+    bits: int = typer.Option(4, "--bits", help="Bits per weight (4 only)."),
+    group_size: int = typer.Option(128, "--group-size", help="Weights per group: 128, 64 or 32 (falls back to 64/32)."),
+    calib: str = typer.Option("builtin", "--calib", help="Calibration text: builtin, or a .txt / .jsonl file."),
+    samples: int = typer.Option(128, "--samples", help="Calibration samples (texts of at most --seqlen tokens)."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration row."),
+    device: str = typer.Option("auto", "--device", help="Where the search runs: auto, cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+) -> None:
+    """Quantize to 4-bit AWQ (AutoAWQ GEMM format, loads in vLLM and transformers+gptqmodel); calibration offline."""
+    from .awq.stage import make_options, run_awq
+    from .awq.console import RichReporter
+
+    options = make_options(bits=bits, group_size=group_size, calibration=calib, samples=samples, seqlen=seqlen,
+                           device=device)
+    result = run_awq(options, model_dir, out_dir, RichReporter(console), overwrite=overwrite)
+    out.print(f"[green]awq[/] {result.summary} ({len(result.files)} files, {_human(result.bytes)})", highlight=False)
+
+
+@app.command("awq-eval")
+@friendly
+def awq_eval_cmd(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="The unquantized model folder."),
+    awq_dir: Path = typer.Argument(..., metavar="AWQ_DIR", help="The AWQ folder made from it by releaser awq."),
+    text: Path | None = typer.Option(None, "--text", help="Held-out .txt/.jsonl (default: shipped text, never used "
+                                     "for calibration)."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per evaluation row."),
+    rows: int = typer.Option(16, "--rows", help="Evaluation rows (at most)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Perplexity of the unquantized model, AWQ and round-to-nearest, and KL(unquantized||AWQ); saved for the card."""
+    from .awq.evaluate import evaluate_awq
+    from .awq.console import RichReporter
+
+    r = evaluate_awq(model_dir, awq_dir, RichReporter(console), text=text, seqlen=seqlen, rows=rows, device=device)
+    ppl = r["perplexity"]
+    out.print(f"[green]awq-eval[/] {r['tokens']} tokens of {r['text']}: perplexity unquantized {ppl['unquantized']:.3f}, "
+              f"AWQ {ppl['awq']:.3f}, RTN {ppl['rtn']:.3f}; KL {r['kl_awq']:.4f}, top-1 agreement "
+              f"{r['top1_agreement_awq']:.1%} -> {awq_dir / 'awq_calibration.json'}", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

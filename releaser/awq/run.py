@@ -114,6 +114,22 @@ def channel_abs_mean(x: torch.Tensor) -> torch.Tensor:
     return total / flat.shape[0]
 
 
+def scaling_groups(layer: nn.Module) -> list[Group]:
+    """The block's scaling groups; v_proj -> o_proj only when their shapes match (no grouped-query attention)."""
+    v, o = layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight
+    return [g for g in GROUPS if g.prev != "self_attn.v_proj" or v.shape == o.shape]
+
+
+def fold_group(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
+    """Divide the preceding norm/linear by s and multiply the group's linears' input columns by s."""
+    linears = [layer.get_submodule(n) for n in group.linears]
+    prev = layer.get_submodule(group.prev)
+    if isinstance(prev, nn.Linear):
+        fold_into_linear(prev, linears[0], s)
+    else:
+        fold_into_norm(prev, linears, s)
+
+
 class BlockRunner:
     """Runs decoder blocks of one model on the calibration hidden states [rows, seq, hidden]."""
 
@@ -193,17 +209,13 @@ class BlockRunner:
             return total / count
         return loss
 
-    def groups(self, layer: nn.Module) -> list[Group]:
-        v, o = layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight
-        return [g for g in GROUPS if g.prev != "self_attn.v_proj" or v.shape == o.shape]
-
     @torch.no_grad()
     def awq_block(self, layer: nn.Module, feats: dict[str, torch.Tensor]) -> BlockReport:
         """Search all groups' scales on the unscaled block, fold them, then clip (in place)."""
         report = BlockReport()
         gs = self.s.group_size
         found = []
-        for g in self.groups(layer):
+        for g in scaling_groups(layer):
             linears = [layer.get_submodule(n) for n in g.linears]
             s, ratio = search_scale(linears, channel_abs_mean(feats[g.feature]), gs,
                                     self._loss_fn(layer, g, feats[g.feature]))
@@ -211,12 +223,7 @@ class BlockRunner:
             report.ratios[g.prev] = ratio
         scaled: dict[str, torch.Tensor] = {}
         for g, s in found:
-            linears = [layer.get_submodule(n) for n in g.linears]
-            prev = layer.get_submodule(g.prev)
-            if isinstance(prev, nn.Linear):
-                fold_into_linear(prev, linears[0], s)
-            else:
-                fold_into_norm(prev, linears, s)
+            fold_group(layer, g, s)
             scaled[g.feature] = s
         if self.s.clip:
             for name in LINEARS:

@@ -24,7 +24,7 @@ CALIBRATION_FILE = "awq_calibration.json"
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
               "chat_template.json")
-CPU_SEARCH_TOKENS = 4096   # on CPU the scale-search loss is measured on this many calibration tokens
+CPU_SEARCH_TOKENS = 2048   # on CPU the scale-search loss is measured on this many calibration tokens
 
 
 class AWQOptions(StageOptions):
