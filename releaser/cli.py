@@ -187,6 +187,8 @@ def awq_cmd(
     samples: int = typer.Option(128, "--samples", help="Calibration samples (texts of at most --seqlen tokens)."),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration row."),
     device: str = typer.Option("auto", "--device", help="Where the search runs: auto, cpu or cuda."),
+    search_tokens: int | None = typer.Option(None, "--search-tokens", help="Tokens the scale-search loss uses "
+                                             "(default: all on GPU, 2048 on CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Quantize to 4-bit AWQ (AutoAWQ GEMM format, loads in vLLM and transformers+gptqmodel); calibration offline."""
@@ -194,7 +196,7 @@ def awq_cmd(
     from .awq.console import RichReporter
 
     options = make_options(bits=bits, group_size=group_size, calibration=calib, samples=samples, seqlen=seqlen,
-                           device=device)
+                           device=device, search_tokens=search_tokens)
     result = run_awq(options, model_dir, out_dir, RichReporter(console), overwrite=overwrite)
     out.print(f"[green]awq[/] {result.summary} ({len(result.files)} files, {_human(result.bytes)})", highlight=False)
 

@@ -38,6 +38,8 @@ class AWQOptions(StageOptions):
     samples: int = Field(128, gt=0, description="Calibration samples (texts of at most seqlen tokens).")
     seqlen: int = Field(512, gt=0, description="Tokens per calibration row.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the search runs: auto, cpu or cuda.")
+    search_tokens: int | None = Field(None, gt=0, description="Calibration tokens the scale-search loss is measured "
+                                      f"on (default: all on GPU, {CPU_SEARCH_TOKENS} on CPU); x-means use all tokens.")
 
     @field_validator("bits")
     @classmethod
@@ -101,7 +103,7 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
     device = resolve_device(options.device)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     use_all_cores()
-    search_tokens = CPU_SEARCH_TOKENS if device.type == "cpu" else None
+    search_tokens = options.search_tokens or (CPU_SEARCH_TOKENS if device.type == "cpu" else None)
     settings = Settings(group_size, device, dtype, search_tokens)
     n_layers = int(config[arch.num_layers_key])
     specs = output_specs(reader, arch, n_layers, group_size)
@@ -142,7 +144,7 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
         facts = {"dataset": calib.dataset, "samples": calib.samples, "seq_len": calib.seq_len,
                  "rows": int(calib.ids.shape[0]), "tokens": calib.tokens, "bits": options.bits,
                  "group_size": group_size, "requested_group_size": options.group_size, "zero_point": True,
-                 "version": "gemm", "device": device.type, "search_tokens": search_tokens or calib.tokens,
+                 "version": "gemm", "device": device.type, "search_tokens": min(search_tokens or calib.tokens, calib.tokens),
                  "clip": True, "scale_ratios": ratios, "seconds": round(seconds, 1)}
         (tmp / CALIBRATION_FILE).write_text(json.dumps(facts, indent=2) + "\n")
     files = describe_files(out)
