@@ -31,13 +31,17 @@ def choose_group_size(requested: int, widths: dict[str, int]) -> int:
 
 def fake_quantize(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """Quantize and dequantize ``w`` [N, K] group-wise in its own dtype (the scale and clip searches use this)."""
-    shape = w.shape
-    g = w.reshape(-1, group_size)
-    hi, lo = g.amax(dim=1, keepdim=True), g.amin(dim=1, keepdim=True)
-    scale = (hi - lo).clamp(min=1e-5) / MAX_Q
-    zero = (-torch.round(lo / scale)).clamp(0, MAX_Q)
-    q = (torch.round(g / scale) + zero).clamp(0, MAX_Q)
-    return ((q - zero) * scale).reshape(shape)
+    return fake_quantize_(w.clone(), group_size)
+
+
+def fake_quantize_(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """:func:`fake_quantize` in place (contiguous ``w``; one min/max pass, no full-size temporaries)."""
+    g = w.view(-1, group_size)
+    lo, hi = torch.aminmax(g, dim=1, keepdim=True)
+    scale = (hi - lo).clamp_(min=1e-5).div_(MAX_Q)
+    zero = torch.round(lo / scale).neg_().clamp_(0, MAX_Q)
+    g.div_(scale).round_().add_(zero).clamp_(0, MAX_Q).sub_(zero).mul_(scale)
+    return w
 
 
 @dataclass

@@ -102,12 +102,13 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
     calib = calibration(options.calibration, tokenizer, options.samples, options.seqlen)
     device = resolve_device(options.device)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
-    use_all_cores()
+    threads = use_all_cores()
     search_tokens = options.search_tokens or (CPU_SEARCH_TOKENS if device.type == "cpu" else None)
     settings = Settings(group_size, device, dtype, search_tokens)
     n_layers = int(config[arch.num_layers_key])
     specs = output_specs(reader, arch, n_layers, group_size)
-    reporter.message(f"AWQ {options.bits}-bit g{group_size} on {device.type}: {calib.ids.shape[0]} rows x "
+    where = device.type if device.type != "cpu" else f"cpu, {threads} thread{'s' if threads > 1 else ''}"
+    reporter.message(f"AWQ {options.bits}-bit g{group_size} on {where}: {calib.ids.shape[0]} rows x "
                      f"{calib.seq_len} tokens from {calib.samples} samples of {calib.dataset}")
     embed = reader.read(arch.embed)
     hidden = embed[calib.ids].to(device, dtype)
@@ -144,7 +145,8 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
         facts = {"dataset": calib.dataset, "samples": calib.samples, "seq_len": calib.seq_len,
                  "rows": int(calib.ids.shape[0]), "tokens": calib.tokens, "bits": options.bits,
                  "group_size": group_size, "requested_group_size": options.group_size, "zero_point": True,
-                 "version": "gemm", "device": device.type, "search_tokens": min(search_tokens or calib.tokens, calib.tokens),
+                 "version": "gemm", "device": device.type, "threads": threads,
+                 "search_tokens": min(search_tokens or calib.tokens, calib.tokens),
                  "clip": True, "scale_ratios": ratios, "seconds": round(seconds, 1)}
         (tmp / CALIBRATION_FILE).write_text(json.dumps(facts, indent=2) + "\n")
     files = describe_files(out)
