@@ -176,30 +176,32 @@ def gguf_fix_cmd(
     out.print(result.summary(), highlight=False)
 
 
+from .awq.options import AWQOptions  # noqa: E402 - the awq commands' flag help (no torch import)
+
+
 @app.command("awq")
 @friendly
 def awq_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face Llama/Mistral/Qwen2 model folder."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the AWQ checkpoint (written atomically)."),
-    bits: int = typer.Option(4, "--bits", help="Bits per weight (4 only)."),
-    group_size: int = typer.Option(128, "--group-size", help="Weights per group: 128, 64 or 32 (falls back to 64/32)."),
-    calib: str = typer.Option("builtin", "--calib", help="Calibration text: builtin, or a .txt / .jsonl file."),
-    samples: int = typer.Option(128, "--samples", help="Calibration samples (texts of at most --seqlen tokens)."),
-    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration row."),
-    device: str = typer.Option("auto", "--device", help="Where the search runs: auto, cpu or cuda."),
-    search_tokens: int | None = typer.Option(None, "--search-tokens", help="Tokens the scale-search loss uses "
-                                             "(default: all on GPU, 2048 on CPU)."),
+    bits: int = typer.Option(4, "--bits", help=AWQOptions.help("bits")),
+    group_size: int = typer.Option(128, "--group-size", help=AWQOptions.help("group_size")),
+    calib: str = typer.Option("builtin", "--calib", help=AWQOptions.help("calibration")),
+    samples: int = typer.Option(128, "--samples", help=AWQOptions.help("samples")),
+    seqlen: int = typer.Option(512, "--seqlen", help=AWQOptions.help("seqlen")),
+    device: str = typer.Option("auto", "--device", help=AWQOptions.help("device")),
+    search_tokens: int | None = typer.Option(None, "--search-tokens", help=AWQOptions.help("search_tokens")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
 ) -> None:
-    """Quantize to 4-bit AWQ (AutoAWQ GEMM format, loads in vLLM and transformers+gptqmodel); calibration offline."""
-    from .awq.stage import make_options, run_awq
+    """Quantize to 4-bit AWQ in AutoAWQ's GEMM format (the layout vLLM and transformers+gptqmodel load), offline."""
     from .awq.console import RichReporter
+    from .awq.options import make_options
+    from .awq.stage import run_awq
 
     options = make_options(bits=bits, group_size=group_size, calibration=calib, samples=samples, seqlen=seqlen,
                            device=device, search_tokens=search_tokens)
     result = run_awq(options, model_dir, out_dir, RichReporter(console), overwrite=overwrite)
     out.print(f"[green]awq[/] {result.summary} ({len(result.files)} files, {_human(result.bytes)})", highlight=False)
-
 
 @app.command("awq-eval")
 @friendly

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from .options import BUILTIN
 
-BUILTIN = "builtin"
 DATA = Path(__file__).parent / "data"
 BUILTIN_FILE = DATA / "kjv_calibration.txt"
 HELDOUT_FILE = DATA / "kjv_heldout.txt"

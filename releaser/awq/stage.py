@@ -7,16 +7,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 
 from ..atomic import output_dir
 from ..checkpoint import CheckpointReader, CheckpointWriter, architecture_for
-from ..errors import ConfigError, ModelError
-from ..stage import Reporter, StageOptions, StageResult, describe_files
-from .calib import BUILTIN, calibration
+from ..errors import ModelError
+from ..stage import Reporter, StageResult, describe_files
+from .calib import calibration
+from .options import CPU_SEARCH_TOKENS, AWQOptions
 from .run import (BlockRunner, Settings, block_state, family_classes, output_specs, pick_group_size,
                   quantized_tensors, resolve_device, use_all_cores)
 
@@ -24,40 +23,6 @@ CALIBRATION_FILE = "awq_calibration.json"
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
               "chat_template.json")
-CPU_SEARCH_TOKENS = 2048   # on CPU the scale-search loss is measured on this many calibration tokens
-
-
-class AWQOptions(StageOptions):
-    """4-bit AWQ in AutoAWQ's GEMM format (recipe section ``awq:``)."""
-
-    bits: int = Field(4, description="Bits per weight (AWQ GEMM supports 4 only).")
-    group_size: Literal[128, 64, 32] = Field(128, description="Weights per quantization group (128, 64 or 32); "
-                                             "falls back to 64 or 32 when it does not divide a layer's width.")
-    calibration: str = Field(BUILTIN, description="Calibration text: builtin (public-domain English shipped with "
-                             "releaser) or a .txt (blank-line separated) / .jsonl (\"text\" field) file.")
-    samples: int = Field(128, gt=0, description="Calibration samples (texts of at most seqlen tokens).")
-    seqlen: int = Field(512, gt=0, description="Tokens per calibration row.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the search runs: auto, cpu or cuda.")
-    search_tokens: int | None = Field(None, gt=0, description="Calibration tokens the scale-search loss is measured "
-                                      f"on (default: all on GPU, {CPU_SEARCH_TOKENS} on CPU); x-means use all tokens.")
-
-    @field_validator("bits")
-    @classmethod
-    def _four_bits(cls, v: int) -> int:
-        if v != 4:
-            raise ValueError(f"bits {v} is not supported: the AWQ GEMM format holds 4-bit weights only; use 4")
-        return v
-
-
-def make_options(**kwargs) -> AWQOptions:
-    """AWQOptions from CLI values; a validation error becomes a one-line ConfigError."""
-    from pydantic import ValidationError
-
-    try:
-        return AWQOptions(**kwargs)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"awq {'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def load_tokenizer(model_dir: Path):
