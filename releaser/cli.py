@@ -318,6 +318,52 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release rec
     out.print(_stage_table(result.stages, f"{recipe}: {result.recipe.name} {result.recipe.version}"))
     out.print(f"[green]ok[/]: {recipe} is a valid recipe", highlight=False)
 
+from .awq.options import AWQOptions  # noqa: E402 - the awq commands' flag help (no torch import)
+
+
+@app.command("awq")
+@friendly
+def awq_cmd(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face Llama/Mistral/Qwen2 model folder."),
+    out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the AWQ checkpoint (written atomically)."),
+    bits: int = typer.Option(4, "--bits", help=AWQOptions.help("bits")),
+    group_size: int = typer.Option(128, "--group-size", help=AWQOptions.help("group_size")),
+    calib: str = typer.Option("builtin", "--calib", help=AWQOptions.help("calibration")),
+    samples: int = typer.Option(128, "--samples", help=AWQOptions.help("samples")),
+    seqlen: int = typer.Option(512, "--seqlen", help=AWQOptions.help("seqlen")),
+    device: str = typer.Option("auto", "--device", help=AWQOptions.help("device")),
+    search_tokens: int | None = typer.Option(None, "--search-tokens", help=AWQOptions.help("search_tokens")),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+) -> None:
+    """Quantize to 4-bit AWQ in AutoAWQ's GEMM format (the layout vLLM and transformers+gptqmodel load), offline."""
+    from .awq.stage import run_awq
+
+    options = AWQOptions.build(bits=bits, group_size=group_size, calibration=calib, samples=samples, seqlen=seqlen,
+                           device=device, search_tokens=search_tokens)
+    result = run_awq(options, model_dir, out_dir, _reporter(), overwrite=overwrite)
+    out.print(f"[green]awq[/] {result.summary} ({len(result.files)} files, {_human(result.bytes)})", highlight=False)
+
+
+@app.command("awq-eval")
+@friendly
+def awq_eval_cmd(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="The unquantized model folder."),
+    awq_dir: Path = typer.Argument(..., metavar="AWQ_DIR", help="The AWQ folder made from it by releaser awq."),
+    text: Path | None = typer.Option(None, "--text", help="Held-out .txt/.jsonl (default: shipped text, never used "
+                                     "for calibration)."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per evaluation row."),
+    rows: int = typer.Option(16, "--rows", help="Evaluation rows (at most)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Perplexity of the unquantized model, AWQ and round-to-nearest, and KL(unquantized||AWQ); saved for the card."""
+    from .awq.evaluate import evaluate_awq
+
+    r = evaluate_awq(model_dir, awq_dir, _reporter(), text=text, seqlen=seqlen, rows=rows, device=device)
+    ppl = r["perplexity"]
+    out.print(f"[green]awq-eval[/] {r['tokens']} tokens of {r['text']}: perplexity unquantized {ppl['unquantized']:.3f}, "
+              f"AWQ {ppl['awq']:.3f}, RTN {ppl['rtn']:.3f}; KL {r['kl_awq']:.4f}, top-1 agreement "
+              f"{r['top1_agreement_awq']:.1%} -> {awq_dir / 'awq_calibration.json'}", highlight=False)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -12,5 +12,7 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
   fi
   python -m pip install -q --find-links "$wheels" "llama-cpp-python==0.3.36" 2>&1 | grep -v '^WARNING: Location' || true
 fi
+# AutoAWQ 0.2.9 (the AWQ tests' independent GEMM reader) without its triton/datasets requirements, which it does not use
+python -c "import awq" 2>/dev/null || python -m pip install -q --no-deps "autoawq==0.2.9" 2>&1 | grep -v '^WARNING: Location' || true
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 python -m pytest -q "$@"

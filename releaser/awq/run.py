@@ -1,0 +1,303 @@
+"""AWQ of a Llama-family checkpoint, one decoder block at a time (transformers' own decoder layers run the forwards).
+
+For each block: load its weights; run it on the calibration hidden states, keeping the inputs of the four scaling
+groups and the full-precision outputs (the next block's inputs); search and fold the scales; search and apply the
+clipping; quantize and write its linears. Only one block's weights and activations are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointReader, architecture_for
+from ..errors import ModelError
+from .pack import PACK, pack
+from .quantize import choose_group_size, quantize
+from .search import apply_clip, fold_into_linear, fold_into_norm, search_clip, search_scale, squared_error
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")   # the q.k product makes clipping them imprecise
+CHUNK_TOKENS = 8192                                    # tokens per forward chunk (bounds activation memory)
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+
+@dataclass(frozen=True)
+class Group:
+    """One scaling group: the op the scales fold into, the linears they multiply, and where the loss is measured."""
+    prev: str                 # input_layernorm, self_attn.v_proj, post_attention_layernorm, mlp.up_proj
+    linears: tuple[str, ...]
+    inspect: str              # "attn" (whole self-attention, needs whole rows) or "tokens" (token-wise module)
+    module: str               # the module whose output the loss compares (self_attn, o_proj, mlp, down_proj)
+    feature: str              # captured input: attn_in, o_in, mlp_in, down_in
+
+
+GROUPS = (
+    Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "attn", "self_attn",
+          "attn_in"),
+    Group("self_attn.v_proj", ("self_attn.o_proj",), "tokens", "self_attn.o_proj", "o_in"),
+    Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "tokens", "mlp", "mlp_in"),
+    Group("mlp.up_proj", ("mlp.down_proj",), "tokens", "mlp.down_proj", "down_in"),
+)
+FEATURE_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
+              "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in",
+              "mlp.down_proj": "down_in"}
+
+
+@dataclass
+class Settings:
+    group_size: int
+    device: torch.device
+    dtype: torch.dtype                 # compute dtype: float32 on CPU, float16 on CUDA
+    search_tokens: int | None = None   # tokens the scale-search loss is measured on (None: all)
+    clip: bool = True
+
+
+@dataclass
+class BlockReport:
+    ratios: dict[str, float] = field(default_factory=dict)   # best grid ratio per scaling group
+
+
+def family_classes(config: dict, where: str):
+    """(decoder layer class, rotary embedding class, norm class, transformers config) of a supported model."""
+    arch = architecture_for(config, where)
+    prefix = FAMILIES[arch.name]
+    module = importlib.import_module(f"transformers.models.{arch.name}.modeling_{arch.name}")
+    from transformers import AutoConfig
+
+    clean = {k: v for k, v in config.items() if k not in ("quantization_config",)}
+    hf = AutoConfig.for_model(**clean)
+    hf._attn_implementation = "sdpa"
+    return (getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding"),
+            getattr(module, f"{prefix}RMSNorm"), hf)
+
+
+def linear_shapes(hf) -> dict[str, tuple[int, int]]:
+    """(out, in) of each quantized linear of one block."""
+    h = hf.hidden_size
+    hd = getattr(hf, "head_dim", None) or h // hf.num_attention_heads
+    q, kv, inter = hf.num_attention_heads * hd, hf.num_key_value_heads * hd, hf.intermediate_size
+    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
+            "mlp.down_proj": (h, inter)}
+
+
+def pick_group_size(hf, requested: int) -> int:
+    shapes = linear_shapes(hf)
+    bad = [n for n, (out, _) in shapes.items() if out % PACK]
+    if bad:
+        raise ModelError(f"{bad[0]} has {shapes[bad[0]][0]} outputs, not a multiple of {PACK}; the AWQ GEMM format "
+                         "cannot hold it")
+    widths = {"hidden_size": hf.hidden_size, "attention width": shapes["self_attn.o_proj"][1],
+              "intermediate_size": hf.intermediate_size}
+    return choose_group_size(requested, widths)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for a in range(0, n, size):
+        yield slice(a, min(n, a + size))
+
+
+def channel_abs_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean of |x| over all tokens, accumulated in float32."""
+    flat = x.reshape(-1, x.shape[-1])
+    total = torch.zeros(flat.shape[1], dtype=torch.float32, device=x.device)
+    for sl in _chunks(flat.shape[0], CHUNK_TOKENS):
+        total += flat[sl].float().abs().sum(0)
+    return total / flat.shape[0]
+
+
+def scaling_groups(layer: nn.Module) -> list[Group]:
+    """The block's scaling groups; v_proj -> o_proj only when their shapes match (no grouped-query attention)."""
+    v, o = layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight
+    return [g for g in GROUPS if g.prev != "self_attn.v_proj" or v.shape == o.shape]
+
+
+def fold_group(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
+    """Divide the preceding norm/linear by s and multiply the group's linears' input columns by s."""
+    linears = [layer.get_submodule(n) for n in group.linears]
+    prev = layer.get_submodule(group.prev)
+    if isinstance(prev, nn.Linear):
+        fold_into_linear(prev, linears[0], s)
+    else:
+        fold_into_norm(prev, linears, s)
+
+
+class BlockRunner:
+    """Runs decoder blocks of one model on the calibration hidden states [rows, seq, hidden]."""
+
+    def __init__(self, classes, settings: Settings, seq_len: int):
+        self.layer_cls, rotary_cls, _, self.hf = classes
+        self.s = settings
+        dev, dt = settings.device, settings.dtype
+        rotary = rotary_cls(self.hf).to(dev)
+        self.position_ids = torch.arange(seq_len, device=dev).unsqueeze(0)
+        cos, sin = rotary(torch.zeros(1, seq_len, 1, device=dev, dtype=dt), self.position_ids)
+        self.kwargs = {"attention_mask": None, "position_ids": self.position_ids, "position_embeddings": (cos, sin)}
+        self.rows_per_chunk = max(1, CHUNK_TOKENS // seq_len)
+
+    def build(self, state: dict[str, torch.Tensor], index: int) -> nn.Module:
+        with torch.device("meta"):
+            layer = self.layer_cls(self.hf, index)
+        state = {k: v.to(self.s.device, self.s.dtype) for k, v in state.items()}
+        try:
+            layer.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise ModelError(f"block {index}'s tensors do not fit the {type(layer).__name__} layout ({first})") from None
+        return layer.eval()
+
+    @torch.no_grad()
+    def forward(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(hidden)
+        for sl in _chunks(hidden.shape[0], self.rows_per_chunk):
+            out[sl] = layer(hidden[sl], **self.kwargs)
+        return out
+
+    @torch.no_grad()
+    def capture(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The block's full-precision output and the inputs of q_proj, o_proj, gate_proj and down_proj."""
+        parts: dict[str, list[torch.Tensor]] = {"attn_in": [], "o_in": [], "mlp_in": [], "down_in": []}
+        where = {"attn_in": layer.self_attn.q_proj, "o_in": layer.self_attn.o_proj, "mlp_in": layer.mlp.gate_proj,
+                 "down_in": layer.mlp.down_proj}
+        hooks = [mod.register_forward_pre_hook(lambda m, args, key=key: parts[key].append(args[0].detach()))
+                 for key, mod in where.items()]
+        try:
+            out = self.forward(layer, hidden)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out, {k: torch.cat(v) for k, v in parts.items()}
+
+    # -- the scale search ---------------------------------------------------------------------------------------
+
+    def _loss_fn(self, layer: nn.Module, group: Group, x: torch.Tensor) -> Callable[[], float]:
+        """A function measuring the inspected module's output error against its output with the current weights."""
+        if group.inspect == "attn":
+            attn = layer.self_attn
+            rows = x
+            if self.s.search_tokens is not None:
+                keep = max(1, min(rows.shape[0], self.s.search_tokens // rows.shape[1]))
+                rows = rows[torch.linspace(0, rows.shape[0] - 1, keep).round().long()]
+
+            def run(sl):
+                return attn(hidden_states=rows[sl], **self.kwargs)[0]
+            n, step = rows.shape[0], self.rows_per_chunk
+        else:
+            mod = layer.get_submodule(group.module)
+            tokens = x.reshape(-1, x.shape[-1])
+            if self.s.search_tokens is not None and tokens.shape[0] > self.s.search_tokens:
+                tokens = tokens[::math.ceil(tokens.shape[0] / self.s.search_tokens)]
+
+            def run(sl):
+                return mod(tokens[sl])
+            n, step = tokens.shape[0], CHUNK_TOKENS
+        with torch.no_grad():
+            ref = [run(sl) for sl in _chunks(n, step)]
+        count = sum(r.numel() for r in ref)
+
+        def loss() -> float:
+            with torch.no_grad():
+                total = sum(squared_error(r, run(sl)) for r, sl in zip(ref, _chunks(n, step)))
+            return total / count
+        return loss
+
+    @torch.no_grad()
+    def awq_block(self, layer: nn.Module, feats: dict[str, torch.Tensor]) -> BlockReport:
+        """Search all groups' scales on the unscaled block, fold them, then clip (in place)."""
+        report = BlockReport()
+        gs = self.s.group_size
+        found = []
+        for g in scaling_groups(layer):
+            linears = [layer.get_submodule(n) for n in g.linears]
+            s, ratio = search_scale(linears, channel_abs_mean(feats[g.feature]), gs,
+                                    self._loss_fn(layer, g, feats[g.feature]))
+            found.append((g, s))
+            report.ratios[g.prev] = ratio
+        scaled: dict[str, torch.Tensor] = {}
+        for g, s in found:
+            fold_group(layer, g, s)
+            scaled[g.feature] = s
+        if self.s.clip:
+            for name in LINEARS:
+                if name in NO_CLIP:
+                    continue
+                feat = feats[FEATURE_OF[name]]
+                x = feat.reshape(-1, feat.shape[-1])
+                step = max(1, x.shape[0] // 512)
+                x = x[::step].float()
+                if FEATURE_OF[name] in scaled:
+                    x = x / scaled[FEATURE_OF[name]].to(x.device).view(1, -1)
+                lin = layer.get_submodule(name)
+                apply_clip(lin, search_clip(lin.weight, x, gs), gs)
+        return report
+
+
+def quantized_tensors(layer: nn.Module, prefix: str, group_size: int) -> dict[str, torch.Tensor]:
+    """The block's output tensors: GEMM qweight/qzeros/scales for the linears, float16 for the rest."""
+    out = {}
+    linear_weights = {f"{n}.weight" for n in LINEARS}
+    for name, t in layer.state_dict().items():
+        if name in linear_weights:
+            base = prefix + name.removesuffix(".weight")
+            q = quantize(t.float(), group_size)
+            out[base + ".qweight"] = pack(q.codes.t())
+            out[base + ".qzeros"] = pack(q.zeros.t())
+            out[base + ".scales"] = q.scales.t().contiguous()
+        else:
+            out[prefix + name] = t.to(torch.float16)
+    return {k: v.cpu().contiguous() for k, v in out.items()}
+
+
+def output_specs(reader: CheckpointReader, arch, n_layers: int, group_size: int) -> list[tuple[str, torch.dtype, tuple]]:
+    specs = []
+    suffixes = tuple(f".{n}.weight" for n in LINEARS)
+    for name, info in reader.tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        layer = arch.layer_of(name)
+        if layer is not None and layer >= n_layers:
+            continue
+        if layer is not None and name.endswith(suffixes):
+            base = name.removesuffix(".weight")
+            n, k = info.shape
+            specs += [(base + ".qweight", torch.int32, (k, n // PACK)),
+                      (base + ".qzeros", torch.int32, (k // group_size, n // PACK)),
+                      (base + ".scales", torch.float16, (k // group_size, n))]
+        else:
+            specs.append((name, torch.float16, tuple(info.shape)))
+    return specs
+
+
+def block_state(reader: CheckpointReader, arch, index: int) -> dict[str, torch.Tensor]:
+    prefix = arch.layer_name(index, "")
+    return {n.removeprefix(prefix): reader.read(n) for n in reader.tensors
+            if n.startswith(prefix) and not n.endswith("rotary_emb.inv_freq")}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from ..errors import ConfigError
+
+        raise ConfigError("--device cuda was given but torch sees no CUDA GPU; use --device cpu or auto")
+    return torch.device(device)
+
+
+def use_all_cores() -> int:
+    """Use every core for torch's CPU kernels, unless the machine is already busier than it has cores (other
+    processes): then one thread, because each parallel region would wait for a descheduled thread (measured here:
+    small element-wise ops 15-20x slower with 2 threads on 2 oversubscribed cores, matrix products no faster)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = 1 if busy >= n + 1 else n
+    torch.set_num_threads(threads)
+    return threads

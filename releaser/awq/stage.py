@@ -1,0 +1,120 @@
+"""The ``awq`` stage: options (recipe section ``awq:`` and the ``releaser awq`` flags) and :func:`run_awq`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..atomic import output_dir
+from ..checkpoint import CheckpointReader, CheckpointWriter, architecture_for
+from ..errors import ModelError
+from ..stage import Reporter, StageResult, describe_files
+from .calib import calibration
+from .options import CPU_SEARCH_TOKENS, AWQOptions
+from .run import (BlockRunner, Settings, block_state, family_classes, output_specs, pick_group_size,
+                  quantized_tensors, resolve_device, use_all_cores)
+
+CALIBRATION_FILE = "awq_calibration.json"
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+              "chat_template.json")
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing/broken tokenizer
+        raise ModelError(f"cannot load the tokenizer of {model_dir} ({type(exc).__name__}); AWQ calibration needs "
+                         "the model's tokenizer files") from exc
+
+
+def awq_config(config: dict, bits: int, group_size: int) -> dict:
+    out = dict(config)
+    out["quantization_config"] = {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True,
+                                  "version": "gemm", "modules_to_not_convert": ["lm_head"]}
+    out["torch_dtype"] = "float16"
+    if "dtype" in out:
+        out["dtype"] = "float16"
+    return out
+
+
+def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os.PathLike,
+            reporter: Reporter | None = None, overwrite: bool = False) -> StageResult:
+    """Quantize ``model_dir`` (a Llama/Mistral/Qwen2 HF folder) to a 4-bit AWQ GEMM folder ``out_dir``."""
+    reporter = reporter or Reporter()
+    model_dir, out = Path(model_dir), Path(out_dir)
+    start = time.perf_counter()
+    reader = CheckpointReader(model_dir)
+    config = reader.config
+    if isinstance(config.get("quantization_config"), dict):
+        raise ModelError(f"{model_dir} is already quantized ({config['quantization_config'].get('quant_method')}); "
+                         "give the unquantized model folder")
+    classes = family_classes(config, str(model_dir))
+    hf = classes[3]
+    arch = architecture_for(config, str(model_dir))
+    group_size = pick_group_size(hf, options.group_size)
+    if group_size != options.group_size:
+        reporter.warning(f"group size {options.group_size} does not divide every layer width of {model_dir.name}; "
+                         f"using group size {group_size}")
+    tokenizer = load_tokenizer(model_dir)
+    calib = calibration(options.calibration, tokenizer, options.samples, options.seqlen)
+    device = resolve_device(options.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    threads = use_all_cores()
+    search_tokens = options.search_tokens or (CPU_SEARCH_TOKENS if device.type == "cpu" else None)
+    settings = Settings(group_size, device, dtype, search_tokens)
+    n_layers = int(config[arch.num_layers_key])
+    specs = output_specs(reader, arch, n_layers, group_size)
+    where = device.type if device.type != "cpu" else f"cpu, {threads} thread{'s' if threads > 1 else ''}"
+    reporter.message(f"AWQ {options.bits}-bit g{group_size} on {where}: {calib.ids.shape[0]} rows x "
+                     f"{calib.seq_len} tokens from {calib.samples} samples of {calib.dataset}")
+    embed = reader.read(arch.embed)
+    hidden = embed[calib.ids].to(device, dtype)
+    del embed
+    runner = BlockRunner(classes, settings, calib.seq_len)
+    ratios = []
+    with output_dir(out, overwrite=overwrite) as tmp:
+        staging = tmp / "weights"
+        with CheckpointWriter(staging, specs, overwrite=True) as writer:
+            for name, _, _ in specs:
+                if arch.layer_of(name) is None:
+                    writer.write(name, reader.read(name).to(torch.float16).contiguous())
+            with reporter.progress("AWQ blocks", total=n_layers) as advance:
+                for i in range(n_layers):
+                    layer = runner.build(block_state(reader, arch, i), i)
+                    hidden_next, feats = runner.capture(layer, hidden)
+                    ratios.append(runner.awq_block(layer, feats).ratios)
+                    for name, t in quantized_tensors(layer, arch.layer_name(i, ""), group_size).items():
+                        writer.write(name, t)
+                    hidden = hidden_next
+                    del layer, feats, hidden_next
+                    advance()
+            writer.commit()
+        for f in staging.iterdir():
+            os.replace(f, tmp / f.name)
+        staging.rmdir()
+        for name in SIDE_FILES:
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(awq_config(config, options.bits, group_size), indent=2) + "\n")
+        (tmp / "quant_config.json").write_text(json.dumps(
+            {"zero_point": True, "q_group_size": group_size, "w_bit": options.bits, "version": "GEMM"}, indent=2) + "\n")
+        seconds = time.perf_counter() - start
+        facts = {"dataset": calib.dataset, "samples": calib.samples, "seq_len": calib.seq_len,
+                 "rows": int(calib.ids.shape[0]), "tokens": calib.tokens, "bits": options.bits,
+                 "group_size": group_size, "requested_group_size": options.group_size, "zero_point": True,
+                 "version": "gemm", "device": device.type, "threads": threads,
+                 "search_tokens": min(search_tokens or calib.tokens, calib.tokens),
+                 "clip": True, "scale_ratios": ratios, "seconds": round(seconds, 1)}
+        (tmp / CALIBRATION_FILE).write_text(json.dumps(facts, indent=2) + "\n")
+    files = describe_files(out)
+    summary = (f"AWQ {options.bits}-bit g{group_size} of {model_dir.name}: {n_layers} blocks, {calib.tokens} "
+               f"calibration tokens, {seconds:.0f} s -> {out}")
+    return StageResult("awq", out, files, summary, {k: v for k, v in facts.items() if k != "scale_ratios"})
