@@ -176,5 +176,62 @@ def gguf_fix_cmd(
     out.print(result.summary(), highlight=False)
 
 
+@app.command("eval")
+@friendly
+def eval_cmd(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="The unquantized Hugging Face model folder."),
+    artefacts: list[Path] = typer.Argument(..., metavar="ARTEFACT...", help="GGUF files and/or AWQ folders made "
+                                           "from MODEL_DIR."),
+    text: str = typer.Option("builtin", "--text", help="Evaluation text: 'builtin' or a UTF-8 text file."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per window; the second half of each window is scored."),
+    chunks: int = typer.Option(8, "--chunks", help="Number of windows."),
+    backend: str = typer.Option("torch", "--backend", help="Run GGUFs dequantized in torch, or with llama.cpp."),
+    no_gate: bool = typer.Option(False, "--no-gate", help="Report broken quants instead of failing."),
+    output: Path = typer.Option(Path("quality.json"), "--output", "-o", help="The JSON report (for releaser card "
+                                "--quality)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Measure perplexity and KL divergence of each GGUF/AWQ artefact against the unquantized model (llama.cpp's
+    definitions), write a JSON report and fail on a broken quant."""
+    from contextlib import contextmanager
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .quality import QualityOptions, run_quality
+    from .stage import Reporter
+
+    class RichReporter(Reporter):
+        def message(self, text: str) -> None:
+            console.print(text, highlight=False)
+
+        def warning(self, text: str) -> None:
+            console.print(f"[yellow]warning:[/] {text}", highlight=False)
+
+        @contextmanager
+        def progress(self, description: str, total: float | None = None):
+            with Progress(console=console, transient=True, disable=quiet) as bar:
+                task = bar.add_task(description, total=total)
+                yield lambda n=1: bar.update(task, advance=n)
+
+    options = QualityOptions(text=text, ctx=ctx, chunks=chunks, backend=backend, gate=not no_gate)
+    result = run_quality(options, model_dir, artefacts, output, RichReporter())
+    report = result.facts
+    table = Table(title=f"{report['text']['name']}: {report['chunks']} windows of {report['ctx']} tokens, "
+                        f"{report['scored_tokens']} scored", title_justify="left")
+    for col in ("File", "Type", "PPL", "PPL ratio", "Mean KLD", "99% KLD", "Same top"):
+        table.add_column(col, justify="left" if col in ("File", "Type") else "right")
+    table.add_row(str(model_dir), "unquantized", f"{report['model']['ppl']:.3f}", "1", "0", "0", "100.0%")
+    for row in report["artefacts"]:
+        table.add_row(row["file"], row["quant"], f"{row['ppl']:.3f}", f"{row['ppl_ratio']:.4f}",
+                      f"{row['kld_mean']:.5f}", f"{row['kld_p99']:.5f}", f"{100 * row['same_top']:.1f}%")
+    out.print(table)
+    stop = report.get("stop_test")
+    if stop:
+        out.print(f"stop test ({stop['file']}): {'passed' if stop['passed'] else 'FAILED'}: {stop['text']!r}",
+                  highlight=False)
+    out.print(f"[green]quality[/] {result.summary}", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
