@@ -221,7 +221,7 @@ def eval_cmd(
                         f"{report['scored_tokens']} scored", title_justify="left")
     for col in ("File", "Type", "PPL", "PPL ratio", "Mean KLD", "99% KLD", "Same top"):
         table.add_column(col, justify="left" if col in ("File", "Type") else "right")
-    table.add_row(str(model_dir), "unquantized", f"{report['model']['ppl']:.3f}", "1", "0", "0", "100.0%")
+    table.add_row(model_dir.name, "unquantized", f"{report['model']['ppl']:.3f}", "1", "0", "0", "100.0%")
     for row in report["artefacts"]:
         table.add_row(row["file"], row["quant"], f"{row['ppl']:.3f}", f"{row['ppl_ratio']:.4f}",
                       f"{row['kld_mean']:.5f}", f"{row['kld_p99']:.5f}", f"{100 * row['same_top']:.1f}%")

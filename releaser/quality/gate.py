@@ -54,19 +54,14 @@ def stop_test(model, tokenizer, chat_template: str, end_ids: list[int], max_new:
     with one of ``end_ids`` within ``max_new`` tokens."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": STOP_PROMPT}], chat_template=chat_template,
                                            add_generation_prompt=True, tokenize=False)
+    from transformers import GenerationConfig
+
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-    out: list[int] = []
-    past = None
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=list(end_ids),
+                              pad_token_id=end_ids[0])
     with torch.inference_mode():
-        step = ids
-        for _ in range(max_new):
-            result = model(step, past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            tok = int(result.logits[0, -1].argmax())
-            out.append(tok)
-            if tok in end_ids:
-                break
-            step = torch.tensor([[tok]])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, ids.shape[1]:]
+    out = out.tolist()
     ended = bool(out) and out[-1] in end_ids
     return StopResult(ended, tokenizer.decode(out), len(out),
                       tokenizer.convert_ids_to_tokens(out[-1]) if ended else None)

@@ -53,8 +53,9 @@ def _silent(llama_cpp):
 
 
 @contextmanager
-def scored_logits(path: Path, ctx: int, first: int):
-    """``run(tokens [ctx]) -> logits [ctx - 1 - first, vocab]`` from llama.cpp for the GGUF ``path``."""
+def scored_logits(path: Path, ctx: int, first: int, rows: int = 64):
+    """``run(tokens [ctx])``: llama.cpp's logits for the GGUF ``path`` at positions first..ctx-2, in blocks of
+    ``rows`` positions."""
     lc = _llama()
     params = lc.llama_model_default_params()
     params.use_extra_bufts = False
@@ -73,7 +74,7 @@ def scored_logits(path: Path, ctx: int, first: int):
         raise ModelError(f"llama.cpp cannot create a context of {ctx} tokens for {path}")
     batch = lc.llama_batch_init(ctx, 0, 1)
 
-    def run(tokens: torch.Tensor) -> torch.Tensor:
+    def run(tokens: torch.Tensor):
         ids = tokens.tolist()
         lc.llama_memory_clear(lc.llama_get_memory(context), True)
         batch.n_tokens = len(ids)
@@ -85,10 +86,13 @@ def scored_logits(path: Path, ctx: int, first: int):
             batch.logits[i] = first <= i < len(ids) - 1
         if lc.llama_decode(context, batch) != 0:
             raise ModelError(f"llama.cpp failed to evaluate {path}")
-        out = np.empty((len(ids) - 1 - first, n_vocab), dtype=np.float32)
-        for row, i in enumerate(range(first, len(ids) - 1)):
-            out[row] = np.ctypeslib.as_array(lc.llama_get_logits_ith(context, i), shape=(n_vocab,))
-        return torch.from_numpy(out)
+        positions = list(range(first, len(ids) - 1))
+        for at in range(0, len(positions), rows):
+            block = positions[at: at + rows]
+            out = np.empty((len(block), n_vocab), dtype=np.float32)
+            for row, i in enumerate(block):
+                out[row] = np.ctypeslib.as_array(lc.llama_get_logits_ith(context, i), shape=(n_vocab,))
+            yield torch.from_numpy(out)
 
     try:
         yield run

@@ -224,13 +224,16 @@ def load_artefact(artefact: Artefact, base_config: dict):
         return build(reader.config, awq_tensors(reader), artefact.path)
 
 
-def scored_logits(model, first: int):
-    """``run(tokens [ctx]) -> logits [ctx - 1 - first, vocab]``: the model's logits at positions first..ctx-2 (the
-    lm_head only runs on those)."""
+def scored_logits(model, first: int, rows: int = 64):
+    """``run(tokens [ctx])``: the model's logits at positions first..ctx-2 in blocks of ``rows`` positions (the
+    lm_head runs only on those, one block at a time)."""
 
-    def run(tokens: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+    def run(tokens: torch.Tensor):
+        with torch.no_grad():
             hidden = model.model(tokens.view(1, -1)).last_hidden_state[0, first:-1]
-            return model.lm_head(hidden).float()
+        for block in hidden.split(rows):
+            with torch.no_grad():
+                logits = model.lm_head(block).float()
+            yield logits
 
     return run

@@ -17,7 +17,7 @@ llama.cpp stores them as 16-bit values; float32 keeps the KLD of the model again
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,8 +28,9 @@ from .text import Windows
 
 LOG_PROB_FLOOR = -16.0   # llama.cpp: base log-probabilities at or below this do not enter the KLD sum
 
-# run(tokens [ctx]) -> logits [scored, vocab] of the scored positions (ctx/2 .. ctx-2)
-ScoredLogits = Callable[[torch.Tensor], torch.Tensor]
+# run(tokens [ctx]) -> the logits of the scored positions (ctx/2 .. ctx-2) as consecutive row blocks [rows, vocab]
+# (blocks keep the float temporaries of a 100k+ vocabulary small)
+ScoredLogits = Callable[[torch.Tensor], Iterable[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -56,37 +57,41 @@ class BaseLogProbs:
         self.path, self.shape = Path(path), (windows, scored, vocab)
         self._offset: int | None = None
 
-    def write(self, rows) -> None:
-        """Write the file from an iterable of [scored, vocab] float32 arrays, one per window, in order."""
+    def write(self, blocks) -> None:
+        """Write the file from an iterable of [rows, vocab] float32 blocks, all windows' rows in order."""
         with open(self.path, "wb") as fh:
             np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": self.shape})
             self._offset = fh.tell()
-            n = 0
-            for row in rows:
-                row = np.ascontiguousarray(row, dtype="<f4")
-                if row.shape != self.shape[1:]:
-                    raise ValueError(f"window of shape {row.shape}, expected {self.shape[1:]}")
-                row.tofile(fh)
-                n += 1
-            if n != self.shape[0]:
-                raise ValueError(f"wrote {n} windows, expected {self.shape[0]}")
+            rows = 0
+            for block in blocks:
+                block = np.ascontiguousarray(block, dtype="<f4")
+                if block.ndim != 2 or block.shape[1] != self.shape[2]:
+                    raise ValueError(f"block of shape {block.shape}, expected [rows, {self.shape[2]}]")
+                block.tofile(fh)
+                rows += block.shape[0]
+            if rows != self.shape[0] * self.shape[1]:
+                raise ValueError(f"wrote {rows} rows, expected {self.shape[0] * self.shape[1]}")
 
-    def read(self, i: int) -> torch.Tensor:
-        """Window ``i`` ([scored, vocab] float32), read with plain file I/O (no memory map: RSS stays one window)."""
+    def read(self, window: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of window ``window`` ([rows, vocab] float32), read with plain file I/O (no memory map:
+        RSS stays one block)."""
         if self._offset is None:
             with open(self.path, "rb") as fh:
                 np.lib.format.read_magic(fh)
                 np.lib.format.read_array_header_1_0(fh)
                 self._offset = fh.tell()
-        count = self.shape[1] * self.shape[2]
+        stop = self.shape[1] if stop is None else stop
+        vocab = self.shape[2]
         with open(self.path, "rb") as fh:
-            fh.seek(self._offset + i * count * 4)
-            data = np.fromfile(fh, dtype="<f4", count=count)
-        return torch.from_numpy(data).view(self.shape[1], self.shape[2])
+            fh.seek(self._offset + ((window * self.shape[1] + start) * vocab) * 4)
+            data = np.fromfile(fh, dtype="<f4", count=(stop - start) * vocab)
+        return torch.from_numpy(data).view(stop - start, vocab)
 
 
-def _log_probs(run: ScoredLogits, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(run(tokens).to(torch.float32), dim=-1)
+def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax in place (float32)."""
+    logits = logits.to(torch.float32)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
 def _nll(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -98,21 +103,19 @@ def score_base(run: ScoredLogits, windows: Windows, store: BaseLogProbs,
     """Perplexity of the unquantized model; writes its scored log-probabilities to ``store``."""
     nll: list[torch.Tensor] = []
 
-    def rows():
+    def blocks():
         for i in range(windows.count):
-            lp = _log_probs(run, windows.tokens[i])
-            nll.append(_nll(lp, windows.targets[i]))
-            yield lp.numpy()
+            row = 0
+            for logits in run(windows.tokens[i]):
+                lp = log_softmax_(logits)
+                nll.append(_nll(lp, windows.targets[i, row: row + lp.shape[0]]))
+                row += lp.shape[0]
+                yield lp.numpy()
             advance()
 
-    store.write(rows())
+    store.write(blocks())
     values = torch.cat(nll)
     return Figures(ppl=math.exp(values.mean().item()), tokens=values.numel(), windows=windows.count)
-
-
-def base_nll(store: BaseLogProbs, windows: Windows) -> torch.Tensor:
-    """The unquantized model's negative log-likelihood per scored token, read back from ``store``."""
-    return torch.cat([_nll(store.read(i), windows.targets[i]) for i in range(windows.count)])
 
 
 def score_against(run: ScoredLogits, windows: Windows, store: BaseLogProbs, base_ppl: float,
@@ -120,13 +123,19 @@ def score_against(run: ScoredLogits, windows: Windows, store: BaseLogProbs, base
     """Perplexity of a quantized model and its KL divergence from the unquantized one (``store``)."""
     nll, kld, same = [], [], 0
     for i in range(windows.count):
-        lp = _log_probs(run, windows.tokens[i])
-        if lp.shape != store.shape[1:]:
-            raise ValueError(f"logits of shape {tuple(lp.shape)}, the unquantized model's are {store.shape[1:]}")
-        base = store.read(i)
-        nll.append(_nll(lp, windows.targets[i]))
-        kld.append(kl_divergence(base, lp))
-        same += int((base.argmax(-1) == lp.argmax(-1)).sum())
+        row = 0
+        for logits in run(windows.tokens[i]):
+            lp = log_softmax_(logits)
+            if lp.shape[1] != store.shape[2]:
+                raise ValueError(f"the artefact's vocabulary has {lp.shape[1]} entries, the unquantized model's "
+                                 f"{store.shape[2]}")
+            base = store.read(i, row, row + lp.shape[0])
+            nll.append(_nll(lp, windows.targets[i, row: row + lp.shape[0]]))
+            kld.append(kl_divergence(base, lp))
+            same += int((base.argmax(-1) == lp.argmax(-1)).sum())
+            row += lp.shape[0]
+        if row != store.shape[1]:
+            raise ValueError(f"the artefact gave {row} scored positions, expected {store.shape[1]}")
         advance()
     values = torch.cat(nll)
     k = torch.cat(kld).numpy()

@@ -220,7 +220,7 @@ def _base_pass(model_dir: Path, windows: Windows, n_artefacts: int, options: Qua
     model = ld.load_hf(model_dir)
     run = ld.scored_logits(model, windows.first)
     t0 = time.perf_counter()
-    first = run(windows.tokens[0])
+    first = list(run(windows.tokens[0]))
     per_window = time.perf_counter() - t0
     if options.time_budget:
         load_overhead = 5.0 * n_artefacts   # loading/dequantizing one artefact (measured on 135M-1B models)
@@ -232,13 +232,13 @@ def _base_pass(model_dir: Path, windows: Windows, n_artefacts: int, options: Qua
             windows = windows.head(n)
     cached = {0: first}
 
-    def run_cached(tokens: torch.Tensor) -> torch.Tensor:
+    def run_cached(tokens: torch.Tensor):
         if 0 in cached and torch.equal(tokens, windows.tokens[0]):
             return cached.pop(0)
         return run(tokens)
 
     store = BaseLogProbs(tmp / "base-logprobs.npy", windows.count, windows.scored_per_window,
-                         int(first.shape[-1]))
+                         int(first[0].shape[-1]))
     with reporter.progress("quality: unquantized model", total=windows.count) as advance:
         figures = score_base(run_cached, windows, store, advance)
     reporter.message(f"unquantized model: PPL {figures.ppl:.3f} over {figures.tokens} tokens")
