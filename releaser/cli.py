@@ -79,6 +79,8 @@ def card(
     recipe: Path | None = typer.Option(None, "--recipe", "-r", help="Release recipe YAML (name, license, ...)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the card here (default: stdout)."),
     template: Path | None = typer.Option(None, "--template", "-t", help="Your own Jinja2 card template."),
+    quality: Path | None = typer.Option(None, "--quality", help="Quality report from releaser eval: adds PPL, KLD "
+                                        "and same-top figures to GGUF and AWQ cards."),
 ) -> None:
     """Render a model card (README.md) from what MODEL_DIR contains and the recipe."""
     from .card import render_card, write_card
@@ -86,9 +88,9 @@ def card(
 
     spec = load_recipe(recipe) if recipe else None
     if output is None:
-        sys.stdout.write(render_card(model_dir, spec, template))
+        sys.stdout.write(render_card(model_dir, spec, template, quality))
         return
-    result = write_card(model_dir, output, spec, template)
+    result = write_card(model_dir, output, spec, template, quality)
     console.print(f"[green]card[/] ({result.kind}, {result.bytes} bytes, template {result.template.name}) "
                   f"-> {result.path}", highlight=False)
 
