@@ -5,30 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from releaser.errors import ConfigError, ModelError
 from releaser.quality import QualityGateError, QualityOptions, run_quality
 from releaser.quality import load as ld
 from releaser.quality.text import BUILTIN, load_text, make_windows
-from releaser.testing import tiny_awq, tiny_model, tiny_tokenizer
+from releaser.testing import awq_gemm_pack as pack, rtn_awq, tiny_awq, tiny_model, tiny_tokenizer
 
-ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 REV = [0, 4, 1, 5, 2, 6, 3, 7]   # logical column 8c + j lives in nibble REV[j]
-
-
-def pack(values: np.ndarray) -> np.ndarray:
-    """Reference GEMM packer: uint4 [R, N] -> int32 [R, N/8], word = OR_i v[:, 8c + ORDER[i]] << 4i."""
-    r, n = values.shape
-    words = np.zeros((r, n // 8), dtype=np.uint32)
-    for i, col in enumerate(ORDER):
-        words |= values[:, col::8].astype(np.uint32) << np.uint32(4 * i)
-    return words.view(np.int32)
 
 
 def test_unpack_golden_words():
@@ -59,40 +47,6 @@ def test_tiny_awq_loads_with_the_gemm_formula(tmp_path):
     got = model.state_dict()[prefix + ".weight"].numpy()
     assert np.array_equal(got, expected)
     assert np.array_equal(model.state_dict()["model.norm.weight"].numpy(), raw["model.norm.weight"].astype(np.float32))
-
-
-def rtn_awq(src: Path, dst: Path, group_size: int = 32, scale_factor: float = 1.0) -> Path:
-    """A 4-bit GEMM AWQ folder of ``src`` by plain round-to-nearest with zero points (no activation search)."""
-    from safetensors.numpy import load_file
-
-    state = load_file(src / "model.safetensors")
-    out = {}
-    for name, w in state.items():
-        if w.ndim == 2 and ".layers." in name:
-            wt = np.ascontiguousarray(w.T, dtype=np.float32)                # [K, N]
-            k, n = wt.shape
-            g = wt.reshape(k // group_size, group_size, n)
-            lo, hi = g.min(1), g.max(1)
-            scales = ((hi - lo) / 15).astype(np.float16)
-            s = scales.astype(np.float32)
-            zeros = np.clip(np.round(-lo / s), 0, 15)
-            q = np.clip(np.round(g / s[:, None]) + zeros[:, None], 0, 15).reshape(k, n)
-            prefix = name.removesuffix(".weight")
-            out[prefix + ".qweight"] = pack(q.astype(np.int64))
-            out[prefix + ".qzeros"] = pack(zeros.astype(np.int64))
-            out[prefix + ".scales"] = (s * scale_factor).astype(np.float16)
-        else:
-            out[name] = w.astype(np.float16)
-    dst.mkdir(parents=True)
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}, dst / "model.safetensors")
-    config = json.loads((src / "config.json").read_text())
-    config.update(torch_dtype="float16", quantization_config={"quant_method": "awq", "bits": 4, "zero_point": True,
-                                                              "group_size": group_size, "version": "gemm"})
-    (dst / "config.json").write_text(json.dumps(config))
-    for f in src.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
-            shutil.copy(f, dst / f.name)
-    return dst
 
 
 @pytest.fixture(scope="module")
