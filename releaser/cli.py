@@ -216,7 +216,15 @@ def eval_cmd(
                 task = bar.add_task(description, total=total)
                 yield lambda n=1: bar.update(task, advance=n)
 
-    options = QualityOptions(text=text, ctx=ctx, chunks=chunks, backend=backend, gate=not no_gate)
+    from pydantic import ValidationError
+
+    from .errors import ConfigError
+
+    try:
+        options = QualityOptions(text=text, ctx=ctx, chunks=chunks, backend=backend, gate=not no_gate)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"--{err['loc'][0]}: {err['msg']}") from None
     result = run_quality(options, model_dir, artefacts, output, RichReporter())
     report = result.facts
     table = Table(title=f"{report['text']['name']}: {report['chunks']} windows of {report['ctx']} tokens, "

@@ -118,3 +118,33 @@ def test_bad_inputs_are_one_line_errors(tiny_release, tmp_path):
     with pytest.raises(ValueError):
         QualityOptions(chunks=0)
     assert not (tmp_path / "q.json").exists()
+
+
+def test_time_budget_cuts_the_windows(tiny_release, tmp_path):
+    from releaser.stage import Reporter
+
+    class Collect(Reporter):
+        def __init__(self):
+            self.warnings = []
+
+        def warning(self, text):
+            self.warnings.append(text)
+
+    base, awq = tiny_release
+    rep = Collect()
+    result = run_quality(QualityOptions(ctx=64, chunks=3, stop_test=False, time_budget=0.001), base, [awq],
+                         tmp_path / "q.json", rep)
+    assert result.facts["chunks"] == 1 and result.facts["artefacts"][0]["windows"] == 1
+    assert any("time budget 0.001 s: measuring 1 window(s) instead of 3" in w for w in rep.warnings)
+
+
+def test_eval_cli_option_errors(tiny_release, tmp_path):
+    from typer.testing import CliRunner
+
+    from releaser.cli import app
+
+    base, awq = tiny_release
+    for args, message in ((["--backend", "onnx"], "--backend: Input should be 'torch' or 'llama.cpp'"),
+                          (["--chunks", "0"], "--chunks: Input should be greater than or equal to 1")):
+        res = CliRunner().invoke(app, ["eval", str(base), str(awq), "-o", str(tmp_path / "q.json"), *args])
+        assert res.exit_code == 2 and message in res.output, res.output
