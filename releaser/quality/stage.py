@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..atomic import write_file
+from ..atomic import os_error, write_file
 from ..errors import ConfigError, ModelError
 from ..stage import Reporter, StageOptions, StageResult, describe_files
 from . import load as ld
@@ -148,6 +148,10 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
     for f in failures:
         reporter.warning(f)
 
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, out_path) from exc
     target = _stop_test_target(arts) if options.stop_test else None
     rows: list[dict] = []
     stop: dict | None = None
