@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from .errors import ReleaserError
+from .quality.options import QualityOptions
 
 app = typer.Typer(
     name="releaser",
@@ -184,10 +185,10 @@ def eval_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="The unquantized Hugging Face model folder."),
     artefacts: list[Path] = typer.Argument(..., metavar="ARTEFACT...", help="GGUF files and/or AWQ folders made "
                                            "from MODEL_DIR."),
-    text: str = typer.Option("builtin", "--text", help="Evaluation text: 'builtin' or a UTF-8 text file."),
-    ctx: int = typer.Option(512, "--ctx", help="Tokens per window; the second half of each window is scored."),
-    chunks: int = typer.Option(8, "--chunks", help="Number of windows."),
-    backend: str = typer.Option("torch", "--backend", help="Run GGUFs dequantized in torch, or with llama.cpp."),
+    text: str = typer.Option("builtin", "--text", help=QualityOptions.help("text")),
+    ctx: int = typer.Option(512, "--ctx", help=QualityOptions.help("ctx")),
+    chunks: int = typer.Option(8, "--chunks", help=QualityOptions.help("chunks")),
+    backend: str = typer.Option("torch", "--backend", help=QualityOptions.help("backend")),
     no_gate: bool = typer.Option(False, "--no-gate", help="Report broken quants instead of failing."),
     output: Path = typer.Option(Path("quality.json"), "--output", "-o", help="The JSON report (for releaser card "
                                 "--quality)."),
@@ -200,7 +201,7 @@ def eval_cmd(
     from rich.progress import Progress
     from rich.table import Table
 
-    from .quality import QualityOptions, run_quality
+    from .quality import run_quality
     from .stage import Reporter
 
     class RichReporter(Reporter):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import ReleaserError
 
 # Mean-KLD limits per quant type: several times what the type gives on a small model (SmolLM2-135M, where quantization
@@ -54,6 +52,7 @@ def stop_test(model, tokenizer, chat_template: str, end_ids: list[int], max_new:
     with one of ``end_ids`` within ``max_new`` tokens."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": STOP_PROMPT}], chat_template=chat_template,
                                            add_generation_prompt=True, tokenize=False)
+    import torch
     from transformers import GenerationConfig
 
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])

@@ -11,38 +11,20 @@ import tempfile
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from ..atomic import os_error, write_file
 from ..errors import ConfigError, ModelError
-from ..stage import Reporter, StageOptions, StageResult, describe_files
+from ..stage import Reporter, StageResult, describe_files
 from . import load as ld
 from .gate import STOP_TEST_TYPES, QualityGateError, max_kld, stop_test
 from .ggufio import GGUFFile
 from .metrics import BaseLogProbs, Figures, score_against, score_base
+from .options import QualityOptions
 from .text import Windows, load_text, make_windows, tokenize
 
 REPORT_VERSION = 1
-
-
-class QualityOptions(StageOptions):
-    text: str = Field("builtin", description="Evaluation text: 'builtin' (a public-domain English text shipped with "
-                      "releaser, never the AWQ calibration text) or a UTF-8 text file.")
-    ctx: int = Field(512, ge=8, description="Tokens per window (llama.cpp's -c); the second half of each is scored.")
-    chunks: int = Field(8, ge=1, description="Windows to evaluate (llama.cpp's --chunks); fewer if the text is short.")
-    time_budget: float | None = Field(None, gt=0, description="Seconds the stage may take: fewer windows are measured "
-                                      "(at least one) when the estimate is over it.")
-    backend: Literal["torch", "llama.cpp"] = Field("torch", description="Run GGUF files dequantized in torch, or "
-                                                   "with llama.cpp (needs llama-cpp-python).")
-    gate: bool = Field(True, description="Fail when a quant's mean KLD is far above what its type gives, or the Q4 "
-                       "file does not stop at the end of a chat turn.")
-    max_kld: dict[str, float] = Field(default_factory=dict, description="Mean-KLD limits per quant type overriding "
-                                      "the built-in ones, e.g. {Q4_K_M: 0.1, AWQ: 0.2}.")
-    stop_test: bool = Field(True, description="Greedy-generate a chat answer from the Q4 artefact; it must end with "
-                            "the end-of-turn token.")
 
 
 def _vocab_mismatch(gfile: GGUFFile, tokenizer, ids) -> str | None:
