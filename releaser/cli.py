@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import ReleaserError
+from .awq.options import AWQOptions
 from .failures import Terminated, foreseen, one_line, unforeseen
+from .quality.options import QualityOptions
 
 app = typer.Typer(
     name="releaser",
@@ -127,6 +129,8 @@ def card(
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the card here (default: stdout)."),
     template: Path | None = typer.Option(None, "--template", "-t", help="Your own Jinja2 card template."),
     overwrite: bool = flag("--overwrite", help="Replace an existing --output file."),
+    quality: Path | None = typer.Option(None, "--quality", help="Quality report from releaser eval: adds PPL, KLD "
+                                        "and same-top figures to GGUF and AWQ cards."),
 ) -> None:
     """Render a model card (README.md) from what MODEL_DIR contains and the recipe."""
     from .card import render_card, write_card
@@ -134,9 +138,9 @@ def card(
 
     spec = load_recipe(recipe) if recipe else None
     if output is None:
-        sys.stdout.write(render_card(model_dir, spec, template))
+        sys.stdout.write(render_card(model_dir, spec, template, quality))
         return
-    result = write_card(model_dir, output, spec, template, overwrite=overwrite, inputs=(recipe,))
+    result = write_card(model_dir, output, spec, template, overwrite=overwrite, inputs=(recipe,), quality=quality)
     console.print(f"[green]card[/] ({result.kind}, {result.bytes} bytes, template {result.template.name}) "
                   f"-> {result.path}", highlight=False)
 
@@ -318,8 +322,6 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release rec
     out.print(_stage_table(result.stages, f"{recipe}: {result.recipe.name} {result.recipe.version}"))
     out.print(f"[green]ok[/]: {recipe} is a valid recipe", highlight=False)
 
-from .awq.options import AWQOptions  # noqa: E402 - the awq commands' flag help (no torch import)
-
 
 @app.command("awq")
 @friendly
@@ -339,7 +341,7 @@ def awq_cmd(
     from .awq.stage import run_awq
 
     options = AWQOptions.build(bits=bits, group_size=group_size, calibration=calib, samples=samples, seqlen=seqlen,
-                           device=device, search_tokens=search_tokens)
+                               device=device, search_tokens=search_tokens)
     result = run_awq(options, model_dir, out_dir, _reporter(), overwrite=overwrite)
     out.print(f"[green]awq[/] {result.summary} ({len(result.files)} files, {_human(result.bytes)})", highlight=False)
 
@@ -363,6 +365,46 @@ def awq_eval_cmd(
     out.print(f"[green]awq-eval[/] {r['tokens']} tokens of {r['text']}: perplexity unquantized {ppl['unquantized']:.3f}, "
               f"AWQ {ppl['awq']:.3f}, RTN {ppl['rtn']:.3f}; KL {r['kl_awq']:.4f}, top-1 agreement "
               f"{r['top1_agreement_awq']:.1%} -> {awq_dir / 'awq_calibration.json'}", highlight=False)
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="The unquantized Hugging Face model folder."),
+    artefacts: list[Path] = typer.Argument(..., metavar="ARTEFACT...", help="GGUF files and/or AWQ folders made "
+                                           "from MODEL_DIR."),
+    text: str = typer.Option("builtin", "--text", help=QualityOptions.help("text")),
+    ctx: int = typer.Option(512, "--ctx", help=QualityOptions.help("ctx")),
+    chunks: int = typer.Option(8, "--chunks", help=QualityOptions.help("chunks")),
+    backend: str = typer.Option("torch", "--backend", help=QualityOptions.help("backend")),
+    no_gate: bool = typer.Option(False, "--no-gate", help="Report broken quants instead of failing."),
+    output: Path = typer.Option(Path("quality.json"), "--output", "-o", help="The JSON report (for releaser card "
+                                "--quality)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Measure perplexity and KL divergence of each GGUF/AWQ artefact against the unquantized model (llama.cpp's
+    definitions), write a JSON report and fail on a broken quant."""
+    from rich.table import Table
+
+    from .quality import run_quality
+
+    options = QualityOptions.build(text=text, ctx=ctx, chunks=chunks, backend=backend, gate=not no_gate)
+    result = run_quality(options, model_dir, artefacts, output, _reporter(quiet))
+    report = result.facts
+    table = Table(title=f"{report['text']['name']}: {report['chunks']} windows of {report['ctx']} tokens, "
+                        f"{report['scored_tokens']} scored", title_justify="left")
+    for col in ("File", "Type", "PPL", "PPL ratio", "Mean KLD", "99% KLD", "Same top"):
+        table.add_column(col, justify="left" if col in ("File", "Type") else "right")
+    table.add_row(model_dir.name, "unquantized", f"{report['model']['ppl']:.3f}", "1", "0", "0", "100.0%")
+    for row in report["artefacts"]:
+        table.add_row(row["file"], row["quant"], f"{row['ppl']:.3f}", f"{row['ppl_ratio']:.4f}",
+                      f"{row['kld_mean']:.5f}", f"{row['kld_p99']:.5f}", f"{100 * row['same_top']:.1f}%")
+    out.print(table)
+    stop = report.get("stop_test")
+    if stop:
+        out.print(f"stop test ({stop['file']}): {'passed' if stop['passed'] else 'FAILED'}: {stop['text']!r}",
+                  highlight=False)
+    out.print(f"[green]quality[/] {result.summary}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -321,6 +321,57 @@ def tiny_chat_model(path: Path, arch: str = "mistral", seed: int = 0, **config_k
     return path
 
 
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def awq_gemm_pack(values: np.ndarray) -> np.ndarray:
+    """uint4 values [R, N] -> AWQ GEMM int32 words [R, N/8]: word = OR_i v[:, 8c + AWQ_ORDER[i]] << 4i."""
+    r, n = values.shape
+    words = np.zeros((r, n // 8), dtype=np.uint32)
+    for i, col in enumerate(AWQ_ORDER):
+        words |= values[:, col::8].astype(np.uint32) << np.uint32(4 * i)
+    return words.view(np.int32)
+
+
+def rtn_awq(src: Path, dst: Path, group_size: int = 32, scale_factor: float = 1.0) -> Path:
+    """A 4-bit AWQ GEMM folder of the float model ``src`` by plain round-to-nearest with zero points (no activation
+    search: a stand-in for a real AWQ export in tests and benchmarks). ``scale_factor`` != 1 breaks it on purpose."""
+    import torch
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    out = {}
+    for f in sorted(src.glob("*.safetensors")):
+        for name, w in load_file(f).items():
+            if w.ndim == 2 and ".layers." in name:
+                wt = np.ascontiguousarray(w.T, dtype=np.float32)          # [K, N]
+                k, n = wt.shape
+                g = wt.reshape(k // group_size, group_size, n)
+                lo, hi = g.min(1), g.max(1)
+                s = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
+                s[s == 0] = 1.0
+                zeros = np.clip(np.round(-lo / s), 0, 15)
+                q = np.clip(np.round(g / s[:, None]) + zeros[:, None], 0, 15).reshape(k, n)
+                prefix = name.removesuffix(".weight")
+                out[prefix + ".qweight"] = awq_gemm_pack(q.astype(np.int64))
+                out[prefix + ".qzeros"] = awq_gemm_pack(zeros.astype(np.int64))
+                out[prefix + ".scales"] = (s * scale_factor).astype(np.float16)
+            else:
+                out[name] = w.astype(np.float16)
+    dst.mkdir(parents=True)
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}, dst / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config.update(torch_dtype="float16", quantization_config={"quant_method": "awq", "bits": 4, "zero_point": True,
+                                                              "group_size": group_size, "version": "gemm"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
 def demo_inputs(folder: Path) -> tuple[Path, Path]:
     """Two fine-tune-like variants of SmolLM2-135M-Instruct (the merge demo's inputs) in ``folder``."""
     folder = Path(folder)

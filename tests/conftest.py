@@ -17,3 +17,13 @@ def smollm2():
     from releaser.testing import smollm2_dir
 
     return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_ggufs(tmp_path_factory, smollm2):
+    """F16, Q8_0 and Q4_K_M GGUF files of the SmolLM2 fixture (one export per test session): quant -> path."""
+    from releaser.gguf import export_gguf
+
+    result = export_gguf(smollm2, tmp_path_factory.mktemp("smollm2-gguf"), ["F16", "Q8_0", "Q4_K_M"],
+                         name="SmolLM2-135M-Instruct")
+    return {q: paths[0] for q, paths in result.files.items()}

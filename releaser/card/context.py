@@ -6,6 +6,7 @@ from typing import Any
 
 from ..recipe import Recipe
 from .facts import ModelFacts
+from .quality import NEAR_ORIGINAL_KLD, QualityFacts
 from .quant_facts import AWQFacts, GGUFFacts
 
 Facts = ModelFacts | GGUFFacts | AWQFacts
@@ -89,7 +90,23 @@ def _local_id(folder: Path) -> str:
     return folder.name if folder.is_absolute() else folder.as_posix()
 
 
-def card_context(facts: Facts, recipe: Recipe | None) -> dict[str, Any]:
+def _quality(facts: Facts, quality: QualityFacts | None) -> dict[str, Any] | None:
+    """Measured figures for a quant card: per GGUF file (and the pick guide's near-original choice), or the AWQ row."""
+    if quality is None or facts.kind == "model":
+        return None
+    if facts.kind == "awq":
+        row = quality.awq_row(facts.folder)
+        return {"report": quality, "row": row} if row else None
+    files = {f.name: quality.for_file(f.name) for f in facts.files}
+    if not any(files.values()):
+        return None
+    close = [f for f in facts.files if files[f.name] and files[f.name].kld_mean < NEAR_ORIGINAL_KLD]
+    near = min(close, key=lambda f: f.size, default=None)
+    return {"report": quality, "files": files, "pick": files.get(facts.recommended.name),
+            "near_original": near, "near_original_kld": NEAR_ORIGINAL_KLD}
+
+
+def card_context(facts: Facts, recipe: Recipe | None, quality: QualityFacts | None = None) -> dict[str, Any]:
     """The variables a card template sees (documented in templates/cards/README.md)."""
     from huggingface_hub import ModelCardData
 
@@ -111,4 +128,5 @@ def card_context(facts: Facts, recipe: Recipe | None) -> dict[str, Any]:
         "awq_repo": recipe.quants.awq if recipe else None,
         "sections": list(recipe.sections) if recipe else [],
         "releases": list(recipe.releases) if recipe else [],
+        "quality": _quality(facts, quality),           # measured figures (None without a quality report)
     }

@@ -18,6 +18,7 @@ from ..recipe import Recipe
 from ..resources import templates_dir
 from .context import Facts, card_context, human_count, human_size
 from .facts import model_facts, read_json
+from .quality import quality_facts
 from .quant_facts import awq_facts, gguf_facts, is_awq
 
 TEMPLATE_FOR = {"model": "model.md.j2", "gguf": "gguf.md.j2", "awq": "awq.md.j2"}
@@ -52,7 +53,8 @@ def _environment(search: list[Path]) -> jinja2.Environment:
     env = SandboxedEnvironment(loader=jinja2.FileSystemLoader([str(p) for p in search]),
                                undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
                                trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(size=human_size, count=human_count, hub=lambda repo: f"https://huggingface.co/{repo}")
+    env.filters.update(size=human_size, count=human_count, hub=lambda repo: f"https://huggingface.co/{repo}",
+                       kld=lambda x: f"{x:.4f}" if x >= 0.001 else f"{x:.1e}")
     return env
 
 
@@ -64,20 +66,22 @@ def _template_frame(exc: BaseException, search: list[Path]) -> str | None:
 
 
 def render_card(model_dir: str | os.PathLike, recipe: Recipe | None = None,
-                template: str | os.PathLike | None = None) -> str:
-    """The card (README.md text) for ``model_dir``, from the built-in template for its kind or ``template``."""
-    return _render(model_dir, recipe, template)[0]
+                template: str | os.PathLike | None = None, quality: dict | str | os.PathLike | None = None) -> str:
+    """The card (README.md text) for ``model_dir``, from the built-in template for its kind or ``template``;
+    ``quality`` (a quality report or its JSON path) adds the measured figures to GGUF and AWQ cards."""
+    return _render(model_dir, recipe, template, quality)[0]
 
 
-def _render(model_dir, recipe, template) -> tuple[str, Facts, Path]:
+def _render(model_dir, recipe, template, quality=None) -> tuple[str, Facts, Path]:
     facts = gather_facts(model_dir)
+    measured = quality_facts(quality) if quality is not None else None
     path = Path(template) if template else templates_dir() / "cards" / TEMPLATE_FOR[facts.kind]
     if not path.is_file():
         raise CardError(f"card template {path} does not exist")
     search = [path.resolve().parent, templates_dir() / "cards"]
     env = _environment(search)
     try:
-        text = env.get_template(path.name).render(card_context(facts, recipe))
+        text = env.get_template(path.name).render(card_context(facts, recipe, measured))
     except jinja2.TemplateSyntaxError as exc:
         raise CardError(f"{exc.filename or path}:{exc.lineno}: template syntax error: {exc.message}") from None
     except jinja2.UndefinedError as exc:
@@ -168,11 +172,12 @@ def check_card_output(out: Path, model_dir: Path, overwrite: bool, inputs: tuple
 
 def write_card(model_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe | None = None,
                template: str | os.PathLike | None = None, *, overwrite: bool = False,
-               inputs: tuple = ()) -> CardResult:
+               inputs: tuple = (), quality: dict | str | os.PathLike | None = None) -> CardResult:
     """Render the card and write it to ``out`` atomically (temporary name, then rename). An existing ``out`` is
-    replaced only with ``overwrite``, an input (``inputs``: e.g. the recipe file) never."""
+    replaced only with ``overwrite``, an input (``inputs``: e.g. the recipe file) never; ``quality`` adds measured
+    figures (see :func:`render_card`)."""
     out = Path(out)
     check_card_output(out, Path(model_dir), overwrite, (template, *inputs))
-    text, facts, path = _render(model_dir, recipe, template)
+    text, facts, path = _render(model_dir, recipe, template, quality)
     out = write_file(out, text, overwrite=overwrite)
     return CardResult(out, facts.kind, path, len(text.encode()))

@@ -1,0 +1,76 @@
+"""Measured quality for the quant cards: the quality report (``releaser eval -o quality.json`` / the quality stage)
+read into per-file figures, matched to the GGUF files or the AWQ folder a card describes."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+NEAR_ORIGINAL_KLD = 0.01   # the pick guide's "near-original" mean-KLD bound
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    file: str            # GGUF file name or AWQ folder name, as in the report
+    kind: str            # gguf | awq
+    ppl: float
+    ppl_ratio: float
+    kld_mean: float
+    kld_p99: float
+    same_top: float      # fraction 0..1
+
+    @property
+    def same_top_pct(self) -> str:
+        return f"{100 * self.same_top:.1f}%"
+
+
+@dataclass(frozen=True)
+class QualityFacts:
+    text: str            # the evaluation text's name
+    ctx: int
+    chunks: int
+    scored_tokens: int
+    base_ppl: float
+    rows: dict[str, QualityRow]
+
+    @property
+    def measured_on(self) -> str:
+        return (f"{self.text}, {self.chunks} windows of {self.ctx} tokens ({self.scored_tokens} scored tokens: the "
+                "second half of each window)")
+
+    def for_file(self, name: str) -> QualityRow | None:
+        return self.rows.get(name)
+
+    def awq_row(self, folder: Path) -> QualityRow | None:
+        """The report's row for an AWQ folder: by folder name, else the only AWQ row."""
+        row = self.rows.get(Path(folder).resolve().name)
+        if row is not None:
+            return row
+        awq = [r for r in self.rows.values() if r.kind == "awq"]
+        return awq[0] if len(awq) == 1 else None
+
+
+def quality_facts(report: dict | str | os.PathLike) -> QualityFacts:
+    """Read a quality report (a dict, or the path of its JSON file)."""
+    where = "the quality report"
+    if not isinstance(report, dict):
+        where = str(report)
+        try:
+            report = json.loads(Path(report).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"quality report {where} does not exist; make it with releaser eval -o FILE") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"quality report {where} is not readable JSON ({exc})") from None
+    try:
+        rows = {r["file"]: QualityRow(str(r["file"]), str(r["kind"]), float(r["ppl"]), float(r["ppl_ratio"]),
+                                      float(r["kld_mean"]), float(r["kld_p99"]), float(r["same_top"]))
+                for r in report["artefacts"]}
+        return QualityFacts(str(report["text"]["name"]), int(report["ctx"]), int(report["chunks"]),
+                            int(report["scored_tokens"]), float(report["model"]["ppl"]), rows)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} is not a releaser quality report (missing or bad {exc}); make it with "
+                          "releaser eval -o FILE") from None

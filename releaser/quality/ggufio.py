@@ -1,0 +1,126 @@
+"""A small GGUF reader for the quality stage: the metadata values and tensor table of a file, with each tensor's bytes
+as a memory-mapped view. gguf-py's GGUFReader builds a numpy view per array element on open (seconds for a 49k-token
+vocabulary and its merges); this walks the header once with struct and decodes only what is asked for."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]     # numpy order (rows first): ggml's ne reversed
+    ggml_type: int
+    offset: int                # absolute byte offset in the file
+    nbytes: int
+
+
+class GGUFFile:
+    """``values``: metadata key -> value (strings decoded; arrays of strings as lists); ``tensors``: name -> info."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
+            try:
+                self.values, self.tensors = self._parse()
+            finally:
+                self._data = None   # tensor bytes are read with pread: no file pages stay mapped (RSS)
+        except (OSError, ValueError, struct.error, UnicodeDecodeError, IndexError, KeyError) as exc:
+            raise ModelError(f"{self.path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+
+    def _parse(self):
+        buf = self._data
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        pos = 8
+
+        def take(fmt: str):
+            nonlocal pos
+            size = struct.calcsize("<" + fmt)
+            vals = struct.unpack("<" + fmt, bytes(buf[pos: pos + size]))
+            pos += size
+            return vals[0] if len(vals) == 1 else vals
+
+        def string() -> str:
+            nonlocal pos
+            n = take("Q")
+            pos += n
+            return bytes(buf[pos - n: pos]).decode("utf-8")
+
+        def value(vtype: int):
+            nonlocal pos
+            if vtype == _STRING:
+                return string()
+            if vtype == _ARRAY:
+                sub, n = take("IQ")
+                if sub == _STRING:
+                    return [string() for _ in range(n)]
+                if sub == _ARRAY:
+                    return [value(_ARRAY) for _ in range(n)]
+                fmt = "<" + _SCALARS[sub]
+                arr = np.frombuffer(buf, dtype=np.dtype(fmt), count=n, offset=pos)
+                pos += arr.nbytes
+                return arr.tolist()
+            return take(_SCALARS[vtype])
+
+        n_tensors, n_kv = take("QQ")
+        values = {}
+        for _ in range(n_kv):
+            key = string()
+            values[key] = value(take("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            n_dims = take("I")
+            ne = [take("Q") for _ in range(n_dims)]
+            ggml_type, offset = take("IQ")
+            infos.append((name, ne, ggml_type, offset))
+        alignment = int(values.get("general.alignment", 32))
+        start = (pos + alignment - 1) // alignment * alignment
+        tensors = {}
+        import gguf
+
+        for name, ne, ggml_type, offset in infos:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+            nbytes = int(np.prod(ne)) // block * size
+            if start + offset + nbytes > buf.size:
+                raise ValueError(f"tensor {name} runs past the end of the file (truncated download?)")
+            tensors[name] = TensorInfo(name, tuple(int(x) for x in reversed(ne)), ggml_type, start + offset, nbytes)
+        return values, tensors
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes, read from the file."""
+        t = self.tensors[name]
+        data = bytearray(t.nbytes)
+        with open(self.path, "rb") as fh:
+            fh.seek(t.offset)
+            if fh.readinto(data) != t.nbytes:
+                raise ModelError(f"{self.path} ends inside tensor {name} (truncated download?)")
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """The tensor as a new float32 array in numpy order."""
+        import gguf
+
+        t = self.tensors[name]
+        qtype = gguf.GGMLQuantizationType(t.ggml_type)
+        raw = self.raw(name)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            data = raw.view(np.float32)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            data = raw.view(np.float16)
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            data = gguf.quants.dequantize(raw.reshape(-1, t.shape[-1] // block * size), qtype)
+        return np.asarray(data, dtype=np.float32).reshape(t.shape)

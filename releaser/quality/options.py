@@ -1,0 +1,27 @@
+"""The quality stage's options: the recipe section ``quality:`` and the flags of ``releaser eval`` (no heavy imports,
+so the CLI can read the flag help without loading torch)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..stage import StageOptions
+
+
+class QualityOptions(StageOptions):
+    text: str = Field("builtin", description="Evaluation text: 'builtin' (a public-domain English text shipped with "
+                      "releaser, never the AWQ calibration text) or a UTF-8 text file.")
+    ctx: int = Field(512, ge=8, description="Tokens per window (llama.cpp's -c); the second half of each is scored.")
+    chunks: int = Field(8, ge=1, description="Windows to evaluate (llama.cpp's --chunks); fewer if the text is short.")
+    time_budget: float | None = Field(None, gt=0, description="Seconds the stage may take: fewer windows are measured "
+                                      "(at least one) when the estimate is over it.")
+    backend: Literal["torch", "llama.cpp"] = Field("torch", description="Run GGUF files dequantized in torch, or "
+                                                   "with llama.cpp (needs llama-cpp-python).")
+    gate: bool = Field(True, description="Fail when a quant's mean KLD is far above what its type gives, or the Q4 "
+                       "file does not stop at the end of a chat turn.")
+    max_kld: dict[str, float] = Field(default_factory=dict, description="Mean-KLD limits per quant type overriding "
+                                      "the built-in ones, e.g. {Q4_K_M: 0.1, AWQ: 0.2}.")
+    stop_test: bool = Field(True, description="Greedy-generate a chat answer from the Q4 artefact; it must end with "
+                            "the end-of-turn token.")

@@ -1,0 +1,262 @@
+"""The quality stage: perplexity and KL divergence of every GGUF file and AWQ folder against the unquantized model, a
+JSON report, and the gate (see gate.py). One model is in memory at a time: the unquantized model runs first and keeps
+its log-probabilities in a temporary file beside the report."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import tempfile
+import time
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+
+import torch
+
+from ..atomic import os_error, write_file
+from ..errors import ConfigError, ModelError
+from ..stage import Reporter, StageResult, describe_files
+from . import load as ld
+from .gate import STOP_TEST_TYPES, QualityGateError, max_kld, stop_test
+from .ggufio import GGUFFile
+from .metrics import BaseLogProbs, Figures, score_against, score_base
+from .options import QualityOptions
+from .text import Windows, load_text, make_windows, tokenize
+
+REPORT_VERSION = 1
+
+
+def _vocab_mismatch(gfile: GGUFFile, tokenizer, ids) -> str | None:
+    """Where the GGUF's vocabulary gives one of ``ids`` another token than the model's tokenizer (None: same)."""
+    tokens = gfile.values.get("tokenizer.ggml.tokens") or []
+    for i in sorted(set(int(x) for x in ids)):
+        ours = tokens[i] if i < len(tokens) else None
+        theirs = tokenizer.convert_ids_to_tokens(i)
+        if ours != theirs:
+            return f"token id {i} is {ours!r} in the file but {theirs!r} in the model's tokenizer"
+    return None
+
+
+def _tokenizer_mismatch(art: ld.Artefact, tokenizer, text: str, windows: Windows) -> str | None:
+    """Does the artefact read the evaluation text as the same token ids as the unquantized model?"""
+    if art.kind == "gguf":
+        return _vocab_mismatch(GGUFFile(art.parts[0]), tokenizer, windows.tokens.unique().tolist())
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(art.path)
+    except (OSError, ValueError) as exc:
+        return f"its tokenizer does not load ({type(exc).__name__}: {str(exc)[:120]})"
+    n = windows.count * windows.ctx
+    ours, ref = tokenize(own, text)[:n], tokenize(tokenizer, text)[:n]
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            return f"it tokenizes the text differently from the model (token {i}: {a} instead of {b})"
+    if len(ours) < len(ref):
+        return "it tokenizes the text into fewer tokens than the model"
+    return None
+
+
+def _stop_test_target(arts: list[ld.Artefact]) -> ld.Artefact | None:
+    by_type = {a.quant: a for a in arts if a.kind == "gguf"}
+    for q in STOP_TEST_TYPES:
+        if q in by_type:
+            return by_type[q]
+    awq = [a for a in arts if a.kind == "awq"]
+    return awq[0] if awq else (arts[0] if arts else None)
+
+
+def _chat_setup(art: ld.Artefact, tokenizer) -> tuple[str | None, list[int], object]:
+    """The artefact's own chat template, end-of-turn ids and the tokenizer to render with."""
+    if art.kind == "gguf":
+        values = GGUFFile(art.parts[0]).values
+        ends = [values.get(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id")]
+        return values.get("tokenizer.chat_template"), [int(e) for e in ends if e is not None], tokenizer
+    from transformers import AutoTokenizer, GenerationConfig
+
+    own = AutoTokenizer.from_pretrained(art.path)
+    ends = {own.eos_token_id}
+    try:
+        eos = GenerationConfig.from_pretrained(art.path).eos_token_id
+        ends.update(eos if isinstance(eos, list) else [eos])
+    except OSError:
+        pass
+    return own.chat_template, [e for e in ends if e is not None], own
+
+
+def _collect_garbage() -> None:
+    gc.collect()
+    try:  # return freed model memory to the OS between models (peak RSS stays one model)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts: list, out_path: str | os.PathLike,
+                reporter: Reporter | None = None) -> StageResult:
+    """Measure every artefact against ``model_dir``; write the JSON report to ``out_path``; raise QualityGateError
+    (after writing the report) when the gate is on and an artefact fails it."""
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    reporter = reporter or Reporter()
+    model_dir, out_path = Path(model_dir), Path(out_path).absolute()
+    if not model_dir.is_dir():
+        raise ModelError(f"model folder {model_dir} does not exist")
+    if not artefacts:
+        raise ConfigError("no artefacts to evaluate; give GGUF files or AWQ folders")
+    if options.backend == "llama.cpp":
+        from . import llamacpp
+        llamacpp._llama()  # a clear error now rather than after the unquantized pass
+    arts = [ld.identify(a) for a in artefacts]
+    labels = [a.label for a in arts]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"two artefacts have the same name ({labels}); evaluate them separately")
+    base_config = ld.read_config(model_dir)
+    text = load_text(options.text)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = make_windows(tokenizer, text, options.ctx, options.chunks)
+
+    failures: list[str] = []
+    mismatch = {a.label: _tokenizer_mismatch(a, tokenizer, text.text, windows) for a in arts}
+    for label, why in mismatch.items():
+        if why:
+            failures.append(f"{label}: {why}; its figures compare different tokens (a wrong tokenizer?)")
+    if failures and options.gate:
+        raise QualityGateError(failures[0])
+    for f in failures:
+        reporter.warning(f)
+
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, out_path) from exc
+    target = _stop_test_target(arts) if options.stop_test else None
+    rows: list[dict] = []
+    stop: dict | None = None
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.base-", dir=out_path.parent) as tmp:
+        base, windows = _base_pass(model_dir, windows, len(arts), options, Path(tmp), reporter)
+        for art in arts:
+            t0 = time.perf_counter()
+            with reporter.progress(f"quality: {art.label}", total=windows.count) as advance:
+                with ExitStack() as stack:
+                    model = None
+                    if art.kind == "gguf" and options.backend == "llama.cpp":
+                        from . import llamacpp
+                        run = stack.enter_context(llamacpp.scored_logits(art.parts[0], windows.ctx, windows.first))
+                    else:
+                        model = ld.load_artefact(art, base_config)
+                        run = ld.scored_logits(model, windows.first)
+                    figures = score_against(run, windows, base.store, base.figures.ppl, advance)
+                    if art is target:
+                        stop = _run_stop_test(art, model, base_config, tokenizer, reporter)
+                    del model, run
+            _collect_garbage()
+            limit = max_kld(art.quant, options.max_kld)
+            row = {"file": art.label, "path": str(art.path), "kind": art.kind, "quant": art.quant,
+                   "size": _size(art), **figures.to_dict(), "max_kld": limit,
+                   "backend": options.backend if art.kind == "gguf" else "torch",
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            if mismatch[art.label]:
+                row["tokenizer_mismatch"] = mismatch[art.label]
+            rows.append(row)
+            reporter.message(f"{art.label}: PPL {figures.ppl:.3f}, mean KLD {figures.kld_mean:.5f}, "
+                             f"same top {100 * figures.same_top:.1f}%")
+            if figures.kld_mean > limit:
+                failures.append(f"{art.label}: mean KLD {figures.kld_mean:.4f} against the unquantized model is far "
+                                f"above what {art.quant} gives (limit {limit}); the file is broken (a bad conversion "
+                                "or a zeroed tensor?)")
+    if stop is not None and not stop["passed"]:
+        failures.append(f"{stop['file']}: greedy generation did not end with the end-of-turn token within "
+                        f"{stop['tokens']} tokens (stop test on the quantized weights); output {stop['text'][:80]!r}")
+
+    report = {
+        "version": REPORT_VERSION,
+        "text": {"name": text.name, "sha256": text.sha256, "tokens": windows.text_tokens},
+        "ctx": windows.ctx, "chunks": windows.count, "scored_tokens": base.figures.tokens,
+        "model": {"path": str(model_dir), **base.figures.to_dict()},
+        "artefacts": rows,
+        "stop_test": stop,
+        "gate": {"enabled": options.gate, "passed": not failures, "failures": failures},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_file(out_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if failures and options.gate:
+        raise QualityGateError(failures[0] + (f" (and {len(failures) - 1} more; see {out_path})"
+                                              if len(failures) > 1 else f"; figures in {out_path}"))
+    for f in failures:
+        reporter.warning(f)
+    summary = (f"measured {len(rows)} artefact(s) on {windows.count} windows of {windows.ctx} tokens of "
+               f"{text.name!r} in {report['seconds']} s -> {out_path}")
+    return StageResult("quality", out_path.parent, describe_files(out_path.parent, [out_path]), summary,
+                       facts=report)
+
+
+class _Base:
+    def __init__(self, store: BaseLogProbs, figures: Figures):
+        self.store, self.figures = store, figures
+
+
+def _base_pass(model_dir: Path, windows: Windows, n_artefacts: int, options: QualityOptions, tmp: Path,
+               reporter: Reporter) -> tuple[_Base, Windows]:
+    """Run the unquantized model (windows cut to the time budget), keeping its log-probabilities in ``tmp``."""
+    model = ld.load_hf(model_dir)
+    run = ld.scored_logits(model, windows.first)
+    t0 = time.perf_counter()
+    first = list(run(windows.tokens[0]))
+    per_window = time.perf_counter() - t0
+    if options.time_budget:
+        load_overhead = 5.0 * n_artefacts   # loading/dequantizing one artefact (measured on 135M-1B models)
+        fit = int((options.time_budget - load_overhead) // (per_window * (1 + n_artefacts)))
+        if fit < windows.count:
+            n = max(1, fit)
+            reporter.warning(f"time budget {options.time_budget:g} s: measuring {n} window(s) instead of "
+                             f"{windows.count} ({per_window:.1f} s per window and model)")
+            windows = windows.head(n)
+    cached = {0: first}
+
+    def run_cached(tokens: torch.Tensor):
+        if 0 in cached and torch.equal(tokens, windows.tokens[0]):
+            return cached.pop(0)
+        return run(tokens)
+
+    store = BaseLogProbs(tmp / "base-logprobs.npy", windows.count, windows.scored_per_window,
+                         int(first[0].shape[-1]))
+    with reporter.progress("quality: unquantized model", total=windows.count) as advance:
+        figures = score_base(run_cached, windows, store, advance)
+    reporter.message(f"unquantized model: PPL {figures.ppl:.3f} over {figures.tokens} tokens")
+    del model, run, first, cached
+    _collect_garbage()
+    return _Base(store, figures), windows
+
+
+def _run_stop_test(art: ld.Artefact, model, base_config: dict, tokenizer, reporter: Reporter) -> dict | None:
+    template, ends, tok = _chat_setup(art, tokenizer)
+    if not template or not ends:
+        reporter.message(f"stop test skipped: {art.label} has no chat template or end-of-turn token")
+        return None
+    with (nullcontext(model) if model is not None else _loaded(art, base_config)) as m:
+        result = stop_test(m, tok, template, ends)
+    return {"file": art.label, **result.to_dict()}
+
+
+class _loaded:
+    def __init__(self, art: ld.Artefact, config: dict):
+        self.art, self.config = art, config
+
+    def __enter__(self):
+        self.model = ld.load_artefact(self.art, self.config)
+        return self.model
+
+    def __exit__(self, *exc):
+        del self.model
+        _collect_garbage()
+
+
+def _size(art: ld.Artefact) -> int:
+    if art.kind == "gguf":
+        return sum(p.stat().st_size for p in art.parts)
+    return sum(p.stat().st_size for p in art.path.glob("*.safetensors"))

@@ -1,0 +1,214 @@
+"""Measured quality on the real SmolLM2-135M-Instruct: KLD/PPL of F16, Q8_0 and Q4_K_M GGUFs (one export per session,
+few short windows), our perplexity against transformers, our dequantized logits against llama.cpp's, the gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from releaser.quality import QualityGateError, QualityOptions, run_quality
+from releaser.quality import load as ld
+from releaser.quality.ggufio import GGUFFile
+from releaser.quality.metrics import BaseLogProbs, kl_divergence, log_softmax_, score_against, score_base
+from releaser.quality.text import load_text, make_windows
+
+pytestmark = pytest.mark.slow
+CTX, CHUNKS = 256, 2   # 2 windows of 256 tokens: 254 scored tokens (the figures differ by orders of magnitude)
+
+
+def needs_llama_cpp():
+    """llama-cpp-python is the oracle: a skip locally without it, a failure in CI."""
+    if os.environ.get("CI") == "true":
+        import llama_cpp  # noqa: F401
+    else:
+        pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def report(smollm2, smollm2_ggufs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality") / "quality.json"
+    result = run_quality(QualityOptions(ctx=CTX, chunks=CHUNKS), smollm2, list(smollm2_ggufs.values()), out)
+    assert json.loads(out.read_text()) == result.facts
+    assert [f.path for f in result.files] == ["quality.json"]
+    return result.facts
+
+
+@pytest.fixture(scope="module")
+def windows(smollm2):
+    from transformers import AutoTokenizer
+
+    return make_windows(AutoTokenizer.from_pretrained(smollm2), load_text(), CTX, CHUNKS)
+
+
+def rows(report) -> dict[str, dict]:
+    return {r["quant"]: r for r in report["artefacts"]}
+
+
+def test_kld_grows_with_coarser_quants(report):
+    r = rows(report)
+    assert report["chunks"] == CHUNKS and report["scored_tokens"] == CHUNKS * (CTX - 1 - CTX // 2)
+    assert 0 < r["F16"]["kld_mean"] < r["Q8_0"]["kld_mean"] < r["Q4_K_M"]["kld_mean"]
+    assert r["F16"]["kld_mean"] < 1e-4 and r["Q4_K_M"]["kld_mean"] < 0.2
+    assert r["F16"]["same_top"] >= r["Q8_0"]["same_top"] >= r["Q4_K_M"]["same_top"] > 0.75
+    assert r["Q4_K_M"]["ppl"] > r["F16"]["ppl"]
+    for row in r.values():
+        assert row["kld_mean"] <= row["kld_p99"] <= row["kld_max"] or row["kld_p99"] <= row["kld_max"]
+        assert row["ppl_ratio"] == pytest.approx(row["ppl"] / report["model"]["ppl"])
+    assert report["gate"] == {"enabled": True, "passed": True, "failures": []}
+
+
+def test_stop_test_on_q4_k_m(report):
+    stop = report["stop_test"]
+    assert stop["file"].endswith("-Q4_K_M.gguf")
+    assert stop["passed"] and stop["end_token"] == "<|im_end|>", stop
+    assert "4" in stop["text"]
+
+
+def test_unquantized_model_against_itself_is_zero(smollm2, windows, tmp_path):
+    model = ld.load_hf(smollm2)
+    run = ld.scored_logits(model, windows.first)
+    store = BaseLogProbs(tmp_path / "base.npy", windows.count, windows.scored_per_window, 49152)
+    base = score_base(run, windows, store)
+    same = score_against(run, windows, store, base.ppl)
+    assert same.kld_mean == 0.0 and same.kld_max == 0.0
+    assert same.same_top == 1.0
+    assert same.ppl == base.ppl and same.ppl_ratio == 1.0
+    assert np.load(tmp_path / "base.npy").shape == (windows.count, windows.scored_per_window, 49152)
+
+
+def test_perplexity_equals_transformers(smollm2, report, windows):
+    """The same windows through transformers' own loader and forward, nll from cross_entropy."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    nll = []
+    with torch.no_grad():
+        for row in windows.tokens:
+            logits = model(row.view(1, -1)).logits[0]
+            first = CTX // 2
+            nll.append(torch.nn.functional.cross_entropy(logits[first:-1].double(), row[first + 1:],
+                                                         reduction="none"))
+    ref = float(torch.exp(torch.cat(nll).mean()))
+    assert report["model"]["ppl"] == pytest.approx(ref, rel=1e-5)
+
+
+def _llama_cpp_logits(path: Path, windows) -> list[torch.Tensor]:
+    from releaser.quality import llamacpp
+
+    with llamacpp.scored_logits(path, windows.ctx, windows.first) as run:
+        return [torch.cat(list(run(t))) for t in windows.tokens]
+
+
+def test_dequantized_logits_equal_llama_cpp(smollm2, smollm2_ggufs, windows):
+    """F16: llama.cpp rounds the activations to fp16 for F16 matmuls, so logits agree to 1e-3 of the largest logit
+    (the bound the GGUF export tests use). Q4_K_M: llama.cpp also quantizes the activations to 8 bits (Q8_K) for the
+    dot products, which the dequantized torch model does not; that disagreement must stay a small part of what is
+    measured: KLD(ours || llama.cpp) under a fifth of KLD(unquantized || ours) (measured: about a tenth), and the
+    same top token at >= 90% of the positions."""
+    needs_llama_cpp()
+    config = ld.read_config(smollm2)
+    base = ld.load_hf(smollm2)
+    base_lp = [log_softmax_(torch.cat(list(ld.scored_logits(base, windows.first)(t)))) for t in windows.tokens]
+    del base
+    for quant in ("F16", "Q4_K_M"):
+        art = ld.identify(smollm2_ggufs[quant])
+        model = ld.load_artefact(art, config)
+        ours = [torch.cat(list(ld.scored_logits(model, windows.first)(t))) for t in windows.tokens]
+        del model
+        theirs = _llama_cpp_logits(art.path, windows)
+        for o, t, b in zip(ours, theirs, base_lp):
+            if quant == "F16":
+                assert (o - t).abs().max() / o.abs().max() < 1e-3
+            else:
+                lo, lt = log_softmax_(o.clone()), log_softmax_(t.clone())
+                assert kl_divergence(lo, lt).mean() < 0.2 * kl_divergence(b, lo).mean()
+                assert (o.argmax(-1) == t.argmax(-1)).float().mean() >= 0.9
+
+
+def test_llama_cpp_backend_agrees(smollm2, smollm2_ggufs, report, tmp_path):
+    """The same report with llama.cpp running the GGUFs: the same windows and base figures. llama.cpp quantizes the
+    activations to 8 bits for quantized matmuls, which adds KLD of its own (measured on SmolLM2: +0.0023 for Q8_0,
+    +0.005 for Q4_K_M), so each file's KLD agrees within 25% plus 0.006, and same-top within 5 points."""
+    needs_llama_cpp()
+    paths = [smollm2_ggufs["Q8_0"], smollm2_ggufs["Q4_K_M"]]
+    other = run_quality(QualityOptions(ctx=CTX, chunks=CHUNKS, backend="llama.cpp", stop_test=False), smollm2, paths,
+                        tmp_path / "q.json").facts
+    assert other["model"] == report["model"]
+    ours = rows(report)
+    for row in other["artefacts"]:
+        ref = ours[row["quant"]]
+        assert row["backend"] == "llama.cpp"
+        assert abs(row["kld_mean"] - ref["kld_mean"]) <= 0.25 * ref["kld_mean"] + 0.006
+        assert abs(row["same_top"] - ref["same_top"]) <= 0.05
+        assert row["ppl"] == pytest.approx(ref["ppl"], rel=0.02)
+
+
+def _zero_tensor(src: Path, dst: Path, name: str) -> Path:
+    shutil.copy(src, dst)
+    info = GGUFFile(dst).tensors[name]
+    with open(dst, "r+b") as fh:
+        fh.seek(info.offset)
+        fh.write(bytes(info.nbytes))
+    return dst
+
+
+def test_zeroed_tensor_fails_the_gate(smollm2, smollm2_ggufs, tmp_path):
+    broken = _zero_tensor(smollm2_ggufs["F16"], tmp_path / "Broken-F16.gguf", "blk.0.ffn_down.weight")
+    out = tmp_path / "q.json"
+    with pytest.raises(QualityGateError, match=r"Broken-F16\.gguf: mean KLD \d+\.\d+ .* far above what F16 gives"):
+        run_quality(QualityOptions(ctx=128, chunks=1, stop_test=False), smollm2, [broken], out)
+    written = json.loads(out.read_text())   # the report is written before the gate stops the release
+    assert written["gate"]["passed"] is False and written["artefacts"][0]["kld_mean"] > 1.0
+    result = run_quality(QualityOptions(ctx=128, chunks=1, stop_test=False, gate=False), smollm2, [broken], out)
+    assert result.facts["gate"]["passed"] is False
+
+
+def _shift_vocab(src: Path, dst: Path) -> Path:
+    """A copy of a GGUF whose token list is rotated by one (token i gets token i-1's text); tensors unchanged."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.get_field("general.architecture").contents())
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = f.contents()
+        if key == "tokenizer.ggml.tokens":
+            value = value[-1:] + value[:-1]
+        sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, f.types[0], sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)   # byte rows for quantized types
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_shifted_vocabulary_fails_the_gate(smollm2, smollm2_ggufs, tmp_path):
+    broken = _shift_vocab(smollm2_ggufs["Q4_K_M"], tmp_path / "Shifted-Q4_K_M.gguf")
+    with pytest.raises(QualityGateError, match=r"Shifted-Q4_K_M\.gguf: token id \d+ is .* in the file but .* in the "
+                                               r"model's tokenizer"):
+        run_quality(QualityOptions(ctx=128, chunks=1), smollm2, [broken], tmp_path / "q.json")
+
+
+def test_eval_cli(smollm2, smollm2_ggufs, tmp_path):
+    from typer.testing import CliRunner
+
+    from releaser.cli import app
+
+    out = tmp_path / "quality.json"
+    res = CliRunner().invoke(app, ["eval", str(smollm2), str(smollm2_ggufs["Q8_0"]), "--ctx", "64", "--chunks",
+                                   "1", "-o", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "Q8_0" in res.output and "Mean KLD" in res.output and "stop test" in res.output
+    assert json.loads(out.read_text())["artefacts"][0]["quant"] == "Q8_0"
+    res = CliRunner().invoke(app, ["eval", str(smollm2), str(tmp_path / "missing.gguf"), "-o", str(out)])
+    assert res.exit_code == 2 and "error:" in res.output and "does not exist" in res.output
