@@ -15,8 +15,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .awq.options import AWQOptions
 from .errors import ConfigError
 from .options import check_repo_id, CardOptions, GGUFOptions, MergeOptions, PublishSection, Section, TokenizerOptions
+from .quality.options import QualityOptions
 
 _check_repo_id = check_repo_id
 
@@ -54,6 +56,8 @@ class Recipe(_Strict):
     model: str | None = None                # ... or an existing model folder to release (re-upload fixed weights)
     tokenizer: TokenizerOptions | None = None
     gguf: GGUFOptions | None = None
+    awq: AWQOptions | None = None           # the -AWQ repo (4-bit AutoAWQ GEMM); left out: no AWQ release
+    quality: QualityOptions | typing.Literal[False] = Field(default_factory=QualityOptions)   # false: not measured
     card: CardOptions = Field(default_factory=CardOptions)
     releases: list[Release] = Field(default_factory=list)
     publish: PublishSection = Field(default_factory=PublishSection)
@@ -82,7 +86,7 @@ class Recipe(_Strict):
         """The quant repos to link: given in publish.repos, or named NAME-GGUF / NAME-AWQ when the recipe makes them."""
         repos = self.publish.repos
         gguf = repos.gguf or (f"{self.name}-GGUF" if self.gguf is not None else None)
-        awq = repos.awq or (f"{self.name}-AWQ" if getattr(self, "awq", None) is not None else None)
+        awq = repos.awq or (f"{self.name}-AWQ" if self.awq is not None else None)
         return QuantRepos(gguf=gguf, awq=awq)
 
     @property
@@ -127,6 +131,11 @@ def _closest(loc: tuple) -> str:
     return f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(model.model_fields)}"
 
 
+def _union_tag(part) -> bool:
+    """Parts pydantic adds to an error's location for the branches of a union (``quality: QualityOptions | false``)."""
+    return isinstance(part, str) and (part.endswith("Options") or part.startswith(("function-after[", "literal[")))
+
+
 def _location(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
@@ -146,7 +155,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if p not in ("function-after[_inline_form(), MergeOptions]",))
+        loc = tuple(p for p in err["loc"] if not _union_tag(p))
         if err["type"] == "extra_forbidden":
             message = f"unknown key {loc[-1]!r}{_closest(loc)}"
         else:

@@ -66,8 +66,8 @@ def test_kld_grows_with_coarser_quants(report):
 def test_stop_test_on_q4_k_m(report):
     stop = report["stop_test"]
     assert stop["file"].endswith("-Q4_K_M.gguf")
-    assert stop["passed"] and stop["end_token"] == "<|im_end|>", stop
-    assert "4" in stop["text"]
+    assert stop["passed"] and stop["conclusive"] and stop["end_token"] == "<|im_end|>", stop
+    assert stop["unquantized"]["passed"] and "4" in stop["text"]
 
 
 def test_unquantized_model_against_itself_is_zero(smollm2, windows, tmp_path):
@@ -169,8 +169,22 @@ def test_zeroed_tensor_fails_the_gate(smollm2, smollm2_ggufs, tmp_path):
     assert result.facts["gate"]["passed"] is False
 
 
-def _shift_vocab(src: Path, dst: Path) -> Path:
-    """A copy of a GGUF whose token list is rotated by one (token i gets token i-1's text); tensors unchanged."""
+def test_q4_with_a_wrong_eos_fails_the_stop_test(smollm2, smollm2_ggufs, tmp_path):
+    """A Q4 file whose eos and eot are <|endoftext|> does not end the chat turn the unquantized model ends: a conclusive
+    failure of the stop test (the KLD figures are those of a good file)."""
+    ends = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")   # llama.cpp stops on either
+    q4 = _rewrite(smollm2_ggufs["Q4_K_M"], tmp_path / "Wrong-eos-Q4_K_M.gguf",
+                  lambda key, value: 0 if key in ends else value)               # 0: <|endoftext|>
+    out = tmp_path / "q.json"
+    with pytest.raises(QualityGateError, match=r"Wrong-eos-Q4_K_M\.gguf: greedy generation did not end with the "
+                                               r"end-of-turn token within \d+ tokens while the unquantized model ends"):
+        run_quality(QualityOptions(ctx=128, chunks=1), smollm2, [q4], out)
+    stop = json.loads(out.read_text())["stop_test"]
+    assert stop["conclusive"] and stop["unquantized"]["passed"] and not stop["passed"]
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    """A copy of a GGUF with its metadata values passed through ``edit(key, value)``; tensors unchanged."""
     import gguf
 
     reader = gguf.GGUFReader(src)
@@ -178,11 +192,8 @@ def _shift_vocab(src: Path, dst: Path) -> Path:
     for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
-        value = f.contents()
-        if key == "tokenizer.ggml.tokens":
-            value = value[-1:] + value[:-1]
         sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, value, f.types[0], sub_type=sub)
+        writer.add_key_value(key, edit(key, f.contents()), f.types[0], sub_type=sub)
     for t in reader.tensors:
         writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)   # byte rows for quantized types
     writer.write_header_to_file()
@@ -190,6 +201,11 @@ def _shift_vocab(src: Path, dst: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+def _shift_vocab(src: Path, dst: Path) -> Path:
+    """A copy of a GGUF whose token list is rotated by one (token i gets token i-1's text); tensors unchanged."""
+    return _rewrite(src, dst, lambda key, value: value[-1:] + value[:-1] if key == "tokenizer.ggml.tokens" else value)
 
 
 def test_shifted_vocabulary_fails_the_gate(smollm2, smollm2_ggufs, tmp_path):

@@ -148,3 +148,16 @@ def test_eval_cli_option_errors(tiny_release, tmp_path):
                           (["--chunks", "0"], "--chunks: Input should be greater than or equal to 1")):
         res = CliRunner().invoke(app, ["eval", str(base), str(awq), "-o", str(tmp_path / "q.json"), *args])
         assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_stop_verdict_compares_with_the_unquantized_model():
+    """The quant fails the stop test only when the unquantized model ends its turn and the quant does not."""
+    from releaser.quality.gate import StopResult, stop_verdict
+
+    ends, rambles = StopResult(True, "4<|im_end|>", 3, "<|im_end|>"), StopResult(False, "2 + 2 is ...", 256, None)
+    assert stop_verdict(ends, ends)["passed"] and stop_verdict(ends, ends)["conclusive"]
+    broken = stop_verdict(rambles, ends)
+    assert not broken["passed"] and broken["conclusive"] and broken["unquantized"]["tokens"] == 3
+    both = stop_verdict(rambles, rambles)          # a rambling model: says nothing about the quant
+    assert both["passed"] and not both["conclusive"]
+    assert stop_verdict(ends, rambles)["passed"]

@@ -37,14 +37,20 @@ def _manifest(work: Path) -> dict:
 
 def test_release_folders_mirror_the_repos(demo):
     _, work, _ = demo
-    main, quants = work / NAME, work / f"{NAME}-GGUF"
+    main, quants, awq = work / NAME, work / f"{NAME}-GGUF", work / f"{NAME}-AWQ"
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "generation_config.json"} <= \
         {p.name for p in main.iterdir()}
     assert sorted(p.name for p in quants.iterdir()) == ["README.md", f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q8_0.gguf"]
-    card = (quants / "README.md").read_text()
-    assert "base_model_relation: quantized" in card and "quantized_by: demo" in card and "apache-2.0" in card
+    assert {"model.safetensors", "config.json", "awq_calibration.json", "tokenizer.json", "chat_template.jinja",
+            "README.md"} <= {p.name for p in awq.iterdir()}
+    assert json.loads((awq / "config.json").read_text())["quantization_config"]["version"] == "gemm"
+    for name in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):   # the fixed tokenizer
+        assert (awq / name).read_bytes() == (main / name).read_bytes(), name
+    for folder in (quants, awq):
+        card = (folder / "README.md").read_text()
+        assert "base_model_relation: quantized" in card and "quantized_by: demo" in card and "apache-2.0" in card
     # the published mirror (dir: target) equals the repo folders byte for byte
-    for repo in (NAME, f"{NAME}-GGUF"):
+    for repo in (NAME, f"{NAME}-GGUF", f"{NAME}-AWQ"):
         assert hashes(work / "published" / "demo" / repo) == hashes(work / repo)
     # nothing temporary is left anywhere
     assert not [p for p in work.rglob("*") if ".releaser-" in p.name]
@@ -54,7 +60,7 @@ def test_manifest_records_inputs_versions_stages_and_artefacts(demo):
     _, work, _ = demo
     m = _manifest(work)
     assert m["release"] == f"demo/{NAME}" and m["versions"]["releaser"] and m["versions"]["torch"]
-    assert sorted(m["stages"]) == ["cards", "gguf", "merge", "publish", "tokenizer", "verify"]
+    assert sorted(m["stages"]) == ["awq", "cards", "gguf", "merge", "publish", "quality", "tokenizer", "verify"]
     inputs = m["inputs"]   # the two parents and the LoRA folded into the second
     assert len(inputs) == 3
     weights = [i["files"].get("model.safetensors") or i["files"].get("adapter_model.safetensors")
@@ -66,6 +72,25 @@ def test_manifest_records_inputs_versions_stages_and_artefacts(demo):
     import hashlib
 
     assert gguf_files[path.name]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_quality_is_measured_recorded_and_in_the_cards(demo):
+    """Every quant of the release is measured against the main folder; the figures are in the manifest, in
+    quality.json and in the GGUF and AWQ cards."""
+    _, work, _ = demo
+    m = _manifest(work)
+    report = json.loads((work / "quality.json").read_text())
+    assert m["stages"]["quality"]["facts"] == report
+    rows = {r["quant"]: r for r in report["artefacts"]}
+    assert sorted(rows) == ["AWQ", "Q4_K_M", "Q8_0"]
+    assert Path(report["model"]["path"]) == work / NAME
+    assert 0 < rows["Q8_0"]["kld_mean"] < rows["Q4_K_M"]["kld_mean"] < 0.2
+    assert 0 < rows["AWQ"]["kld_mean"] < 0.3 and report["gate"]["passed"] and report["stop_test"]["passed"]
+    gguf_card = (work / f"{NAME}-GGUF" / "README.md").read_text()
+    q4 = rows["Q4_K_M"]
+    assert f"{q4['ppl']:.2f}" in gguf_card and f"{q4['kld_mean']:.4f}" in gguf_card
+    awq_card = (work / f"{NAME}-AWQ" / "README.md").read_text()
+    assert f"{rows['AWQ']['ppl']:.2f}" in awq_card and "King James" in awq_card
 
 
 def test_second_run_is_a_fast_no_op(demo, tmp_path):
@@ -101,9 +126,11 @@ def test_re_release_of_a_tokenizer_fix_touches_no_weights(demo, tmp_path):
     changed = {k for k in before if before[k] != after.get(k)}
     repos = {k for k in changed if not k.startswith("published/")}
     assert repos == {f"{NAME}/chat_template.jinja", f"{NAME}/README.md", f"{NAME}-GGUF/README.md",
-                     f"{NAME}-GGUF/{NAME}-Q4_K_M.gguf", f"{NAME}-GGUF/{NAME}-Q8_0.gguf"}, repos
+                     f"{NAME}-GGUF/{NAME}-Q4_K_M.gguf", f"{NAME}-GGUF/{NAME}-Q8_0.gguf",
+                     f"{NAME}-AWQ/chat_template.jinja", f"{NAME}-AWQ/README.md", "quality.json"}, repos
     m = _manifest(copy)
     assert m["stages"]["gguf"]["facts"]["metadata_only"] is True
+    assert m["stages"]["awq"]["facts"]["metadata_only"] is True   # AWQ tensors linked, not requantized
     assert _tensor_bytes(q4) == tensors_before                    # not requantized
     template = gguf.GGUFReader(q4).get_field("tokenizer.chat_template").contents()
     assert "You are a careful assistant." in template
@@ -117,7 +144,7 @@ def test_re_release_of_a_tokenizer_fix_touches_no_weights(demo, tmp_path):
 def _kill_during(recipe: Path, work: Path, stage: str, delay: float) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "releaser.cli", "release", str(recipe), "-o", str(work),
-                             "--skip", "cards,publish"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--skip", "awq,quality,cards,publish"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, cwd=ROOT)
     deadline = time.monotonic() + 600
     seen = ""
@@ -139,7 +166,7 @@ def _kill_during(recipe: Path, work: Path, stage: str, delay: float) -> None:
 def test_killed_release_resumes_to_the_same_bytes(demo, tmp_path, stage, delay):
     recipe, work, _ = demo
     _kill_during(recipe, tmp_path / "work", stage, delay)
-    proc = cli("release", recipe, "-o", tmp_path / "work", "--skip", "cards,publish")
+    proc = cli("release", recipe, "-o", tmp_path / "work", "--skip", "awq,quality,cards,publish")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     done = _manifest(tmp_path / "work")["stages"]
     reference = _manifest(work)["stages"]

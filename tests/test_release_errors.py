@@ -49,6 +49,12 @@ def _one_line_error(output: str) -> str:
     ("merge: {{merge_methd: linear}}\n", "merge: unknown key 'merge_methd' in the merge config; did you mean "
                                          "'merge_method'?"),
     ("model: {m}\ntokenizer: {{template: nosuch}}\n", "nosuch"),
+    ("model: {m}\nawq: {{bits: 3}}\n", "awq.bits: bits 3 is not supported: the AWQ GEMM format holds 4-bit weights only"),
+    ("model: {m}\nawq: {{calibration: missing.txt}}\n", "awq.calibration:"),
+    ("model: {m}\nawq: {{group_sise: 64}}\n", "awq.group_sise: unknown key 'group_sise'; did you mean 'group_size'?"),
+    ("model: {m}\ngguf: {{quants: [Q8_0]}}\nquality: {{chunk: 4}}\n", "quality.chunk: unknown key 'chunk'; did you "
+                                                                       "mean 'chunks'?"),
+    ("model: {m}\ngguf: {{quants: [Q8_0]}}\nquality: {{text: nosuch.txt}}\n", "quality.text:"),
 ])
 def test_bad_recipes_are_one_line_errors_and_write_nothing(model, tmp_path, body, problem):
     recipe = tmp_path / "r.yaml"
@@ -65,7 +71,7 @@ def test_only_names_an_unknown_stage(model, tmp_path):
     recipe.write_text(BASE + f"model: {model}\n")
     code, output = _run("release", recipe, "-o", tmp_path / "work", "--only", "gguf,quantise")
     assert code != 0
-    assert "--only: unknown stage 'quantise'; the stages are merge, tokenizer, verify, gguf, cards, publish" in \
+    assert "--only: unknown stage 'quantise'; the stages are merge, tokenizer, verify, gguf, awq, quality, cards, publish" in \
         _one_line_error(output)
     assert not (tmp_path / "work").exists()
 

@@ -41,6 +41,14 @@ class Release:
     def gguf_dir(self) -> Path:
         return self.work / self.recipe.quants.gguf.split("/", 1)[1]
 
+    @property
+    def awq_dir(self) -> Path:
+        return self.work / self.recipe.quants.awq.split("/", 1)[1]
+
+    @property
+    def quality_report(self) -> Path:
+        return self.work / "quality.json"
+
     def source_dir(self) -> Path:
         """The model the release is made of: the merge's output, or the recipe's ``model:`` folder."""
         return self.merged_dir if self.recipe.merge is not None else self.local(self.recipe.model)
@@ -50,4 +58,6 @@ class Release:
         repos = {self.recipe.main_repo: self.main_dir}
         if self.recipe.gguf is not None:
             repos[self.recipe.quants.gguf] = self.gguf_dir
+        if self.recipe.awq is not None:
+            repos[self.recipe.quants.awq] = self.awq_dir
         return repos

@@ -3,6 +3,7 @@
 - the main folder: the doctor (with the stop test) is clean against the recipe's template;
 - each GGUF: it parses, its eos (and eot, when set) is the main folder's end-of-turn token, and its chat template
   equals the main folder's;
+- the quality report, when the quality stage ran: every artefact passed its KLD limit and the stop test;
 - each card: no placeholder, valid Hub metadata (the card renderer's own check);
 - every artefact: size and sha256 (read again from disk) equal the manifest's.
 """
@@ -68,7 +69,10 @@ def check_release(r: Release) -> None:
             check_card(card.read_text(encoding="utf-8"), card)
         except (OSError, CardError) as exc:
             problems.append(f"{card.relative_to(r.work)}: {exc}")
-    for stage in ("merge", "tokenizer", "gguf", "cards"):
+    quality = r.manifest.stage("quality")
+    if quality is not None and not quality["facts"].get("gate", {}).get("passed", True):
+        problems += [f"quality: {f}" for f in quality["facts"]["gate"]["failures"]]
+    for stage in ("merge", "tokenizer", "gguf", "awq", "quality", "cards"):
         entry = r.manifest.stage(stage)
         if entry is None:
             continue

@@ -177,6 +177,17 @@ def _validate(r: Release) -> dict[str, str]:
         detail["tokenizer"] = f"chat template {load_template(_template(r)).name}"
     if r.recipe.gguf is not None:
         detail["gguf"] = ", ".join(r.recipe.gguf.quants)
+    if r.recipe.awq is not None:
+        a = r.recipe.awq
+        if a.calibration != "builtin" and not r.local(a.calibration).is_file():
+            raise ConfigError(f"awq.calibration: {r.local(a.calibration)} does not exist; give a .txt or .jsonl file "
+                              "or builtin")
+        detail["awq"] = f"{a.bits}-bit g{a.group_size}, {a.samples} samples of {a.calibration}"
+    if r.recipe.quality is not False:
+        q = r.recipe.quality
+        if q.text != "builtin" and not r.local(q.text).is_file():
+            raise ConfigError(f"quality.text: {r.local(q.text)} does not exist; give a text file or builtin")
+        detail["quality"] = f"{q.chunks} windows of {q.ctx} tokens of {q.text}"
     if r.recipe.card.template and not r.local(r.recipe.card.template).is_file():
         raise ConfigError(f"card.template: {r.local(r.recipe.card.template)} does not exist")
     detail["publish"] = f"{r.recipe.publish.target}: " + ", ".join(r.repo_folders())

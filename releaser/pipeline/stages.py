@@ -4,6 +4,7 @@ stage whose fingerprint and files match the manifest and runs the others."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,19 +188,103 @@ def _gguf_run(r: Release) -> StageResult:
                    {"tensor_types": result.tensor_types})
 
 
+# -- awq ----------------------------------------------------------------------------------------------------------------
+def _awq_options(r: Release):
+    a = r.recipe.awq
+    if a.calibration == "builtin":
+        return a
+    return a.model_copy(update={"calibration": str(r.local(a.calibration))})
+
+
+def _awq_weights(r: Release) -> dict:
+    """What the quantized tensors depend on: the options, the calibration text, the model's weights and config (not
+    its chat template, stop tokens or other tokenizer settings: a fix of those leaves the vocabulary as it is)."""
+    options = _awq_options(r)
+    calib = Path(options.calibration)
+    main = {f["path"]: f["sha256"] for f in _files(r, "tokenizer")}
+    return {"options": r.recipe.awq.model_dump(mode="json", exclude={"device"}),
+            "calibration": r.manifest.hash(calib) if calib.is_file() else options.calibration,
+            "model": {k: v for k, v in main.items() if k not in TOKENIZER_FILES}}
+
+
+def _awq_depends(r: Release) -> dict:
+    main = {f["path"]: f["sha256"] for f in _files(r, "tokenizer")}
+    return {"weights": fingerprint(_awq_weights(r)),
+            "tokenizer": {k: v for k, v in main.items() if k in TOKENIZER_FILES}}
+
+
+def _awq_run(r: Release) -> StageResult:
+    """A full AWQ run, or -- when only tokenizer files changed and the folder is intact -- the folder again with the
+    main folder's tokenizer files and the quantized tensors hard-linked unchanged."""
+    from ..awq.stage import SIDE_FILES
+
+    old = r.manifest.stage("awq")
+    if old and old["depends"]["weights"] == fingerprint(_awq_weights(r)) and \
+            r.manifest.intact(r.awq_dir, old["files"]) is None:
+        from ..tokenizer.output import _copy_into
+
+        side = [n for n in SIDE_FILES if (r.main_dir / n).is_file()]
+        with output_dir(r.awq_dir, overwrite=True) as tmp:
+            _copy_into(r.awq_dir, tmp, {}, skip_weights=False, skip=set(SIDE_FILES))
+            for name in side:
+                shutil.copyfile(r.main_dir / name, tmp / name)
+        return _result(r, "awq", r.awq_dir, f"tokenizer files updated ({', '.join(side)}), tensors unchanged",
+                       facts={**old["facts"], "metadata_only": True})
+    from ..awq.stage import run_awq
+
+    result = run_awq(_awq_options(r), r.main_dir, r.awq_dir, r.reporter, overwrite=True)
+    return _result(r, "awq", r.awq_dir, result.summary, facts=result.facts)
+
+
+# -- quality: PPL and KLD of every artefact against the main folder ----------------------------------------------------
+def _artefacts(r: Release) -> list[Path]:
+    """The first file of each GGUF type (a split set is read from its first shard) and the AWQ folder."""
+    files = [r.gguf_dir / f["path"] for f in _files(r, "gguf")
+             if "-of-" not in f["path"] or "-00001-of-" in f["path"]]
+    return sorted(files) + ([r.awq_dir] if r.recipe.awq is not None else [])
+
+
+def _quality_applies(r: Release) -> str | None:
+    if r.recipe.quality is False:
+        return "quality: false in the recipe"
+    if r.recipe.gguf is None and r.recipe.awq is None:
+        return "no quantized artefacts (no gguf: or awq: section)"
+    return None
+
+
+def _quality_depends(r: Release) -> dict:
+    q = r.recipe.quality
+    text = r.local(q.text) if q.text != "builtin" else None
+    return {"options": q.model_dump(mode="json"), "text": r.manifest.hash(text) if text and text.is_file() else q.text,
+            "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "awq")}}
+
+
+def _quality_run(r: Release) -> StageResult:
+    from ..quality import QualityGateError, run_quality
+
+    q = r.recipe.quality
+    options = q if q.text == "builtin" else q.model_copy(update={"text": str(r.local(q.text))})
+    try:
+        result = run_quality(options, r.main_dir, _artefacts(r), r.quality_report, r.reporter)
+    except QualityGateError as exc:
+        raise GateError(f"quality gate: {exc}") from None
+    return _result(r, "quality", r.work, result.summary, [r.quality_report], result.facts)
+
+
 # -- cards --------------------------------------------------------------------------------------------------------------
 def _card_depends(r: Release) -> dict:
-    recipe = r.recipe.model_dump(mode="json", exclude={"merge", "gguf", "tokenizer", "publish"})
+    recipe = r.recipe.model_dump(mode="json", exclude={"merge", "gguf", "awq", "quality", "tokenizer", "publish"})
     template = r.local(r.recipe.card.template) if r.recipe.card.template else None
     return {"recipe": recipe, "template": template.read_text(encoding="utf-8") if template else None,
-            "folders": {stage: _files(r, stage) for stage in ("tokenizer", "gguf")}}
+            "folders": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "awq", "quality")}}
 
 
 def _card_run(r: Release) -> StageResult:
     from ..card import write_card
 
     template = r.local(r.recipe.card.template) if r.recipe.card.template else None
-    written = [write_card(folder, folder / "README.md", r.recipe, template, overwrite=True).path
+    quality = r.quality_report if r.manifest.stage("quality") and r.quality_report.is_file() else None
+    written = [write_card(folder, folder / "README.md", r.recipe, template, overwrite=True, quality=quality).path
                for folder in r.repo_folders().values()]
     return StageResult("cards", r.work, r.manifest.describe(r.work, written),
                        f"{len(written)} card(s): " + ", ".join(str(p.relative_to(r.work)) for p in written))
@@ -220,7 +305,7 @@ def _publish_options(r: Release):
 def _publish_depends(r: Release) -> dict:
     return {"options": r.recipe.publish.model_dump(mode="json"), "push": r.push, "version": r.recipe.version,
             "notes": [c for rel in r.recipe.releases[:1] for c in rel.changes],
-            "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "cards")}}
+            "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "awq", "cards")}}
 
 
 def _publish_root(r: Release) -> Path:
@@ -257,6 +342,8 @@ STEPS = [
     Step("tokenizer", lambda r: None, _tokenizer_depends, lambda r: r.main_dir, _tokenizer_run),
     Step("verify", lambda r: None, _verify_depends, lambda r: r.main_dir, _verify_run),
     Step("gguf", _needs("gguf"), _gguf_depends, lambda r: r.gguf_dir, _gguf_run),
+    Step("awq", _needs("awq"), _awq_depends, lambda r: r.awq_dir, _awq_run),
+    Step("quality", _quality_applies, _quality_depends, lambda r: r.work, _quality_run),
     Step("cards", lambda r: None, _card_depends, lambda r: r.work, _card_run),
     Step("publish", _publish_applies, _publish_depends, _publish_root, _publish_run),
 ]

@@ -47,7 +47,19 @@ class StopResult:
         return {"passed": self.passed, "text": self.text, "tokens": self.tokens, "end_token": self.end_token}
 
 
-def stop_test(model, tokenizer, chat_template: str, end_ids: list[int], max_new: int = 96) -> StopResult:
+STOP_MAX_NEW = 256   # tokens the stop test lets a model generate before it counts as not stopping
+
+
+def stop_verdict(quantized: StopResult, unquantized: StopResult | None) -> dict:
+    """The stop test's outcome for the report. The quantized artefact must end its turn; when the unquantized model
+    does not end it within the same budget either, the prompt says nothing about quantization (a rambling model, not
+    a broken file) and the test is inconclusive rather than failed."""
+    conclusive = unquantized is None or unquantized.passed
+    return {**quantized.to_dict(), "passed": quantized.passed or not conclusive, "conclusive": conclusive,
+            "unquantized": unquantized.to_dict() if unquantized else None}
+
+
+def stop_test(model, tokenizer, chat_template: str, end_ids: list[int], max_new: int = STOP_MAX_NEW) -> StopResult:
     """Greedy generation from ``model`` for a one-question chat rendered with ``chat_template``: passes when it ends
     with one of ``end_ids`` within ``max_new`` tokens."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": STOP_PROMPT}], chat_template=chat_template,

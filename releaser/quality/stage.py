@@ -18,7 +18,7 @@ from ..atomic import os_error, write_file
 from ..errors import ConfigError, ModelError
 from ..stage import Reporter, StageResult, describe_files
 from . import load as ld
-from .gate import STOP_TEST_TYPES, QualityGateError, max_kld, stop_test
+from .gate import STOP_TEST_TYPES, QualityGateError, StopResult, max_kld, stop_test, stop_verdict
 from .ggufio import GGUFFile
 from .metrics import BaseLogProbs, Figures, score_against, score_base
 from .options import QualityOptions
@@ -73,12 +73,17 @@ def _chat_setup(art: ld.Artefact, tokenizer) -> tuple[str | None, list[int], obj
         values = GGUFFile(art.parts[0]).values
         ends = [values.get(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id")]
         return values.get("tokenizer.chat_template"), [int(e) for e in ends if e is not None], tokenizer
+    return _folder_chat(art.path)
+
+
+def _folder_chat(path: Path) -> tuple[str | None, list[int], object]:
+    """A Hugging Face folder's chat template, end-of-turn ids (eos and generation_config's) and tokenizer."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    own = AutoTokenizer.from_pretrained(art.path)
+    own = AutoTokenizer.from_pretrained(path)
     ends = {own.eos_token_id}
     try:
-        eos = GenerationConfig.from_pretrained(art.path).eos_token_id
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
         ends.update(eos if isinstance(eos, list) else [eos])
     except OSError:
         pass
@@ -135,10 +140,17 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
     except OSError as exc:
         raise os_error(exc, out_path) from exc
     target = _stop_test_target(arts) if options.stop_test else None
+    chat = _chat_setup(target, tokenizer) if target else None
+    if chat and (not chat[0] or not chat[1]):
+        reporter.message(f"stop test skipped: {target.label} has no chat template or end-of-turn token")
+        target = chat = None
+    base_chat = _folder_chat(model_dir) if target else None
+    if base_chat and (not base_chat[0] or not base_chat[1]):
+        base_chat = None   # the unquantized folder has no chat setup of its own: the quant's verdict stands alone
     rows: list[dict] = []
     stop: dict | None = None
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.base-", dir=out_path.parent) as tmp:
-        base, windows = _base_pass(model_dir, windows, len(arts), options, Path(tmp), reporter)
+        base, windows = _base_pass(model_dir, windows, len(arts), options, Path(tmp), reporter, base_chat)
         for art in arts:
             t0 = time.perf_counter()
             with reporter.progress(f"quality: {art.label}", total=windows.count) as advance:
@@ -152,7 +164,7 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
                         run = ld.scored_logits(model, windows.first)
                     figures = score_against(run, windows, base.store, base.figures.ppl, advance)
                     if art is target:
-                        stop = _run_stop_test(art, model, base_config, tokenizer, reporter)
+                        stop = _run_stop_test(art, model, base_config, chat, base.stop)
                     del model, run
             _collect_garbage()
             limit = max_kld(art.quant, options.max_kld)
@@ -171,7 +183,12 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
                                 "or a zeroed tensor?)")
     if stop is not None and not stop["passed"]:
         failures.append(f"{stop['file']}: greedy generation did not end with the end-of-turn token within "
-                        f"{stop['tokens']} tokens (stop test on the quantized weights); output {stop['text'][:80]!r}")
+                        f"{stop['tokens']} tokens while the unquantized model ends its turn after "
+                        f"{stop['unquantized']['tokens']} (stop test on the quantized weights); output "
+                        f"{stop['text'][:80]!r}")
+    elif stop is not None and not stop["conclusive"]:
+        reporter.warning(f"stop test inconclusive: neither the unquantized model nor {stop['file']} ends the test "
+                         f"chat within {stop['tokens']} tokens")
 
     report = {
         "version": REPORT_VERSION,
@@ -196,14 +213,16 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
 
 
 class _Base:
-    def __init__(self, store: BaseLogProbs, figures: Figures):
-        self.store, self.figures = store, figures
+    def __init__(self, store: BaseLogProbs, figures: Figures, stop: StopResult | None):
+        self.store, self.figures, self.stop = store, figures, stop
 
 
 def _base_pass(model_dir: Path, windows: Windows, n_artefacts: int, options: QualityOptions, tmp: Path,
-               reporter: Reporter) -> tuple[_Base, Windows]:
-    """Run the unquantized model (windows cut to the time budget), keeping its log-probabilities in ``tmp``."""
+               reporter: Reporter, chat: tuple | None) -> tuple[_Base, Windows]:
+    """Run the unquantized model (windows cut to the time budget), keeping its log-probabilities in ``tmp``; with
+    ``chat`` (its own chat template, end ids and tokenizer) also its stop test, the reference for the quant's."""
     model = ld.load_hf(model_dir)
+    stop = stop_test(model, chat[2], chat[0], chat[1]) if chat else None
     run = ld.scored_logits(model, windows.first)
     t0 = time.perf_counter()
     first = list(run(windows.tokens[0]))
@@ -230,17 +249,14 @@ def _base_pass(model_dir: Path, windows: Windows, n_artefacts: int, options: Qua
     reporter.message(f"unquantized model: PPL {figures.ppl:.3f} over {figures.tokens} tokens")
     del model, run, first, cached
     _collect_garbage()
-    return _Base(store, figures), windows
+    return _Base(store, figures, stop), windows
 
 
-def _run_stop_test(art: ld.Artefact, model, base_config: dict, tokenizer, reporter: Reporter) -> dict | None:
-    template, ends, tok = _chat_setup(art, tokenizer)
-    if not template or not ends:
-        reporter.message(f"stop test skipped: {art.label} has no chat template or end-of-turn token")
-        return None
+def _run_stop_test(art: ld.Artefact, model, base_config: dict, chat: tuple, unquantized: StopResult | None) -> dict:
+    template, ends, tok = chat
     with (nullcontext(model) if model is not None else _loaded(art, base_config)) as m:
         result = stop_test(m, tok, template, ends)
-    return {"file": art.label, **result.to_dict()}
+    return {"file": art.label, **stop_verdict(result, unquantized)}
 
 
 class _loaded:
