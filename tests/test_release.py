@@ -88,9 +88,9 @@ def test_quality_is_measured_recorded_and_in_the_cards(demo):
     assert 0 < rows["AWQ"]["kld_mean"] < 0.3 and report["gate"]["passed"] and report["stop_test"]["passed"]
     gguf_card = (work / f"{NAME}-GGUF" / "README.md").read_text()
     q4 = rows["Q4_K_M"]
-    assert f"{q4['ppl']:.2f}" in gguf_card and f"{q4['kld_mean']:.4f}" in gguf_card
+    assert f"{q4['ppl']:.3f}" in gguf_card and f"{q4['kld_mean']:.4f}" in gguf_card
     awq_card = (work / f"{NAME}-AWQ" / "README.md").read_text()
-    assert f"{rows['AWQ']['ppl']:.2f}" in awq_card and "King James" in awq_card
+    assert f"{rows['AWQ']['ppl']:.3f}" in awq_card and "King James" in awq_card
 
 
 def test_second_run_is_a_fast_no_op(demo, tmp_path):
