@@ -64,12 +64,9 @@ class OutputLock:
         except OSError as exc:
             raise os_error(exc, self.path) from exc
         for _ in range(100):  # bounded: each pass only repeats when another run removed the lock file meanwhile
+            fd, locked = None, False
             try:
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise os_error(exc, self.path) from exc
-            locked = False
-            try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -83,10 +80,23 @@ class OutputLock:
                 if same:
                     self._fd = fd
                     return self
-            except BaseException:
-                if locked:   # Ctrl-C or SIGTERM while we held it: the lock file is ours to remove
-                    self.file.unlink(missing_ok=True)
-                os.close(fd)
+            except OSError as exc:
+                if fd is not None:
+                    os.close(fd)
+                raise os_error(exc, self.path) from exc
+            except BaseException as exc:
+                # Ctrl-C or SIGTERM (or another run holding it): the lock file is ours to remove when we hold its
+                # lock, also when the signal came between creating the file and locking it
+                if fd is not None:
+                    if not locked and not isinstance(exc, OutputError):
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            locked = True
+                        except OSError:
+                            pass
+                    if locked:
+                        self.file.unlink(missing_ok=True)
+                    os.close(fd)
                 raise
             os.close(fd)
         raise OutputError(f"cannot lock {self.path}: its lock file keeps changing")

@@ -228,8 +228,10 @@ def _awq_run(r: Release) -> StageResult:
             _copy_into(r.awq_dir, tmp, {}, skip_weights=False, skip=set(SIDE_FILES))
             for name in side:
                 shutil.copyfile(r.main_dir / name, tmp / name)
+        kept = [f["path"] for f in old["files"] if f["path"] not in SIDE_FILES]   # not the cards stage's README
+        paths = [r.awq_dir / p for p in sorted([*kept, *side])]
         return _result(r, "awq", r.awq_dir, f"tokenizer files updated ({', '.join(side)}), tensors unchanged",
-                       facts={**old["facts"], "metadata_only": True})
+                       paths, {**old["facts"], "metadata_only": True})
     from ..awq.stage import run_awq
 
     result = run_awq(_awq_options(r), r.main_dir, r.awq_dir, r.reporter, overwrite=True)
