@@ -335,14 +335,15 @@ def awq_cmd(
     seqlen: int = typer.Option(512, "--seqlen", help=AWQOptions.help("seqlen")),
     device: str = typer.Option("auto", "--device", help=AWQOptions.help("device")),
     search_tokens: int | None = typer.Option(None, "--search-tokens", help=AWQOptions.help("search_tokens")),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Quantize to 4-bit AWQ in AutoAWQ's GEMM format (the layout vLLM and transformers+gptqmodel load), offline."""
     from .awq.stage import run_awq
 
     options = AWQOptions.build(bits=bits, group_size=group_size, calibration=calib, samples=samples, seqlen=seqlen,
                                device=device, search_tokens=search_tokens)
-    result = run_awq(options, model_dir, out_dir, _reporter(), overwrite=overwrite)
+    result = run_awq(options, model_dir, out_dir, _reporter(quiet), overwrite=overwrite)
     out.print(f"[green]awq[/] {result.summary} ({len(result.files)} files, {_human(result.bytes)})", highlight=False)
 
 
@@ -377,10 +378,10 @@ def eval_cmd(
     ctx: int = typer.Option(512, "--ctx", help=QualityOptions.help("ctx")),
     chunks: int = typer.Option(8, "--chunks", help=QualityOptions.help("chunks")),
     backend: str = typer.Option("torch", "--backend", help=QualityOptions.help("backend")),
-    no_gate: bool = typer.Option(False, "--no-gate", help="Report broken quants instead of failing."),
+    no_gate: bool = flag("--no-gate", help="Report broken quants instead of failing."),
     output: Path = typer.Option(Path("quality.json"), "--output", "-o", help="The JSON report (for releaser card "
                                 "--quality)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Measure perplexity and KL divergence of each GGUF/AWQ artefact against the unquantized model (llama.cpp's
     definitions), write a JSON report and fail on a broken quant."""
