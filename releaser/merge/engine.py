@@ -51,7 +51,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     """Read the inputs of one output tensor, cast them to the config dtype, merge, cast to the output dtype."""
     tensors = []
     for mi, name in job.sources:
-        t = plan.readers[mi].read(name)
+        t = plan.readers[mi].map(name)
         if device.type != "cpu":
             t = t.to(device, non_blocking=True)
         t = t.to(job.compute_dtype)
