@@ -106,11 +106,11 @@ def merge(
     """Merge models with a mergekit YAML config; the output equals mergekit's."""
     import gc
 
-    from .checkpoint import parse_size
     from .errors import ConfigError
 
     gc.disable()   # importing torch makes ~10^6 long-lived objects: collecting while it runs only costs time
     try:
+        from .checkpoint import parse_size
         from .merge import run_merge
     finally:
         gc.enable()
