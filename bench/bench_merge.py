@@ -1,8 +1,8 @@
 """Benchmark `releaser merge` against mergekit 0.1.5 and the I/O floor (whole processes, /usr/bin/time -v).
 
 Case 1: two fp32 SmolLM2-135M variants (538 MB each) with the issue's gradient-slerp config (dtype bfloat16).
-Case 2: two synthetic fp32 Llama models of >= 2 GB each, slerp t=0.5 in float32 (releaser vs the I/O floor only,
-unless --mergekit-large is given).
+Case 2: two synthetic fp32 Llama models of >= 2 GB each, the same config (releaser vs the I/O floor only, unless
+--mergekit-large is given).
 The I/O floor is a plain Python process (no torch) that reads both inputs and writes a file of the output's size.
 
     python bench/bench_merge.py [--work DIR] [--skip-large] [--mergekit-large]

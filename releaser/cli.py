@@ -104,9 +104,16 @@ def merge(
                          "parameters per layer) and write nothing."),
 ) -> None:
     """Merge models with a mergekit YAML config; the output equals mergekit's."""
-    from .checkpoint import parse_size
+    import gc
+
     from .errors import ConfigError
-    from .merge import run_merge
+
+    gc.disable()   # importing torch makes ~10^6 long-lived objects: collecting while it runs only costs time
+    try:
+        from .checkpoint import parse_size
+        from .merge import run_merge
+    finally:
+        gc.enable()
 
     if dry_run:
         from .merge.describe import dry_run as describe

@@ -95,13 +95,25 @@ class CheckpointReader:
         info = self.tensors[name]
         if info.file in self._bins:
             return self._bins[info.file][name].clone()
-        fd = self._fds.get(info.file)
+        return st.read_tensor(self._fd(info.file), info)
+
+    def map(self, name: str) -> torch.Tensor:
+        """Like :meth:`read`, for a tensor used briefly: a private copy-on-write mapping of the file (safetensors), so
+        the bytes are not copied and no fresh memory is touched. Writing to it never changes the file. Hold few at a
+        time: each is a mapping of its own, alive as long as the tensor."""
+        info = self.tensors[name]
+        if info.file in self._bins:
+            return self._bins[info.file][name].clone()
+        return st.map_tensor(self._fd(info.file), info)
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
         if fd is None:
             with self._lock:
-                fd = self._fds.get(info.file)
+                fd = self._fds.get(file)
                 if fd is None:
-                    fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        return st.read_tensor(fd, info)
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
 
     @property
     def total_bytes(self) -> int:

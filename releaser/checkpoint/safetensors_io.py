@@ -1,13 +1,15 @@
 """Minimal streaming access to the safetensors format (header + byte ranges), used for bounded-memory I/O.
 
 The ``safetensors`` library maps whole files (every touched page counts towards the process's RSS) and its writer
-needs all tensors of a file in memory; releaser reads tensors with positioned reads into fresh buffers and writes
-each tensor at its planned offset as soon as it is ready. Files are validated with the ``safetensors`` library in tests.
+needs all tensors of a file in memory; releaser reads one tensor at a time (positioned reads into a fresh buffer, or a
+mapping of just that tensor's bytes, unmapped when the tensor is freed) and writes each tensor at its planned offset
+as soon as it is ready. Files are validated with the ``safetensors`` library in tests.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -94,6 +96,23 @@ def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
             raise OSError(f"unexpected end of file reading {info.name} from {info.file}")
         done += n
     return out.view(info.dtype).reshape(info.shape)
+
+
+def map_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
+    """One tensor as a private copy-on-write mapping of its bytes in the file: no copy, no fresh memory to fault in.
+
+    Reading it reads the page cache directly; writing to it copies only the pages written (the file never changes).
+    The mapping lives as long as the tensor (and its views). A tensor whose data is not aligned to its element size in
+    the file (or an empty one) is read with :func:`read_tensor` instead.
+    """
+    size = torch.empty((), dtype=info.dtype).element_size()
+    if not info.nbytes or info.offset % size:
+        return read_tensor(fd, info)
+    start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+    m = mmap.mmap(fd, info.offset + info.nbytes - start, flags=mmap.MAP_PRIVATE,
+                  prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    count = info.nbytes // size
+    return torch.frombuffer(m, dtype=info.dtype, offset=info.offset - start, count=count).reshape(info.shape)
 
 
 def layout(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None) -> tuple[bytes, dict]:

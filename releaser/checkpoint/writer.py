@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import PendingDir, os_error as _os_error
+from ..atomic import PendingDir, os_error as _os_error, start_writeback
 from ..errors import OutputError
 from . import safetensors_io as st
 
@@ -104,6 +104,7 @@ class CheckpointWriter:
         if data.numel():
             try:
                 st.write_at(fd, data.view(torch.uint8).reshape(-1).numpy().data, offset)
+                start_writeback(fd, offset, data.numel() * data.element_size())   # the commit's fsync waits less
             except OSError as exc:
                 raise _os_error(exc, self.out_dir) from exc
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -19,6 +20,7 @@ from ..checkpoint.writer import DEFAULT_SHARD_BYTES
 from ..errors import ConfigError, ModelError, OutputError
 from ..stage import Reporter
 from .config import MergeConfig, parse_config
+from . import scratch
 from .planner import MergePlan, TensorJob, plan_merge
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -51,18 +53,17 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     """Read the inputs of one output tensor, cast them to the config dtype, merge, cast to the output dtype."""
     tensors = []
     for mi, name in job.sources:
-        t = plan.readers[mi].read(name)
+        t = plan.readers[mi].map(name)
         if device.type != "cpu":
             t = t.to(device, non_blocking=True)
-        t = t.to(job.compute_dtype)
-        tensors.append(t)
+        tensors.append(scratch.cast(t, job.compute_dtype))
     if job.vocab:
         tensors = plan.vocab.align(tensors, [mi for mi, _ in job.sources], job.base_index)
     generator = torch.Generator(device=device).manual_seed(job.seed) if job.seed is not None else None
     out = plan.method.fn(tensors, job.base_index, job.params, job.model_params, generator)
     if tuple(out.shape) != job.shape:
         out = out.reshape(job.shape)
-    out = out.to(job.dtype)
+    out = scratch.cast(out, job.dtype)
     if out.is_floating_point() and out.numel() and not _finite(out):
         inputs = ", ".join(plan.labels[mi] if plan.labels else plan.models[mi] for mi, _ in job.sources)
         raise ModelError(f"merged tensor {job.name} has NaN or infinite values (inputs: {inputs}); check the inputs "
@@ -101,10 +102,13 @@ def execute(plan: MergePlan, writer: CheckpointWriter, device: torch.device, *, 
     budget = _Budget(memory)
     failed = threading.Event()
 
+    buffers = scratch.Pool(2 * memory) if device.type == "cpu" else None
+
     def run(job: TensorJob, n: int) -> None:
         try:
             if not failed.is_set():
-                writer.write(job.name, merge_tensor(plan, job, device))
+                with scratch.job(buffers):   # the job's temporaries are reused by the next jobs
+                    writer.write(job.name, merge_tensor(plan, job, device))
                 if on_done:
                     on_done(job)
         except BaseException:
@@ -118,6 +122,7 @@ def execute(plan: MergePlan, writer: CheckpointWriter, device: torch.device, *, 
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # parallel over tensors, not inside each op: no oversubscription
+    gc.freeze()   # the objects of the imports (torch's are many) are long-lived: keep the collector off them
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
             futures = []
@@ -130,6 +135,9 @@ def execute(plan: MergePlan, writer: CheckpointWriter, device: torch.device, *, 
                 futures.append(pool.submit(run, job, n))
     finally:
         torch.set_num_threads(threads)
+        gc.unfreeze()
+        if buffers is not None:
+            buffers.clear()
     for f in futures:
         if f.exception() is not None:
             raise f.exception()

@@ -178,7 +178,12 @@ class LoraReader:
         return name in self.tensors
 
     def read(self, name: str) -> torch.Tensor:
-        tensor = self.base.read(name)
+        return self._fold(name, self.base.read(name))
+
+    def map(self, name: str) -> torch.Tensor:
+        return self._fold(name, self.base.map(name))
+
+    def _fold(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         update = self.updates.get(name)
         if update is None:
             return tensor

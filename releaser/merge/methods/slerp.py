@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from releaser.merge import scratch
 from releaser.merge.methods import REQUIRED, Method, register
 
 _CHUNK_ELEMENTS = 1024 * 1024
@@ -18,33 +19,38 @@ NORM_EPS = 1e-8
 def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """Interpolate from ``v0`` (t=0) to ``v1`` (t=1); the result has ``v0``'s shape and dtype.
 
-    The same float operations as mergekit 0.1.5 (one output row, statistics per chunk), with each input converted to
-    the working dtype once and scratch buffers reused across chunks.
+    The same float operations as mergekit 0.1.5 (one output row, statistics per chunk, the inputs converted to the
+    working dtype), done chunk by chunk: each chunk of an input is converted into a small reused buffer when it is
+    used, so no working-dtype copy of a whole tensor is ever made.
     """
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    a = v0.reshape(1, -1).to(dtype)
-    b = v1.reshape(1, -1).to(dtype)
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     t = torch.tensor([t], dtype=dtype, device=v0.device).reshape(-1, 1)
     n = a.shape[1]
     if not n:
-        return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
+        return ((1 - t) * a.to(dtype) + t * b.to(dtype)).reshape(v0.shape).to(v0.dtype)
     starts = range(0, n, _CHUNK_ELEMENTS)
+    width = min(n, _CHUNK_ELEMENTS)
+    xa = torch.empty((1, width), dtype=dtype, device=v0.device)
+    xb = torch.empty((1, width), dtype=dtype, device=v0.device)
+
+    def chunk(x: torch.Tensor, s: int, buf: torch.Tensor) -> torch.Tensor:
+        """``x[:, s:s + width]`` in the working dtype, in ``buf`` (a copy to write to)."""
+        part = x[:, s:s + width]
+        return buf[:, :part.shape[1]].copy_(part)
 
     def norm(x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.linalg.vector_norm(x[:, s:s + _CHUNK_ELEMENTS], dim=1, keepdim=True) for s in starts]
+        parts = [torch.linalg.vector_norm(x[:, s:s + width] if x.dtype == dtype else chunk(x, s, xa),
+                                          dim=1, keepdim=True) for s in starts]
         value = torch.linalg.vector_norm(torch.stack(parts), dim=0)
         return torch.where(value > NORM_EPS, value, 1)
 
     norm_a, norm_b = norm(a), norm(b)
-    width = min(n, _CHUNK_ELEMENTS)
-    xa = a.new_empty((1, width))
-    xb = a.new_empty((1, width))
     parts = []
     for s in starts:
-        m = min(width, n - s)
-        x, y = xa[:, :m], xb[:, :m]
-        torch.div(a[:, s:s + m], norm_a, out=x)
-        torch.div(b[:, s:s + m], norm_b, out=y)
+        x, y = chunk(a, s, xa), chunk(b, s, xb)
+        x.div_(norm_a)
+        y.div_(norm_b)
         parts.append(x.mul_(y).sum(dim=1, keepdim=True))
     dot = torch.stack(parts).sum(dim=0).clamp(-1, 1)
 
@@ -55,10 +61,13 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     coef_a = torch.where(use_lerp, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     coef_b = torch.where(use_lerp, t, torch.sin(t * theta) / sin_theta)
 
-    # a and b are fresh copies unless the inputs were already in the working dtype: only then allocate
-    out = torch.mul(a, coef_a, out=a if a.data_ptr() != v0.data_ptr() else None)
-    out += torch.mul(b, coef_b, out=b if b.data_ptr() != v1.data_ptr() else None)
-    return out.reshape(v0.shape).to(v0.dtype)
+    out = scratch.empty(a.shape, v0.dtype, v0.device)
+    for s in starts:
+        x, y = chunk(a, s, xa), chunk(b, s, xb)
+        x.mul_(coef_a)
+        x += y.mul_(coef_b)
+        out[:, s:s + x.shape[1]].copy_(x)
+    return out.reshape(v0.shape)
 
 
 def slerp(tensors, base_index, params, model_params, generator=None):
