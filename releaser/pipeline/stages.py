@@ -143,17 +143,21 @@ def _verify_run(r: Release) -> StageResult:
 
 
 # -- gguf ---------------------------------------------------------------------------------------------------------------
+def _main_files(r: Release, tokenizer: bool) -> dict[str, str]:
+    """The main folder's tokenizer files (``tokenizer``) or all its other files, path -> sha256."""
+    return {f["path"]: f["sha256"] for f in _files(r, "tokenizer") if (f["path"] in TOKENIZER_FILES) == tokenizer}
+
+
+def _quant_depends(weights: Callable[[Release], dict]) -> Callable[[Release], dict]:
+    """A quant stage's fingerprint parts: what its tensors depend on, and the tokenizer files apart (a change of
+    those alone is a metadata update, not a new quantization)."""
+    return lambda r: {"weights": fingerprint(weights(r)), "tokenizer": _main_files(r, tokenizer=True)}
+
+
 def _gguf_weights(r: Release) -> dict:
     """What the tensors depend on: everything in the main folder but the tokenizer files."""
-    main = {f["path"]: f["sha256"] for f in _files(r, "tokenizer")}
     return {"options": r.recipe.gguf.model_dump(mode="json"), "license": r.recipe.license, "author": r.recipe.author,
-            "name": r.recipe.main_repo, "model": {k: v for k, v in main.items() if k not in TOKENIZER_FILES}}
-
-
-def _gguf_depends(r: Release) -> dict:
-    main = {f["path"]: f["sha256"] for f in _files(r, "tokenizer")}
-    return {"weights": fingerprint(_gguf_weights(r)),
-            "tokenizer": {k: v for k, v in main.items() if k in TOKENIZER_FILES}}
+            "name": r.recipe.main_repo, "model": _main_files(r, tokenizer=False)}
 
 
 def _gguf_run(r: Release) -> StageResult:
@@ -201,16 +205,9 @@ def _awq_weights(r: Release) -> dict:
     its chat template, stop tokens or other tokenizer settings: a fix of those leaves the vocabulary as it is)."""
     options = _awq_options(r)
     calib = Path(options.calibration)
-    main = {f["path"]: f["sha256"] for f in _files(r, "tokenizer")}
     return {"options": r.recipe.awq.model_dump(mode="json", exclude={"device"}),
             "calibration": r.manifest.hash(calib) if calib.is_file() else options.calibration,
-            "model": {k: v for k, v in main.items() if k not in TOKENIZER_FILES}}
-
-
-def _awq_depends(r: Release) -> dict:
-    main = {f["path"]: f["sha256"] for f in _files(r, "tokenizer")}
-    return {"weights": fingerprint(_awq_weights(r)),
-            "tokenizer": {k: v for k, v in main.items() if k in TOKENIZER_FILES}}
+            "model": _main_files(r, tokenizer=False)}
 
 
 def _awq_run(r: Release) -> StageResult:
@@ -343,8 +340,8 @@ STEPS = [
     Step("merge", _needs("merge"), _merge_depends, lambda r: r.merged_dir, _merge_run),
     Step("tokenizer", lambda r: None, _tokenizer_depends, lambda r: r.main_dir, _tokenizer_run),
     Step("verify", lambda r: None, _verify_depends, lambda r: r.main_dir, _verify_run),
-    Step("gguf", _needs("gguf"), _gguf_depends, lambda r: r.gguf_dir, _gguf_run),
-    Step("awq", _needs("awq"), _awq_depends, lambda r: r.awq_dir, _awq_run),
+    Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, _gguf_run),
+    Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, _awq_run),
     Step("quality", _quality_applies, _quality_depends, lambda r: r.work, _quality_run),
     Step("cards", lambda r: None, _card_depends, lambda r: r.work, _card_run),
     Step("publish", _publish_applies, _publish_depends, _publish_root, _publish_run),
