@@ -94,6 +94,19 @@ def test_a_tiny_release_without_gguf(model, tmp_path):
     assert "<|im_end|>" in stages["verify"]["summary"]
 
 
+def test_a_left_out_quant_stage_leaves_its_repo_out(model, tmp_path):
+    """--skip gguf on a recipe with gguf: and no earlier GGUF: the cards and the publish step cover the main repo only
+    (no error about a missing folder), and quality has nothing to measure."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BASE + f"model: {model}\ntokenizer: {{template: chatml}}\ngguf: {{quants: [Q8_0]}}\n")
+    code, output = _run("release", recipe, "-o", tmp_path / "work", "--skip", "gguf")
+    assert code == 0, output
+    work = tmp_path / "work"
+    assert sorted(p.name for p in work.iterdir()) == ["Tiny", "published", "release.json"]
+    stages = json.loads((work / "release.json").read_text())["stages"]
+    assert sorted(stages) == ["cards", "publish", "tokenizer", "verify"]
+
+
 def test_work_folder_of_another_release(model, tmp_path):
     _release(model, tmp_path)
     before = sorted(p.name for p in (tmp_path / "work").rglob("*"))

@@ -18,6 +18,7 @@ class Release:
     manifest: Manifest
     reporter: Reporter
     push: bool = False
+    left_out: frozenset[str] = frozenset()   # stages this run leaves out (--only, --skip)
 
     @property
     def recipe_dir(self) -> Path:
@@ -56,8 +57,12 @@ class Release:
     def repo_folders(self) -> dict[str, Path]:
         """Repo id -> folder, main repo first (the quant cards link to it)."""
         repos = {self.recipe.main_repo: self.main_dir}
-        if self.recipe.gguf is not None:
+        if self.recipe.gguf is not None and self._made("gguf"):
             repos[self.recipe.quants.gguf] = self.gguf_dir
-        if self.recipe.awq is not None:
+        if self.recipe.awq is not None and self._made("awq"):
             repos[self.recipe.quants.awq] = self.awq_dir
         return repos
+
+    def _made(self, stage: str) -> bool:
+        """A quant stage's folder belongs to the release unless this run leaves the stage out and no run made it."""
+        return stage not in self.left_out or self.manifest.stage(stage) is not None

@@ -88,6 +88,7 @@ def run_release(recipe_path: str | Path, work_dir: str | Path, *, only: list[str
     """Run the recipe's stages into ``work_dir`` (see the module doc); with ``dry_run`` only decide."""
     only_set, skip_set = _select(only, "--only"), _select(skip, "--skip")
     r = open_release(recipe_path, work_dir, reporter=reporter, push=push, force=force)
+    r.left_out = frozenset(n for n in NAMES if (only_set and n not in only_set) or n in skip_set)
     _validate(r)
     result = ReleaseResult(r.work, folders=r.repo_folders())
     upstream_ran = False

@@ -246,8 +246,8 @@ def _artefacts(r: Release) -> list[Path]:
 def _quality_applies(r: Release) -> str | None:
     if r.recipe.quality is False:
         return "quality: false in the recipe"
-    if r.recipe.gguf is None and r.recipe.awq is None:
-        return "no quantized artefacts (no gguf: or awq: section)"
+    if len(r.repo_folders()) == 1:
+        return "no quantized artefacts (no gguf: or awq: section, or left out)"
     return None
 
 
