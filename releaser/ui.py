@@ -6,15 +6,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from .stage import Reporter
 
 
 class RichReporter(Reporter):
-    def __init__(self, console: Console | None = None, *, quiet: bool = False):
+    def __init__(self, console: Console | None = None, *, quiet: bool = False, in_bytes: bool = False):
         self.console = console or Console(stderr=True)
-        self.quiet = quiet
+        self.quiet, self.in_bytes = quiet, in_bytes   # in_bytes: progress counts bytes (shown as MB/GB)
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -28,7 +29,8 @@ class RichReporter(Reporter):
         if self.quiet:
             yield lambda n=1, description=None: None
             return
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        columns = (TextColumn("{task.description}"), BarColumn(),
+                   DownloadColumn() if self.in_bytes else MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=True) as bar:
             task = bar.add_task(description, total=total)

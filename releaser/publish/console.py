@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console, Group
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from ..errors import ConfigError
-from ..stage import Reporter, StageResult
+from ..stage import StageResult
+from ..ui import RichReporter
 from .options import PublishOptions
 from .plan import RepoPlan
 from .stage import run_publish
@@ -27,27 +25,6 @@ def human(n: float) -> str:
             return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
-
-
-class RichReporter(Reporter):
-    def __init__(self, console: Console, quiet: bool = False):
-        self.console, self.quiet = console, quiet
-
-    def message(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False)
-
-    def warning(self, text: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {text}", highlight=False)
-
-    @contextmanager
-    def progress(self, description: str, total: float | None = None) -> Iterator[Callable[..., None]]:
-        if self.quiet:
-            yield lambda n=1: None
-            return
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, transient=True) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task, n)
 
 
 def release_repos(release_dir: Path, recipe_path: Path | None, repo: str | None) -> tuple[dict[str, Path], dict]:
@@ -132,7 +109,7 @@ def publish_options(**values) -> PublishOptions:
 
 def run_publish_cli(options: PublishOptions, repos: dict[str, Path], out: Console,
                     err: Console) -> StageResult:
-    result = run_publish(options, repos, RichReporter(err), on_plan=lambda plan: out.print(plan_table(plan)))
+    result = run_publish(options, repos, RichReporter(err, in_bytes=True), on_plan=lambda plan: out.print(plan_table(plan)))
     if not options.dry_run:
         for repo in result.facts["repos"]:
             out.print(outcome_line(repo), highlight=False, markup=False)
