@@ -102,7 +102,7 @@ def _llama_cpp_logits(path: Path, windows) -> list[torch.Tensor]:
     from releaser.quality import llamacpp
 
     with llamacpp.scored_logits(path, windows.ctx, windows.first) as run:
-        return [torch.cat(list(run(t))) for t in windows.tokens]
+        return [torch.cat(list(w)) for w in run(windows.tokens)]
 
 
 def test_dequantized_logits_equal_llama_cpp(smollm2, smollm2_ggufs, windows):
@@ -114,12 +114,12 @@ def test_dequantized_logits_equal_llama_cpp(smollm2, smollm2_ggufs, windows):
     needs_llama_cpp()
     config = ld.read_config(smollm2)
     base = ld.load_hf(smollm2)
-    base_lp = [log_softmax_(torch.cat(list(ld.scored_logits(base, windows.first)(t)))) for t in windows.tokens]
+    base_lp = [log_softmax_(torch.cat(list(w))) for w in ld.scored_logits(base, windows.first)(windows.tokens)]
     del base
     for quant in ("F16", "Q4_K_M"):
         art = ld.identify(smollm2_ggufs[quant])
         model = ld.load_artefact(art, config)
-        ours = [torch.cat(list(ld.scored_logits(model, windows.first)(t))) for t in windows.tokens]
+        ours = [torch.cat(list(w)) for w in ld.scored_logits(model, windows.first)(windows.tokens)]
         del model
         theirs = _llama_cpp_logits(art.path, windows)
         for o, t, b in zip(ours, theirs, base_lp):

@@ -90,6 +90,32 @@ def test_awq_with_another_tokenizer_fails_the_gate(tiny_release, tmp_path):
         run_quality(QualityOptions(ctx=64, chunks=1, stop_test=False), base, [other], tmp_path / "q.json")
 
 
+@pytest.mark.parametrize("which", ["model", "awq"])
+def test_streamed_model_holds_one_layer_and_gives_the_whole_models_logits(tiny_release, which):
+    """The quality stage runs every model streamed (one decoder layer's weights in memory at a time): its logits equal
+    those of the whole model bit for bit, every layer is loaded once per forward pass, and no two are loaded at once."""
+    base, awq = tiny_release
+    tokens = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(0))
+    art = base if which == "model" else ld.identify(awq)
+    with ld.open_weights(art, ld.read_config(base)) as weights:
+        whole = ld.build(weights)
+        expected = [torch.cat(list(w)) for w in ld.scored_logits(whole, 16)(tokens)]
+        seen, done = [], []
+        model = ld.streamed(weights, lambda: done.append(loaded()))
+        layers = model.model.layers
+
+        def loaded():
+            return [i for i, layer in enumerate(layers) if any(p.numel() for p in layer.parameters())]
+
+        for layer in layers:   # runs after the streamed model's own hook has loaded the layer
+            layer.register_forward_pre_hook(lambda module, args: seen.append(loaded()))
+        assert loaded() == []
+        got = [torch.cat(list(w)) for w in ld.scored_logits(model, 16)(tokens)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == 3
+    assert seen == [[i] for i in range(len(layers))], "one forward pass: each layer in turn, alone"
+    assert done == [[]] * len(layers), "each layer dropped after it ran"
+
+
 def test_builtin_text_and_windows(tiny_release):
     from transformers import AutoTokenizer
 

@@ -1,10 +1,13 @@
-"""A small GGUF reader for the quality stage: the metadata values and tensor table of a file, with each tensor's bytes
-as a memory-mapped view. gguf-py's GGUFReader builds a numpy view per array element on open (seconds for a 49k-token
-vocabulary and its merges); this walks the header once with struct and decodes only what is asked for."""
+"""A small GGUF reader for the quality stage: the metadata values and tensor table of a file, tensor bytes read with
+plain file I/O. gguf-py's GGUFReader builds a numpy view per array element on open (seconds for a 49k-token vocabulary
+and its merges); this walks the header once with struct and decodes arrays of strings (the vocabulary, the merges)
+only when asked for."""
 
 from __future__ import annotations
 
+import mmap
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,38 +28,74 @@ class TensorInfo:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class _Strings:
+    """An array of ``n`` strings starting at byte ``offset`` of the file, ``nbytes`` long; decoded on access."""
+
+    offset: int
+    n: int
+    nbytes: int
+
+
+class _Values(Mapping):
+    """Metadata key -> value, arrays of strings decoded (from the file) on first access."""
+
+    def __init__(self, path: Path, raw: dict):
+        self._path, self._raw = path, raw
+
+    def __getitem__(self, key):
+        value = self._raw[key]
+        if isinstance(value, _Strings):
+            with open(self._path, "rb") as fh:
+                fh.seek(value.offset)
+                data = fh.read(value.nbytes)
+            out, pos = [], 0
+            for _ in range(value.n):
+                (n,) = struct.unpack_from("<Q", data, pos)
+                out.append(data[pos + 8: pos + 8 + n].decode("utf-8"))
+                pos += 8 + n
+            value = self._raw[key] = out
+        return value
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self):
+        return len(self._raw)
+
+
 class GGUFFile:
     """``values``: metadata key -> value (strings decoded; arrays of strings as lists); ``tensors``: name -> info."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
-            try:
-                self.values, self.tensors = self._parse()
-            finally:
-                self._data = None   # tensor bytes are read with pread: no file pages stay mapped (RSS)
+            with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                raw, self.tensors = self._parse(buf)
+            self.values = _Values(self.path, raw)
         except (OSError, ValueError, struct.error, UnicodeDecodeError, IndexError, KeyError) as exc:
             raise ModelError(f"{self.path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
 
-    def _parse(self):
-        buf = self._data
-        if bytes(buf[:4]) != b"GGUF":
+    @staticmethod
+    def _parse(buf: mmap.mmap):
+        if buf[:4] != b"GGUF":
             raise ValueError("no GGUF magic")
         pos = 8
+        size = len(buf)
 
         def take(fmt: str):
             nonlocal pos
-            size = struct.calcsize("<" + fmt)
-            vals = struct.unpack("<" + fmt, bytes(buf[pos: pos + size]))
-            pos += size
+            vals = struct.unpack_from("<" + fmt, buf, pos)
+            pos += struct.calcsize("<" + fmt)
             return vals[0] if len(vals) == 1 else vals
 
         def string() -> str:
             nonlocal pos
             n = take("Q")
+            if pos + n > size:
+                raise ValueError("a string runs past the end of the file")
             pos += n
-            return bytes(buf[pos - n: pos]).decode("utf-8")
+            return buf[pos - n: pos].decode("utf-8")
 
         def value(vtype: int):
             nonlocal pos
@@ -64,14 +103,21 @@ class GGUFFile:
                 return string()
             if vtype == _ARRAY:
                 sub, n = take("IQ")
-                if sub == _STRING:
-                    return [string() for _ in range(n)]
+                if sub == _STRING:   # walk the lengths only
+                    start = pos
+                    for _ in range(n):
+                        pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+                    if pos > size:
+                        raise ValueError("a string array runs past the end of the file")
+                    return _Strings(start, n, pos - start)
                 if sub == _ARRAY:
                     return [value(_ARRAY) for _ in range(n)]
                 fmt = "<" + _SCALARS[sub]
                 arr = np.frombuffer(buf, dtype=np.dtype(fmt), count=n, offset=pos)
                 pos += arr.nbytes
-                return arr.tolist()
+                out = arr.tolist()
+                del arr   # no view may outlive the mapping
+                return out
             return take(_SCALARS[vtype])
 
         n_tensors, n_kv = take("QQ")
@@ -92,9 +138,9 @@ class GGUFFile:
         import gguf
 
         for name, ne, ggml_type, offset in infos:
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
-            nbytes = int(np.prod(ne)) // block * size
-            if start + offset + nbytes > buf.size:
+            block, nbytes_block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+            nbytes = int(np.prod(ne)) // block * nbytes_block
+            if start + offset + nbytes > size:
                 raise ValueError(f"tensor {name} runs past the end of the file (truncated download?)")
             tensors[name] = TensorInfo(name, tuple(int(x) for x in reversed(ne)), ggml_type, start + offset, nbytes)
         return values, tensors

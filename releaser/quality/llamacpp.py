@@ -54,8 +54,8 @@ def _silent(llama_cpp):
 
 @contextmanager
 def scored_logits(path: Path, ctx: int, first: int, rows: int = 64):
-    """``run(tokens [ctx])``: llama.cpp's logits for the GGUF ``path`` at positions first..ctx-2, in blocks of
-    ``rows`` positions."""
+    """``run(tokens [n, ctx])``: per window, llama.cpp's logits for the GGUF ``path`` at positions first..ctx-2, in
+    blocks of ``rows`` positions."""
     lc = _llama()
     params = lc.llama_model_default_params()
     params.use_extra_bufts = False
@@ -74,7 +74,7 @@ def scored_logits(path: Path, ctx: int, first: int, rows: int = 64):
         raise ModelError(f"llama.cpp cannot create a context of {ctx} tokens for {path}")
     batch = lc.llama_batch_init(ctx, 0, 1)
 
-    def run(tokens: torch.Tensor):
+    def window(tokens: torch.Tensor):
         ids = tokens.tolist()
         lc.llama_memory_clear(lc.llama_get_memory(context), True)
         batch.n_tokens = len(ids)
@@ -93,6 +93,10 @@ def scored_logits(path: Path, ctx: int, first: int, rows: int = 64):
             for row, i in enumerate(block):
                 out[row] = np.ctypeslib.as_array(lc.llama_get_logits_ith(context, i), shape=(n_vocab,))
             yield torch.from_numpy(out)
+
+    def run(tokens: torch.Tensor):
+        for row in tokens:
+            yield window(row)
 
     try:
         yield run

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,55 +78,45 @@ def identify(path: str | os.PathLike) -> Artefact:
     raise ModelError(f"{path} is neither a .gguf file nor an AWQ folder")
 
 
-# ---------------------------------------------------------------------------------------------------- models
+# ---------------------------------------------------------------------------------------------------- weights
 
 
-def skeleton(config: dict):
-    """An uninitialised float32 transformers model of ``config``'s architecture (weights are assigned after)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+class Weights:
+    """A model's weights as float32 tensors under Hugging Face names, read on demand: ``names`` lists them (cheap, no
+    tensor data read), ``load(names)`` reads, dequantizes or converts the asked ones, one at a time."""
 
-    architecture_for(config)  # refuse what releaser does not support, with its message
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
-    hf_config = AutoConfig.for_model(**config)
-    with no_init_weights():
-        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    config: dict
+    path: Path
+    names: list[str]
 
+    def load(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
 
-def build(config: dict, tensors: Iterable[tuple[str, torch.Tensor]], source: Path):
-    """The model of ``config`` with the weights ``tensors`` ((HF name, tensor) pairs), copied in one at a time (peak
-    memory: the model plus one tensor); lm_head shares the embedding when the source has none (tied weights)."""
-    model = skeleton(config)
-    params = dict(model.named_parameters())
-    seen: set[str] = set()
-    for name, value in tensors:
-        param = params.get(name)
-        if param is None:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            raise ModelError(f"{source} has a tensor {name} that {type(model).__name__} does not have; is it a file "
-                             "of this model?")
-        if tuple(value.shape) != tuple(param.shape):
-            raise ModelError(f"{source}: {name} has shape {tuple(value.shape)}, the model needs "
-                             f"{tuple(param.shape)}; is it a file of this model?")
-        with torch.no_grad():
-            param.copy_(value)
-        seen.add(name)
-    if "lm_head.weight" in params and "lm_head.weight" not in seen:
-        model.lm_head.weight = model.get_input_embeddings().weight
-        seen.add("lm_head.weight")
-    missing = [k for k in params if k not in seen]
-    if missing:
-        raise ModelError(f"{source} has no tensor for {missing[0]} ({len(missing)} missing); is it a file of this "
-                         "model?")
-    return model.eval()
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
-def load_hf(model_dir: Path):
-    """The unquantized model, in float32."""
-    with CheckpointReader(model_dir) as reader:
-        architecture_for(reader.config, str(model_dir))
-        return build(reader.config, ((n, reader.read(n)) for n in reader.tensors), Path(model_dir))
+class FolderWeights(Weights):
+    """A Hugging Face model folder (safetensors or .bin), converted to float32."""
+
+    def __init__(self, folder: Path):
+        self.reader = CheckpointReader(folder)
+        self.config, self.path = self.reader.config, Path(folder)
+        architecture_for(self.config, str(folder))
+        self.names = list(self.reader.tensors)
+
+    def load(self, names):
+        for name in names:
+            yield name, self.reader.read(name).to(torch.float32)
+
+    def close(self):
+        self.reader.close()
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -134,35 +124,48 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(artefact: Artefact, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of a GGUF file dequantized to float32, under its Hugging Face name, one at a time."""
-    import gguf
+class GGUFWeights(Weights):
+    """Every tensor of a GGUF file (all parts of a split set) dequantized with gguf-py under its Hugging Face name,
+    llama.cpp's Q/K row permutation undone for Llama. The GGUF carries no config of its own here: ``config`` is the
+    unquantized model's."""
 
-    from ..gguf.convert import GGUF_ARCH
+    def __init__(self, artefact: Artefact, config: dict):
+        import gguf
 
-    family = architecture_for(config)
-    arch = GGUF_ARCH[family.name]
-    n_layer = config["num_hidden_layers"]
-    n_head = config["num_attention_heads"]
-    n_head_kv = config.get("num_key_value_heads") or n_head
-    names = gguf.get_tensor_name_map(arch, n_layer)
-    hf_names = {names.get_name(hf, try_suffixes=(".weight", ".bias")): hf for hf in _hf_tensor_names(config)}
-    for part in artefact.parts:
-        reader = GGUFFile(part)
-        got = reader.values.get("general.architecture")
-        if got is not None and got != gguf.MODEL_ARCH_NAMES[arch]:
-            raise ModelError(f"{part} is a {got} GGUF, the model is {gguf.MODEL_ARCH_NAMES[arch]}")
-        for name in reader.tensors:
-            if name == "rope_freqs.weight":
-                continue  # llama3 RoPE factors: transformers computes them from the config
-            hf = hf_names.get(name)
-            if hf is None:
-                raise ModelError(f"{part} has a tensor {name} that {family.classes[0]} does not have")
+        from ..gguf.convert import GGUF_ARCH
+
+        family = architecture_for(config)
+        self.arch = GGUF_ARCH[family.name]
+        self.config, self.path = config, artefact.path
+        self.heads = {"q": config["num_attention_heads"],
+                      "k": config.get("num_key_value_heads") or config["num_attention_heads"]}
+        table = gguf.get_tensor_name_map(self.arch, config["num_hidden_layers"])
+        hf_names = {table.get_name(hf, try_suffixes=(".weight", ".bias")): hf for hf in _hf_tensor_names(config)}
+        self._where: dict[str, tuple[GGUFFile, str]] = {}
+        for part in artefact.parts:
+            reader = GGUFFile(part)
+            got = reader.values.get("general.architecture")
+            if got is not None and got != gguf.MODEL_ARCH_NAMES[self.arch]:
+                raise ModelError(f"{part} is a {got} GGUF, the model is {gguf.MODEL_ARCH_NAMES[self.arch]}")
+            for name in reader.tensors:
+                if name == "rope_freqs.weight":
+                    continue  # llama3 RoPE factors: transformers computes them from the config
+                hf = hf_names.get(name)
+                if hf is None:
+                    raise ModelError(f"{part} has a tensor {name} that {family.classes[0]} does not have")
+                self._where[hf] = (reader, name)
+        self.names = list(self._where)
+
+    def load(self, names):
+        import gguf
+
+        for hf in names:
+            reader, name = self._where[hf]
             data = reader.dequantize(name)
-            if arch == gguf.MODEL_ARCH.LLAMA and hf.endswith(("q_proj.weight", "q_proj.bias")):
-                data = unpermute_qk(data, n_head)
-            elif arch == gguf.MODEL_ARCH.LLAMA and hf.endswith(("k_proj.weight", "k_proj.bias")):
-                data = unpermute_qk(data, n_head_kv)
+            if self.arch == gguf.MODEL_ARCH.LLAMA and hf.endswith(("q_proj.weight", "q_proj.bias")):
+                data = unpermute_qk(data, self.heads["q"])
+            elif self.arch == gguf.MODEL_ARCH.LLAMA and hf.endswith(("k_proj.weight", "k_proj.bias")):
+                data = unpermute_qk(data, self.heads["k"])
             yield hf, torch.from_numpy(np.ascontiguousarray(data))
 
 
@@ -196,44 +199,189 @@ def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
     return ((q - z[g]) * s[g]).T.contiguous()
 
 
-def awq_tensors(reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every weight of an AWQ folder as float32 under its Hugging Face name, one at a time."""
-    qc = reader.config["quantization_config"]
-    if str(qc.get("version", "gemm")).lower() != "gemm":
-        raise ModelError(f"{reader.folder}: AWQ version {qc.get('version')} is not supported; only GEMM")
-    bits, gs = int(qc.get("bits", qc.get("w_bit", 4))), int(qc.get("group_size", qc.get("q_group_size", 128)))
-    for name in reader.tensors:
-        if name.endswith((".qzeros", ".scales")):
-            continue
-        if name.endswith(".qweight"):
-            prefix = name.removesuffix(".qweight")
-            for part in (".qzeros", ".scales"):
-                if prefix + part not in reader:
-                    raise ModelError(f"{reader.folder} has {name} but no {prefix + part}")
-            yield prefix + ".weight", dequantize_awq(reader.read(name), reader.read(prefix + ".qzeros"),
-                                                     reader.read(prefix + ".scales"), bits, gs)
-        else:
-            yield name, reader.read(name).to(torch.float32)
+class AWQWeights(FolderWeights):
+    """An AWQ GEMM folder: each quantized linear unpacked to its float32 weight, the other tensors converted."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        qc = self.config["quantization_config"]
+        if str(qc.get("version", "gemm")).lower() != "gemm":
+            raise ModelError(f"{folder}: AWQ version {qc.get('version')} is not supported; only GEMM")
+        self.bits = int(qc.get("bits", qc.get("w_bit", 4)))
+        self.group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
+        self.names = []
+        for name in self.reader.tensors:
+            if name.endswith(".qweight"):
+                prefix = name.removesuffix(".qweight")
+                for part in (".qzeros", ".scales"):
+                    if prefix + part not in self.reader:
+                        raise ModelError(f"{folder} has {name} but no {prefix + part}")
+                self.names.append(prefix + ".weight")
+            elif not name.endswith((".qzeros", ".scales")):
+                self.names.append(name)
+
+    def load(self, names):
+        for name in names:
+            prefix = name.removesuffix(".weight")
+            if prefix + ".qweight" in self.reader:
+                read = self.reader.read
+                yield name, dequantize_awq(read(prefix + ".qweight"), read(prefix + ".qzeros"),
+                                           read(prefix + ".scales"), self.bits, self.group_size)
+            else:
+                yield name, self.reader.read(name).to(torch.float32)
+
+
+def open_weights(artefact: Artefact | Path, base_config: dict | None = None) -> Weights:
+    """The weights of an unquantized model folder (a Path), a GGUF (read with the unquantized model's config) or an
+    AWQ folder (with its own)."""
+    if not isinstance(artefact, Artefact):
+        return FolderWeights(Path(artefact))
+    if artefact.kind == "gguf":
+        return GGUFWeights(artefact, base_config)
+    return AWQWeights(artefact.path)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def skeleton(config: dict):
+    """An uninitialised float32 transformers model of ``config``'s architecture (weights are assigned after; pages
+    never written are never resident)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    architecture_for(config)  # refuse what releaser does not support, with its message
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    hf_config = AutoConfig.for_model(**config)
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+
+
+def _check_names(model, weights: Weights) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters, after checking that ``weights`` has a tensor for each (lm_head may be tied to the
+    embedding) and none the model lacks."""
+    params = dict(model.named_parameters())
+    for name in weights.names:
+        if name not in params and not name.endswith("rotary_emb.inv_freq"):
+            raise ModelError(f"{weights.path} has a tensor {name} that {type(model).__name__} does not have; is it a "
+                             "file of this model?")
+    have = set(weights.names) | {"lm_head.weight"}
+    missing = [k for k in params if k not in have]
+    if missing:
+        raise ModelError(f"{weights.path} has no tensor for {missing[0]} ({len(missing)} missing); is it a file of "
+                         "this model?")
+    return params
+
+
+def _assign(params: dict, name: str, value: torch.Tensor, source: Path, shape: tuple | None = None) -> None:
+    param = params[name]
+    shape = tuple(param.shape) if shape is None else shape
+    if tuple(value.shape) != shape:
+        raise ModelError(f"{source}: {name} has shape {tuple(value.shape)}, the model needs {shape}; is it a file of "
+                         "this model?")
+    param.data = value
+
+
+def _tie(model, weights: Weights) -> None:
+    if "lm_head.weight" in dict(model.named_parameters()) and "lm_head.weight" not in weights.names:
+        model.lm_head.weight = model.get_input_embeddings().weight
+
+
+def build(weights: Weights):
+    """The whole model of ``weights`` in memory (for generation); lm_head shares the embedding when the source has
+    none (tied weights)."""
+    model = skeleton(weights.config)
+    params = _check_names(model, weights)
+    for name, value in weights.load(n for n in weights.names if n in params):
+        _assign(params, name, value, weights.path)
+    _tie(model, weights)
+    return model.eval()
+
+
+LAYER = re.compile(r"^(?P<stack>.+\.layers)\.(?P<i>\d+)\.")
+
+
+def streamed(weights: Weights, advance: Callable[[], None] = lambda: None):
+    """The model of ``weights`` with only the tensors outside the decoder layers in memory: each layer's weights are
+    read (dequantized) just before it runs and dropped after (then ``advance()`` is called), so a forward pass holds
+    one layer at a time. Made for one forward pass over many windows at once (each pass reads every layer again)."""
+    model = skeleton(weights.config)
+    params = _check_names(model, weights)
+    layers: dict[int, list[str]] = {}
+    resident = []
+    for name in params:
+        m = LAYER.match(name)
+        (layers.setdefault(int(m["i"]), []) if m else resident).append(name)
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    empty = torch.empty(0)
+    for names in layers.values():
+        for name in names:
+            params[name].data = empty   # free the (never written) storage of the skeleton
+    for name, value in weights.load(n for n in resident if n in weights.names):
+        _assign(params, name, value, weights.path)
+    _tie(model, weights)
+    stack = model.get_submodule(LAYER.match(next(iter(layers.values()))[0])["stack"]) if layers else []
+    for i, layer in enumerate(stack):
+        names = layers.get(i, [])
+
+        def before(module, args, names=names):
+            for name, value in weights.load(names):
+                _assign(params, name, value, weights.path, shapes[name])
+
+        def after(module, args, output, names=names):
+            for name in names:
+                params[name].data = empty
+            advance()
+
+        layer.register_forward_pre_hook(before)
+        layer.register_forward_hook(after)
+    return model.eval()
+
+
+def load_hf(model_dir: Path):
+    """The unquantized model, in float32, whole."""
+    with FolderWeights(Path(model_dir)) as weights:
+        return build(weights)
 
 
 def load_artefact(artefact: Artefact, base_config: dict):
-    """The torch model of an artefact: GGUF with the unquantized model's config, AWQ with its own."""
-    if artefact.kind == "gguf":
-        return build(base_config, gguf_tensors(artefact, base_config), artefact.path)
-    with CheckpointReader(artefact.path) as reader:
-        return build(reader.config, awq_tensors(reader), artefact.path)
+    """The torch model of an artefact, whole: GGUF with the unquantized model's config, AWQ with its own."""
+    with open_weights(artefact, base_config) as weights:
+        return build(weights)
 
 
-def scored_logits(model, first: int, rows: int = 64):
-    """``run(tokens [ctx])``: the model's logits at positions first..ctx-2 in blocks of ``rows`` positions (the
-    lm_head runs only on those, one block at a time)."""
+BATCH_TOKENS = 4096
+
+
+def forward_passes(windows: int, ctx: int) -> int:
+    """How many forward passes :func:`scored_logits` makes for ``windows`` windows of ``ctx`` tokens."""
+    per_batch = max(1, BATCH_TOKENS // ctx)
+    return -(-windows // per_batch)
+
+
+def scored_logits(model, first: int, lm_head_bytes: int = 48 << 20, rows: int = 64):
+    """``run(tokens [n, ctx])``: per window, the model's logits at positions first..ctx-2 in blocks of ``rows`` rows.
+    The lm_head runs only on those positions, on as many rows at a time as fit ``lm_head_bytes`` of logits (fewer
+    passes over its weight); the blocks handed out are views of that, so what the caller makes of each (softmax,
+    KLD temporaries) stays small for a 100k+ vocabulary. Windows run in batches of about ``BATCH_TOKENS`` tokens: one
+    forward pass per batch (a streamed model reads its layers once per batch)."""
+    head_rows = max(rows, lm_head_bytes // (4 * model.lm_head.out_features))
 
     def run(tokens: torch.Tensor):
-        with torch.no_grad():
-            hidden = model.model(tokens.view(1, -1)).last_hidden_state[0, first:-1]
-        for block in hidden.split(rows):
+        per_batch = max(1, BATCH_TOKENS // tokens.shape[1])
+        for at in range(0, tokens.shape[0], per_batch):
             with torch.no_grad():
-                logits = model.lm_head(block).float()
-            yield logits
+                hidden = model.model(tokens[at: at + per_batch], use_cache=False).last_hidden_state[:, first:-1]
+            for window in hidden:
+                yield _blocks(model, window, head_rows, rows)
+            del hidden
 
     return run
+
+
+def _blocks(model, hidden: torch.Tensor, head_rows: int, rows: int):
+    for part in hidden.split(head_rows):
+        with torch.no_grad():
+            logits = model.lm_head(part).float()
+        yield from logits.split(rows)
+        del logits

@@ -28,9 +28,9 @@ from .text import Windows
 
 LOG_PROB_FLOOR = -16.0   # llama.cpp: base log-probabilities at or below this do not enter the KLD sum
 
-# run(tokens [ctx]) -> the logits of the scored positions (ctx/2 .. ctx-2) as consecutive row blocks [rows, vocab]
-# (blocks keep the float temporaries of a 100k+ vocabulary small)
-ScoredLogits = Callable[[torch.Tensor], Iterable[torch.Tensor]]
+# run(tokens [n, ctx]) -> per window, in order, the logits of its scored positions (ctx/2 .. ctx-2) as consecutive row
+# blocks [rows, vocab] (blocks keep the float temporaries of a 100k+ vocabulary small)
+ScoredLogits = Callable[[torch.Tensor], Iterable[Iterable[torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,9 @@ def score_base(run: ScoredLogits, windows: Windows, store: BaseLogProbs,
     nll: list[torch.Tensor] = []
 
     def blocks():
-        for i in range(windows.count):
+        for i, window in enumerate(run(windows.tokens)):
             row = 0
-            for logits in run(windows.tokens[i]):
+            for logits in window:
                 lp = log_softmax_(logits)
                 nll.append(_nll(lp, windows.targets[i, row: row + lp.shape[0]]))
                 row += lp.shape[0]
@@ -122,9 +122,9 @@ def score_against(run: ScoredLogits, windows: Windows, store: BaseLogProbs, base
                   advance: Callable[..., None] = lambda n=1: None) -> Figures:
     """Perplexity of a quantized model and its KL divergence from the unquantized one (``store``)."""
     nll, kld, same = [], [], 0
-    for i in range(windows.count):
+    for i, window in enumerate(run(windows.tokens)):
         row = 0
-        for logits in run(windows.tokens[i]):
+        for logits in window:
             lp = log_softmax_(logits)
             if lp.shape[1] != store.shape[2]:
                 raise ValueError(f"the artefact's vocabulary has {lp.shape[1]} entries, the unquantized model's "

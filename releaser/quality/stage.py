@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -76,11 +76,12 @@ def _chat_setup(art: ld.Artefact, tokenizer) -> tuple[str | None, list[int], obj
     return _folder_chat(art.path)
 
 
-def _folder_chat(path: Path) -> tuple[str | None, list[int], object]:
-    """A Hugging Face folder's chat template, end-of-turn ids (eos and generation_config's) and tokenizer."""
+def _folder_chat(path: Path, own=None) -> tuple[str | None, list[int], object]:
+    """A Hugging Face folder's chat template, end-of-turn ids (eos and generation_config's) and tokenizer (``own``
+    when loaded already)."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    own = AutoTokenizer.from_pretrained(path)
+    own = own or AutoTokenizer.from_pretrained(path)
     ends = {own.eos_token_id}
     try:
         eos = GenerationConfig.from_pretrained(path).eos_token_id
@@ -90,14 +91,29 @@ def _folder_chat(path: Path) -> tuple[str | None, list[int], object]:
     return own.chat_template, [e for e in ends if e is not None], own
 
 
-def _collect_garbage() -> None:
-    gc.collect()
-    try:  # return freed model memory to the OS between models (peak RSS stays one model)
+def _libc():
+    try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:   # not glibc
+        return None
+
+
+def _collect_garbage() -> None:
+    gc.collect()
+    libc = _libc()
+    if libc is not None:  # return freed model memory to the OS between models (peak RSS stays one model)
+        libc.malloc_trim(0)
+
+
+def _heap_for_big_temporaries() -> None:
+    """glibc serves a freed large block's size from the heap from then on (its mmap threshold follows the largest
+    block freed), where logits blocks and layer weights of each pass fragment it and RSS creeps up; a fixed threshold
+    keeps every block over 4 MiB in its own mapping, returned when freed."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 4 << 20)   # M_MMAP_THRESHOLD
 
 
 def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts: list, out_path: str | os.PathLike,
@@ -107,6 +123,7 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
+    _heap_for_big_temporaries()
     reporter = reporter or Reporter()
     model_dir, out_path = Path(model_dir), Path(out_path).absolute()
     if not model_dir.is_dir():
@@ -144,7 +161,7 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
     if chat and (not chat[0] or not chat[1]):
         reporter.message(f"stop test skipped: {target.label} has no chat template or end-of-turn token")
         target = chat = None
-    base_chat = _folder_chat(model_dir) if target else None
+    base_chat = _folder_chat(model_dir, tokenizer) if target else None
     if base_chat and (not base_chat[0] or not base_chat[1]):
         base_chat = None   # the unquantized folder has no chat setup of its own: the quant's verdict stands alone
     rows: list[dict] = []
@@ -153,20 +170,20 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
         base, windows = _base_pass(model_dir, windows, len(arts), options, Path(tmp), reporter, base_chat)
         for art in arts:
             t0 = time.perf_counter()
-            with reporter.progress(f"quality: {art.label}", total=windows.count) as advance:
-                with ExitStack() as stack:
-                    model = None
-                    if art.kind == "gguf" and options.backend == "llama.cpp":
-                        from . import llamacpp
-                        run = stack.enter_context(llamacpp.scored_logits(art.parts[0], windows.ctx, windows.first))
-                    else:
-                        model = ld.load_artefact(art, base_config)
-                        run = ld.scored_logits(model, windows.first)
-                    figures = score_against(run, windows, base.store, base.figures.ppl, advance)
-                    if art is target:
-                        stop = _run_stop_test(art, model, base_config, chat, base.stop)
-                    del model, run
+            with ExitStack() as stack:
+                if art.kind == "gguf" and options.backend == "llama.cpp":
+                    from . import llamacpp
+                    advance = stack.enter_context(reporter.progress(f"quality: {art.label}", total=windows.count))
+                    run = stack.enter_context(llamacpp.scored_logits(art.parts[0], windows.ctx, windows.first))
+                else:
+                    weights = stack.enter_context(ld.open_weights(art, base_config))
+                    run = _streamed(weights, windows, reporter, f"quality: {art.label}", stack)[1]
+                    advance = _no_advance
+                figures = score_against(run, windows, base.store, base.figures.ppl, advance)
+                del run
             _collect_garbage()
+            if art is target:
+                stop = _run_stop_test(art, base_config, chat, base.stop)
             limit = max_kld(art.quant, options.max_kld)
             row = {"file": art.label, "path": str(art.path), "kind": art.kind, "quant": art.quant,
                    "size": _size(art), **figures.to_dict(), "max_kld": limit,
@@ -221,55 +238,75 @@ def _base_pass(model_dir: Path, windows: Windows, n_artefacts: int, options: Qua
                reporter: Reporter, chat: tuple | None) -> tuple[_Base, Windows]:
     """Run the unquantized model (windows cut to the time budget), keeping its log-probabilities in ``tmp``; with
     ``chat`` (its own chat template, end ids and tokenizer) also its stop test, the reference for the quant's."""
-    model = ld.load_hf(model_dir)
-    stop = stop_test(model, chat[2], chat[0], chat[1]) if chat else None
-    run = ld.scored_logits(model, windows.first)
-    t0 = time.perf_counter()
-    first = list(run(windows.tokens[0]))
-    per_window = time.perf_counter() - t0
-    if options.time_budget:
-        load_overhead = 5.0 * n_artefacts   # loading/dequantizing one artefact (measured on 135M-1B models)
-        fit = int((options.time_budget - load_overhead) // (per_window * (1 + n_artefacts)))
-        if fit < windows.count:
-            n = max(1, fit)
-            reporter.warning(f"time budget {options.time_budget:g} s: measuring {n} window(s) instead of "
-                             f"{windows.count} ({per_window:.1f} s per window and model)")
-            windows = windows.head(n)
-    cached = {0: first}
-
-    def run_cached(tokens: torch.Tensor):
-        if 0 in cached and torch.equal(tokens, windows.tokens[0]):
-            return cached.pop(0)
-        return run(tokens)
-
-    store = BaseLogProbs(tmp / "base-logprobs.npy", windows.count, windows.scored_per_window,
-                         int(first[0].shape[-1]))
-    with reporter.progress("quality: unquantized model", total=windows.count) as advance:
-        figures = score_base(run_cached, windows, store, advance)
+    with ExitStack() as stack:
+        weights = stack.enter_context(ld.open_weights(model_dir))
+        stop = _whole(weights, lambda model: stop_test(model, chat[2], chat[0], chat[1])) if chat else None
+        budget = options.time_budget
+        passes = 1 + ld.forward_passes(windows.count - 1, windows.ctx) if budget else None   # window 0 alone first
+        model, run = _streamed(weights, windows, reporter, "quality: unquantized model", stack, passes)
+        if budget:
+            t0 = time.perf_counter()
+            first = list(next(iter(run(windows.tokens[:1]))))
+            per_window = time.perf_counter() - t0
+            load_overhead = 5.0 * n_artefacts   # loading/dequantizing one artefact (measured on 135M-1B models)
+            fit = int((budget - load_overhead) // (per_window * (1 + n_artefacts)))
+            if fit < windows.count:
+                n = max(1, fit)
+                reporter.warning(f"time budget {budget:g} s: measuring {n} window(s) instead of {windows.count} "
+                                 f"({per_window:.1f} s per window and model)")
+                windows = windows.head(n)
+            run = _after_first(first, run)
+        store = BaseLogProbs(tmp / "base-logprobs.npy", windows.count, windows.scored_per_window,
+                             model.lm_head.out_features)
+        figures = score_base(run, windows, store)
     reporter.message(f"unquantized model: PPL {figures.ppl:.3f} over {figures.tokens} tokens")
-    del model, run, first, cached
+    del model, run
     _collect_garbage()
     return _Base(store, figures, stop), windows
 
 
-def _run_stop_test(art: ld.Artefact, model, base_config: dict, chat: tuple, unquantized: StopResult | None) -> dict:
-    template, ends, tok = chat
-    with (nullcontext(model) if model is not None else _loaded(art, base_config)) as m:
-        result = stop_test(m, tok, template, ends)
-    return {"file": art.label, **stop_verdict(result, unquantized)}
+def _no_advance(n=1, description=None) -> None:
+    pass
 
 
-class _loaded:
-    def __init__(self, art: ld.Artefact, config: dict):
-        self.art, self.config = art, config
+def _streamed(weights: ld.Weights, windows: Windows, reporter: Reporter, label: str, stack: ExitStack,
+              passes: int | None = None):
+    """The streamed model of ``weights`` and its scored logits, with a progress bar (in ``stack``) counting the
+    decoder layers run: ``passes`` forward passes (by default those that ``windows`` take) over every layer."""
+    passes = ld.forward_passes(windows.count, windows.ctx) if passes is None else passes
+    layers = int(weights.config.get("num_hidden_layers") or 0)
+    advance = stack.enter_context(reporter.progress(label, total=passes * layers or None))
+    model = ld.streamed(weights, advance)
+    return model, ld.scored_logits(model, windows.first)
 
-    def __enter__(self):
-        self.model = ld.load_artefact(self.art, self.config)
-        return self.model
 
-    def __exit__(self, *exc):
-        del self.model
+def _after_first(first: list[torch.Tensor], run):
+    """``run`` for windows whose first one ran already (its blocks ``first``)."""
+
+    def rest(tokens: torch.Tensor):
+        yield iter(first)
+        if tokens.shape[0] > 1:
+            yield from run(tokens[1:])
+
+    return rest
+
+
+def _whole(weights: ld.Weights, use):
+    """``use(model)`` with the whole model of ``weights`` in memory (generation needs every layer at each step); the
+    model is freed after."""
+    model = ld.build(weights)
+    try:
+        return use(model)
+    finally:
+        del model
         _collect_garbage()
+
+
+def _run_stop_test(art: ld.Artefact, base_config: dict, chat: tuple, unquantized: StopResult | None) -> dict:
+    template, ends, tok = chat
+    with ld.open_weights(art, base_config) as weights:
+        result = _whole(weights, lambda model: stop_test(model, tok, template, ends))
+    return {"file": art.label, **stop_verdict(result, unquantized)}
 
 
 def _size(art: ld.Artefact) -> int:
