@@ -155,18 +155,23 @@ class GGUFFile:
                 raise ModelError(f"{self.path} ends inside tensor {name} (truncated download?)")
         return np.frombuffer(data, dtype=np.uint8)
 
-    def dequantize(self, name: str) -> np.ndarray:
-        """The tensor as a new float32 array in numpy order."""
+    def dequantize(self, name: str, chunk_bytes: int = 8 << 20) -> np.ndarray:
+        """The tensor as a new float32 array in numpy order. Quantized tensors are dequantized ``chunk_bytes`` of
+        output at a time into that array (gguf-py's temporaries are several times the size of what it dequantizes: a
+        whole embedding at once would double the memory a model needs while loading)."""
         import gguf
 
         t = self.tensors[name]
         qtype = gguf.GGMLQuantizationType(t.ggml_type)
         raw = self.raw(name)
-        if qtype == gguf.GGMLQuantizationType.F32:
-            data = raw.view(np.float32)
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            data = raw.view(np.float16)
-        else:
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            data = gguf.quants.dequantize(raw.reshape(-1, t.shape[-1] // block * size), qtype)
-        return np.asarray(data, dtype=np.float32).reshape(t.shape)
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
+            return raw.view(dtype).astype(np.float32, copy=False).reshape(t.shape)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        cols = t.shape[-1]
+        rows = raw.reshape(-1, cols // block * size)
+        out = np.empty((rows.shape[0], cols), dtype=np.float32)
+        step = max(1, chunk_bytes // (4 * cols))
+        for at in range(0, rows.shape[0], step):
+            out[at: at + step] = gguf.quants.dequantize(rows[at: at + step], qtype)
+        return out.reshape(t.shape)

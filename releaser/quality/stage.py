@@ -164,10 +164,14 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
     base_chat = _folder_chat(model_dir, tokenizer) if target else None
     if base_chat and (not base_chat[0] or not base_chat[1]):
         base_chat = None   # the unquantized folder has no chat setup of its own: the quant's verdict stands alone
+    # the stop tests first: they hold whole models, best before the streamed passes leave anything behind
+    stop = None
+    if target:
+        unquantized = _stop_test(model_dir, None, base_chat) if base_chat else None
+        stop = {"file": target.label, **stop_verdict(_stop_test(target, base_config, chat), unquantized)}
     rows: list[dict] = []
-    stop: dict | None = None
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.base-", dir=out_path.parent) as tmp:
-        base, windows = _base_pass(model_dir, windows, len(arts), options, Path(tmp), reporter, base_chat)
+        base, windows = _base_pass(model_dir, windows, len(arts), options, Path(tmp), reporter)
         for art in arts:
             t0 = time.perf_counter()
             with ExitStack() as stack:
@@ -182,8 +186,6 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
                 figures = score_against(run, windows, base.store, base.figures.ppl, advance)
                 del run
             _collect_garbage()
-            if art is target:
-                stop = _run_stop_test(art, base_config, chat, base.stop)
             limit = max_kld(art.quant, options.max_kld)
             row = {"file": art.label, "path": str(art.path), "kind": art.kind, "quant": art.quant,
                    "size": _size(art), **figures.to_dict(), "max_kld": limit,
@@ -230,17 +232,15 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
 
 
 class _Base:
-    def __init__(self, store: BaseLogProbs, figures: Figures, stop: StopResult | None):
-        self.store, self.figures, self.stop = store, figures, stop
+    def __init__(self, store: BaseLogProbs, figures: Figures):
+        self.store, self.figures = store, figures
 
 
 def _base_pass(model_dir: Path, windows: Windows, n_artefacts: int, options: QualityOptions, tmp: Path,
-               reporter: Reporter, chat: tuple | None) -> tuple[_Base, Windows]:
-    """Run the unquantized model (windows cut to the time budget), keeping its log-probabilities in ``tmp``; with
-    ``chat`` (its own chat template, end ids and tokenizer) also its stop test, the reference for the quant's."""
+               reporter: Reporter) -> tuple[_Base, Windows]:
+    """Run the unquantized model (windows cut to the time budget), keeping its log-probabilities in ``tmp``."""
     with ExitStack() as stack:
         weights = stack.enter_context(ld.open_weights(model_dir))
-        stop = _whole(weights, lambda model: stop_test(model, chat[2], chat[0], chat[1])) if chat else None
         budget = options.time_budget
         passes = 1 + ld.forward_passes(windows.count - 1, windows.ctx) if budget else None   # window 0 alone first
         model, run = _streamed(weights, windows, reporter, "quality: unquantized model", stack, passes)
@@ -262,7 +262,7 @@ def _base_pass(model_dir: Path, windows: Windows, n_artefacts: int, options: Qua
     reporter.message(f"unquantized model: PPL {figures.ppl:.3f} over {figures.tokens} tokens")
     del model, run
     _collect_garbage()
-    return _Base(store, figures, stop), windows
+    return _Base(store, figures), windows
 
 
 def _no_advance(n=1, description=None) -> None:
@@ -291,22 +291,17 @@ def _after_first(first: list[torch.Tensor], run):
     return rest
 
 
-def _whole(weights: ld.Weights, use):
-    """``use(model)`` with the whole model of ``weights`` in memory (generation needs every layer at each step); the
-    model is freed after."""
-    model = ld.build(weights)
+def _stop_test(source: ld.Artefact | Path, base_config: dict | None, chat: tuple) -> StopResult:
+    """The stop test (greedy generation of a chat answer) on the whole model of ``source``: generation needs every
+    layer at each step, so this is the one place a whole model is in memory; it is freed after."""
+    template, ends, tok = chat
+    with ld.open_weights(source, base_config) as weights:
+        model = ld.build(weights)
     try:
-        return use(model)
+        return stop_test(model, tok, template, ends)
     finally:
         del model
         _collect_garbage()
-
-
-def _run_stop_test(art: ld.Artefact, base_config: dict, chat: tuple, unquantized: StopResult | None) -> dict:
-    template, ends, tok = chat
-    with ld.open_weights(art, base_config) as weights:
-        result = _whole(weights, lambda model: stop_test(model, tok, template, ends))
-    return {"file": art.label, **stop_verdict(result, unquantized)}
 
 
 def _size(art: ld.Artefact) -> int:
