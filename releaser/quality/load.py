@@ -1,6 +1,7 @@
 """Torch models built from an artefact's own bytes: every GGUF tensor dequantized with gguf-py (names mapped back to
 Hugging Face names, llama.cpp's Q/K row permutation undone for Llama), or every AWQ GEMM linear unpacked to float
-weights. The architecture is transformers' own (LlamaForCausalLM, ...), run in float32."""
+weights. The architecture is transformers' own (LlamaForCausalLM, ...), run in float32: whole (``build``, for
+generation) or streamed (``streamed``: each decoder layer's weights read just before it runs and dropped after)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The quality stage: perplexity and KL divergence of every GGUF file and AWQ folder against the unquantized model, a
-JSON report, and the gate (see gate.py). One model is in memory at a time: the unquantized model runs first and keeps
-its log-probabilities in a temporary file beside the report."""
+JSON report, and the gate (see gate.py). Models run streamed (embeddings resident, one decoder layer at a time, see
+load.py): the unquantized model runs first and keeps its log-probabilities in a temporary file beside the report. Only
+the stop tests (generation) hold a whole model, one at a time, before anything else runs."""
 
 from __future__ import annotations
 
