@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,7 @@ def identify(path: str | os.PathLike) -> Artefact:
 # ---------------------------------------------------------------------------------------------------- weights
 
 
-class Weights:
+class Weights(ABC):
     """A model's weights as float32 tensors under Hugging Face names, read on demand: ``names`` lists them (cheap, no
     tensor data read), ``load(names)`` reads, dequantizes or converts the asked ones, one at a time."""
 
@@ -90,8 +91,9 @@ class Weights:
     path: Path
     names: list[str]
 
+    @abstractmethod
     def load(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        raise NotImplementedError
+        """(name, float32 tensor) for each of ``names``, in order."""
 
     def close(self) -> None:
         pass
