@@ -18,6 +18,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,27 +164,63 @@ def fsync_dir(folder: Path) -> None:
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-_SYNC_FILE_RANGE_WRITE = 2
 _libc = None
-_sync_file_range = None
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing ``length`` bytes of ``fd`` at ``offset`` to disk without waiting (Linux sync_file_range), so the
-    fsync before the rename finds little left to write. Only a hint: it does nothing where the system cannot, and
-    errors are left to that fsync."""
-    global _libc, _sync_file_range
-    if _sync_file_range is None:
-        try:
-            if _libc is None:
-                _libc = ctypes.CDLL(None, use_errno=True)
-            fn = _libc.sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            _sync_file_range = fn
-        except (OSError, AttributeError):
-            _sync_file_range = False
-    if _sync_file_range and length > 0:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+class DataSync:
+    """Makes written data durable while more is being written, so the fsync before the rename has little left to do.
+
+    Call :meth:`written` after each write to a file descriptor; a background thread fdatasyncs the descriptors written
+    since its last pass, over and over while writes come. Most of an fsync's time can be the disk's cache flush rather
+    than the writeback (on a virtual disk the host writes its cache out only then): 1 GB written over 2 s on this
+    project's machines left a 1.2 s fsync without it, 0.1 s with it. :meth:`close` stops the thread (call it before
+    closing the descriptors) and raises the first error a background fdatasync met: that fdatasync consumed it, so the
+    commit's own fsync would not report it.
+    """
+
+    def __init__(self) -> None:
+        self._dirty: set[int] = set()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._error: OSError | None = None
+        self._thread: threading.Thread | None = None
+
+    def written(self, fd: int) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._dirty.add(fd)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="releaser-datasync", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._dirty or self._closed)
+                if not self._dirty:   # closed, and everything written has been synced
+                    return
+                fds, self._dirty = self._dirty, set()
+            for fd in fds:
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    with self._cond:
+                        self._error = self._error or exc
+
+    def close(self, *, check: bool = True) -> None:
+        """Sync what is left and stop; with ``check``, raise the first error met (the caller's commit must fail on
+        it). Without ``check`` (an abort), what is left is not synced."""
+        with self._cond:
+            self._closed = True
+            if not check:
+                self._dirty.clear()
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        if check and self._error is not None:
+            raise self._error
 
 
 def exchange(a: Path, b: Path) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import PendingDir, os_error as _os_error, start_writeback
+from ..atomic import DataSync, PendingDir, os_error as _os_error
 from ..errors import OutputError
 from . import safetensors_io as st
 
@@ -67,6 +67,7 @@ class CheckpointWriter:
         self.files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
         self._where: dict[str, tuple[int, int]] = {}   # name -> (fd, offset)
         self._fds: list[int] = []
+        self._sync = DataSync()
         self._pending_dir = PendingDir(self.out_dir, overwrite=overwrite)
         self.tmp_dir = self._pending_dir.tmp
         try:
@@ -104,7 +105,7 @@ class CheckpointWriter:
         if data.numel():
             try:
                 st.write_at(fd, data.view(torch.uint8).reshape(-1).numpy().data, offset)
-                start_writeback(fd, offset, data.numel() * data.element_size())   # the commit's fsync waits less
+                self._sync.written(fd)   # made durable in the background: the commit's fsync waits less
             except OSError as exc:
                 raise _os_error(exc, self.out_dir) from exc
 
@@ -135,6 +136,7 @@ class CheckpointWriter:
             if len(self.files) > 1:
                 index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
                 (self.tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            self._sync.close()
             for fd in self._fds:
                 os.close(fd)
             self._fds.clear()
@@ -146,6 +148,7 @@ class CheckpointWriter:
         return self.out_dir
 
     def abort(self) -> None:
+        self._sync.close(check=False)
         for fd in self._fds:
             try:
                 os.close(fd)
