@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 import yaml
 
@@ -70,10 +71,6 @@ def warm(paths: list[str]) -> None:
         with open(p, "rb") as f:
             while f.read(64 << 20):
                 pass
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def run_case(title: str, a: Path, b: Path, cfg: dict, work: Path, with_mergekit: bool, repeat: int) -> None:
