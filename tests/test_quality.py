@@ -71,7 +71,7 @@ def test_stop_test_on_q4_k_m(report):
 
 
 def test_unquantized_model_against_itself_is_zero(smollm2, windows, tmp_path):
-    model = ld.load_hf(smollm2)
+    model = ld.load(smollm2)
     run = ld.scored_logits(model, windows.first)
     store = BaseLogProbs(tmp_path / "base.npy", windows.count, windows.scored_per_window, 49152)
     base = score_base(run, windows, store)
@@ -113,12 +113,12 @@ def test_dequantized_logits_equal_llama_cpp(smollm2, smollm2_ggufs, windows):
     same top token at >= 90% of the positions."""
     needs_llama_cpp()
     config = ld.read_config(smollm2)
-    base = ld.load_hf(smollm2)
+    base = ld.load(smollm2)
     base_lp = [log_softmax_(torch.cat(list(w))) for w in ld.scored_logits(base, windows.first)(windows.tokens)]
     del base
     for quant in ("F16", "Q4_K_M"):
         art = ld.identify(smollm2_ggufs[quant])
-        model = ld.load_artefact(art, config)
+        model = ld.load(art, config)
         ours = [torch.cat(list(w)) for w in ld.scored_logits(model, windows.first)(windows.tokens)]
         del model
         theirs = _llama_cpp_logits(art.path, windows)

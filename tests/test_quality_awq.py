@@ -31,7 +31,7 @@ def test_unpack_golden_words():
 
 def test_tiny_awq_loads_with_the_gemm_formula(tmp_path):
     folder = tiny_awq(tmp_path / "awq", group_size=32)
-    model = ld.load_artefact(ld.identify(folder), {})
+    model = ld.load(ld.identify(folder), {})
     from safetensors.numpy import load_file
 
     raw = load_file(folder / "model.safetensors")

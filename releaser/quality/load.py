@@ -341,15 +341,9 @@ def streamed(weights: Weights, advance: Callable[[], None] = lambda: None):
     return model.eval()
 
 
-def load_hf(model_dir: Path):
-    """The unquantized model, in float32, whole."""
-    with FolderWeights(Path(model_dir)) as weights:
-        return build(weights)
-
-
-def load_artefact(artefact: Artefact, base_config: dict):
-    """The torch model of an artefact, whole: GGUF with the unquantized model's config, AWQ with its own."""
-    with open_weights(artefact, base_config) as weights:
+def load(source: Artefact | Path, base_config: dict | None = None):
+    """The torch model of ``source`` (see :func:`open_weights`), whole, in float32."""
+    with open_weights(source, base_config) as weights:
         return build(weights)
 
 

@@ -296,8 +296,7 @@ def _stop_test(source: ld.Artefact | Path, base_config: dict | None, chat: tuple
     """The stop test (greedy generation of a chat answer) on the whole model of ``source``: generation needs every
     layer at each step, so this is the one place a whole model is in memory; it is freed after."""
     template, ends, tok = chat
-    with ld.open_weights(source, base_config) as weights:
-        model = ld.build(weights)
+    model = ld.load(source, base_config)
     try:
         return stop_test(model, tok, template, ends)
     finally:
