@@ -52,69 +52,156 @@ def hidden(path: Path, tag: str) -> str:
 
 
 class OutputLock:
-    """An exclusive, non-blocking lock on an output path, held by a lock file beside it (removed on release)."""
+    """An exclusive, non-blocking lock on an output path, held by a lock file beside it (removed on release).
 
-    def __init__(self, path: Path):
+    The lock file never exists unlocked: it is created under a unique staging name (``.NAME.releaser-lock-<random>``),
+    locked, and only then hard-linked to its real name (which fails if another run's file is there). So a signal at
+    any point leaves either nothing, or a file whose inode is ours and which :meth:`release` removes; a file left by a
+    killed run (kill -9 frees its lock) is unlocked, hence stale, and is removed by the next run.
+    """
+
+    busy = "another releaser run (pid {pid}) is writing {path}; wait for it to finish or choose another output"
+
+    def __init__(self, path: Path, file: Path | None = None):
         self.path = Path(path).absolute()
-        self.file = self.path.parent / hidden(self.path, LOCK_TAG)
+        self.file = Path(file).absolute() if file else self.path.parent / hidden(self.path, LOCK_TAG)
+        self._staging = self.file.parent / f"{self.file.name}-{os.urandom(6).hex()}"
         self._fd: int | None = None
 
     def acquire(self) -> OutputLock:
+        _live.add(self)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise os_error(exc, self.path) from exc
-        for _ in range(100):  # bounded: each pass only repeats when another run removed the lock file meanwhile
-            fd, locked = None, False
-            try:
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise OutputError(f"another releaser run is writing {self.path}; wait for it to finish or "
-                                      "choose another output") from None
-                locked = True
-                try:
-                    same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
-                except FileNotFoundError:
-                    same = False
-                if same:
-                    self._fd = fd
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(100):  # bounded: a pass repeats only when it removed a stale lock file or lost a race
+                if self._attempt():
+                    _remove_stale_staging(self.file)
                     return self
-            except OSError as exc:
-                if fd is not None:
-                    os.close(fd)
-                raise os_error(exc, self.path) from exc
-            except BaseException as exc:
-                # Ctrl-C or SIGTERM (or another run holding it): the lock file is ours to remove when we hold its
-                # lock, also when the signal came between creating the file and locking it
-                if fd is not None:
-                    if not locked and not isinstance(exc, OutputError):
-                        try:
-                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                            locked = True
-                        except OSError:
-                            pass
-                    if locked:
-                        self.file.unlink(missing_ok=True)
-                    os.close(fd)
-                raise
+            raise OutputError(f"cannot lock {self.path}: its lock file keeps changing")
+        except OSError as exc:
+            self.release()
+            raise os_error(exc, self.path) from exc
+        except BaseException:   # Ctrl-C, SIGTERM, another run holding it: whatever this run created goes
+            self.release()
+            raise
+
+    def _attempt(self) -> bool:
+        if self._fd is None:
+            self._fd = os.open(self._staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # a new private file: cannot be held by another
+            os.write(self._fd, f"{os.getpid()}\n".encode())
+        try:
+            os.link(self._staging, self.file)
+        except FileExistsError:
+            if _remove_if_stale(self.file):
+                return False
+            raise OutputError(self.busy.format(pid=_holder(self.file), path=self.path)) from None
+        except FileNotFoundError:   # the staging file was removed by a run taking the lock meanwhile: start over
+            fd, self._fd = self._fd, None
             os.close(fd)
-        raise OutputError(f"cannot lock {self.path}: its lock file keeps changing")
+            return False
+        os.unlink(self._staging)
+        return True
 
     def release(self) -> None:
-        if self._fd is not None:
+        """Remove the temporary entries beside the output (while held, no other run owns them), what this lock created
+        (the lock file only when it is this run's), and unlock; safe in any state."""
+        try:
+            self._clean_up()
+        except KeyboardInterrupt:   # Ctrl-C or SIGTERM before the removal happened: it must still happen
+            self._clean_up()
+            raise
+        finally:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+            _live.discard(self)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None and _same_file(self.file, self._fd)
+
+    def _clean_up(self) -> None:
+        held = self.held
+        if held:
+            sweep(self.path)
+        try:
+            os.unlink(self._staging)   # a unique name: if it exists, this run made it
+        except (FileNotFoundError, NotADirectoryError):   # never made (its folder may not even be one)
+            pass
+        if held:
             try:
-                self.file.unlink(missing_ok=True)
-            finally:
-                os.close(self._fd)
-                self._fd = None
+                os.unlink(self.file)
+            except FileNotFoundError:
+                pass
 
     def __enter__(self) -> OutputLock:
-        return self.acquire()
+        try:
+            return self.acquire()
+        except BaseException:
+            self.release()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+_live: set[OutputLock] = set()   # locks being taken or held by this process
+
+
+def release_all() -> None:
+    """Release every lock this process still holds or was taking. The CLI calls it when Ctrl-C or SIGTERM ends a
+    command, so an interrupt that came between two steps of a caller (a lock taken, not yet recorded) still leaves
+    nothing behind."""
+    for lock in list(_live):
+        lock.release()
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st, own = os.stat(path), os.fstat(fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _remove_if_stale(path: Path) -> bool:
+    """Remove the lock (or staging) file ``path`` unless a process holds it (then it is a live run's: False)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if _same_file(path, fd):
+            os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _holder(file: Path) -> str:
+    try:
+        with open(file, "rb") as fh:
+            return fh.read(32).decode("ascii", "replace").strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _remove_stale_staging(file: Path) -> None:
+    """Staging files of runs killed while taking the lock ``file`` (a live run's is locked and stays)."""
+    prefix = file.name + "-"
+    try:
+        entries = [e for e in file.parent.iterdir() if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            _remove_if_stale(entry)
+        except OSError:
+            pass
 
 
 def sweep(path: Path) -> None:
@@ -256,6 +343,20 @@ def replace_dir(new: Path, out: Path) -> None:
     fsync_dir(out.parent)
 
 
+def umask() -> int:
+    """The process's umask."""
+    try:   # Linux >= 4.7: read without the set-and-restore race of os.umask
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_new(out: Path, overwrite: bool, *, kind: str = "folder") -> None:
     """Refuse an existing output without ``overwrite``, and an existing output of the wrong kind."""
     if not (out.exists() or out.is_symlink()):
@@ -274,16 +375,17 @@ class PendingDir:
 
     def __init__(self, out: str | os.PathLike, *, overwrite: bool = False):
         self.out = Path(out).absolute()
-        self._lock = OutputLock(self.out).acquire()
+        self._lock = OutputLock(self.out)
         try:
+            self._lock.acquire()
             check_new(self.out, overwrite)
             sweep(self.out)
             self.tmp = Path(tempfile.mkdtemp(prefix=hidden(self.out, TMP_TAG), dir=self.out.parent))
+            os.chmod(self.tmp, 0o777 & ~umask())   # mkdtemp makes 0700; the output gets the user's umask
         except OSError as exc:
             self._lock.release()
             raise os_error(exc, self.out) from exc
-        except BaseException:   # interrupted, perhaps after mkdtemp made the folder: the lock is ours, so sweep
-            sweep(self.out)
+        except BaseException:   # interrupted, perhaps after mkdtemp made the folder: releasing the lock sweeps it
             self._lock.release()
             raise
 
@@ -368,7 +470,7 @@ def output_files(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iter
 
 def write_file(path: str | os.PathLike, data: str | bytes, *, overwrite: bool = True, mode: int | None = None) -> Path:
     """Write one file atomically (unique temporary name beside it, fsync, rename). An existing file keeps its mode
-    unless ``mode`` is given; a new one gets 0644 less the umask."""
+    unless ``mode`` is given; a new one gets 0666 less the umask, as open() gives."""
     path = Path(path).absolute()
     with OutputLock(path):
         check_new(path, overwrite, kind="file")
@@ -399,9 +501,7 @@ def temp_file(path: Path, *, mode: int | None = None) -> Iterator[Path]:
             try:
                 mode = path.stat().st_mode & 0o7777
             except FileNotFoundError:
-                umask = os.umask(0)
-                os.umask(umask)
-                mode = 0o644 & ~umask
+                mode = 0o666 & ~umask()
         os.chmod(tmp, mode)
         fd = os.open(tmp, os.O_RDONLY)
         try:

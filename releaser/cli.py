@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .atomic import release_all
 from .errors import ReleaserError
 from .awq.options import AWQOptions
 from .failures import Terminated, foreseen, one_line, unforeseen
@@ -46,12 +47,11 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except ReleaserError as exc:
             raise _fail(str(exc), exc.exit_code) from None
-        except Terminated:
-            console.print("[bold red]terminated[/]: nothing partial was left under the output name")
-            raise typer.Exit(143) from None
-        except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]: nothing partial was left under the output name")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM (Terminated)
+            release_all()
+            word, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+            console.print(f"[bold red]{word}[/]: nothing partial was left under the output name")
+            raise typer.Exit(code) from None
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
         except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into one line
@@ -67,11 +67,23 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"releaser {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print releaser's version and exit.")) -> None:
     """releaser: merge, fix, quantize, document and publish model releases."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)  # SIGTERM cleans up like Ctrl-C
+
+
+STRICT_HELP = "Every warning is an error (a merge parameter the method ignores, a filter that matches nothing)."
 
 
 def flag(*names: str, help: str):
@@ -104,6 +116,7 @@ def merge(
     quiet: bool = flag("--quiet", "-q", help="No progress bar."),
     dry_run: bool = flag("--dry-run", help="Print the plan (per tensor group: method, sources, "
                          "parameters per layer) and write nothing."),
+    strict: bool = flag("--strict", help=STRICT_HELP),
 ) -> None:
     """Merge models with a mergekit YAML config; the output equals mergekit's."""
     import gc
@@ -125,7 +138,7 @@ def merge(
     if out_dir is None:
         raise ConfigError("merge needs OUT_DIR, the folder to write the merged model to (or --dry-run)")
     result = run_merge(config, out_dir, device=device, overwrite=overwrite, max_shard_bytes=parse_size(shard_size),
-                       reporter=_reporter(quiet))
+                       reporter=_reporter(quiet), strict=strict)
     out.print(f"[green]merged[/] {result.tensors} tensors ({_human(result.bytes_written)}) with {result.method} "
               f"in {result.seconds:.1f} s -> {result.out_dir} ({', '.join(result.files)})", highlight=False)
 
@@ -192,7 +205,8 @@ def fix_tokenizer_cmd(
 @app.command("gguf", context_settings={"allow_extra_args": True})
 @friendly
 def gguf_cmd(
-    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face Llama/Mistral/Qwen2 model folder."),
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder: Llama, Mistral, "
+                                     "Qwen2, Qwen3, Gemma 3 (text) or Phi-3."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
     quant: str = typer.Option("Q4_K_M", "--quant", "-Q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
                               "Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K "
@@ -264,14 +278,17 @@ def publish_cmd(
     create_pr: bool = flag("--create-pr", help="Open a pull request per changed repo."),
     message: str | None = typer.Option(None, "--message", "-m", help="Commit title (default: Release vVERSION)."),
     keep_stale: bool = flag("--keep-stale", help="Keep remote files missing from the folders."),
+    include_untracked: bool = flag("--include-untracked", help="In a release's work folder, also send files no "
+                                   "release stage wrote (default: listed and left out)."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bars (hashing, uploads) and no progress lines."),
 ) -> None:
     """Publish a release: plan each repo, send only what changed, delete what is stale, tag, verify."""
     from .publish.console import publish_options, release_repos, run_publish_cli
 
     repos, facts = release_repos(release_dir, recipe, repo)
     options = publish_options(target=to, private=private, dry_run=dry_run, create_pr=create_pr, message=message,
-                              keep_stale=keep_stale, **facts)
-    run_publish_cli(options, repos, out, console)
+                              keep_stale=keep_stale, include_untracked=include_untracked, **facts)
+    run_publish_cli(options, repos, out, console, quiet)
 
 
 def _stage_table(stages, title: str):
@@ -306,13 +323,14 @@ def release(
     force: bool = flag("--force", help="Run every stage again, even when up to date."),
     dry_run: bool = flag("--dry-run", help="Show which stages would run and why; change nothing."),
     quiet: bool = flag("--quiet", "-q", help="No progress bars."),
+    strict: bool = flag("--strict", help=STRICT_HELP),
 ) -> None:
     """Make the whole release a recipe describes: merge, fix tokenizer, verify, GGUF, cards, publish; reruns skip
     what is up to date."""
     from .pipeline import run_release
 
     result = run_release(recipe, work_dir, only=_stages(only), skip=_stages(skip), force=force, dry_run=dry_run,
-                         push=push, reporter=_reporter(quiet))
+                         push=push, reporter=_reporter(quiet), strict=strict)
     out.print(_stage_table(result.stages, f"release {result.work}" + (" (dry run)" if dry_run else "")))
     if not dry_run:
         ran = result.ran
@@ -323,19 +341,43 @@ def release(
 
 @app.command()
 @friendly
-def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release recipe YAML.")) -> None:
-    """Validate a recipe (offline) and print the stages a release would run."""
+def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release recipe YAML."),
+          strict: bool = flag("--strict", help=STRICT_HELP)) -> None:
+    """Validate a recipe offline with every check release makes before its first stage, and print the stages it
+    would run."""
     from .pipeline import check_recipe
 
-    result = check_recipe(recipe)
+    result = check_recipe(recipe, strict=strict)
+    reporter = _reporter()
+    for text in result.warnings:
+        reporter.warning(text)
     out.print(_stage_table(result.stages, f"{recipe}: {result.recipe.name} {result.recipe.version}"))
     out.print(f"[green]ok[/]: {recipe} is a valid recipe", highlight=False)
+
+
+@app.command()
+@friendly
+def verify(work_dir: Path = typer.Argument(..., metavar="WORK", help="A release's work folder (with release.json)."),
+           quiet: bool = flag("--quiet", "-q", help="No progress bar.")) -> None:
+    """Read again every file release.json records and list those that changed or are missing (exit 1 if any)."""
+    from .pipeline.verify import verify_release
+
+    result = verify_release(work_dir, _reporter(quiet))
+    for m in result.mismatches:
+        out.print(f"[red]{m.stage}[/]: {escape(m.path)}: {escape(m.problem)}", highlight=False)
+    if result.mismatches:
+        raise _fail(f"{len(result.mismatches)} of {result.files} recorded file(s) differ from "
+                    f"{result.work / 'release.json'}; rebuild them with `releaser release RECIPE -o {work_dir} "
+                    f"--only {','.join(result.stages)} --force`", 1)
+    out.print(f"[green]ok[/]: {result.files} file(s), {_human(result.bytes)}, match {result.work / 'release.json'}",
+              highlight=False)
 
 
 @app.command("awq")
 @friendly
 def awq_cmd(
-    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face Llama/Mistral/Qwen2 model folder."),
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder: Llama, Mistral, "
+                                     "Qwen2, Qwen3 or Gemma 3 (text)."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the AWQ checkpoint (written atomically)."),
     bits: int = typer.Option(4, "--bits", help=AWQOptions.help("bits")),
     group_size: int = typer.Option(128, "--group-size", help=AWQOptions.help("group_size")),

@@ -17,14 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .awq.options import AWQOptions
 from .errors import ConfigError
-from .options import check_repo_id, CardOptions, GGUFOptions, MergeOptions, PublishSection, Section, TokenizerOptions
+from .options import check_repo_id, repo_id_problem, CardOptions, GGUFOptions, MergeOptions, PublishSection, Section, TokenizerOptions
 from .quality.options import QualityOptions
 
 _check_repo_id = check_repo_id
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Release(_Strict):
@@ -70,6 +70,12 @@ class Recipe(_Strict):
             object.__setattr__(self, "author", self.name.split("/", 1)[0])
         if self.version is None:
             object.__setattr__(self, "version", self.releases[0].version if self.releases else "1.0")
+        for section, derived in (("gguf", f"{self.name}-GGUF"), ("awq", f"{self.name}-AWQ")):
+            if getattr(self, section) is not None and getattr(self.publish.repos, section) is None:
+                problem = repo_id_problem(derived)
+                if problem:
+                    raise ValueError(f"name: the {section} repo id made from it, {derived!r}, is not valid ({problem});"
+                                     f" shorten name or set publish.repos.{section}")
         return self
 
     # what the cards read
@@ -158,6 +164,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         loc = tuple(p for p in err["loc"] if not _union_tag(p))
         if err["type"] == "extra_forbidden":
             message = f"unknown key {loc[-1]!r}{_closest(loc)}"
+        elif err["type"] == "finite_number":
+            message = f"{err['input']!r} is not a finite number (NaN and infinity are refused); give a number"
         else:
             message = err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"recipe {path}: {_location(loc)}: {message}") from None

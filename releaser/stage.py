@@ -27,9 +27,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StageOptions(BaseModel):
-    """Base of every stage's options: unknown keys are errors, values are immutable."""
+    """Base of every stage's options: unknown keys are errors, values are immutable, numbers are finite (a NaN
+    limit would pass every comparison)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -57,6 +58,8 @@ class StageOptions(BaseModel):
 
 class Reporter:
     """Silent reporter (library default). Subclasses show messages and progress."""
+
+    shows_progress = False   # progress() draws bars; the libraries' own bars (Hub uploads) are shown only then
 
     def message(self, text: str) -> None:
         """A line worth showing (what was done, what was skipped)."""

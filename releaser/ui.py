@@ -17,6 +17,10 @@ class RichReporter(Reporter):
         self.console = console or Console(stderr=True)
         self.quiet, self.in_bytes = quiet, in_bytes   # in_bytes: progress counts bytes (shown as MB/GB)
 
+    @property
+    def shows_progress(self) -> bool:
+        return not self.quiet
+
     def message(self, text: str) -> None:
         if not self.quiet:
             self.console.print(text, highlight=False, markup=False, soft_wrap=True)

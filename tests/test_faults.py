@@ -232,6 +232,13 @@ def test_truncated_input(cmd, inputs, tmp_path):
     assert digest(copy) == before
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except FileNotFoundError:   # a temporary entry renamed or removed meanwhile
+        return 0
+
+
 def _watch(proc: subprocess.Popen, work: Path, moment: str, timeout: float = 300) -> bool:
     """Wait for ``moment`` ("start": the first entry the run creates in ``work``; "writing": the first byte of
     output data) and freeze the process there (SIGSTOP). False when the run finished first."""
@@ -241,7 +248,7 @@ def _watch(proc: subprocess.Popen, work: Path, moment: str, timeout: float = 300
             return False
         entries = [p for p in work.rglob("*") if p.name != "crash-reports"]
         if moment == "start" and entries or moment == "writing" and any(
-                p.is_file() and p.stat().st_size > 0 for p in entries if not p.name.endswith("-lock")):
+                _size(p) > 0 for p in entries if ".releaser-lock" not in p.name):
             os.kill(proc.pid, signal.SIGSTOP)
             return True
         time.sleep(0.002)

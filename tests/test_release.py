@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,10 +81,11 @@ def test_quality_is_measured_recorded_and_in_the_cards(demo):
     _, work, _ = demo
     m = _manifest(work)
     report = json.loads((work / "quality.json").read_text())
-    assert m["stages"]["quality"]["facts"] == report
+    assert {k: v for k, v in m["stages"]["quality"]["facts"].items() if k != "seconds"} == report
+    assert m["stages"]["quality"]["facts"]["seconds"]["total"] > 0   # run times: in the manifest, not the report
     rows = {r["quant"]: r for r in report["artefacts"]}
     assert sorted(rows) == ["AWQ", "Q4_K_M", "Q8_0"]
-    assert Path(report["model"]["path"]) == work / NAME
+    assert report["model"]["path"] == NAME   # relative to the work folder: the bytes do not depend on where it is
     assert 0 < rows["Q8_0"]["kld_mean"] < rows["Q4_K_M"]["kld_mean"] < 0.2
     assert 0 < rows["AWQ"]["kld_mean"] < 0.3 and report["gate"]["passed"] and report["stop_test"]["passed"]
     gguf_card = (work / f"{NAME}-GGUF" / "README.md").read_text()
@@ -141,38 +143,80 @@ def test_re_release_of_a_tokenizer_fix_touches_no_weights(demo, tmp_path):
     assert hashes(copy / "published" / "demo" / NAME) == hashes(copy / NAME)
 
 
-def _kill_during(recipe: Path, work: Path, stage: str, delay: float) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "releaser.cli", "release", str(recipe), "-o", str(work),
-                             "--skip", "awq,quality,cards,publish"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, cwd=ROOT)
-    deadline = time.monotonic() + 600
+def _kill_at(recipe: Path, work: Path, marker: str, *extra: str, writing: bool = False) -> None:
+    """Start a release and kill -9 it as soon as its output shows a line containing ``marker`` (a progress line of
+    the stage to interrupt), or with ``writing`` once after that the stage has written data into a temporary output
+    (its progress on disk): never after a timer."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="200")
+    proc = subprocess.Popen([sys.executable, "-m", "releaser.cli", "release", str(recipe), "-o", str(work), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     seen = ""
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen += line
-        if f"{stage}: running" in line:
-            time.sleep(delay)
-            break
-    assert f"{stage}: running" in seen, seen
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    proc.stdout.close()
+    try:
+        for line in proc.stdout:   # ends when the process does: bounded by the release itself
+            seen += line
+            if marker in line:
+                break
+        assert marker in seen, seen
+        deadline = time.monotonic() + 600
+        while writing and proc.poll() is None and time.monotonic() < deadline and not any(
+                _size(p) > 0 for p in work.rglob("*") if ".releaser-tmp-" in str(p)):
+            time.sleep(0.005)
+        assert proc.poll() is None, "the release finished before it could be killed"
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stdout.close()
 
 
-@pytest.mark.parametrize("stage, delay", [("merge", 1.0), ("gguf", 2.0)])
-def test_killed_release_resumes_to_the_same_bytes(demo, tmp_path, stage, delay):
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except FileNotFoundError:   # renamed or removed meanwhile
+        return 0
+
+
+@pytest.mark.parametrize("stage", ["merge", "gguf"])
+def test_killed_release_resumes_to_the_same_bytes(demo, tmp_path, stage):
     recipe, work, _ = demo
-    _kill_during(recipe, tmp_path / "work", stage, delay)
-    proc = cli("release", recipe, "-o", tmp_path / "work", "--skip", "awq,quality,cards,publish")
+    skip = ("--skip", "awq,quality,cards,publish")
+    _kill_at(recipe, tmp_path / "work", f"{stage}: running", *skip, writing=True)
+    proc = cli("release", recipe, "-o", tmp_path / "work", *skip)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     done = _manifest(tmp_path / "work")["stages"]
     reference = _manifest(work)["stages"]
     for name in ("merge", "tokenizer", "gguf"):
         assert done[name]["files"] == reference[name]["files"], name
     assert not [p for p in (tmp_path / "work").rglob("*") if ".releaser-" in p.name]
+
+
+def test_release_killed_in_awq_and_in_quality_resumes_to_the_same_bytes(demo, tmp_path):
+    """Issue 25: kill -9 inside the AWQ stage (its blocks being quantized) and inside the quality stage (one artefact
+    measured, the next in progress), then run to the end: every file of the work folder, cards and published mirror
+    included, equals the uninterrupted release's; nothing temporary is left."""
+    recipe, reference, _ = demo
+    work = tmp_path / "work"
+    _kill_at(recipe, work, "rows x")                     # "AWQ 4-bit g64 on cpu: 32 rows x 256 tokens ..."
+    _kill_at(recipe, work, f"{NAME}-Q8_0.gguf: PPL")     # the first quant measured; the others are not
+    proc = cli("release", recipe, "-o", work)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert hashes(work) == hashes(reference)
+    assert not [p for p in work.rglob("*") if ".releaser-" in p.name]
+
+
+def test_a_rebuilt_gguf_equals_the_first_one(demo, tmp_path):
+    """Issue 18 item 10: a GGUF rebuilt after the cards stage wrote the main folder's README.md has the same bytes
+    (its metadata comes from the recipe and the model's own files, not from the card)."""
+    recipe, work, _ = demo
+    copy = link_copy(work, tmp_path / "work")
+    q8 = copy / f"{NAME}-GGUF" / f"{NAME}-Q8_0.gguf"
+    def ggufs() -> dict[str, str]:
+        return {k: v for k, v in hashes(copy / f"{NAME}-GGUF").items() if k.endswith(".gguf")}
+
+    before = ggufs()
+    q8.unlink()
+    proc = cli("release", recipe, "-o", copy, "--only", "gguf")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert ggufs() == before and len(before) == 2
 
 
 def test_gate_stops_a_release_with_a_broken_gguf_eos(demo, tmp_path):
@@ -193,8 +237,10 @@ def test_gate_stops_a_release_with_a_broken_gguf_eos(demo, tmp_path):
     assert hashes(copy / "published") == published
 
 
-def test_check_validates_every_recipe_in_the_repository():
-    recipes = sorted((ROOT / "recipes").rglob("*.yaml")) + [ROOT / "recipes" / "example.yml"]
+def test_check_validates_every_recipe_in_the_repository(tmp_path):
+    demo_layout(tmp_path)   # the model folders the demo and the example name (check refuses a missing folder)
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes", dirs_exist_ok=True)
+    recipes = sorted((tmp_path / "recipes").rglob("*.yaml")) + [tmp_path / "recipes" / "example.yml"]
     assert len(recipes) >= 7
     for recipe in recipes:
         proc = cli("check", recipe)

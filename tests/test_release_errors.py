@@ -7,34 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from releaser.cli import app
-from releaser.testing import tiny_model, tiny_tokenizer
+from safety_helpers import model  # noqa: F401 (fixture)
+from safety_helpers import one_line_error as _one_line_error
+from safety_helpers import run as _run
 
 BASE = """\
 name: me/Tiny
 description: A tiny release.
 """
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model(path, vocab=256)
-    tiny_tokenizer(path)
-    return path
-
-
-def _run(*args) -> tuple[int, str]:
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    return res.exit_code, res.output
-
-
-def _one_line_error(output: str) -> str:
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in output, output
-    return errors[0]
 
 
 @pytest.mark.parametrize("body, problem", [

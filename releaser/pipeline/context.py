@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..recipe import Recipe
@@ -19,6 +19,8 @@ class Release:
     reporter: Reporter
     push: bool = False
     left_out: frozenset[str] = frozenset()   # stages this run leaves out (--only, --skip)
+    strict: bool = False                     # every warning is an error (--strict)
+    warnings: list[str] = field(default_factory=list)   # what the checks before the first stage found
 
     @property
     def recipe_dir(self) -> Path:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
@@ -39,6 +40,35 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()
 
 
+@cache
+def _source_digest(package: str) -> str:
+    """sha256 over every file of one of releaser's subpackages (``gguf``, ``templates``, ...): its code's version."""
+    if package == "templates":
+        from ..resources import templates_dir
+        root = templates_dir()
+    else:
+        root = Path(__file__).resolve().parents[1] / package
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def code_versions(code: tuple[str, ...]) -> dict[str, str]:
+    """The versions of the code that makes a stage's bytes: ``releaser.X`` -> a digest of that subpackage's files,
+    a library -> its installed version. A stage whose code changed (an upgrade) runs again."""
+    out = {}
+    for name in code:
+        if name.startswith("releaser."):
+            out[name] = _source_digest(name.split(".", 1)[1])
+        else:
+            try:
+                out[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                out[name] = "not installed"
+    return out
+
+
 def versions() -> dict[str, str]:
     out = {"releaser": __version__}
     for lib in LIBRARIES:
@@ -55,9 +85,9 @@ class Manifest:
     data: dict = field(default_factory=dict)
 
     @classmethod
-    def open(cls, work_dir: Path, release: str, *, force: bool = False) -> Manifest:
-        """The manifest of ``work_dir`` for the release ``release`` (repo id); a new one when there is none, or when
-        it is damaged and ``force`` is given."""
+    def open(cls, work_dir: Path, release: str | None, *, force: bool = False) -> Manifest:
+        """The manifest of ``work_dir`` for the release ``release`` (repo id; None: whichever it holds); a new one
+        when there is none, or when it is damaged and ``force`` is given."""
         path = work_dir / NAME
         fresh = cls(path, {"format": FORMAT, "release": release, "stages": {}, "inputs": {}, "hashes": {}})
         if not path.exists():
@@ -72,7 +102,7 @@ class Manifest:
                 return fresh
             raise ManifestError(f"{path} is damaged or was edited by hand (its checksum does not match), so it is "
                                 "not trusted; move it away or rerun with --force to rebuild every stage")
-        if data.get("release") != release:
+        if release is not None and data.get("release") != release:
             raise ManifestError(f"{work_dir} holds the release of {data.get('release')!r}, not {release!r}; choose "
                                 "another work folder with -o")
         return cls(path, data)
@@ -94,6 +124,21 @@ class Manifest:
     def forget(self, name: str) -> None:
         if self.data["stages"].pop(name, None) is not None:
             self.save()
+
+    def recorded(self, folder: Path) -> dict[str, dict]:
+        """Every file a stage before publishing recorded under ``folder``: relative path -> {sha256, size, stage}."""
+        folder = Path(os.path.normpath(Path(folder).absolute()))
+        work = self.path.parent.absolute()
+        out = {}
+        for stage, entry in self.data["stages"].items():
+            if stage == "publish":
+                continue
+            for f in entry["files"]:
+                path = Path(os.path.normpath(work / entry["root"] / f["path"]))
+                if path.is_relative_to(folder):
+                    out[path.relative_to(folder).as_posix()] = {"sha256": f["sha256"], "size": f["size"],
+                                                                "stage": stage}
+        return out
 
     # -- file hashes (a cache keyed by path, size and mtime, like git's index) ------------------------------------
     def hash(self, path: Path) -> str:

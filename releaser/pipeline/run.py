@@ -1,9 +1,9 @@
 """``run_release``: every stage of a recipe in order, skipping what the manifest shows is done and intact.
 
-A stage runs when it was never run, when its fingerprint (options and input hashes) changed, when one of its files
-is missing or changed, with ``force``, or when a stage before it ran and changed its output. Each stage's output is
-written atomically and the manifest is saved after each stage, so a run killed at any moment resumes where it was
-and ends with the same bytes as an uninterrupted run.
+A stage runs when it was never run, when its fingerprint (options, input hashes and the versions of the code that makes
+its bytes) changed, when one of its files is missing or changed, with ``force``, or when a stage before it ran and
+changed its output. Each stage's output is written atomically and the manifest is saved after each stage, so a run
+killed at any moment resumes where it was and ends with the same bytes as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from ..errors import ConfigError
 from ..recipe import Recipe, load_recipe
 from ..stage import Reporter
 from .context import Release
-from .manifest import Manifest, fingerprint, relative
-from .stages import NAMES, STEPS, Step, _merge_config, _template
+from .layout import check_layout
+from .lock import WorkLock
+from .manifest import Manifest, code_versions, fingerprint, relative
+from .stages import NAMES, STEPS, Step, _merge_config, _template, require_folder
 
 
 @dataclass
@@ -60,6 +62,9 @@ def _decide(r: Release, step: Step, depends: dict, *, force: bool) -> tuple[bool
     if old is None:
         return True, "not run yet"
     if old["fingerprint"] != fingerprint(step.name, depends):
+        changed = [k for k, v in depends["code"].items() if old["depends"].get("code", {}).get(k) != v]
+        if changed:
+            return True, f"the code that makes its bytes changed ({', '.join(changed)})"
         return True, "its inputs or options changed"
     wrong = r.manifest.intact(r.work / old["root"], old["files"])
     if wrong:
@@ -84,16 +89,26 @@ def open_release(recipe_path: str | Path, work_dir: str | Path | None, *, report
 
 def run_release(recipe_path: str | Path, work_dir: str | Path, *, only: list[str] | None = None,
                 skip: list[str] | None = None, force: bool = False, dry_run: bool = False, push: bool = False,
-                reporter: Reporter | None = None) -> ReleaseResult:
-    """Run the recipe's stages into ``work_dir`` (see the module doc); with ``dry_run`` only decide."""
+                reporter: Reporter | None = None, strict: bool = False) -> ReleaseResult:
+    """Run the recipe's stages into ``work_dir`` (see the module doc); with ``dry_run`` only decide; with ``strict``
+    every warning (a merge parameter the method ignores, ...) is an error."""
     only_set, skip_set = _select(only, "--only"), _select(skip, "--skip")
     r = open_release(recipe_path, work_dir, reporter=reporter, push=push, force=force)
     r.left_out = frozenset(n for n in NAMES if (only_set and n not in only_set) or n in skip_set)
+    r.strict = strict
     _validate(r)
+    for text in r.warnings:
+        r.reporter.warning(text)
+    if dry_run:
+        return _run_steps(r, only_set, skip_set, force=force, dry_run=True)
+    with WorkLock(r.work):
+        r.manifest = Manifest.open(r.work, r.recipe.name, force=force)   # as the release before this one left it
+        return _run_steps(r, only_set, skip_set, force=force, dry_run=False)
+
+
+def _run_steps(r: Release, only_set: set[str], skip_set: set[str], *, force: bool, dry_run: bool) -> ReleaseResult:
     result = ReleaseResult(r.work, folders=r.repo_folders())
     upstream_ran = False
-    if not dry_run:
-        r.work.mkdir(parents=True, exist_ok=True)
     for step in STEPS:
         why_not = step.applies(r)
         if why_not:
@@ -107,16 +122,14 @@ def run_release(recipe_path: str | Path, work_dir: str | Path, *, only: list[str
         if dry_run and upstream_ran:
             result.stages.append(StageOutcome(step.name, "would run", "a stage before it runs"))
             continue
-        depends = step.depends(r)
+        depends = {**step.depends(r), "code": code_versions(step.code)}
         run, why = _decide(r, step, depends, force=force)
         if dry_run:
             result.stages.append(StageOutcome(step.name, "would run" if run else "skipped", why))
             upstream_ran |= run
             continue
-        if not run:
-            old = r.manifest.stage(step.name)
-            result.stages.append(StageOutcome(step.name, "skipped", why, old.get("summary", ""), len(old["files"]),
-                                              sum(f["size"] for f in old["files"])))
+        if not run:   # the row says so, not what the stage did when it last ran
+            result.stages.append(StageOutcome(step.name, "skipped", why, "nothing done"))
             continue
         r.reporter.message(f"{step.name}: running ({why})")
         start = time.perf_counter()
@@ -146,33 +159,47 @@ def _changes(before: list[dict], after: list[dict]) -> dict[str, list[str]]:
 class CheckResult:
     recipe: Recipe
     stages: list[StageOutcome]
+    warnings: list[str] = field(default_factory=list)
 
 
-def check_recipe(recipe_path: str | Path) -> CheckResult:
-    """Validate a recipe offline (schema, merge config, templates; Hub model ids are not looked up) and return the
-    stages a release would run."""
+def check_recipe(recipe_path: str | Path, *, strict: bool = False) -> CheckResult:
+    """Validate a recipe offline with the checks ``run_release`` makes before its first stage (schema, merge config
+    and parameters, model folders, templates; Hub model ids are not looked up) and return the stages a release
+    would run and the warnings."""
     r = open_release(recipe_path, None)
+    r.strict = strict
     detail = _validate(r)
     stages = []
     for step in STEPS:
         why_not = step.applies(r)
         stages.append(StageOutcome(step.name, "not applicable" if why_not else "runs", why_not or "",
                                    "" if why_not else detail.get(step.name, "")))
-    return CheckResult(r.recipe, stages)
+    return CheckResult(r.recipe, stages, r.warnings)
 
 
 def _validate(r: Release) -> dict[str, str]:
-    """Check what the schema cannot (the merge config, templates) before anything is written; returns a line per
-    stage for the plan."""
+    """Check what the schema cannot (the merge config and parameters, the model folders, templates) before anything
+    is written, the same for ``check`` and ``release``; returns a line per stage for the plan and puts the warnings
+    in ``r.warnings`` (errors with ``r.strict``)."""
+    from ..card.render import check_template
+    from ..checkpoint import CheckpointReader, architecture_for
+    from ..checkpoint.config import check_sizes
     from ..merge.config import parse_config
+    from ..merge.params import refuse_warnings
     from ..tokenizer.templates import load_template
 
+    check_layout(r.recipe, r.work)
     detail = {}
     if r.recipe.merge is not None:
         source, base_dir = _merge_config(r)
         config, _ = parse_config(source, base_dir=base_dir)
+        r.warnings = _check_merge(config)
         detail["merge"] = f"{config.merge_method} of {', '.join(config.referenced_models())}"
     else:
+        require_folder(r.source_dir())
+        if r.recipe.gguf is not None or r.recipe.awq is not None:
+            with CheckpointReader(r.source_dir()) as reader:   # the sizes GGUF and AWQ read, before any work
+                check_sizes(reader, architecture_for(reader.config, str(r.source_dir())))
         detail["tokenizer"] = f"releases {r.recipe.model}"
     if r.recipe.tokenizer is not None:
         detail["tokenizer"] = f"chat template {load_template(_template(r)).name}"
@@ -189,7 +216,28 @@ def _validate(r: Release) -> dict[str, str]:
         if q.text != "builtin" and not r.local(q.text).is_file():
             raise ConfigError(f"quality.text: {r.local(q.text)} does not exist; give a text file or builtin")
         detail["quality"] = f"{q.chunks} windows of {q.ctx} tokens of {q.text}"
-    if r.recipe.card.template and not r.local(r.recipe.card.template).is_file():
-        raise ConfigError(f"card.template: {r.local(r.recipe.card.template)} does not exist")
+    if r.recipe.card.template:
+        check_template(r.local(r.recipe.card.template), "card.template")
+    refuse_warnings(r.warnings, r.strict)
     detail["publish"] = f"{r.recipe.publish.target}: " + ", ".join(r.repo_folders())
     return detail
+
+
+def _check_merge(config) -> list[str]:
+    """The merge's own checks before it reads a tensor: the method and its parameters; when every model is a local
+    folder, the whole plan (model counts, layer ranges, values at every layer, filters). A model that is neither a
+    folder nor a Hub id is an error; Hub ids are not looked up. Returns the warnings."""
+    from ..merge import hub
+    from ..merge.params import check_config
+    from ..merge.planner import plan_merge
+
+    warnings = check_config(config)
+    refs = config.referenced_models()
+    for ref in refs:
+        if not hub.is_hub_ref(ref):
+            hub.resolve(ref, "adapter" if ref in config.adapters() else "model")   # a local path: it must exist
+    if any(hub.is_hub_ref(ref) for ref in refs):
+        return warnings   # the rest is checked when the merge has the models
+    plan = plan_merge(config)
+    plan.close()
+    return plan.warnings

@@ -13,7 +13,7 @@ from ..atomic import output_dir
 from ..errors import ConfigError, ModelError
 from ..stage import StageResult
 from .context import Release
-from .manifest import fingerprint
+from .manifest import code_versions, fingerprint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "added_tokens.json", "tokenizer.model")
@@ -30,6 +30,7 @@ class Step:
     depends: Callable[[Release], dict]                # what its fingerprint is made of
     root: Callable[[Release], Path]                   # the folder its recorded files are relative to
     run: Callable[[Release], StageResult]
+    code: tuple[str, ...] = ()                         # what makes its bytes (releaser.X subpackages, libraries)
 
 
 def _files(r: Release, stage: str) -> list[dict]:
@@ -37,9 +38,13 @@ def _files(r: Release, stage: str) -> list[dict]:
     return entry["files"] if entry else []
 
 
-def _folder_hashes(r: Release, folder: Path) -> dict[str, str]:
+def require_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist; check the path in the recipe")
+
+
+def _folder_hashes(r: Release, folder: Path) -> dict[str, str]:
+    require_folder(folder)
     return {f.path: f.sha256 for f in r.manifest.describe(folder)}
 
 
@@ -62,8 +67,7 @@ def _merge_depends(r: Release) -> dict:
 
     config, base_dir = _merge_config(r)
     cfg, text = parse_config(config, base_dir=base_dir)
-    sources = [*(cfg.models or []), *(src for s in cfg.slices or [] for src in s.sources)]
-    adapters = {src.lora.path for src in sources if src.lora}
+    adapters = cfg.adapters()
     inputs, where = {}, {}
     for ref in cfg.referenced_models():   # a local folder, or a Hub id's snapshot (fetched once, then cached)
         where[ref] = hub.resolve(ref, "adapter" if ref in adapters else "model")
@@ -80,7 +84,7 @@ def _merge_run(r: Release) -> StageResult:
     m = r.recipe.merge
     config, base_dir = _merge_config(r)
     result = run_merge(config, r.merged_dir, device=m.device, overwrite=True, max_shard_bytes=parse_size(m.shard_size),
-                       reporter=r.reporter, base_dir=base_dir)
+                       reporter=r.reporter, base_dir=base_dir, strict=r.strict)
     return _result(r, "merge", r.merged_dir, f"merged {result.tensors} tensors with {result.method}")
 
 
@@ -109,16 +113,17 @@ def _tokenizer_depends(r: Release) -> dict:
 
 def _tokenizer_run(r: Release) -> StageResult:
     t = r.recipe.tokenizer
-    if t is None:   # no fix asked for: the main folder is the source as it is (unchanged files are hard links)
+    own = r.recipe.merge is not None   # merged/ is releaser's output: hard links; a model: folder is the user's
+    if t is None:   # no fix asked for: the main folder is the source as it is
         from ..tokenizer.output import _copy_into
 
         with output_dir(r.main_dir, overwrite=True) as tmp:
-            _copy_into(r.source_dir(), tmp, {}, skip_weights=False, skip={"README.md"})
+            _copy_into(r.source_dir(), tmp, {}, skip_weights=False, skip={"README.md"}, link=own)
         return _result(r, "tokenizer", r.main_dir, "copied the model as it is (no tokenizer: section)")
     from ..tokenizer.fix import FixSpec, fix_tokenizer
 
     report = fix_tokenizer(r.source_dir(), FixSpec(_template(r), r.main_dir, False, t.eos, t.system_prompt,
-                                                    overwrite=True))
+                                                    overwrite=True, link=own))
     return _result(r, "tokenizer", r.main_dir,
                    f"{report.template}: eos {report.eos_token!r}, stop ids {report.eos_ids}, "
                    f"{len(report.changes)} file(s) changed", facts={"changes": report.changes,
@@ -154,10 +159,14 @@ def _quant_depends(weights: Callable[[Release], dict]) -> Callable[[Release], di
     return lambda r: {"weights": fingerprint(weights(r)), "tokenizer": _main_files(r, tokenizer=True)}
 
 
+GGUF_CODE = ("releaser.gguf", "releaser.arch", "releaser.checkpoint", "gguf", "numpy", "numba")
+AWQ_CODE = ("releaser.awq", "releaser.arch", "releaser.checkpoint", "torch", "transformers")
+
+
 def _gguf_weights(r: Release) -> dict:
-    """What the tensors depend on: everything in the main folder but the tokenizer files."""
+    """What the tensors depend on: everything in the main folder but the tokenizer files, and the code."""
     return {"options": r.recipe.gguf.model_dump(mode="json"), "license": r.recipe.license, "author": r.recipe.author,
-            "name": r.recipe.main_repo, "model": _main_files(r, tokenizer=False)}
+            "name": r.recipe.main_repo, "model": _main_files(r, tokenizer=False), "code": code_versions(GGUF_CODE)}
 
 
 def _gguf_run(r: Release) -> StageResult:
@@ -186,7 +195,8 @@ def _gguf_run(r: Release) -> StageResult:
     with output_dir(r.gguf_dir, overwrite=True) as tmp:
         result = export_gguf(r.main_dir, tmp, g.quants, name, g.split_max_size, overwrite=True,
                              license=r.recipe.license, base_models=[r.recipe.main_repo],
-                             quantized_by=r.recipe.author, pre_tokenizer=g.pre_tokenizer, reporter=r.reporter)
+                             quantized_by=r.recipe.author, pre_tokenizer=g.pre_tokenizer, model_card=False,
+                             reporter=r.reporter)
     paths = [r.gguf_dir / p.name for ps in result.files.values() for p in ps]
     return _result(r, "gguf", r.gguf_dir, f"{len(paths)} GGUF file(s): {', '.join(result.files)}", paths,
                    {"tensor_types": result.tensor_types})
@@ -202,12 +212,13 @@ def _awq_options(r: Release):
 
 def _awq_weights(r: Release) -> dict:
     """What the quantized tensors depend on: the options, the calibration text, the model's weights and config (not
-    its chat template, stop tokens or other tokenizer settings: a fix of those leaves the vocabulary as it is)."""
+    its chat template, stop tokens or other tokenizer settings: a fix of those leaves the vocabulary as it is), and the
+    code."""
     options = _awq_options(r)
     calib = Path(options.calibration)
     return {"options": r.recipe.awq.model_dump(mode="json", exclude={"device"}),
             "calibration": r.manifest.hash(calib) if calib.is_file() else options.calibration,
-            "model": _main_files(r, tokenizer=False)}
+            "model": _main_files(r, tokenizer=False), "code": code_versions(AWQ_CODE)}
 
 
 def _awq_run(r: Release) -> StageResult:
@@ -222,7 +233,7 @@ def _awq_run(r: Release) -> StageResult:
 
         side = [n for n in SIDE_FILES if (r.main_dir / n).is_file()]
         with output_dir(r.awq_dir, overwrite=True) as tmp:
-            _copy_into(r.awq_dir, tmp, {}, skip_weights=False, skip=set(SIDE_FILES))
+            _copy_into(r.awq_dir, tmp, {}, skip_weights=False, skip=set(SIDE_FILES), link=True)
             for name in side:
                 shutil.copyfile(r.main_dir / name, tmp / name)
         kept = [f["path"] for f in old["files"] if f["path"] not in SIDE_FILES]   # not the cards stage's README
@@ -318,7 +329,9 @@ def _publish_run(r: Release) -> StageResult:
 
     check_release(r)
     options = _publish_options(r)
-    result = run_publish(options, r.repo_folders(), r.reporter)
+    folders = r.repo_folders()
+    result = run_publish(options, folders, r.reporter,
+                         recorded={repo: r.manifest.recorded(folder) for repo, folder in folders.items()})
     if options.target == "hub":
         return StageResult("publish", r.work, [], result.summary, result.facts)
     root = _publish_root(r)
@@ -337,13 +350,20 @@ def _needs(section: str) -> Callable[[Release], str | None]:
 
 
 STEPS = [
-    Step("merge", _needs("merge"), _merge_depends, lambda r: r.merged_dir, _merge_run),
-    Step("tokenizer", lambda r: None, _tokenizer_depends, lambda r: r.main_dir, _tokenizer_run),
-    Step("verify", lambda r: None, _verify_depends, lambda r: r.main_dir, _verify_run),
-    Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, _gguf_run),
-    Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, _awq_run),
-    Step("quality", _quality_applies, _quality_depends, lambda r: r.work, _quality_run),
-    Step("cards", lambda r: None, _card_depends, lambda r: r.work, _card_run),
-    Step("publish", _publish_applies, _publish_depends, _publish_root, _publish_run),
+    Step("merge", _needs("merge"), _merge_depends, lambda r: r.merged_dir, _merge_run,
+         ("releaser.merge", "releaser.arch", "releaser.checkpoint", "torch", "safetensors", "peft")),
+    Step("tokenizer", lambda r: None, _tokenizer_depends, lambda r: r.main_dir, _tokenizer_run,
+         ("releaser.tokenizer", "releaser.checkpoint", "tokenizers", "transformers")),
+    Step("verify", lambda r: None, _verify_depends, lambda r: r.main_dir, _verify_run,
+         ("releaser.tokenizer", "transformers")),
+    Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, _gguf_run, GGUF_CODE),
+    Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, _awq_run, AWQ_CODE),
+    Step("quality", _quality_applies, _quality_depends, lambda r: r.work, _quality_run,
+         ("releaser.quality", "releaser.arch", "releaser.awq", "releaser.gguf", "torch", "transformers",
+          "llama_cpp_python")),
+    Step("cards", lambda r: None, _card_depends, lambda r: r.work, _card_run,
+         ("releaser.card", "releaser.templates", "jinja2", "huggingface_hub")),
+    Step("publish", _publish_applies, _publish_depends, _publish_root, _publish_run,
+         ("releaser.publish", "huggingface_hub")),
 ]
 NAMES = [s.name for s in STEPS]
