@@ -150,6 +150,44 @@ def tiny_model(path: Path, arch: str = "llama", seed: int = 0, dtype: str = "flo
     return write_model(path, cfg, tiny_state(cfg, seed), dtype=dtype, shard_bytes=shard_bytes)
 
 
+# family -> (transformers config class, its extra settings): tiny random models built by transformers itself
+FAMILY_CONFIGS = {
+    "qwen3": ("Qwen3Config", dict(head_dim=32)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                                        final_logit_softcapping=0.5)),   # small: random logits reach it
+    "gemma2": ("Gemma2Config", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=8)),
+    "phi3": ("Phi3Config", dict(pad_token_id=0)),
+}
+
+
+def tiny_family_model(path: Path, family: str, seed: int = 0, *, layers: int = 2, hidden: int = 64,
+                      intermediate: int = 128, heads: int = 4, kv_heads: int = 2, vocab: int = 49152,
+                      tied: bool | None = None, **extra) -> Path:
+    """A small random model of ``family`` (see FAMILY_CONFIGS) made by transformers from its own config class, with
+    random norm weights (so a missing Gemma ``+1`` shows); same arguments and another ``seed`` give a mergeable
+    variant."""
+    import torch
+    import transformers
+
+    cls_name, defaults = FAMILY_CONFIGS[family]
+    kw = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=512,
+              bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5) | defaults | extra
+    if tied is not None:
+        kw["tie_word_embeddings"] = tied
+    config = getattr(transformers, cls_name)(**kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn(p.shape) * 0.2 + (0.0 if family.startswith("gemma") else 1.0))
+            else:
+                p.copy_(torch.randn(p.shape) * 0.05)
+    model.save_pretrained(path)
+    return Path(path)
+
+
 def noised_variant(src: Path, dst: Path, seed: int, scale: float = 0.1) -> Path:
     """Copy of ``src`` with rank-4 noise (``scale`` x std) on every 2-D weight and 1% noise on 1-D weights."""
     import torch

@@ -4,17 +4,14 @@ generation, and llama_model_quantize. Quantized decode uses ``use_extra_bufts=Fa
 from __future__ import annotations
 
 import ctypes
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-if os.environ.get("CI") == "true":
-    import llama_cpp  # the oracle must be installed in CI: a failure, not a skip
-else:
-    llama_cpp = pytest.importorskip("llama_cpp")
+from conftest import require
+
+llama_cpp = require("llama_cpp")   # the oracle: a failure in CI, not a skip
 _initialised = False
 
 
@@ -173,3 +170,48 @@ def tensors(path: Path) -> dict[str, tuple[int, bytes]]:
         n = int(np.prod(ne)) // block * size
         out[name] = (ggml_type, data[start + offset: start + offset + n])
     return out
+
+
+SDIST_VENDOR = "llama_cpp_python-0.3.36/vendor/llama.cpp"
+
+
+def converter_dir() -> Path:
+    """llama.cpp's own ``convert_hf_to_gguf.py`` (with its ``conversion/`` and ``gguf-py/``), vendored in the
+    llama-cpp-python 0.3.36 sdist: $RELEASER_LLAMA_CPP_DIR, else the copy tests/run.sh unpacks into
+    ~/.cache/releaser/llama-cpp-sdist. Missing: a failure in CI, a skip elsewhere."""
+    import os
+
+    import pytest
+
+    candidates = [os.environ.get("RELEASER_LLAMA_CPP_DIR"),
+                  os.path.join(os.path.expanduser("~"), ".cache", "releaser", "llama-cpp-sdist", SDIST_VENDOR)]
+    for d in candidates:
+        if d and (Path(d) / "convert_hf_to_gguf.py").is_file():
+            return Path(d)
+    message = ("llama.cpp's convert_hf_to_gguf.py not found: set RELEASER_LLAMA_CPP_DIR to the sdist's "
+               "vendor/llama.cpp, or run tests/run.sh once (it unpacks the llama-cpp-python 0.3.36 sdist)")
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def convert_hf(model_dir: Path, outfile: Path, outtype: str = "f32") -> Path:
+    """``convert_hf_to_gguf.py model_dir --outtype outtype`` with the sdist's own gguf-py (as llama.cpp runs it)."""
+    import os
+    import subprocess
+    import sys
+
+    script = converter_dir() / "convert_hf_to_gguf.py"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("NO_LOCAL_GGUF", None)
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile",
+                           str(outfile)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(outfile)
+
+
+def keys(path: Path, prefix: str) -> dict:
+    """The metadata keys of a GGUF file starting with ``prefix`` (e.g. the architecture's own keys), decoded."""
+    import gguf
+
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k.startswith(prefix)}

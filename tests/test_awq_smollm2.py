@@ -5,10 +5,11 @@ the model card facts, and that chat generation still stops at the end of the tur
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
+
+from conftest import require
 
 from releaser.awq import AWQOptions, run_awq
 from releaser.awq.evaluate import awq_state, evaluate_awq
@@ -61,8 +62,16 @@ def test_checkpoint_layout(smollm2, smol_awq):
 
 def test_perplexity_awq_beats_rtn_and_stays_close(smol_eval, smol_awq):
     """Measured here (8 x 256 held-out tokens): unquantized 19.30, AWQ 22.82, RTN 27.64. The issue's target of AWQ
-    within 15% of the unquantized model is not reached on this 135M model at g64 (+18%; 64 x 512 calibration gives
-    the same); AWQ recovers well over half of round-to-nearest's loss."""
+    within 15% of the unquantized model is not reached on this 135M model at g64; AWQ recovers well over half of
+    round-to-nearest's loss. With the defaults (128 samples x 512, awq-eval's 16 x 512 tokens): 16.852 / 19.748 /
+    24.203 (1.172x). Issue 25, one change at a time on a 32-sample run (1.176x): group 32 instead of the g64
+    fallback 1.152x (RTN 1.360x against 1.436x; with the defaults 19.303, 1.146x, the only change found that reaches
+    1.15), later blocks fed from the quantized blocks 1.179x, an asymmetric [lo, hi] clip range 1.171x (1.175x with
+    the defaults): none reaches 1.15 at g64. The fixture's "unquantized" weights are the Q4_1 GGUF's (every linear
+    already 4-bit in groups of 32), so any g64 4-bit grid re-rounds two offset g32 grids at once. AutoAWQ 0.2.9's
+    own scale search (its CPU aliasing of state_dict().cpu() patched) gives the same losses as ours with all tokens
+    searched on all 20 ratios of block 0's groups (its whole run: ~2-3 min a block here); ours searching all tokens
+    as it does gives 1.200x on the 32-sample run (the 2048-token default: 1.176x)."""
     ppl = smol_eval["perplexity"]
     assert ppl["unquantized"] < ppl["awq"] <= ppl["rtn"], ppl
     assert ppl["awq"] - ppl["unquantized"] <= 0.6 * (ppl["rtn"] - ppl["unquantized"]), ppl
@@ -74,11 +83,7 @@ def test_perplexity_awq_beats_rtn_and_stays_close(smol_eval, smol_awq):
 
 
 def _oracle():
-    if os.environ.get("CI") == "true":
-        from awq.utils import packing_utils  # the oracle must be installed in CI
-    else:
-        packing_utils = pytest.importorskip("awq.utils.packing_utils")
-    return packing_utils
+    return require("awq.utils.packing_utils")   # the oracle: a failure in CI, not a skip
 
 
 def test_autoawq_unpacking_reads_our_checkpoint(smol_awq):

@@ -39,6 +39,24 @@ def test_unsupported_architecture(model, tmp_path):
     assert gguf_files(tmp_path / "out") == []
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("num_hidden_layers", None, "has no num_hidden_layers"),
+    ("num_attention_heads", 0, "num_attention_heads is 0, not a positive whole number"),
+    ("hidden_size", 96, "says hidden_size 96 but model.embed_tokens.weight is 64 wide"),
+])
+def test_config_size_fields_checked_before_any_work(model, tmp_path, key, value, message):
+    cfg = json.loads((model / "config.json").read_text())
+    if value is None:
+        del cfg[key]
+    else:
+        cfg[key] = value
+    (model / "config.json").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(app, ["gguf", str(model), "-o", str(tmp_path / "out"), "--quant", "F16"])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and message in lines[0], res.output
+    assert gguf_files(tmp_path / "out") == []
+
+
 def test_unknown_pre_tokenizer_fails_before_writing(model, tmp_path):
     tok = json.loads((model / "tokenizer.json").read_text())
     tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [

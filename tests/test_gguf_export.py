@@ -12,7 +12,7 @@ import torch
 from releaser.gguf import QUANT_NAMES, export_gguf
 from releaser.testing import tiny_model
 
-o = pytest.importorskip("gguf_oracle")
+import gguf_oracle as o  # noqa: E402 - skips (outside CI) without llama-cpp-python
 pytestmark = pytest.mark.slow  # llama.cpp is an external oracle
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

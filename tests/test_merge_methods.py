@@ -4,15 +4,10 @@ models (one mergekit subprocess for all configs)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from test_methods import ours, rel_close, theirs
-from test_parity import MERGEKIT_SCRIPT, _family, _models, load_all
+from test_parity import _family, _models, load_all, run_mergekit
 
 from releaser.errors import ConfigError
 from releaser.merge import run_merge
@@ -210,12 +205,7 @@ def parity(tmp_path_factory):
     mistral = _family(root, "mistral", layers=4, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=24)
     cfgs = merge_configs(llama, mistral)
     jobs = [(str(root / "mk" / n), c, None) for n, c in cfgs.items()]
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    (root / "run_mergekit.py").write_text(MERGEKIT_SCRIPT)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(root / "run_mergekit.py"), str(root / "jobs.json")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_mergekit(root, jobs)
     return root, cfgs
 
 

@@ -74,13 +74,24 @@ def test_global_parameter_set_per_model_is_not_used(tmp_path, family):
            "models": [{"model": family[0]}, {"model": family[1], "parameters": {"t": 0.5}}]}
     text = cli_error(tmp_path, cfg)
     assert "`models[1].parameters.t`" in text and "top-level `parameters:`" in text
+    cfg["parameters"] = {"t": 0.3}   # the per-model t is then ignored, as mergekit ignores it: a warning
+    reporter = Collect()
+    run_merge(cfg, tmp_path / "ok", reporter=reporter)
+    assert len(reporter.warnings) == 1 and "`models[1].parameters.t`" in reporter.warnings[0]
 
 
-def test_parameter_of_another_method_names_it(tmp_path, family):
+def test_parameter_of_another_method_is_a_warning_and_strict_refuses_it(tmp_path, family):
     cfg = {"merge_method": "linear", "parameters": {"t": 0.5},
            "models": [{"model": f, "parameters": {"weight": 1.0}} for f in family[:2]]}
-    text = cli_error(tmp_path, cfg)
-    assert "`parameters.t`" in text and "slerp" in text and "`weight`" in text
+    reporter = Collect()
+    result = run_merge(cfg, tmp_path / "ok", reporter=reporter)
+    assert reporter.warnings == result.warnings and len(result.warnings) == 1
+    assert "`parameters.t`" in result.warnings[0] and "linear does not read `t`" in result.warnings[0]
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(app, ["merge", str(path), str(tmp_path / "out"), "--quiet", "--strict"])
+    assert result.exit_code == 2 and "`parameters.t`" in result.output and "--strict" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_mergekit_keys_say_so(tmp_path, family):

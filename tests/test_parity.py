@@ -121,6 +121,16 @@ MERGEKIT_SCRIPT = textwrap.dedent("""
 """)
 
 
+def run_mergekit(root: Path, jobs: list) -> None:
+    """Run mergekit 0.1.5 on every (output folder, config, random seed) job in one subprocess."""
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    (root / "run_mergekit.py").write_text(MERGEKIT_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(root / "run_mergekit.py"), str(root / "jobs.json")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def _family(root: Path, arch: str, tag: str = "", count: int = 3, **kw) -> dict:
     base = tiny_model(root / f"{arch}{tag}-base", arch=arch, seed=0, **kw)
     variants = [noised_variant(base, root / f"{arch}{tag}-v{i}", seed=i) for i in range(1, count)]
@@ -139,12 +149,7 @@ def parity(tmp_path_factory):
     rnd = random_configs(llama)
     jobs = [(str(root / "mk" / n), c, None) for n, c in det.items()]
     jobs += [(str(root / "mk" / n), c, SEED) for n, c in rnd.items()]
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    (root / "run_mergekit.py").write_text(MERGEKIT_SCRIPT)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(root / "run_mergekit.py"), str(root / "jobs.json")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_mergekit(root, jobs)
     return {"root": root, "det": det, "rnd": rnd, "llama": llama}
 
 

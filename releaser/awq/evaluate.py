@@ -14,6 +14,7 @@ import torch
 
 from ..atomic import write_file
 from ..checkpoint import CheckpointReader
+from ..checkpoint.config import check_same_model
 from ..errors import ModelError
 from ..stage import Reporter
 from .calib import heldout_rows
@@ -23,15 +24,39 @@ from .run import LINEARS, resolve_device, use_all_cores
 from .stage import CALIBRATION_FILE, load_tokenizer
 
 
-def awq_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(quantization_config, float32 state dict) of an AWQ GEMM folder: every quantized linear dequantized."""
-    reader = CheckpointReader(folder)
-    qc = reader.config.get("quantization_config")
+SAME_MODEL = "evaluate the AWQ folder against the model it was made from"
+
+
+def check_pair(model_dir: Path, awq_dir: Path) -> None:
+    """Refuse, before loading anything, an unquantized folder that is quantized (the arguments swapped) or an AWQ
+    folder whose config.json describes another model (architecture or sizes)."""
+    with CheckpointReader(model_dir) as model, CheckpointReader(awq_dir) as awq:
+        config, awq_config = model.config, awq.config
+    if isinstance(config.get("quantization_config"), dict):
+        raise ModelError(f"{model_dir} is quantized; give the unquantized model folder first, then the AWQ folder")
+    awq_quantization(awq_config, awq_dir)
+    check_same_model(config, awq_config, str(model_dir), str(awq_dir), SAME_MODEL)
+
+
+def awq_quantization(config: dict, folder: Path) -> dict:
+    """The quantization_config of a 4-bit GEMM AWQ folder's config.json; anything else is refused."""
+    qc = config.get("quantization_config")
     if not isinstance(qc, dict) or str(qc.get("quant_method", "")).lower() != "awq":
         raise ModelError(f"{folder} is not an AWQ checkpoint (config.json has no quantization_config with "
                          "quant_method awq)")
-    if str(qc.get("version", "gemm")).lower() != "gemm" or int(qc.get("bits", 4)) != 4:
+    if str(qc.get("version", "gemm")).lower() != "gemm" or str(qc.get("bits", 4)) != "4":
         raise ModelError(f"{folder}: only 4-bit GEMM AWQ checkpoints can be evaluated")
+    gs = qc.get("group_size")
+    if isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0:
+        raise ModelError(f"{folder}/config.json: quantization_config.group_size is {gs!r}, not a positive whole "
+                         "number; make the folder again with releaser awq")
+    return qc
+
+
+def awq_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(quantization_config, float32 state dict) of an AWQ GEMM folder: every quantized linear dequantized."""
+    reader = CheckpointReader(folder)
+    qc = awq_quantization(reader.config, folder)
     gs = int(qc["group_size"])
     state = {}
     for name in reader.tensors:
@@ -63,7 +88,12 @@ def load_awq_into(model, folder: Path) -> dict:
     if missing or extra:
         name = sorted(missing or extra)[0]
         raise ModelError(f"{folder} does not match the unquantized model's layout ({'missing' if missing else 'extra'} "
-                         f"tensor {name}); evaluate it against the model it was made from")
+                         f"tensor {name}); {SAME_MODEL}")
+    shapes = model.state_dict()
+    for name in sorted(state):
+        if state[name].shape != shapes[name].shape:
+            raise ModelError(f"{folder} does not match the unquantized model's layout ({name} is "
+                             f"{tuple(state[name].shape)}, the model's {tuple(shapes[name].shape)}); {SAME_MODEL}")
     model.load_state_dict(state, strict=False)
     if "lm_head.weight" not in state and model.config.tie_word_embeddings:
         model.tie_weights()
@@ -95,6 +125,7 @@ def evaluate_awq(model_dir: str | os.PathLike, awq_dir: str | os.PathLike, repor
     reporter = reporter or Reporter()
     model_dir, awq_dir = Path(model_dir), Path(awq_dir)
     dev = resolve_device(device)
+    check_pair(model_dir, awq_dir)
     use_all_cores()
     tokenizer = load_tokenizer(model_dir)
     name, ids = heldout_rows(tokenizer, seqlen, rows, text)

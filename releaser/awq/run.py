@@ -7,7 +7,9 @@ clipping; quantize and write its linears. Only one block's weights and activatio
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -26,13 +28,12 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")   # the q.k product makes clipping them imprecise
 CHUNK_TOKENS = 8192                                    # tokens per forward chunk (bounds activation memory)
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 
 @dataclass(frozen=True)
 class Group:
     """One scaling group: the op the scales fold into, the linears they multiply, and where the loss is measured."""
-    prev: str                 # input_layernorm, self_attn.v_proj, post_attention_layernorm, mlp.up_proj
+    prev: str                 # input_layernorm, self_attn.v_proj, post_attention_layernorm, mlp.up_proj (Llama)
     linears: tuple[str, ...]
     inspect: str              # "attn" (whole self-attention, needs whole rows) or "tokens" (token-wise module)
     module: str               # the module whose output the loss compares (self_attn, o_proj, mlp, down_proj)
@@ -51,6 +52,19 @@ FEATURE_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "sel
               "mlp.down_proj": "down_in"}
 
 
+
+
+def family_groups(arch) -> tuple[Group, ...]:
+    """The scaling groups of ``arch`` (its ``awq_groups``: which op's output the linears read), measured as GROUPS."""
+    by_linears = {g.linears: g for g in GROUPS}
+    out = []
+    for prev, linears in arch.awq_groups:
+        if tuple(linears) not in by_linears:
+            raise ModelError(f"{arch.label}: AWQ has no way to measure the scaling group {', '.join(linears)}")
+        out.append(dataclasses.replace(by_linears[tuple(linears)], prev=prev))
+    return tuple(out)
+
+
 @dataclass
 class Settings:
     group_size: int
@@ -67,9 +81,9 @@ class BlockReport:
 
 def family_classes(config: dict, where: str):
     """(decoder layer class, rotary embedding class, norm class, transformers config) of a supported model."""
-    arch = architecture_for(config, where)
-    prefix = FAMILIES[arch.name]
-    module = importlib.import_module(f"transformers.models.{arch.name}.modeling_{arch.name}")
+    arch = architecture_for(config, where, stage="awq")
+    prefix, name = arch.transformers_prefix, arch.transformers_module
+    module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
     from transformers import AutoConfig
 
     clean = {k: v for k, v in config.items() if k not in ("quantization_config",)}
@@ -114,18 +128,24 @@ def channel_abs_mean(x: torch.Tensor) -> torch.Tensor:
     return total / flat.shape[0]
 
 
-def scaling_groups(layer: nn.Module) -> list[Group]:
+def scaling_groups(layer: nn.Module, groups: tuple[Group, ...] = GROUPS) -> list[Group]:
     """The block's scaling groups; v_proj -> o_proj only when their shapes match (no grouped-query attention)."""
     v, o = layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight
-    return [g for g in GROUPS if g.prev != "self_attn.v_proj" or v.shape == o.shape]
+    return [g for g in groups if g.prev != "self_attn.v_proj" or v.shape == o.shape]
 
 
-def fold_group(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
-    """Divide the preceding norm/linear by s and multiply the group's linears' input columns by s."""
+def fold_group(layer: nn.Module, group: Group, s: torch.Tensor, norm_shift: float = 0.0) -> None:
+    """Divide the preceding norm/linear by s and multiply the group's linears' input columns by s. A norm computing
+    ``x * (shift + w)`` (Gemma: shift 1) has its effective weight ``shift + w`` divided."""
     linears = [layer.get_submodule(n) for n in group.linears]
     prev = layer.get_submodule(group.prev)
     if isinstance(prev, nn.Linear):
         fold_into_linear(prev, linears[0], s)
+    elif norm_shift:
+        with torch.no_grad():
+            prev.weight.add_(norm_shift)
+            fold_into_norm(prev, linears, s)
+            prev.weight.sub_(norm_shift)
     else:
         fold_into_norm(prev, linears, s)
 
@@ -133,17 +153,41 @@ def fold_group(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
 class BlockRunner:
     """Runs decoder blocks of one model on the calibration hidden states [rows, seq, hidden]."""
 
-    def __init__(self, classes, settings: Settings, seq_len: int):
+    def __init__(self, classes, settings: Settings, seq_len: int, arch=None):
         self.layer_cls, rotary_cls, _, self.hf = classes
         self.s = settings
+        self.groups = family_groups(arch) if arch is not None else GROUPS
+        self.norm_shift = arch.norm_shift if arch is not None else 0.0
         dev, dt = settings.device, settings.dtype
-        rotary = rotary_cls(self.hf).to(dev)
+        self.rotary = rotary_cls(self.hf).to(dev)
+        self.seq_len = seq_len
         self.position_ids = torch.arange(seq_len, device=dev).unsqueeze(0)
-        cos, sin = rotary(torch.zeros(1, seq_len, 1, device=dev, dtype=dt), self.position_ids)
-        self.kwargs = {"attention_mask": None, "position_ids": self.position_ids, "position_embeddings": (cos, sin)}
+        self._kwargs: dict[str, dict] = {}
+        self.kwargs = self.layer_kwargs(0)
         self.rows_per_chunk = max(1, CHUNK_TOKENS // seq_len)
 
+    def layer_kwargs(self, index: int) -> dict:
+        """The decoder layer's call arguments: RoPE of its layer type (Gemma 3's sliding layers have their own base)
+        and, for a sliding-window layer shorter than the rows, the banded causal mask (else plain causal)."""
+        types = getattr(self.hf, "layer_types", None) or []
+        kind = types[index] if index < len(types) else "full_attention"
+        if kind not in self._kwargs:
+            dev, dt, n = self.s.device, self.s.dtype, self.seq_len
+            x = torch.zeros(1, n, 1, device=dev, dtype=dt)
+            takes_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+            cos, sin = (self.rotary(x, self.position_ids, kind) if takes_type else self.rotary(x, self.position_ids))
+            window = getattr(self.hf, "sliding_window", None)
+            mask = None
+            if kind == "sliding_attention" and window and window < n:
+                q, k = torch.arange(n, device=dev).view(-1, 1), torch.arange(n, device=dev).view(1, -1)
+                mask = ((k <= q) & (q - k < window)).view(1, 1, n, n)
+            self._kwargs[kind] = {"attention_mask": mask, "position_ids": self.position_ids,
+                                  "position_embeddings": (cos, sin)}
+        return self._kwargs[kind]
+
     def build(self, state: dict[str, torch.Tensor], index: int) -> nn.Module:
+        """Block ``index`` with ``state``'s weights; the runner's call arguments become that layer's."""
+        self.kwargs = self.layer_kwargs(index)
         with torch.device("meta"):
             layer = self.layer_cls(self.hf, index)
         state = {k: v.to(self.s.device, self.s.dtype) for k, v in state.items()}
@@ -215,7 +259,7 @@ class BlockRunner:
         report = BlockReport()
         gs = self.s.group_size
         found = []
-        for g in scaling_groups(layer):
+        for g in scaling_groups(layer, self.groups):
             linears = [layer.get_submodule(n) for n in g.linears]
             s, ratio = search_scale(linears, channel_abs_mean(feats[g.feature]), gs,
                                     self._loss_fn(layer, g, feats[g.feature]))
@@ -223,7 +267,7 @@ class BlockRunner:
             report.ratios[g.prev] = ratio
         scaled: dict[str, torch.Tensor] = {}
         for g, s in found:
-            fold_group(layer, g, s)
+            fold_group(layer, g, s, self.norm_shift)
             scaled[g.feature] = s
         if self.s.clip:
             for name in LINEARS:
@@ -240,10 +284,11 @@ class BlockRunner:
         return report
 
 
-def quantized_tensors(layer: nn.Module, prefix: str, group_size: int) -> dict[str, torch.Tensor]:
+def quantized_tensors(layer: nn.Module, prefix: str, group_size: int,
+                      linears: tuple[str, ...] = LINEARS) -> dict[str, torch.Tensor]:
     """The block's output tensors: GEMM qweight/qzeros/scales for the linears, float16 for the rest."""
     out = {}
-    linear_weights = {f"{n}.weight" for n in LINEARS}
+    linear_weights = {f"{n}.weight" for n in linears}
     for name, t in layer.state_dict().items():
         if name in linear_weights:
             base = prefix + name.removesuffix(".weight")
@@ -258,7 +303,7 @@ def quantized_tensors(layer: nn.Module, prefix: str, group_size: int) -> dict[st
 
 def output_specs(reader: CheckpointReader, arch, n_layers: int, group_size: int) -> list[tuple[str, torch.dtype, tuple]]:
     specs = []
-    suffixes = tuple(f".{n}.weight" for n in LINEARS)
+    suffixes = tuple(f".{n}.weight" for n in arch.awq_linears)
     for name, info in reader.tensors.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue

@@ -12,6 +12,7 @@ import torch
 
 from ..atomic import output_dir
 from ..checkpoint import CheckpointReader, CheckpointWriter, architecture_for
+from ..checkpoint.config import check_sizes
 from ..errors import ModelError
 from ..stage import Reporter, StageResult, describe_files
 from .calib import calibration
@@ -47,7 +48,8 @@ def awq_config(config: dict, bits: int, group_size: int) -> dict:
 
 def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os.PathLike,
             reporter: Reporter | None = None, overwrite: bool = False) -> StageResult:
-    """Quantize ``model_dir`` (a Llama/Mistral/Qwen2 HF folder) to a 4-bit AWQ GEMM folder ``out_dir``."""
+    """Quantize ``model_dir`` (an HF folder of a family AWQ supports, see releaser/arch) to a 4-bit AWQ GEMM folder
+    ``out_dir``."""
     reporter = reporter or Reporter()
     model_dir, out = Path(model_dir), Path(out_dir)
     start = time.perf_counter()
@@ -56,9 +58,10 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
     if isinstance(config.get("quantization_config"), dict):
         raise ModelError(f"{model_dir} is already quantized ({config['quantization_config'].get('quant_method')}); "
                          "give the unquantized model folder")
+    arch = architecture_for(config, str(model_dir))
+    n_layers = check_sizes(reader, arch)[arch.num_layers_key]
     classes = family_classes(config, str(model_dir))
     hf = classes[3]
-    arch = architecture_for(config, str(model_dir))
     group_size = pick_group_size(hf, options.group_size)
     if group_size != options.group_size:
         reporter.warning(f"group size {options.group_size} does not divide every layer width of {model_dir.name}; "
@@ -70,15 +73,16 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
     threads = use_all_cores()
     search_tokens = options.search_tokens or (CPU_SEARCH_TOKENS if device.type == "cpu" else None)
     settings = Settings(group_size, device, dtype, search_tokens)
-    n_layers = int(config[arch.num_layers_key])
     specs = output_specs(reader, arch, n_layers, group_size)
     where = device.type if device.type != "cpu" else f"cpu, {threads} thread{'s' if threads > 1 else ''}"
     reporter.message(f"AWQ {options.bits}-bit g{group_size} on {where}: {calib.ids.shape[0]} rows x "
                      f"{calib.seq_len} tokens from {calib.samples} samples of {calib.dataset}")
     embed = reader.read(arch.embed)
     hidden = embed[calib.ids].to(device, dtype)
+    if arch.embed_scale:   # Gemma: the embedding output times sqrt(hidden), in the weights' dtype as transformers
+        hidden *= torch.tensor(hf.hidden_size ** 0.5, dtype=embed.dtype).to(dtype)
     del embed
-    runner = BlockRunner(classes, settings, calib.seq_len)
+    runner = BlockRunner(classes, settings, calib.seq_len, arch)
     ratios = []
     with output_dir(out, overwrite=overwrite) as tmp:
         staging = tmp / "weights"
@@ -91,7 +95,8 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
                     layer = runner.build(block_state(reader, arch, i), i)
                     hidden_next, feats = runner.capture(layer, hidden)
                     ratios.append(runner.awq_block(layer, feats).ratios)
-                    for name, t in quantized_tensors(layer, arch.layer_name(i, ""), group_size).items():
+                    for name, t in quantized_tensors(layer, arch.layer_name(i, ""), group_size,
+                                                     arch.awq_linears).items():
                         writer.write(name, t)
                     hidden = hidden_next
                     del layer, feats, hidden_next
@@ -112,9 +117,10 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
                  "group_size": group_size, "requested_group_size": options.group_size, "zero_point": True,
                  "version": "gemm", "device": device.type, "threads": threads,
                  "search_tokens": min(search_tokens or calib.tokens, calib.tokens),
-                 "clip": True, "scale_ratios": ratios, "seconds": round(seconds, 1)}
-        (tmp / CALIBRATION_FILE).write_text(json.dumps(facts, indent=2) + "\n")
+                 "clip": True, "scale_ratios": ratios}
+        (tmp / CALIBRATION_FILE).write_text(json.dumps(facts, indent=2) + "\n")   # no run time: same inputs, same bytes
     files = describe_files(out)
     summary = (f"AWQ {options.bits}-bit g{group_size} of {model_dir.name}: {n_layers} blocks, {calib.tokens} "
                f"calibration tokens, {seconds:.0f} s -> {out}")
-    return StageResult("awq", out, files, summary, {k: v for k, v in facts.items() if k != "scale_ratios"})
+    return StageResult("awq", out, files, summary,
+                       {**{k: v for k, v in facts.items() if k != "scale_ratios"}, "seconds": round(seconds, 1)})

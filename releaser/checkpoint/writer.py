@@ -19,24 +19,10 @@ import torch
 
 from ..atomic import DataSync, PendingDir, os_error as _os_error
 from ..errors import OutputError
+from ..options import parse_size  # noqa: F401 - re-exported
 from . import safetensors_io as st
 
 DEFAULT_SHARD_BYTES = 5_000_000_000
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500M', '2G', '1000000' -> bytes (powers of 1000, like mergekit's --out-shard-size)."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().removesuffix("B")
-    mult = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(s[-1:], 1)
-    try:
-        value = int(float(s[:-1] if mult > 1 else s) * mult)
-    except ValueError:
-        raise OutputError(f"invalid size {text!r}; use a number with an optional K/M/G suffix, e.g. 5G") from None
-    if value <= 0:
-        raise OutputError(f"invalid size {text!r}; it must be positive")
-    return value
 
 
 class CheckpointWriter:

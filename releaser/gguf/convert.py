@@ -1,5 +1,6 @@
-"""HF Llama-family checkpoint -> GGUF tensors and hyper-parameters (what ``convert_hf_to_gguf.py`` does for
-LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM), with gguf-py's tensor-name map and writer."""
+"""HF checkpoint -> GGUF tensors and hyper-parameters (what ``convert_hf_to_gguf.py`` does), for every family in
+``releaser.arch`` that supports the gguf stage, with gguf-py's tensor-name map and writer. The family description
+supplies the GGUF architecture, the per-tensor transforms and its own keys; this module does what all share."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointReader, architecture_for
+from ..arch import architecture_for, rope_parameters
+from ..checkpoint import CheckpointReader
+from ..checkpoint.config import check_sizes
 from ..errors import ModelError
 from .mixes import ModelShape, TensorDesc
-
-GGUF_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 
 
 @dataclass(frozen=True)
@@ -22,23 +23,10 @@ class TensorPlan:
     name: str                    # GGUF name
     source: str | None           # HF name (None for generated tensors such as rope_freqs)
     shape: tuple[int, ...]       # numpy order (rows, row length)
-    permute_heads: int = 0       # Q/K row permutation with this many heads (0: none)
 
     @property
     def desc(self) -> TensorDesc:
         return TensorDesc(self.name, self.shape[-1], len(self.shape))
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotate-half row order -> ggml's interleaved RoPE order (LlamaModel.permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _rope(config: dict) -> dict:
-    rope = dict(config.get("rope_scaling") or {})
-    rope.update(config.get("rope_parameters") or {})
-    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    return rope
 
 
 class Converter:
@@ -46,15 +34,16 @@ class Converter:
 
     def __init__(self, reader: CheckpointReader):
         self.reader, self.config = reader, reader.config
-        self.family = architecture_for(self.config, str(reader.folder))
+        self.family = architecture_for(self.config, str(reader.folder), stage="gguf")
         c = self.config
-        self.gguf_arch = GGUF_ARCH[self.family.name]
-        self.n_layer = c["num_hidden_layers"]
-        self.n_head = c["num_attention_heads"]
+        sizes = check_sizes(reader, self.family)   # a missing or wrong size field is one line, before any work
+        self.gguf_arch = self.family.gguf_arch
+        self.n_layer = sizes[self.family.num_layers_key]
+        self.n_head = sizes["num_attention_heads"]
         self.n_head_kv = c.get("num_key_value_heads") or self.n_head
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.n_head
-        self.rope = _rope(c)
-        self.name_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layer)
+        self.rope = rope_parameters(c)
+        self.name_map = self.family.gguf_name_map(self.n_layer)
         self.plan = self._plan()
 
     @property
@@ -62,7 +51,6 @@ class Converter:
         return ModelShape(self.n_layer, self.n_head, self.n_head_kv, self.family.name)
 
     def _plan(self) -> list[TensorPlan]:
-        permute = self.gguf_arch == gguf.MODEL_ARCH.LLAMA
         plans = []
         for hf_name, info in self.reader.tensors.items():
             if hf_name.endswith(".rotary_emb.inv_freq"):
@@ -71,13 +59,8 @@ class Converter:
             if name is None:
                 raise ModelError(f"tensor {hf_name} of {self.reader.folder} has no GGUF name for "
                                  f"{self.family.name}; the checkpoint does not look like a plain {self.family.classes[0]}")
-            heads = 0
-            if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                heads = self.n_head
-            elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                heads = self.n_head_kv
-            plans.append(TensorPlan(name, hf_name, tuple(info.shape), heads))
-        if self.rope.get("rope_type", "").lower() == "llama3":
+            plans.append(TensorPlan(name, hf_name, tuple(info.shape)))
+        if self.rope["rope_type"] == "llama3":
             plans.append(TensorPlan("rope_freqs.weight", None, (self.head_dim // 2,)))
 
         def order(p: TensorPlan):  # token_embd, blocks in layer order, output_norm, output, extras
@@ -95,9 +78,7 @@ class Converter:
         if plan.source is None:
             return self._rope_freqs()
         data = self.reader.read(plan.source).to(torch.float32).numpy()
-        if plan.permute_heads:
-            data = permute_qk(data, plan.permute_heads)
-        return np.ascontiguousarray(data)
+        return np.ascontiguousarray(self.family.to_gguf(plan.source, data, self.config))
 
     def _rope_freqs(self) -> np.ndarray:  # LlamaModel.generate_extra_tensors for rope_type llama3
         r, dim = self.rope, self.head_dim
@@ -126,7 +107,7 @@ class Converter:
         w.add_feed_forward_length(c["intermediate_size"])
         w.add_head_count(self.n_head)
         w.add_head_count_kv(self.n_head_kv)
-        rope_type = (r.get("rope_type") or r.get("type") or "default").lower()
+        rope_type = r["rope_type"]
         if rope_type == "linear" and r.get("factor"):
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(r["factor"])
@@ -142,6 +123,9 @@ class Converter:
         if c.get("head_dim") is not None:
             w.add_key_length(self.head_dim)
             w.add_value_length(self.head_dim)
-        w.add_vocab_size(c["vocab_size"])
-        if self.gguf_arch == gguf.MODEL_ARCH.LLAMA:
+        if self.family.vocab_size_key:
+            w.add_vocab_size(c["vocab_size"])
+        if self.family.rope_dimension_count:
             w.add_rope_dimension_count(self.head_dim)
+        if self.family.gguf_hparams is not None:
+            self.family.gguf_hparams(c, w)

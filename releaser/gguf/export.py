@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,11 +86,23 @@ def _default_name(conv: Converter) -> str:
     return conv.reader.folder.resolve().name
 
 
-def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_models, quantized_by, pre) \
-        -> tuple[gguf.GGUFWriter, TokenizerInfo]:
+@contextmanager
+def _without_model_card() -> Iterator[None]:
+    """gguf-py's Metadata.load reads README.md's front matter and has no switch for it: leave it out meanwhile."""
+    original = gguf.Metadata.__dict__["load_model_card"]
+    gguf.Metadata.load_model_card = staticmethod(lambda model_path=None: {})
+    try:
+        yield
+    finally:
+        gguf.Metadata.load_model_card = original
+
+
+def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_models, quantized_by, pre,
+              model_card: bool) -> tuple[gguf.GGUFWriter, TokenizerInfo]:
     """A writer-less template holding every key the output files share (general.*, hyper-parameters, tokenizer)."""
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[conv.gguf_arch])
-    meta = gguf.Metadata.load(None, conv.reader.folder, name, conv.total_params)
+    with nullcontext() if model_card else _without_model_card():
+        meta = gguf.Metadata.load(None, conv.reader.folder, name, conv.total_params)
     meta.name = name
     if meta.size_label is None:
         meta.size_label = gguf.size_label(conv.total_params, conv.total_params, 0, 0)
@@ -112,12 +126,14 @@ def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_mod
 def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None, split_max_size=None, *,
                 overwrite: bool = False, license: str | None = None, tags=None, base_models=None,
                 quantized_by: str | None = None, pre_tokenizer: str | None = None, workers: int | None = None,
-                reporter: Reporter | None = None) -> GGUFResult:
+                model_card: bool = True, reporter: Reporter | None = None) -> GGUFResult:
     """Convert ``model_dir`` (Llama/Mistral/Qwen2 HF folder) to GGUF files ``{Name}-{TYPE}.gguf`` in ``out_dir``.
 
     The checkpoint is read once, one tensor at a time; every requested type is written from that tensor before the
     next is read. Quantization runs on ``workers`` threads (default: all cores). Files appear under their final names
     only when all of them are complete. ``pre_tokenizer`` overrides llama.cpp's hash-based BPE pre-tokenizer choice.
+    ``model_card``: take license, tags and base models from README.md's front matter too, as llama.cpp's converter
+    does (a release passes False: the README.md in its main folder is the card it writes after this stage).
     """
     start = time.perf_counter()
     quants = parse_quants(quants)
@@ -129,7 +145,7 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
         types = {q: tensor_types(descs, q, conv.shape) for q in quants}
         name = name or _default_name(conv)
         template, tok = _metadata(conv, name, license=license, tags=tags, base_models=base_models,
-                                  quantized_by=quantized_by, pre=pre_tokenizer)
+                                  quantized_by=quantized_by, pre=pre_tokenizer, model_card=model_card)
         with output_files(out_dir, overwrite=overwrite) as tmp:
             writers, packed = {}, {}
             for q in quants:

@@ -14,7 +14,7 @@ from gguf import GGUFValueType as V, Keys
 
 from ..atomic import OutputLock, os_error, sweep, temp_file
 from ..errors import ConfigError, ModelError, OutputError
-from ..tokenizer.templates import check_syntax
+from ..tokenizer.templates import check_renders
 from .reader import open_gguf
 from .vocab import END_OF_TURN
 
@@ -59,17 +59,29 @@ def _new_values(reader: gguf.GGUFReader, chat_template: str | None, eos: str | N
     return {key: (value, vtype, None) for key, (value, vtype) in new.items()}
 
 
+def _special_tokens(reader: gguf.GGUFReader, eos: str | None) -> dict[str, str]:
+    """bos_token/eos_token as a chat template sees them (``eos``: the new eos token, when one is set)."""
+    tokens = reader.get_field(Keys.Tokenizer.LIST)
+    found = {}
+    for var, key in (("bos_token", Keys.Tokenizer.BOS_ID), ("eos_token", Keys.Tokenizer.EOS_ID)):
+        index = reader.get_field(key)
+        if tokens is not None and index is not None and int(_value(index)) < len(tokens.data):
+            found[var] = tokens.contents(int(_value(index)))
+    return found | ({"eos_token": eos} if eos is not None else {})
+
+
 def fix_gguf(path, *, chat_template: str | None = None, eos: str | None = None, name: str | None = None,
              out: str | os.PathLike | None = None, overwrite: bool = False) -> FixResult:
     """Set the chat template, eos token (by text) and/or ``general.name`` of ``path``; write to ``out`` (default: in
     place; an existing ``out`` only with ``overwrite``). The result is written under a temporary name beside the
-    target and renamed when complete; it keeps ``path``'s file mode. A chat template is checked (Jinja syntax, in a
-    sandbox) before anything is written."""
+    target and renamed when complete; it keeps ``path``'s file mode. A chat template is checked as ``release``
+    checks one (compiled and rendered on a sample conversation in transformers' chat-template sandbox) before
+    anything is written."""
     path = Path(path)
     target = Path(out) if out is not None else path
     reader = open_gguf(path)
     if chat_template is not None:
-        check_syntax(chat_template, "the chat template")
+        check_renders(chat_template, "the chat template", **_special_tokens(reader, eos))
     if target.is_dir():
         raise OutputError(f"{target} is a folder; give the path of the .gguf file to write")
     same = target.exists() and target.resolve() == path.resolve()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -24,7 +25,7 @@ MERGEKIT_UNSUPPORTED = {
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)   # mergekit would merge NaN weights
 
 
 def _check_layer_gradient(v):
@@ -67,6 +68,28 @@ class LoraSource(_Model):
 
     path: str
     weight: float = 1.0
+
+
+LORA_WEIGHT_NOTE = re.compile(r"^# LoRA weight (?P<weight>\S+): (?P<ref>\S+)", re.MULTILINE)
+
+
+def mergekit_yaml(text: str) -> str:
+    """The config as mergekit can read it: releaser's ``lora: {path, weight}`` beside ``model:`` becomes mergekit's
+    ``model: MODEL+ADAPTER``; a weight other than 1, which mergekit's syntax cannot say, goes into a comment line
+    ``# LoRA weight W: MODEL+ADAPTER`` (read back by the model card). A config without ``lora:`` is returned as is."""
+    data = yaml.safe_load(text)
+    sources = [*(data.get("models") or []), *(src for s in data.get("slices") or [] for src in s.get("sources") or [])]
+    loras = [(src, src.pop("lora")) for src in sources if isinstance(src, dict) and "lora" in src]
+    if not loras:
+        return text
+    notes = []
+    for src, lora in loras:
+        src["model"] = f"{src['model']}+{lora['path']}"
+        if float(lora.get("weight", 1.0)) != 1.0:
+            notes.append(f"# LoRA weight {float(lora['weight']):g}: {src['model']}")
+    header = ["# Written by releaser as mergekit reads it. mergekit's model+adapter applies a LoRA at full strength;",
+              "# releaser applied these at the weights given:" if notes else "# releaser did too.", *notes]
+    return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False)
 
 
 def split_lora(ref: str) -> tuple[str, Optional[str]]:
@@ -195,6 +218,11 @@ class MergeConfig(_Model):
             raise ConfigError("set either `tokenizer_source` or the `tokenizer:` block (its `source`), not both")
 
     # -- helpers ---------------------------------------------------------------------------------
+    def adapters(self) -> set[str]:
+        """The LoRA adapters the sources name (resolved as adapters, not models)."""
+        sources = [*(self.models or []), *(src for s in self.slices or [] for src in s.sources)]
+        return {src.lora.path for src in sources if src.lora}
+
     def referenced_models(self) -> list[str]:
         refs: list[str] = []
         if self.base_model:
@@ -225,7 +253,11 @@ def _yaml_path(loc: tuple) -> str:
 
 
 def _explain(err: ValidationError) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    infinite = [e for e in errors if e["type"] == "finite_number"]   # in a union, the other branches' errors too
+    first = infinite[0] if infinite else errors[0]
+    if infinite:
+        return f"invalid value at `{_yaml_path(first['loc'])}`: {first['input']!r} is not a finite number; give a number"
     path = _yaml_path(first["loc"])
     kind = first["type"]
     if kind == "missing":

@@ -19,8 +19,9 @@ from ..checkpoint import CheckpointWriter
 from ..checkpoint.writer import DEFAULT_SHARD_BYTES
 from ..errors import ConfigError, ModelError, OutputError
 from ..stage import Reporter
-from .config import MergeConfig, parse_config
+from .config import MergeConfig, mergekit_yaml, parse_config
 from . import scratch
+from .params import refuse_warnings
 from .planner import MergePlan, TensorJob, plan_merge
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -197,7 +198,8 @@ def _write_side_files(writer: CheckpointWriter, config: MergeConfig, plan: Merge
         writer.copy_file(gen)
     if template is not None:
         writer.add_file("chat_template.jinja", template)
-    writer.add_file("mergekit_config.yml", yaml_text if yaml_text.endswith("\n") else yaml_text + "\n")
+    text = mergekit_yaml(yaml_text)
+    writer.add_file("mergekit_config.yml", text if text.endswith("\n") else text + "\n")
 
 
 def _check_output(out_dir: Path, plan: MergePlan) -> None:
@@ -211,10 +213,10 @@ def _check_output(out_dir: Path, plan: MergePlan) -> None:
 def run_merge(config: str | Path | dict, out_dir: str | Path, *, base_dir: str | Path | None = None,
               device: str = "cpu", overwrite: bool = False,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, reporter: Reporter | None = None,
-              workers: int | None = None, memory: int = DEFAULT_MEMORY) -> MergeResult:
+              workers: int | None = None, memory: int = DEFAULT_MEMORY, strict: bool = False) -> MergeResult:
     """Merge the models described by a mergekit YAML config (a path or a parsed dict) into ``out_dir``. Relative
     model paths are taken from the config file's folder, or from ``base_dir``. Warnings (e.g. a filter that matches
-    no tensor) go to ``reporter`` and into the result."""
+    no tensor, a parameter the method ignores) go to ``reporter`` and into the result; ``strict`` makes them errors."""
     start = time.perf_counter()
     reporter = reporter or Reporter()
     cfg, yaml_text = parse_config(config, base_dir=Path(base_dir) if base_dir is not None else None)
@@ -223,9 +225,10 @@ def run_merge(config: str | Path | dict, out_dir: str | Path, *, base_dir: str |
         raise OutputError(f"{out_dir} already exists; pass --overwrite to replace it or choose a new folder")
     dev = resolve_device(device)
     plan = plan_merge(cfg)
-    for text in plan.warnings:
-        reporter.warning(text)
     try:
+        refuse_warnings(plan.warnings, strict)
+        for text in plan.warnings:
+            reporter.warning(text)
         _check_output(out_dir, plan)
         specs = [(j.name, j.dtype, j.shape) for j in plan.jobs]
         with CheckpointWriter(out_dir, specs, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:

@@ -4,12 +4,13 @@ gradient must fit the output's layers, and a ``filter`` that matches no tensor i
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..errors import ConfigError
 from .config import Conditional, MergeConfig
-from .methods import Method, all_parameter_names
+from .methods import Method, all_parameter_names, get_method, method_names
 
 
 def settings(cfg: MergeConfig) -> Iterator[tuple[str, str, str, Any]]:
@@ -28,27 +29,99 @@ def settings(cfg: MergeConfig) -> Iterator[tuple[str, str, str, Any]]:
                 yield f"slices[{i}].sources[{j}].parameters", "model", name, value
 
 
-def check_names(cfg: MergeConfig, method: Method) -> None:
-    """A parameter the method does not read where it is set is an error naming it, its path and the closest name."""
+def lookup_method(cfg: MergeConfig) -> Method:
+    """The config's merge method; an unknown name is an error with the closest known one."""
+    try:
+        return get_method(cfg.merge_method)
+    except KeyError:
+        names = method_names()
+        close = difflib.get_close_matches(cfg.merge_method, names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"`merge_method`: unknown merge method {cfg.merge_method!r}; {hint}the methods are "
+                          f"{', '.join(names)}") from None
+
+
+def check_names(cfg: MergeConfig, method: Method) -> list[str]:
+    """Parameter names: one no method knows (a misspelling) is an error naming its path and the closest name; one the
+    method does not read where it is set (``weight`` given to slerp, ``t`` under one model) is a warning, as mergekit
+    ignores it. Returns the warnings."""
     valid = [*method.global_specs, *method.model_specs]
+    ignored: dict[str, list[str]] = {}   # name -> the paths where the method does not read it
     for path, level, name, _ in settings(cfg):
         if name in method.model_specs or (name in method.global_specs and level == "global"):
             continue
-        where = f"`{path}.{name}`"
-        if name in method.global_specs:
-            raise ConfigError(f"{where}: `{name}` is one value for the whole merge in {method.name}, not a per-model "
-                              f"parameter; move it to the top-level `parameters:` (or a slice's)")
+        if name in method.global_specs or name in all_parameter_names():
+            ignored.setdefault(name, []).append(f"`{path}.{name}`")
+            continue
         close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-        owners = all_parameter_names().get(name)
-        if close:
-            hint = f"did you mean `{close[0]}`?"
-        elif owners:
-            hint = f"it is a parameter of {', '.join(owners)}"
-        else:
-            hint = "check its spelling"
+        hint = f"did you mean `{close[0]}`?" if close else "check its spelling"
         known = ", ".join(f"`{v}`" for v in valid) or "none"
-        raise ConfigError(f"{where}: merge_method {method.name} has no parameter `{name}`; {hint} "
+        raise ConfigError(f"`{path}.{name}`: merge_method {method.name} has no parameter `{name}`; {hint} "
                           f"({method.name} takes {known})")
+    warnings = []
+    for name, paths in ignored.items():
+        if name in method.global_specs:
+            why, fix = "as a per-model parameter", "move it to the top-level `parameters:` (or a slice's)"
+        else:
+            why, fix = "at all", "remove it"
+        warnings.append(f"{', '.join(paths)}: merge_method {method.name} does not read `{name}` {why}, so it is "
+                        f"ignored (as mergekit does); {fix}")
+    return warnings
+
+
+def _values(setting: Any) -> Iterator[Any]:
+    """Every value a setting can evaluate to at some tensor or layer: scalars, the ends of each gradient segment (a
+    gradient lies between them) and each conditional's value. A list of non-numbers is one list value."""
+    if isinstance(setting, Conditional):
+        yield from _values(setting.value)
+    elif isinstance(setting, dict):
+        yield from setting.values()
+    elif isinstance(setting, list) and any(isinstance(v, Conditional) for v in setting):
+        for v in setting:
+            yield from _values(v)
+    elif isinstance(setting, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+        yield from setting
+    else:
+        yield setting
+
+
+def check_values(cfg: MergeConfig, method: Method) -> None:
+    """Each value a parameter can take has the type and range the method declares (before any model is read)."""
+    for path, level, name, setting in settings(cfg):
+        spec = method.model_specs.get(name) or (method.global_specs.get(name) if level == "global" else None)
+        if spec is None:
+            continue
+        for value in _values(setting):
+            candidates = [value] if spec.kind is not list or isinstance(value, list) else []
+            for v in candidates:
+                try:
+                    spec.coerce(v)
+                except ValueError as exc:
+                    raise ConfigError(f"parameter `{name}` at `{path}.{name}`{_owner(cfg, path)} {exc}") from None
+
+
+def _owner(cfg: MergeConfig, path: str) -> str:
+    """' (for MODEL)' when ``path`` is a model's or a slice source's parameters block."""
+    parts = [int(p) for p in re.findall(r"\[(\d+)\]", path)]
+    if path.startswith("models["):
+        return f" (for {cfg.models[parts[0]].model})"
+    if ".sources[" in path:
+        return f" (for {cfg.slices[parts[0]].sources[parts[1]].model})"
+    return ""
+
+
+def check_config(cfg: MergeConfig) -> list[str]:
+    """What can be checked without reading a model: the method, parameter names and values. Returns the warnings."""
+    method = lookup_method(cfg)
+    warnings = check_names(cfg, method)
+    check_values(cfg, method)
+    return warnings
+
+
+def refuse_warnings(warnings: list[str], strict: bool) -> None:
+    """With ``strict`` (``--strict``), the first warning is an error."""
+    if strict and warnings:
+        raise ConfigError(f"{warnings[0]} (--strict makes every warning an error)")
 
 
 def _gradients(value: Any) -> Iterator[dict]:

@@ -14,8 +14,8 @@ from ..errors import ConfigError, ModelError
 from . import hub
 from .config import InputModel, InputSlice, LoraSource, MergeConfig, OutputSlice, evaluate, split_lora
 from .lora import LoraAdapter, LoraReader
-from .methods import REQUIRED, Method, Param, get_method, method_names
-from .params import check_layer_gradients, check_names, unused_filters
+from .methods import REQUIRED, Method, Param
+from .params import check_config, check_layer_gradients, lookup_method, settings, unused_filters
 from .vocab import VocabAlignment, build_alignment, set_token_sources
 
 
@@ -88,11 +88,7 @@ def _label(model: str, lora: LoraSource | None) -> str:
 class _Planner:
     def __init__(self, config: MergeConfig):
         self.config = config
-        try:
-            self.method = get_method(config.merge_method)
-        except KeyError:
-            raise ConfigError(f"unknown merge_method {config.merge_method!r} at `merge_method`; "
-                              f"use one of {', '.join(method_names())}") from None
+        self.method = lookup_method(config)
         self.models: list[str] = []
         self.labels: list[str] = []
         self.keys: list[tuple] = []
@@ -159,7 +155,7 @@ class _Planner:
         return [(OutputSlice(sources=sources), "models")]
 
     def num_layers(self, reader: CheckpointReader, ref: str) -> int:
-        arch = architecture_for(reader.config, ref)
+        arch = architecture_for(reader.config, ref, stage="merge")
         try:
             return int(reader.config[arch.num_layers_key])
         except (KeyError, ValueError):
@@ -181,8 +177,12 @@ class _Planner:
             if value is None:
                 if spec.default is REQUIRED:
                     if required:
+                        misplaced = [f"`{path}.{pname}`" for path, level, n, _ in settings(self.config)
+                                     if n == pname and level == "model"]
+                        fix = (f"{misplaced[0]} is set per model, where {self.method.name} does not read it: move it "
+                               "to the top-level `parameters:`" if misplaced else "set it under `parameters:`")
                         raise ConfigError(f"merge_method {self.method.name} needs parameter `{pname}` for {where} "
-                                          f"(tensor {name}); set it under `parameters:`")
+                                          f"(tensor {name}); {fix}")
                     continue
                 value = spec.default
             out[pname] = value
@@ -191,15 +191,15 @@ class _Planner:
     # -- planning --------------------------------------------------------------------------------
     def plan(self) -> MergePlan:
         cfg = self.config
-        check_names(cfg, self.method)
+        self.warnings = check_config(cfg)
         slices = self.slices()
         for s, path in slices:
             for j, src in enumerate(s.sources):
                 self.model(src.model, src.lora)
-        archs = {architecture_for(r.config, m).name: m for r, m in zip(self.readers, self.models)}
+        archs = {architecture_for(r.config, m, stage="merge").name: m for r, m in zip(self.readers, self.models)}
         if len(archs) > 1:
             raise ModelError(f"cannot merge different architectures: {', '.join(f'{a} ({m})' for a, m in archs.items())}")
-        self.arch = architecture_for(self.readers[0].config, self.models[0])
+        self.arch = architecture_for(self.readers[0].config, self.models[0], stage="merge")
 
         total_layers = 0
         for s, path in slices:
@@ -369,7 +369,7 @@ class _Planner:
         if "tie_word_embeddings" in out_config or self.arch.lm_head in names:
             out_config["tie_word_embeddings"] = self.arch.lm_head not in names
         tensor_names = names | {n for j in self.jobs for _, n in j.sources}
-        warnings = unused_filters(cfg, tensor_names)
+        warnings = self.warnings + unused_filters(cfg, tensor_names)
         return MergePlan(self.method, self.models, self.readers, self.arch, self.jobs, out_config, donor,
                          self.vocab, list(self.labels), warnings, self.plain)
 

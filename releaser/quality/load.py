@@ -111,7 +111,7 @@ class FolderWeights(Weights):
     def __init__(self, folder: Path):
         self.reader = CheckpointReader(folder)
         self.config, self.path = self.reader.config, Path(folder)
-        architecture_for(self.config, str(folder))
+        architecture_for(self.config, str(folder), stage="quality")
         self.names = list(self.reader.tensors)
 
     def load(self, names):
@@ -122,26 +122,17 @@ class FolderWeights(Weights):
         self.reader.close()
 
 
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's Q/K row permutation (ggml interleaved RoPE order -> HF rotate-half order)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 class GGUFWeights(Weights):
     """Every tensor of a GGUF file (all parts of a split set) dequantized with gguf-py under its Hugging Face name,
-    llama.cpp's Q/K row permutation undone for Llama. The GGUF carries no config of its own here: ``config`` is the
-    unquantized model's."""
+    the family's GGUF transforms undone (``Architecture.from_gguf``). The GGUF carries no config of its own here:
+    ``config`` is the unquantized model's."""
 
     def __init__(self, artefact: Artefact, config: dict):
         import gguf
 
-        from ..gguf.convert import GGUF_ARCH
-
-        family = architecture_for(config)
-        self.arch = GGUF_ARCH[family.name]
+        family = architecture_for(config, stage="quality")
+        self.family, self.arch = family, family.gguf_arch
         self.config, self.path = config, artefact.path
-        self.heads = {"q": config["num_attention_heads"],
-                      "k": config.get("num_key_value_heads") or config["num_attention_heads"]}
         table = gguf.get_tensor_name_map(self.arch, config["num_hidden_layers"])
         hf_names = {table.get_name(hf, try_suffixes=(".weight", ".bias")): hf for hf in _hf_tensor_names(config)}
         self._where: dict[str, tuple[GGUFFile, str]] = {}
@@ -160,15 +151,9 @@ class GGUFWeights(Weights):
         self.names = list(self._where)
 
     def load(self, names):
-        import gguf
-
         for hf in names:
             reader, name = self._where[hf]
-            data = reader.dequantize(name)
-            if self.arch == gguf.MODEL_ARCH.LLAMA and hf.endswith(("q_proj.weight", "q_proj.bias")):
-                data = unpermute_qk(data, self.heads["q"])
-            elif self.arch == gguf.MODEL_ARCH.LLAMA and hf.endswith(("k_proj.weight", "k_proj.bias")):
-                data = unpermute_qk(data, self.heads["k"])
+            data = self.family.from_gguf(hf, reader.dequantize(name), self.config)
             yield hf, torch.from_numpy(np.ascontiguousarray(data))
 
 
@@ -253,7 +238,7 @@ def skeleton(config: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    architecture_for(config)  # refuse what releaser does not support, with its message
+    architecture_for(config, stage="quality")  # refuse what releaser does not support, with its message
     config = {k: v for k, v in config.items() if k != "quantization_config"}
     hf_config = AutoConfig.for_model(**config)
     with no_init_weights():
@@ -370,15 +355,18 @@ def scored_logits(model, first: int, lm_head_bytes: int = 48 << 20, rows: int = 
             with torch.no_grad():
                 hidden = model.model(tokens[at: at + per_batch], use_cache=False).last_hidden_state[:, first:-1]
             for window in hidden:
-                yield _blocks(model, window, head_rows, rows)
+                yield _blocks(model, window, head_rows, rows, getattr(model.config, "final_logit_softcapping", None))
             del hidden
 
     return run
 
 
-def _blocks(model, hidden: torch.Tensor, head_rows: int, rows: int):
+def _blocks(model, hidden: torch.Tensor, head_rows: int, rows: int, softcap: float | None = None):
+    """The lm_head's logits (softcapped ``cap * tanh(logits / cap)`` as the model does, Gemma) in blocks of rows."""
     for part in hidden.split(head_rows):
         with torch.no_grad():
             logits = model.lm_head(part).float()
+            if softcap:
+                logits = torch.tanh(logits.div_(softcap)).mul_(softcap)
         yield from logits.split(rows)
         del logits

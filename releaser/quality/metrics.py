@@ -88,6 +88,16 @@ class BaseLogProbs:
         return torch.from_numpy(data).view(stop - start, vocab)
 
 
+class NonFiniteLogits(ValueError):
+    """A model gave NaN or infinite logits: its figures would be NaN (and a NaN passes every limit)."""
+
+
+def _finite(logits: torch.Tensor, window: int) -> torch.Tensor:
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits(f"non-finite logits (NaN or infinity) in evaluation window {window + 1}")
+    return logits
+
+
 def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
     """log-softmax in place (float32)."""
     logits = logits.to(torch.float32)
@@ -107,7 +117,7 @@ def score_base(run: ScoredLogits, windows: Windows, store: BaseLogProbs,
         for i, window in enumerate(run(windows.tokens)):
             row = 0
             for logits in window:
-                lp = log_softmax_(logits)
+                lp = log_softmax_(_finite(logits, i))
                 nll.append(_nll(lp, windows.targets[i, row: row + lp.shape[0]]))
                 row += lp.shape[0]
                 yield lp.numpy()
@@ -125,7 +135,7 @@ def score_against(run: ScoredLogits, windows: Windows, store: BaseLogProbs, base
     for i, window in enumerate(run(windows.tokens)):
         row = 0
         for logits in window:
-            lp = log_softmax_(logits)
+            lp = log_softmax_(_finite(logits, i))
             if lp.shape[1] != store.shape[2]:
                 raise ValueError(f"the artefact's vocabulary has {lp.shape[1]} entries, the unquantized model's "
                                  f"{store.shape[2]}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..stage import StageOptions
 
@@ -25,3 +25,19 @@ class QualityOptions(StageOptions):
                                       "the built-in ones, e.g. {Q4_K_M: 0.1, AWQ: 0.2}.")
     stop_test: bool = Field(True, description="Greedy-generate a chat answer from the Q4 artefact; it must end with "
                             "the end-of-turn token.")
+
+    @field_validator("max_kld")
+    @classmethod
+    def _limits(cls, value: dict[str, float]) -> dict[str, float]:
+        from .gate import DEFAULT_MAX_KLD
+
+        for quant, limit in value.items():
+            if quant not in DEFAULT_MAX_KLD:
+                from difflib import get_close_matches
+
+                near = get_close_matches(quant.upper(), list(DEFAULT_MAX_KLD), 1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise ValueError(f"unknown quant type {quant!r}; {hint}the types are {', '.join(DEFAULT_MAX_KLD)}")
+            if limit < 0:
+                raise ValueError(f"{quant}: a KLD limit cannot be negative ({limit:g}); give 0 or more")
+        return value

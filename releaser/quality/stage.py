@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import os_error, write_file
+from ..atomic import TMP_TAG, hidden, os_error, write_file
 from ..errors import ConfigError, ModelError
 from ..stage import Reporter, StageResult, describe_files
 from . import load as ld
 from .gate import STOP_TEST_TYPES, QualityGateError, StopResult, max_kld, stop_test, stop_verdict
 from .ggufio import GGUFFile
-from .metrics import BaseLogProbs, Figures, score_against, score_base
+from .metrics import BaseLogProbs, Figures, NonFiniteLogits, score_against, score_base
 from .options import QualityOptions
 from .text import Windows, load_text, make_windows, tokenize
 
@@ -171,8 +171,15 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
         unquantized = _stop_test(model_dir, None, base_chat) if base_chat else None
         stop = {"file": target.label, **stop_verdict(_stop_test(target, base_config, chat), unquantized)}
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.base-", dir=out_path.parent) as tmp:
-        base, windows = _base_pass(model_dir, windows, len(arts), options, Path(tmp), reporter)
+    seconds: dict[str, float] = {}   # run times go to the manifest, not into the report: its bytes depend on the inputs
+    # beside the report, named as the atomic writer's temporaries: what a killed run leaves is swept when the next
+    # run writes the report
+    with tempfile.TemporaryDirectory(prefix=hidden(out_path, TMP_TAG) + "base-", dir=out_path.parent) as tmp:
+        try:
+            base, windows = _base_pass(model_dir, windows, len(arts), options, Path(tmp), reporter)
+        except NonFiniteLogits as exc:
+            raise ModelError(f"the unquantized model {model_dir} gives {exc}, so nothing can be measured against it; "
+                             "its weights are broken (look for NaN or infinite values)") from None
         for art in arts:
             t0 = time.perf_counter()
             with ExitStack() as stack:
@@ -184,14 +191,18 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
                     weights = stack.enter_context(ld.open_weights(art, base_config))
                     run = _streamed(weights, windows, reporter, f"quality: {art.label}", stack)[1]
                     advance = _no_advance
-                figures = score_against(run, windows, base.store, base.figures.ppl, advance)
+                try:
+                    figures = score_against(run, windows, base.store, base.figures.ppl, advance)
+                except NonFiniteLogits as exc:
+                    raise QualityGateError(f"{art.label} gives {exc}; the file is broken (a bad conversion or a "
+                                           "corrupted tensor): rebuild it") from None
                 del run
             _collect_garbage()
             limit = max_kld(art.quant, options.max_kld)
-            row = {"file": art.label, "path": str(art.path), "kind": art.kind, "quant": art.quant,
+            row = {"file": art.label, "path": _shown(art.path, out_path.parent), "kind": art.kind, "quant": art.quant,
                    "size": _size(art), **figures.to_dict(), "max_kld": limit,
-                   "backend": options.backend if art.kind == "gguf" else "torch",
-                   "seconds": round(time.perf_counter() - t0, 2)}
+                   "backend": options.backend if art.kind == "gguf" else "torch"}
+            seconds[art.label] = round(time.perf_counter() - t0, 2)
             if mismatch[art.label]:
                 row["tokenizer_mismatch"] = mismatch[art.label]
             rows.append(row)
@@ -214,22 +225,28 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
         "version": REPORT_VERSION,
         "text": {"name": text.name, "sha256": text.sha256, "tokens": windows.text_tokens},
         "ctx": windows.ctx, "chunks": windows.count, "scored_tokens": base.figures.tokens,
-        "model": {"path": str(model_dir), **base.figures.to_dict()},
+        "model": {"path": _shown(model_dir, out_path.parent), **base.figures.to_dict()},
         "artefacts": rows,
         "stop_test": stop,
         "gate": {"enabled": options.gate, "passed": not failures, "failures": failures},
-        "seconds": round(time.perf_counter() - start, 1),
     }
-    write_file(out_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    seconds["total"] = round(time.perf_counter() - start, 1)
+    write_file(out_path, json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")   # JSON has no NaN
     if failures and options.gate:
         raise QualityGateError(failures[0] + (f" (and {len(failures) - 1} more; see {out_path})"
                                               if len(failures) > 1 else f"; figures in {out_path}"))
     for f in failures:
         reporter.warning(f)
     summary = (f"measured {len(rows)} artefact(s) on {windows.count} windows of {windows.ctx} tokens of "
-               f"{text.name!r} in {report['seconds']} s -> {out_path}")
+               f"{text.name!r} in {seconds['total']} s -> {out_path}")
     return StageResult("quality", out_path.parent, describe_files(out_path.parent, [out_path]), summary,
-                       facts=report)
+                       facts={**report, "seconds": seconds})
+
+
+def _shown(path: Path, root: Path) -> str:
+    """``path`` relative to the report's folder when inside it: a report's bytes do not depend on where it lies."""
+    path, root = Path(path).absolute(), Path(root).absolute()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 class _Base:

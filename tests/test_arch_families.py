@@ -1,0 +1,263 @@
+"""Architecture families beyond Llama/Mistral/Qwen2 (releaser/arch), each a tiny random model made by transformers'
+own config class (random norm weights, SmolLM2's BPE tokenizer), against three oracles:
+
+- GGUF: our F32 and Q8_0 files have the tensors (names, types, bytes) and architecture keys of llama.cpp's own
+  ``convert_hf_to_gguf.py`` (the llama-cpp-python 0.3.36 sdist) followed by ``llama_model_quantize``;
+- logits: llama.cpp on our F32 file gives transformers' float32 logits within 1e-3 relative;
+- merge: a slerp with a gradient equals mergekit 0.1.5 tensor for tensor.
+
+Expensive fixtures (models, llama.cpp conversions, one mergekit subprocess for all families) are built once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from releaser.arch import architecture_for
+from releaser.errors import ModelError
+from releaser.gguf import export_gguf
+from releaser.merge import run_merge
+from releaser.testing import noised_variant, tiny_family_model
+
+import gguf_oracle as o  # noqa: E402 - skips (outside CI) without llama-cpp-python
+from conftest import require
+from test_parity import run_mergekit
+
+pytestmark = pytest.mark.slow  # external oracles
+
+FAMILIES = ["qwen3", "gemma3", "phi3"]
+AWQ_FAMILIES = ["qwen3", "gemma3"]   # Phi-3's fused qkv/gate_up linears: merge and GGUF only (refused by awq, quality)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+IDS = [1, 504, 3458, 282, 4649, 314, 8, 2]
+# architecture keys releaser writes differently from convert_hf_to_gguf.py, with the reason (none today)
+KEY_DIFFERENCES: dict[str, dict[str, str]] = {f: {} for f in FAMILIES}
+SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.3, 0]}, {"value": 0.5}]
+
+def slerp_config(models: list[str]) -> dict:
+    return {"merge_method": "slerp", "base_model": models[0], "dtype": "float32", "parameters": {"t": SLERP_T},
+            "models": [{"model": m} for m in models]}
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory, smollm2):
+    """family -> paths: the model and a variant, our F32/Q8_0 export, llama.cpp's F32/Q8_0, mergekit's slerp."""
+    root = tmp_path_factory.mktemp("families")
+    out, jobs = {}, []
+    for fam in FAMILIES:
+        model = tiny_family_model(root / fam, fam, seed=0)
+        for f in TOKENIZER_FILES:
+            shutil.copy(smollm2 / f, model / f)
+        if fam == "phi3":   # a Phi-4-style release: llama.cpp's Phi3MiniModel reads a GPT2Tokenizer as BPE (without
+            #                 this class it insists on a SentencePiece tokenizer.model)
+            tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+            (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg | {"tokenizer_class": "GPT2Tokenizer"}))
+        variant = noised_variant(model, root / f"{fam}-v1", seed=1)
+        # not "phi3": llama.cpp sets token attributes of Phi-3's own specials (</s>, ...) when general.name contains
+        # "phi3" or "phi-3", and fails to load a file whose vocabulary (SmolLM2's here) lacks them
+        ours = export_gguf(model, root / f"{fam}-ours", ["F32", "Q8_0"], name=fam.replace("phi3", "tiny-phi"))
+        ref_f32 = o.convert_hf(model, root / f"{fam}-ref-F32.gguf", "f32")
+        ref_q8 = root / f"{fam}-ref-Q8_0.gguf"
+        o.quantize(ref_f32, ref_q8, "Q8_0")
+        cfg = slerp_config([str(model), str(variant)])
+        jobs.append((str(root / f"{fam}-mergekit"), cfg, None))
+        out[fam] = {"model": model, "ours": {q: p[0] for q, p in ours.files.items()},
+                    "ref": {"F32": ref_f32, "Q8_0": ref_q8}, "slerp": cfg, "mergekit": root / f"{fam}-mergekit",
+                    "root": root}
+    run_mergekit(root, jobs)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("quant", ["F32", "Q8_0"])
+def test_gguf_equals_llama_cpp_converter(families, family, quant):
+    f = families[family]
+    ours, theirs = o.tensors(f["ours"][quant]), o.tensors(f["ref"][quant])
+    assert {k: v[0] for k, v in ours.items()} == {k: v[0] for k, v in theirs.items()}
+    assert [k for k in ours if ours[k][1] != theirs[k][1]] == []
+    arch = architecture_for(json.loads((f["model"] / "config.json").read_text())).gguf_name
+    mine, ref = o.keys(f["ours"][quant], arch + "."), o.keys(f["ref"][quant], arch + ".")
+    differing = {k for k in mine.keys() | ref.keys() if mine.get(k) != ref.get(k)}
+    assert differing == set(KEY_DIFFERENCES[family]), {k: (mine.get(k), ref.get(k)) for k in differing}
+    assert o.keys(f["ours"][quant], "general.architecture") == {"general.architecture": arch}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_logits_match_transformers(families, family):
+    from transformers import AutoModelForCausalLM
+
+    f = families[family]
+    with o.load(f["ours"]["F32"]) as m:
+        ours = o.last_logits(m, IDS)
+    model = AutoModelForCausalLM.from_pretrained(f["model"], dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([IDS])).logits[0, -1].numpy()
+    assert float(np.abs(ours - want).max() / np.abs(want).max()) < 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slerp_equals_mergekit(families, family):
+    f = families[family]
+    dest = f["root"] / f"{family}-ours-slerp"
+    run_merge(f["slerp"], dest)
+    got, want = load_file(dest / "model.safetensors"), load_file(f["mergekit"] / "model.safetensors")
+    assert set(got) == set(want)
+    bad = [k for k, w in want.items()
+           if got[k].shape != w.shape or not torch.allclose(got[k], w, rtol=0, atol=1e-6 * float(w.abs().max()))]
+    assert bad == []
+    cfg, mk_cfg = (json.loads((d / "config.json").read_text()) for d in (dest, f["mergekit"]))
+    assert cfg["architectures"] == mk_cfg["architectures"]
+
+
+def test_stage_without_the_family_refuses_in_one_line(monkeypatch):
+    import dataclasses
+
+    import releaser.arch as registry
+
+    monkeypatch.setattr(registry, "FAMILIES", [a if a.name != "qwen3" else dataclasses.replace(a, stages=("merge", "gguf"))
+                                               for a in registry.FAMILIES])
+    config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
+    with pytest.raises(ModelError) as e:
+        architecture_for(config, "m", stage="awq")
+    msg = str(e.value)
+    assert "\n" not in msg and "Qwen3" in msg and "LlamaForCausalLM" in msg and "is not supported by awq" in msg
+    with pytest.raises(ModelError) as e:
+        architecture_for({"architectures": ["GPT2LMHeadModel"]}, "m", stage="gguf")
+    assert "GPT2LMHeadModel" in str(e.value) and "Qwen3ForCausalLM" in str(e.value)
+
+
+def test_help_names_the_families_each_command_supports():
+    from typer.testing import CliRunner
+
+    from releaser.arch import FAMILIES
+    from releaser.cli import app
+
+    for command, stage in [("gguf", "gguf"), ("awq", "awq")]:
+        text = " ".join(CliRunner().invoke(app, [command, "--help"], terminal_width=400).output.split())
+        for arch in FAMILIES:
+            assert (arch.label in text) == arch.supports(stage), (command, arch.label)
+
+
+def test_doctor_names_the_family_and_its_stages(families):
+    from typer.testing import CliRunner
+
+    from releaser.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["doctor", str(families["qwen3"]["model"])], terminal_width=400)
+                    .output.split())
+    assert "family Qwen3 (Qwen3ForCausalLM): merge, gguf, awq, quality (every stage)" in text
+
+
+# ------------------------------------------------------------------------------------------------ AWQ and quality
+
+
+@pytest.fixture(scope="session")
+def families_awq(families):
+    """family -> (AWQ folder of the tiny model, a round-to-nearest AWQ folder of it at the same group size)."""
+    from releaser.awq import AWQOptions, run_awq
+    from releaser.testing import rtn_awq
+
+    out = {}
+    for fam in AWQ_FAMILIES:
+        f = families[fam]
+        awq = f["root"] / f"{fam}-AWQ"
+        result = run_awq(AWQOptions(samples=16, seqlen=64), f["model"], awq)
+        out[fam] = (awq, rtn_awq(f["model"], f["root"] / f"{fam}-RTN-AWQ", group_size=result.facts["group_size"]))
+    return out
+
+
+@pytest.mark.parametrize("family", AWQ_FAMILIES)
+def test_awq_blocks_run_as_transformers_does(families, family):
+    """The AWQ block runner (layer-type RoPE, the sliding-window mask, Gemma's embedding scale) gives each decoder
+    layer's output as transformers' whole model does, on rows longer than Gemma 3's sliding window."""
+    from transformers import AutoModelForCausalLM
+
+    from releaser.awq.run import BlockRunner, Settings, block_state, family_classes
+    from releaser.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(families[family]["model"])
+    arch = architecture_for(reader.config)
+    classes = family_classes(reader.config, "tiny")
+    ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(families[family]["model"], dtype=torch.float32)
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    runner = BlockRunner(classes, Settings(64, torch.device("cpu"), torch.float32), 32, arch)
+    hidden = reader.read(arch.embed)[ids].float() * (classes[3].hidden_size ** 0.5 if arch.embed_scale else 1.0)
+    for i, want in enumerate(outputs):
+        hidden = runner.forward(runner.build(block_state(reader, arch, i), i), hidden)
+        assert torch.allclose(hidden, want, rtol=0, atol=1e-5 * float(want.abs().max())), (family, i)
+
+
+@pytest.mark.parametrize("family", AWQ_FAMILIES)
+def test_awq_layout_and_autoawq_unpacking(families, families_awq, family):
+    """Every linear of the family's AWQ groups is a GEMM triple autoawq 0.2.9's unpacking reads back as ours; norms
+    (QK-norm and Gemma's four per block included) stay float16 tensors."""
+    from releaser.awq.pack import dequantize, unpack
+    from releaser.checkpoint import CheckpointReader
+
+    pu = require("awq.utils.packing_utils")   # autoawq 0.2.9: the oracle
+    awq = CheckpointReader(families_awq[family][0])
+    src = CheckpointReader(families[family]["model"])
+    arch = architecture_for(src.config)
+    gs = awq.config["quantization_config"]["group_size"]
+    for name in src.tensors:
+        base = name.removesuffix(".weight")
+        if arch.layer_of(name) is not None and base.split(".", 3)[3] in arch.awq_linears:
+            qw, qz, sc = (awq.read(f"{base}.{t}") for t in ("qweight", "qzeros", "scales"))
+            iw, iz = pu.reverse_awq_order(*pu.unpack_awq(qw, qz, 4), 4)
+            assert torch.equal(torch.bitwise_and(iw, 15).to(torch.uint8), unpack(qw)), name
+            assert torch.equal(pu.dequantize_gemm(qw, qz, sc, 4, gs), dequantize(qw, qz, sc, gs).t().half()), name
+        else:
+            kept = awq.tensors[name]
+            assert str(kept.dtype) == "torch.float16" and kept.shape == src.tensors[name].shape, name
+    assert any("q_norm" in n for n in src.tensors)
+
+
+@pytest.mark.parametrize("family", AWQ_FAMILIES)
+def test_quality_measures_gguf_and_awq(families, families_awq, family, tmp_path):
+    """The quality stage on the family's GGUFs and AWQ folders: the F32 file read back (Gemma's +1 undone) is the
+    model; llama.cpp running it agrees with our torch model (Gemma 3's final softcapping applied in both); Q8_0 is
+    closer than 4-bit; AWQ is closer to the model than round-to-nearest (mean KLD)."""
+    from releaser.quality import QualityOptions, run_quality
+
+    require("llama_cpp")
+    f = families[family]
+    awq, rtn = families_awq[family]
+    arts = [f["ours"]["F32"], f["ours"]["Q8_0"], awq, rtn]
+    rows = {r["file"]: r for r in run_quality(QualityOptions(ctx=64, chunks=2, stop_test=False, gate=False),
+                                              f["model"], arts, tmp_path / "q.json").facts["artefacts"]}
+    f32, q8, a, r = (rows[p.name] for p in arts)
+    assert f32["kld_mean"] < 1e-6 and f32["same_top"] == 1.0, f32
+    assert 0 < q8["kld_mean"] < a["kld_mean"] < r["kld_mean"], (q8, a, r)
+    cpp = run_quality(QualityOptions(ctx=64, chunks=2, stop_test=False, gate=False, backend="llama.cpp"),
+                      f["model"], [f["ours"]["F32"]], tmp_path / "c.json").facts["artefacts"][0]
+    assert cpp["backend"] == "llama.cpp" and cpp["kld_mean"] < 1e-4, cpp
+
+
+def test_phi3_refusals_are_one_line(families, tmp_path):
+    """Phi-3 is merge and GGUF only: awq and quality refuse it in one line; a long-rope config (rope factor tensors)
+    is refused by the GGUF export in one line."""
+    config = json.loads((families["phi3"]["model"] / "config.json").read_text())
+    for stage in ("awq", "quality"):
+        with pytest.raises(ModelError, match=f"Phi-3 .* is not supported by {stage}") as e:
+            architecture_for(config, "m", stage=stage)
+        assert "\n" not in str(e.value)
+    model = tmp_path / "longrope"
+    shutil.copytree(families["phi3"]["model"], model)
+    factors = [1.0] * 8
+    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": factors,
+                                 "short_factor": factors, "original_max_position_embeddings": 256}
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="RoPE type .longrope. .* not supported by the GGUF export") as e:
+        export_gguf(model, tmp_path / "out", ["F32"], name="longrope")
+    assert "\n" not in str(e.value)
