@@ -262,13 +262,13 @@ def test_not_a_model_folder(tmp_path):
 
 
 @pytest.mark.parametrize("text, problem", [
-    ("name: alice\ndescription: x\n", "name: 'alice' is not a Hub repo id (expected owner/name)"),
+    ("name: alice\ndescription: x\n", "name: 'alice' is not a valid Hub repo id (it needs exactly one '/' between owner and name)"),
     ("name: a/b\n", "description: Field required"),
     ("name: a/b\ndescription: x\nlicence: mit\n", "licence: unknown key 'licence'; did you mean 'license'?"),
     ("name: a/b\ndescription: x\ngguf: {quant: [Q4_K_M]}\n", "gguf.quant: unknown key 'quant'; did you mean 'quants'?"),
     ("name: a/b\ndescription: x\ntitle: T\n", "title: unknown key 'title'; it is now card.title"),
     ("name: a/b\ndescription: x\nreleases: [{version: '1', date: yesterday, changes: [x]}]\n", "releases.0.date"),
-    ("name: a/b\ndescription: x\npublish: {repos: {gguf: bad id}}\n", "publish.repos.gguf: 'bad id' is not a Hub"),
+    ("name: a/b\ndescription: x\npublish: {repos: {gguf: bad id}}\n", "publish.repos.gguf: 'bad id' is not a valid Hub repo id (it needs exactly one '/' between owner and name)"),
     ("- a\n", "must be a YAML mapping"),
 ])
 def test_recipe_errors_name_the_field(tmp_path, text, problem):

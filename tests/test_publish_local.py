@@ -116,7 +116,7 @@ def test_dir_target_plans_like_the_hub(hub, tmp_path):
 def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(PublishError, match="does not exist"):
         run_publish(PublishOptions(target=f"dir:{tmp_path}/m"), {MAIN: tmp_path / "nope"})
-    with pytest.raises(PublishError, match="not a Hub repo id"):
+    with pytest.raises(PublishError, match="not a valid Hub repo id"):
         run_publish(PublishOptions(target=f"dir:{tmp_path}/m"), {"no-owner": tmp_path})
     with pytest.raises(ValueError, match="target must be"):
         PublishOptions(target="s3:bucket")

@@ -14,7 +14,7 @@ from releaser.tokenizer.findings import has_errors
 from releaser.tokenizer.fix import FixSpec, fix_tokenizer
 from releaser.tokenizer.model import ModelFolder
 from releaser.tokenizer.stoptest import stop_test
-from releaser.tokenizer.templates import TemplateError, builtin_names, load_template, sandbox
+from releaser.tokenizer.templates import TemplateError, builtin_names, load_template, render_chat_template
 
 PUBLISHED = json.loads((Path(__file__).parent / "data" / "tokenizer_published_templates.json").read_text())
 NAMES = ["chatml", "llama2", "llama3", "mistral", "alpaca", "vicuna", "zephyr", "gemma", "phi3"]
@@ -28,14 +28,7 @@ CONVERSATION = [
 
 
 def _render(source: str, messages, gen: bool) -> str:
-    env = sandbox()
-
-    def raise_exception(message):
-        raise ValueError(message)
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source).render(messages=messages, add_generation_prompt=gen, bos_token="<s>",
-                                          eos_token="</s>")
+    return render_chat_template(source, messages, add_generation_prompt=gen, bos_token="<s>", eos_token="</s>")
 
 
 def test_builtin_names():

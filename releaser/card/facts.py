@@ -13,6 +13,7 @@ import yaml
 
 from ..checkpoint import CheckpointReader
 from ..errors import ModelError
+from ..merge.config import LORA_WEIGHT_NOTE
 from .methods import MethodFacts, method_facts
 from .prompt import PromptFacts, prompt_facts, template_errors
 
@@ -107,25 +108,29 @@ def _params_text(params: Any) -> str:
     return ", ".join(f"{k}: {json.dumps(v)}" for k, v in params.items())
 
 
-def _entries(config: dict) -> list[tuple[str, str]]:
-    """(model reference, details) for every model entry of a merge config, in order."""
+def _entries(config: dict, weights: dict[str, str]) -> list[tuple[str, str]]:
+    """(model reference, details) for every model entry of a merge config, in order; ``weights``: the LoRA weights
+    noted in the file's comments (model+adapter -> weight)."""
     out: list[tuple[str, str]] = []
     for entry in config.get("models") or []:
         details = [_params_text(entry.get("parameters"))] if entry.get("parameters") else []
-        out.append((_with_lora(entry, details), ", ".join(details)))
+        out.append((_with_lora(entry, details, weights), ", ".join(details)))
     for piece in config.get("slices") or []:
         for src in piece.get("sources") or []:
             lr = src.get("layer_range")
             details = [f"layers {lr[0]}-{lr[1] - 1}"] if lr else []
             details += [_params_text(src.get("parameters"))] if src.get("parameters") else []
-            out.append((_with_lora(src, details), ", ".join(details)))
+            out.append((_with_lora(src, details, weights), ", ".join(details)))
     return out
 
 
-def _with_lora(entry: dict, details: list[str]) -> str:
-    """releaser's ``lora: {path, weight}`` beside ``model:`` as mergekit's ``model+lora`` (weight in the details)."""
+def _with_lora(entry: dict, details: list[str], weights: dict[str, str]) -> str:
+    """releaser's ``lora: {path, weight}`` beside ``model:`` (files of releaser <= 0.1) or mergekit's ``model+lora``
+    with its weight noted in a comment, as ``model+lora`` (the weight in the details)."""
     lora = entry.get("lora")
     if not isinstance(lora, dict) or "path" not in lora:
+        if str(entry["model"]) in weights:
+            details.insert(0, f"LoRA weight {weights[str(entry['model'])]}")
         return str(entry["model"])
     if lora.get("weight", 1.0) != 1.0:
         details.insert(0, f"LoRA weight {lora['weight']}")
@@ -140,7 +145,7 @@ def merge_facts(folder: Path) -> MergeFacts | None:
     try:
         config = yaml.safe_load(text)
         method = config["merge_method"]
-        entries = _entries(config)
+        entries = _entries(config, {m["ref"]: m["weight"] for m in LORA_WEIGHT_NOTE.finditer(text)})
     except (yaml.YAMLError, TypeError, KeyError) as exc:
         raise ModelError(f"{path} is not a valid merge config ({type(exc).__name__}: {exc}); "
                          "re-create it with releaser merge or mergekit") from exc

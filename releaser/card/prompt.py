@@ -1,22 +1,18 @@
 """Prompt-format facts: a chat template rendered on a sample conversation, stop tokens, an Ollama TEMPLATE.
 
-Hugging Face folders are rendered with transformers' ``apply_chat_template``; GGUF chat templates with a sandboxed
-Jinja environment configured like transformers' own (``ImmutableSandboxedEnvironment``, trim_blocks, lstrip_blocks).
+Hugging Face folders are rendered with transformers' ``apply_chat_template``; GGUF chat templates with
+``render_chat_template``, the same transformers chat-template sandbox without a tokenizer.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from datetime import datetime
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Callable
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from ..errors import ModelError
+from ..tokenizer.templates import RENDER_ERRORS, compile_chat_template, render_chat_template
 
 SYSTEM, PROMPT = "{system_prompt}", "{prompt}"
 Render = Callable[[list[dict]], str]     # messages -> prompt text (with the generation prompt)
@@ -80,19 +76,13 @@ def _common_suffix(a: str, b: str) -> int:
     return n
 
 
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
 def jinja_renderer(template: str, bos: str, eos: str) -> Render:
-    """Render a model-supplied chat template safely (sandboxed), with the variables transformers passes."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    compiled = env.from_string(template)
+    """Render a model-supplied chat template in transformers' chat-template sandbox, with the variables transformers
+    passes; a syntax error raises here, not on the first render."""
+    compile_chat_template(template)
 
     def render(messages: list[dict]) -> str:
-        return compiled.render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+        return render_chat_template(template, messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
 
     return render
 
@@ -102,7 +92,7 @@ def template_errors(where: str, fix: str) -> Iterator[None]:
     """Turn a chat template that cannot be compiled or rendered (syntax, sandbox refusal) into one ModelError."""
     try:
         yield
-    except (jinja2.TemplateError, TypeError, ValueError) as exc:
+    except RENDER_ERRORS as exc:
         text = " ".join(str(exc).split())[:200]
         raise ModelError(f"the chat template of {where} cannot be rendered ({type(exc).__name__}: {text}); {fix}") \
             from None

@@ -65,6 +65,21 @@ def _template_frame(exc: BaseException, search: list[Path]) -> str | None:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
 
 
+def _syntax_error(exc: jinja2.TemplateSyntaxError, path: Path) -> str:
+    return f"{exc.filename or path}:{exc.lineno}: template syntax error: {exc.message}; fix the template"
+
+
+def check_template(template: str | os.PathLike, what: str = "card template") -> jinja2.Template:
+    """A card template, compiled (its Jinja syntax checked) before any model is read."""
+    path = Path(template)
+    if not path.is_file():
+        raise CardError(f"{what}: {path} does not exist")
+    try:
+        return _environment([path.resolve().parent, templates_dir() / "cards"]).get_template(path.name)
+    except jinja2.TemplateSyntaxError as exc:
+        raise CardError(_syntax_error(exc, path)) from None
+
+
 def render_card(model_dir: str | os.PathLike, recipe: Recipe | None = None,
                 template: str | os.PathLike | None = None, quality: dict | str | os.PathLike | None = None) -> str:
     """The card (README.md text) for ``model_dir``, from the built-in template for its kind or ``template``;
@@ -76,14 +91,12 @@ def _render(model_dir, recipe, template, quality=None) -> tuple[str, Facts, Path
     facts = gather_facts(model_dir)
     measured = quality_facts(quality) if quality is not None else None
     path = Path(template) if template else templates_dir() / "cards" / TEMPLATE_FOR[facts.kind]
-    if not path.is_file():
-        raise CardError(f"card template {path} does not exist")
     search = [path.resolve().parent, templates_dir() / "cards"]
-    env = _environment(search)
+    compiled = check_template(path)
     try:
-        text = env.get_template(path.name).render(card_context(facts, recipe, measured))
-    except jinja2.TemplateSyntaxError as exc:
-        raise CardError(f"{exc.filename or path}:{exc.lineno}: template syntax error: {exc.message}") from None
+        text = compiled.render(card_context(facts, recipe, measured))
+    except jinja2.TemplateSyntaxError as exc:   # in a template it includes
+        raise CardError(_syntax_error(exc, path)) from None
     except jinja2.UndefinedError as exc:
         where = _template_frame(exc, search) or str(path)
         raise CardError(f"{where}: undefined variable: {exc.message}; see templates/cards/README.md for the "

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import ConfigError
+from ..options import check_repo_id
 from ..stage import StageResult
 from ..ui import RichReporter
 from .options import PublishOptions
@@ -49,6 +50,10 @@ def release_repos(release_dir: Path, recipe_path: Path | None, repo: str | None)
                                       "first or remove the repo from the recipe")
                 repos[repo_id] = folder
     if repo is not None:
+        try:
+            check_repo_id(repo)
+        except ValueError as exc:
+            raise ConfigError(f"--repo: {exc}") from None
         named = release_dir / repo.split("/", 1)[-1]
         repos[repo] = named if named.is_dir() else release_dir
     if not repos:
@@ -107,9 +112,25 @@ def publish_options(**values) -> PublishOptions:
         raise ConfigError(f"--{field.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
+def recorded_files(repos: dict[str, Path]) -> dict[str, dict[str, dict]]:
+    """For the repo folders that sit in a release's work folder (``release.json`` beside them): the files its stages
+    recorded there (only those are published, and only with their recorded bytes)."""
+    from ..pipeline.manifest import NAME, Manifest
+
+    out = {}
+    for repo_id, folder in repos.items():
+        work = Path(folder).absolute().parent
+        if (work / NAME).is_file():
+            files = Manifest.open(work, None).recorded(folder)
+            if files:
+                out[repo_id] = files
+    return out
+
+
 def run_publish_cli(options: PublishOptions, repos: dict[str, Path], out: Console,
-                    err: Console) -> StageResult:
-    result = run_publish(options, repos, RichReporter(err, in_bytes=True), on_plan=lambda plan: out.print(plan_table(plan)))
+                    err: Console, quiet: bool = False) -> StageResult:
+    result = run_publish(options, repos, RichReporter(err, quiet=quiet, in_bytes=True),
+                         on_plan=lambda plan: out.print(plan_table(plan)), recorded=recorded_files(repos))
     if not options.dry_run:
         for repo in result.facts["repos"]:
             out.print(outcome_line(repo), highlight=False, markup=False)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
@@ -23,6 +24,20 @@ from .failures import (TRANSPORT_ERRORS, UNREACHABLE, auth_error, is_transient, 
                        status_of)
 from .options import PublishError, PublishOptions
 from .plan import LocalFile, RemoteFile, RepoPlan, plan_repo, prehash
+
+
+@contextmanager
+def hub_progress_bars(shown: bool) -> Iterator[None]:
+    """huggingface_hub's own upload bars (LFS, Xet) on stderr only while the reporter shows progress: never for the
+    library's silent reporter or with ``-q``."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    (enable_progress_bars if shown else disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (disable_progress_bars if was_disabled else enable_progress_bars)()
 
 
 @dataclass
@@ -143,9 +158,10 @@ class HubTarget:
                     state = self.state(repo_id, revision)
                     plan = plan_repo(repo_id, local, state.files if state else {}, keep_stale=options.keep_stale)
                 self.reporter.message(f"{repo_id}: committing {plan.summary()} (attempt {attempt})")
-                info = self.api.create_commit(repo_id, self._operations(plan, local),
-                                              commit_message=options.commit_title, commit_description=description,
-                                              revision=revision, parent_commit=state.head if state else None)
+                with hub_progress_bars(self.reporter.shows_progress):
+                    info = self.api.create_commit(repo_id, self._operations(plan, local),
+                                                  commit_message=options.commit_title, commit_description=description,
+                                                  revision=revision, parent_commit=state.head if state else None)
                 outcome.commit = head = info.oid
                 outcome.applied = True
                 break

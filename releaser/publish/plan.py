@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..stage import Reporter, sha256_file
+from .options import PublishError
 
 # Never deleted: the Hub creates it with every repo (LFS rules); a local .gitattributes still replaces it.
 PROTECTED = frozenset({".gitattributes"})
@@ -83,11 +84,17 @@ class RemoteFile:
 
 
 def list_local(folder: Path) -> list[Path]:
-    """The files of a repo folder, sorted by relative path."""
+    """The files of a repo folder, sorted by relative path; a symbolic link in it is an error (its target, perhaps
+    a system file, is nothing the release made)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         rel_dir = Path(dirpath).relative_to(folder)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in [*dirnames, *filenames]:
+            rel = rel_dir / name
+            if wanted(rel) and os.path.islink(os.path.join(dirpath, name)):
+                raise PublishError(f"{Path(dirpath) / name} is a symbolic link; only regular files are published: "
+                                   "replace it with the file itself or remove it")
         for name in filenames:
             rel = rel_dir / name
             if wanted(rel) and os.path.isfile(os.path.join(dirpath, name)):

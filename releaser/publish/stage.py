@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..options import REPO_ID
+from ..options import check_repo_id
 from ..stage import OutputFile, Reporter, StageResult
 from .hub import HubTarget, RepoOutcome
 from .local import DirTarget
@@ -41,8 +41,10 @@ def _check_repos(repos: dict[str, Path]) -> dict[str, Path]:
         raise PublishError("nothing to publish: no repos given")
     checked = {}
     for repo_id, folder in repos.items():
-        if not REPO_ID.match(repo_id):
-            raise PublishError(f"{repo_id!r} is not a Hub repo id (expected owner/name)")
+        try:
+            check_repo_id(repo_id)
+        except ValueError as exc:
+            raise PublishError(str(exc)) from None
         folder = Path(folder)
         if not folder.is_dir():
             raise PublishError(f"the folder for {repo_id} does not exist: {folder}")
@@ -57,15 +59,58 @@ def default_description(options: PublishOptions) -> str:
     return f"Release{version} published with releaser {__version__}."
 
 
+def _only_recorded(local: dict[str, dict[str, LocalFile]], recorded: dict[str, dict[str, dict]],
+                   options: PublishOptions, reporter: Reporter) -> dict[str, list[str]]:
+    """Leave out (unless ``include_untracked``) the files no release stage wrote, and check that every recorded file
+    is there with the sha256 the manifest holds (read again now), before anything is sent. Returns the untracked
+    files per repo."""
+    untracked = {}
+    for repo_id, files in local.items():
+        if repo_id not in recorded:   # a folder no release recorded: all of it is the user's to send
+            continue
+        extra = sorted(set(files) - set(recorded[repo_id]))
+        if extra:
+            untracked[repo_id] = extra
+            if not options.include_untracked:
+                for path in extra:
+                    del files[path]
+                reporter.warning(f"{repo_id}: {len(extra)} file(s) no release stage wrote left out: "
+                                 f"{', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''} (include them with "
+                                 "publish.include_untracked: true or --include-untracked)")
+    wrong = []
+    total = sum(f.size for repo_id, files in local.items() for p, f in files.items() if p in recorded.get(repo_id, {}))
+    with reporter.progress("verifying the release's files", total=total) as advance:
+        for repo_id, expected in recorded.items():
+            for path, want in sorted(expected.items()):
+                here = local[repo_id].get(path)
+                if here is None:
+                    wrong.append((want["stage"], f"{repo_id}/{path} is missing"))
+                elif here.size != want["size"] or here.sha256 != want["sha256"]:
+                    wrong.append((want["stage"], f"{repo_id}/{path} changed since the {want['stage']} stage wrote it"))
+                if here is not None:
+                    advance(here.size)
+    if wrong:
+        stages = ",".join(sorted({stage for stage, _ in wrong}))
+        raise PublishError(f"{len(wrong)} file(s) differ from what release.json records, nothing was published: "
+                           f"{'; '.join(what for _, what in wrong[:5])}; rebuild with `releaser release RECIPE -o WORK "
+                           f"--only {stages} --force` (`releaser verify WORK` lists every difference)")
+    return untracked
+
+
 def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Reporter | None = None, *,
                 endpoint: str | None = None, sleep: Callable[[float], None] = time.sleep,
-                on_plan: Callable[[RepoPlan], None] = lambda plan: None) -> StageResult:
+                on_plan: Callable[[RepoPlan], None] = lambda plan: None,
+                recorded: dict[str, dict[str, dict]] | None = None) -> StageResult:
     """Publish each repo's folder to ``options.target``; returns the files sent or written and each repo's plan.
-    ``on_plan`` is called with each repo's plan before anything is sent for that repo (the CLI prints it)."""
+    ``on_plan`` is called with each repo's plan before anything is sent for that repo (the CLI prints it).
+    ``recorded`` (repo id -> what :meth:`Manifest.recorded` returns for its folder): only those files are sent, and
+    only when their bytes are the recorded ones."""
     reporter = reporter or Reporter()
     repos = _check_repos(repos)
     local = {repo_id: scan_local(folder) for repo_id, folder in repos.items()}
     facts: dict = {"target": options.target, "dry_run": options.dry_run, "collection": None}
+    if recorded is not None:
+        facts["untracked"] = _only_recorded(local, recorded, options, reporter)
     if options.target == "hub":
         output, outcomes, files = _to_hub(options, repos, local, reporter, endpoint, sleep, on_plan, facts)
     else:
@@ -80,7 +125,11 @@ def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Repor
             outcomes.append(outcome)
             files += written
     facts["repos"] = [o.to_dict() for o in outcomes]
-    return StageResult("publish", output, files, _summary(outcomes, options, facts["where"]), facts=facts)
+    summary = _summary(outcomes, options, facts["where"])
+    untracked = sum(map(len, facts.get("untracked", {}).values()))
+    if untracked:
+        summary += f"; {untracked} untracked file(s) {'sent' if options.include_untracked else 'left out'}"
+    return StageResult("publish", output, files, summary, facts=facts)
 
 
 def _to_hub(options: PublishOptions, repos: dict[str, Path], local: dict[str, dict[str, LocalFile]],

@@ -38,10 +38,21 @@ def run_doctor(model_dir: Path, template: str | None, as_json: bool, out: Consol
         if report.findings:
             out.print(f"to fix: releaser fix-tokenizer {model_dir} --template {report.template or 'NAME'} "
                       "(-o OUT_DIR | --in-place)", highlight=False, markup=False)
+        _print_family(model_dir, out)
         verdict = "[green]clean[/]" if report.clean else "[bold red]problems found[/]"
         out.print(f"{verdict}: {errors} error(s), {warnings} warning(s); eos {report.eos_token!r}, "
                   f"turns end with {report.end_of_turn}, generation eos ids {report.generation_eos}", highlight=False)
     return 0 if report.clean else 1
+
+
+def _print_family(model_dir: Path, out: Console) -> None:
+    from ..arch import stage_summary
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    out.print(stage_summary(config), highlight=False, markup=False)
 
 
 def run_fix(model_dir: Path, spec: FixSpec, out: Console) -> FixReport:

@@ -39,6 +39,7 @@ class FixSpec:
     eos: str | None = None                # end-of-turn token (default: the template's, else the tokenizer's eos)
     system_prompt: str | None = None      # default system message for conversations without one
     overwrite: bool = False
+    link: bool = False                    # hard-link unchanged files into out_dir (only for releaser's own output)
 
 
 @dataclass
@@ -280,7 +281,7 @@ def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
             report.changes[f"weights: {name}"] = (
                 ([f"rows {resized[0]} -> {resized[1]} (new rows = mean of trained rows)"] if resized else [])
                 + ([f"repaired untrained rows {repaired}"] if repaired else []))
-        report.out_dir = write_with_weights(src, out, changes, edits)
+        report.out_dir = write_with_weights(src, out, changes, edits, link=spec.link)
     elif changes or out is not None:
-        report.out_dir = write_files(src, out, changes)
+        report.out_dir = write_files(src, out, changes, link=spec.link)
     return report

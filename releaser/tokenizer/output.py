@@ -13,6 +13,7 @@ from ..atomic import OutputLock, os_error as _os_error, output_dir, temp_file, w
 from ..checkpoint import CheckpointReader, CheckpointWriter, safetensors_io as st
 from ..checkpoint.writer import DEFAULT_SHARD_BYTES
 from ..errors import OutputError
+from ..reflink import copy_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -32,37 +33,42 @@ def _skip(name: str) -> bool:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link an unchanged file (no copy of a 70B model's shards; every releaser write replaces files by rename,
-    so the input's bytes are never changed through the link); copy across file systems."""
+    """Hard-link an unchanged file of releaser's own output (no copy of a 70B model's shards; every releaser write
+    replaces files by rename, so the bytes are never changed through the link); copy across file systems."""
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
 
 
-def _copy_into(src: Path, dst: Path, changed: dict[str, str], skip_weights: bool, skip: set[str] = frozenset()) -> None:
+def _copy_into(src: Path, dst: Path, changed: dict[str, str], skip_weights: bool, skip: set[str] = frozenset(),
+               *, link: bool = False) -> None:
+    """Copy ``src``'s files (but ``changed``, written instead, and ``skip``) into ``dst``: hard links with ``link``
+    (``src`` is releaser's own output), else copies (reflinks where possible: ``src`` is the user's)."""
+    copy = _link_or_copy if link else copy_file
     for item in src.iterdir():
         if (_skip(item.name) or item.name in changed or item.name in skip
                 or (skip_weights and is_weight_file(item.name))):
             continue
         if item.is_dir():
-            shutil.copytree(item, dst / item.name, copy_function=_link_or_copy)
+            shutil.copytree(item, dst / item.name, copy_function=copy)
         else:
-            _link_or_copy(item, dst / item.name)
+            copy(item, dst / item.name)
     for name, content in changed.items():
         (dst / name).write_text(content, encoding="utf-8")
 
 
-def write_files(src: Path, out: Path | None, changed: dict[str, str]) -> Path:
+def write_files(src: Path, out: Path | None, changed: dict[str, str], *, link: bool = False) -> Path:
     """Write ``changed`` (name -> text). In place (``out`` None) each file is replaced atomically; otherwise the
-    folder is assembled in a temporary folder beside ``out`` (unchanged files hard-linked) and renamed into place."""
+    folder is assembled in a temporary folder beside ``out`` (unchanged files copied, or hard-linked with ``link``)
+    and renamed into place."""
     if out is None:
         for name, content in changed.items():
             write_file(src / name, content)
         return src
     with output_dir(out, overwrite=True) as tmp:
         try:
-            _copy_into(src, tmp, changed, skip_weights=False)
+            _copy_into(src, tmp, changed, skip_weights=False, link=link)
         except OSError as exc:
             raise _os_error(exc, out) from exc
     return out
@@ -97,15 +103,16 @@ def _rewritten_index(src: Path, reader: CheckpointReader, edits: dict[str, torch
     return dump_json(data)
 
 
-def write_with_weights(src: Path, out: Path | None, changed: dict[str, str], edits: dict[str, torch.Tensor]) -> Path:
+def write_with_weights(src: Path, out: Path | None, changed: dict[str, str], edits: dict[str, torch.Tensor], *,
+                       link: bool = False) -> Path:
     """Apply ``edits`` (tensor name -> new value) and the text changes. Only the safetensors files that hold an edited
     tensor are rewritten (under their own names: a 70B model's fix rewrites the shards of embed_tokens and lm_head);
-    the others are hard-linked into ``out``, or left alone in place. With ``out`` the folder is committed as a whole;
+    the others are copied (hard-linked with ``link``) into ``out``, or left alone in place. With ``out`` the folder is committed as a whole;
     in place each rewritten file and then each changed text file replaces its old self atomically."""
     with CheckpointReader(src) as reader:
         files = sorted({reader.tensors[name].file for name in edits})
         if any(not f.endswith(".safetensors") for f in {i.file for i in reader.tensors.values()}):
-            return _convert_with_weights(src, out, changed, edits, reader)
+            return _convert_with_weights(src, out, changed, edits, reader, link=link)
         changed = dict(changed)
         index = _rewritten_index(src, reader, edits)
         if index is not None:
@@ -116,7 +123,7 @@ def write_with_weights(src: Path, out: Path | None, changed: dict[str, str], edi
                 try:
                     for f in files:
                         _rewrite_shard(reader, f, tmp / Path(f).name, edits)
-                    _copy_into(src, tmp, changed, skip_weights=False, skip=set(rewritten))
+                    _copy_into(src, tmp, changed, skip_weights=False, skip=set(rewritten), link=link)
                 except OSError as exc:
                     raise _os_error(exc, out) from exc
             return out
@@ -130,7 +137,7 @@ def write_with_weights(src: Path, out: Path | None, changed: dict[str, str], edi
 
 
 def _convert_with_weights(src: Path, out: Path | None, changed: dict[str, str], edits: dict[str, torch.Tensor],
-                          reader: CheckpointReader) -> Path:
+                          reader: CheckpointReader, *, link: bool = False) -> Path:
     """``pytorch_model*.bin`` input: every tensor is rewritten as safetensors with CheckpointWriter."""
     target = out or src.parent / f".{src.name}.releaser-weights"
     specs = []
@@ -144,7 +151,7 @@ def _convert_with_weights(src: Path, out: Path | None, changed: dict[str, str], 
             writer.write(name, (t if t is not None else reader.read(name)).to(dtype).contiguous())
         if out is not None:
             try:
-                _copy_into(src, writer.tmp_dir, changed, skip_weights=True)
+                _copy_into(src, writer.tmp_dir, changed, skip_weights=True, link=link)
             except OSError as exc:
                 raise _os_error(exc, out) from exc
         writer.commit()

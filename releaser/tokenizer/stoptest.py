@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import jinja2
-
 from .findings import Finding
+from .templates import RENDER_ERRORS
 
 CONVERSATION = [
     {"role": "user", "content": "What is two plus two?"},
@@ -30,7 +29,7 @@ def render(tokenizer, source: str, messages: list[dict], add_generation_prompt: 
     try:
         return tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+    except RENDER_ERRORS as exc:
         raise RenderError(f"{type(exc).__name__}: {exc}") from exc
 
 

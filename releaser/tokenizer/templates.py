@@ -1,7 +1,8 @@
 """Chat templates: the built-ins in ``templates/chat/`` (with their end-of-turn token and stop strings) and user files.
 
-Templates are model-supplied Jinja, so they are only parsed and rendered in jinja2's ImmutableSandboxedEnvironment
-(the same settings transformers' ``apply_chat_template`` uses).
+Templates are model-supplied Jinja, so they are compiled and rendered only by ``compile_chat_template`` and
+``render_chat_template``, which use transformers' own chat-template environment (the one ``apply_chat_template``
+uses: ImmutableSandboxedEnvironment with trim_blocks, lstrip_blocks, loop controls and the ``{% generation %}`` tag).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import jinja2
 import yaml
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import ConfigError
 from ..resources import templates_dir
@@ -39,16 +39,51 @@ class ChatTemplate:
         return list(dict.fromkeys(first + list(self.stop)))
 
 
-def sandbox() -> ImmutableSandboxedEnvironment:
-    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+# What rendering a model-supplied template can raise (a syntax error, a sandbox refusal, raise_exception, bad data).
+RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compile a chat template in transformers' chat-template sandbox (cached by transformers); the one place
+    releaser compiles a model-supplied template. Raises jinja2.TemplateSyntaxError."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(source)
+
+
+def render_chat_template(source: str, messages: list[dict], add_generation_prompt: bool = False,
+                         **variables) -> str:
+    """Render ``messages`` with ``source`` exactly as transformers' ``apply_chat_template`` does (same sandbox, same
+    message conversion); ``variables`` are the extra template variables (bos_token, eos_token, ...)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    compile_chat_template(source)
+    rendered, _ = render_jinja_template([messages], chat_template=source,
+                                        add_generation_prompt=add_generation_prompt, **variables)
+    return rendered[0]
 
 
 def check_syntax(source: str, where: str) -> None:
     """Raise TemplateError naming the line of a Jinja syntax error."""
     try:
-        sandbox().parse(source)
+        compile_chat_template(source)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{where} line {exc.lineno}: Jinja syntax error: {exc.message}; fix the template") from None
+
+
+def check_renders(source: str, where: str, **variables) -> str:
+    """Compile ``source`` and render a plain user/assistant conversation with it in the sandbox, as ``release``
+    does before it writes a template; raise TemplateError naming a syntax error, a sandbox refusal or any other
+    failure. Returns the rendered text."""
+    from .stoptest import CONVERSATION
+
+    check_syntax(source, where)
+    try:
+        return render_chat_template(source, CONVERSATION, **variables)
+    except RENDER_ERRORS as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise TemplateError(f"{where} fails on a plain user/assistant conversation ({type(exc).__name__}: {text}); "
+                            "fix the template or choose another") from None
 
 
 def _catalog() -> dict[str, dict]:
