@@ -11,6 +11,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def require(module: str):
+    """An oracle or optional test dependency: imported, or -- only outside CI -- the test skipped. In CI (CI=true) a
+    missing or broken install is a failure, never a skip (tests/test_no_oracle_skips.py keeps every test on this)."""
+    import importlib
+
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """Path of a cached float32 HF folder of SmolLM2-135M-Instruct (read-only: copy it before changing anything)."""

@@ -12,6 +12,15 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
   fi
   python -m pip install -q --find-links "$wheels" "llama-cpp-python==0.3.36" 2>&1 | grep -v '^WARNING: Location' || true
 fi
+# llama.cpp's own convert_hf_to_gguf.py (the per-family GGUF oracle), vendored in the llama-cpp-python 0.3.36 sdist
+sdist="${RELEASER_LLAMA_CPP_SDIST:-$HOME/.cache/releaser/llama-cpp-sdist}"
+if [ -z "${RELEASER_LLAMA_CPP_DIR:-}" ] && [ ! -f "$sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
+  mkdir -p "$sdist"
+  [ -f "$sdist/llama_cpp_python-0.3.36.tar.gz" ] || python -m pip download -q --no-deps --no-binary :all: \
+    "llama-cpp-python==0.3.36" -d "$sdist" 2>&1 | grep -v '^WARNING: Location' || true
+  tar xzf "$sdist/llama_cpp_python-0.3.36.tar.gz" -C "$sdist" llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py \
+    llama_cpp_python-0.3.36/vendor/llama.cpp/conversion llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
+fi
 # AutoAWQ 0.2.9 (the AWQ tests' independent GEMM reader) without its triton/datasets requirements, which it does not use
 python -c "import awq" 2>/dev/null || python -m pip install -q --no-deps "autoawq==0.2.9" 2>&1 | grep -v '^WARNING: Location' || true
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
