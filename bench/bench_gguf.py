@@ -2,7 +2,9 @@
 llama_model_quantize (Q4_K_M), both as whole processes under /usr/bin/time -v, in the same run.
 
 Case 1: SmolLM2-135M-Instruct (the float32 test fixture). Case 2: a synthetic ~0.9B Llama (bf16 safetensors, hidden
-2048, 16 layers, SmolLM2's tokenizer), built once and cached. llama.cpp's converter comes from the llama-cpp-python
+2048, 16 layers, SmolLM2's tokenizer). Case 3: a synthetic ~0.5B Qwen3 (Qwen3-0.6B's shape: hidden 1024, 28 layers,
+16 heads of 128, QK-norm, tied embeddings; SmolLM2's vocabulary), made by transformers' Qwen3 class. Both built once
+and cached. llama.cpp's converter comes from the llama-cpp-python
 0.3.36 sdist (vendor/llama.cpp, with its own gguf-py on PYTHONPATH):
 
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d DIR && tar xzf DIR/llama_cpp_python-0.3.36.tar.gz -C DIR
@@ -29,6 +31,7 @@ p.ftype, p.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
 """
 LARGE = dict(layers=16, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=49152)
+QWEN3 = dict(layers=28, hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128, vocab=49152, tied=True)
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
@@ -49,6 +52,20 @@ def large_model(cache: Path, smollm2: Path) -> Path:
         tmp = cache / ".bench-llama-0.9b-bf16"
         shutil.rmtree(tmp, ignore_errors=True)
         tiny_model(tmp, "llama", seed=1, dtype="bfloat16", shard_bytes=1 << 30, **LARGE)
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(smollm2 / f, tmp / f)
+        os.replace(tmp, path)
+    return path
+
+
+def qwen3_model(cache: Path, smollm2: Path) -> Path:
+    from releaser.testing import tiny_family_model
+
+    path = cache / "bench-qwen3-0.5b-bf16"
+    if not (path / "config.json").exists():
+        tmp = cache / ".bench-qwen3-0.5b-bf16"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tiny_family_model(tmp, "qwen3", seed=1, dtype="bfloat16", **QWEN3)
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             shutil.copy(smollm2 / f, tmp / f)
         os.replace(tmp, path)
@@ -87,6 +104,7 @@ def main() -> None:
     cases = [("SmolLM2-135M (fp32)", smollm2)]
     if not args.skip_large:
         cases.append(("Llama-0.9B synthetic (bf16)", large_model(cache_dir(), smollm2)))
+        cases.append(("Qwen3-0.5B synthetic (bf16)", qwen3_model(cache_dir(), smollm2)))
     print("| model | releaser HF->Q4_K_M | llama.cpp convert F16 + quantize | ratio | releaser peak RSS | "
           "llama.cpp peak RSS | F16 size | Q4_K_M size (ours / llama.cpp) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -352,7 +352,8 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release rec
     for text in result.warnings:
         reporter.warning(text)
     out.print(_stage_table(result.stages, f"{recipe}: {result.recipe.name} {result.recipe.version}"))
-    out.print(f"[green]ok[/]: {recipe} is a valid recipe", highlight=False)
+    family = f"model family {result.family}" if result.family else "model family known once the Hub models are read"
+    out.print(f"[green]ok[/]: {recipe} is a valid recipe; {escape(family)}", highlight=False)
 
 
 @app.command()

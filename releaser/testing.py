@@ -162,7 +162,7 @@ FAMILY_CONFIGS = {
 
 def tiny_family_model(path: Path, family: str, seed: int = 0, *, layers: int = 2, hidden: int = 64,
                       intermediate: int = 128, heads: int = 4, kv_heads: int = 2, vocab: int = 49152,
-                      tied: bool | None = None, **extra) -> Path:
+                      tied: bool | None = None, dtype: str = "float32", **extra) -> Path:
     """A small random model of ``family`` (see FAMILY_CONFIGS) made by transformers from its own config class, with
     random norm weights (so a missing Gemma ``+1`` shows); same arguments and another ``seed`` give a mergeable
     variant."""
@@ -184,7 +184,7 @@ def tiny_family_model(path: Path, family: str, seed: int = 0, *, layers: int = 2
                 p.copy_(torch.randn(p.shape) * 0.2 + (0.0 if family.startswith("gemma") else 1.0))
             else:
                 p.copy_(torch.randn(p.shape) * 0.05)
-    model.save_pretrained(path)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
     return Path(path)
 
 

@@ -60,6 +60,12 @@ def _model_without_layer_count(tmp_path):
     return str(folder)
 
 
+def _phi3_model(tmp_path):
+    from releaser.testing import tiny_family_model
+
+    return str(tiny_family_model(tmp_path / "phi3", "phi3", vocab=256))
+
+
 CASES = {   # id -> (recipe maker, change, what the one line must name)
     "unknown merge method": (merge_recipe, _set("merge.merge_method", "slurp"), "slurp"),
     "nan t": (merge_recipe, _set("merge.parameters.t", float("nan")), "finite"),
@@ -82,6 +88,7 @@ CASES = {   # id -> (recipe maker, change, what the one line must name)
     "nan KLD limit": (model_recipe, _set("quality.max_kld", {"Q8_0": float("nan")}), "finite"),
     "negative KLD limit": (model_recipe, _set("quality.max_kld", {"Q8_0": -0.1}), "negative"),
     "unknown quant in max_kld": (model_recipe, _set("quality.max_kld", {"Q8_O": 0.1}), "Q8_O"),
+    "a stage the family lacks": (model_recipe, _set("model", _phi3_model), "set quality: false"),
     "infinite time budget": (model_recipe, _set("quality.time_budget", float("inf")), "finite"),
 }
 
@@ -126,7 +133,10 @@ def test_a_warning_is_shown_by_check_and_strict_refuses_it_in_both(models, tmp_p
     assert not work.exists() or not any(work.iterdir())
 
 
-def test_the_valid_recipes_pass_check(models, tmp_path):
+def test_the_valid_recipes_pass_check_and_name_the_family(models, tmp_path):
     for make in (merge_recipe, model_recipe):
         code, out = _run("check", _write(tmp_path, make(models)))
-        assert code == 0 and "valid recipe" in out, out
+        assert code == 0 and "valid recipe" in out and "model family Llama (LlamaForCausalLM)" in out, out
+    recipe = model_recipe(models) | {"model": _phi3_model(tmp_path), "quality": False}
+    code, out = _run("check", _write(tmp_path, recipe))
+    assert code == 0 and "model family Phi-3 (Phi3ForCausalLM)" in out, out

@@ -18,7 +18,8 @@ def supported_names(stage: str | None = None) -> list[str]:
     return [c for a in FAMILIES if stage is None or a.supports(stage) for c in a.classes]
 
 
-def _find(config: dict) -> Architecture | None:
+def find_family(config: dict) -> Architecture | None:
+    """The family of ``config`` (a config.json dict), None when releaser does not know it."""
     classes = config.get("architectures") or []
     model_type = config.get("model_type")
     for arch in FAMILIES:
@@ -30,7 +31,7 @@ def _find(config: dict) -> Architecture | None:
 def architecture_for(config: dict, where: str = "the model", stage: str | None = None) -> Architecture:
     """The family of ``config`` (a config.json dict); a ModelError naming the family and the supported list when
     releaser does not know it, or when ``stage`` does not handle it yet."""
-    arch = _find(config)
+    arch = find_family(config)
     if arch is None:
         found = ", ".join(config.get("architectures") or []) or config.get("model_type") or "none given"
         raise ModelError(f"unsupported architecture {found} in {where}'s config.json; "
@@ -43,13 +44,13 @@ def architecture_for(config: dict, where: str = "the model", stage: str | None =
 
 def family_label(config: dict) -> str | None:
     """``"Qwen3"`` etc., or None for a family releaser does not know."""
-    arch = _find(config)
+    arch = find_family(config)
     return arch.label if arch else None
 
 
 def stage_summary(config: dict) -> str:
     """One line for doctor: the family of ``config`` and which stages handle it."""
-    arch = _find(config)
+    arch = find_family(config)
     if arch is None:
         found = ", ".join(config.get("architectures") or []) or config.get("model_type") or "none given"
         return f"architecture {found} is not one releaser knows; it supports {', '.join(supported_names())}"
@@ -58,5 +59,5 @@ def stage_summary(config: dict) -> str:
             + (f"; not yet: {', '.join(missing)}" if missing else " (every stage)"))
 
 
-__all__ = ["FAMILIES", "STAGES", "Architecture", "architecture_for", "family_label", "permute_qk", "rope_parameters",
-           "stage_summary", "supported_names", "unpermute_qk"]
+__all__ = ["FAMILIES", "STAGES", "Architecture", "architecture_for", "family_label", "find_family", "permute_qk",
+           "rope_parameters", "stage_summary", "supported_names", "unpermute_qk"]

@@ -127,7 +127,8 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
                 overwrite: bool = False, license: str | None = None, tags=None, base_models=None,
                 quantized_by: str | None = None, pre_tokenizer: str | None = None, workers: int | None = None,
                 model_card: bool = True, reporter: Reporter | None = None) -> GGUFResult:
-    """Convert ``model_dir`` (Llama/Mistral/Qwen2 HF folder) to GGUF files ``{Name}-{TYPE}.gguf`` in ``out_dir``.
+    """Convert ``model_dir`` (an HF folder of a family in ``releaser.arch``) to GGUF files ``{Name}-{TYPE}.gguf`` in
+    ``out_dir``.
 
     The checkpoint is read once, one tensor at a time; every requested type is written from that tensor before the
     next is read. Quantization runs on ``workers`` threads (default: all cores). Files appear under their final names

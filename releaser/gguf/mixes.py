@@ -65,6 +65,14 @@ def allows_quantization(t: TensorDesc) -> bool:
             and "ffn_gate_inp.weight" not in t.name)
 
 
+def _is_attn_v(name: str) -> bool:   # llama.cpp's category_is_attn_v: fused qkv and MLA's kv_b count as attn_v
+    return any(k in name for k in ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight"))
+
+
+def _layer(name: str) -> int:   # llama.cpp's layer_info: the block index from the name (experts are not in order)
+    return int(name.split(".")[1])
+
+
 def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
@@ -81,8 +89,8 @@ class _Mix:
     def __init__(self, quant: str, tensors: list[TensorDesc], shape: ModelShape):
         self.quant, self.shape = quant, shape
         self.tied = not any(t.name == "output.weight" for t in tensors)
-        self.n_attention_wv = sum("attn_v.weight" in t.name for t in tensors)
-        self.i_attention_wv = self.i_ffn_down = 0
+        self.n_attention_wv = sum(_is_attn_v(t.name) for t in tensors)
+        self.i_attention_wv = 0
 
     def pick(self, t: TensorDesc, new: T) -> T:  # llama_tensor_get_type_impl for the ftypes above
         q, s, name = self.quant, self.shape, t.name
@@ -92,7 +100,7 @@ class _Mix:
             return new if new == T.Q8_0 else T.Q6_K
         if name == "token_embd.weight":
             return new
-        if "attn_v.weight" in name:
+        if _is_attn_v(name):
             if q == "Q2_K":
                 new = T.Q4_K if s.n_head // s.n_head_kv >= 4 else T.Q3_K
             elif q == "Q3_K_M":
@@ -107,7 +115,7 @@ class _Mix:
                 new = T.Q5_K
             self.i_attention_wv += 1
         elif "ffn_down" in name:
-            i, n = self.i_ffn_down, s.n_layer
+            i, n = _layer(name), s.n_layer
             if q == "Q2_K":
                 new = T.Q3_K
             elif q == "Q3_K_M":
@@ -118,7 +126,6 @@ class _Mix:
                 new = T.Q6_K
             elif q == "Q4_K_S" and i < n // 8:
                 new = T.Q5_K
-            self.i_ffn_down += 1
         elif "attn_output.weight" in name:
             new = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(q, new)
         return new

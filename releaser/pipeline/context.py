@@ -21,6 +21,7 @@ class Release:
     left_out: frozenset[str] = frozenset()   # stages this run leaves out (--only, --skip)
     strict: bool = False                     # every warning is an error (--strict)
     warnings: list[str] = field(default_factory=list)   # what the checks before the first stage found
+    family: str = ""                         # the model family, once the checks have read a config.json
 
     @property
     def recipe_dir(self) -> Path:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..arch import FAMILIES, Architecture, find_family
 from ..errors import ConfigError
 from ..recipe import Recipe, load_recipe
 from ..stage import Reporter
@@ -160,6 +161,7 @@ class CheckResult:
     recipe: Recipe
     stages: list[StageOutcome]
     warnings: list[str] = field(default_factory=list)
+    family: str = ""       # e.g. "Qwen3 (Qwen3ForCausalLM)"; empty while a merge model is on the Hub
 
 
 def check_recipe(recipe_path: str | Path, *, strict: bool = False) -> CheckResult:
@@ -174,7 +176,7 @@ def check_recipe(recipe_path: str | Path, *, strict: bool = False) -> CheckResul
         why_not = step.applies(r)
         stages.append(StageOutcome(step.name, "not applicable" if why_not else "runs", why_not or "",
                                    "" if why_not else detail.get(step.name, "")))
-    return CheckResult(r.recipe, stages, r.warnings)
+    return CheckResult(r.recipe, stages, r.warnings, r.family)
 
 
 def _validate(r: Release) -> dict[str, str]:
@@ -193,14 +195,27 @@ def _validate(r: Release) -> dict[str, str]:
     if r.recipe.merge is not None:
         source, base_dir = _merge_config(r)
         config, _ = parse_config(source, base_dir=base_dir)
-        r.warnings = _check_merge(config)
+        r.warnings, arch = _check_merge(config)
         detail["merge"] = f"{config.merge_method} of {', '.join(config.referenced_models())}"
     else:
         require_folder(r.source_dir())
-        if r.recipe.gguf is not None or r.recipe.awq is not None:
-            with CheckpointReader(r.source_dir()) as reader:   # the sizes GGUF and AWQ read, before any work
-                check_sizes(reader, architecture_for(reader.config, str(r.source_dir())))
+        with CheckpointReader(r.source_dir()) as reader:
+            config, arch = reader.config, find_family(reader.config)
+            if r.recipe.gguf is not None or r.recipe.awq is not None:
+                check_sizes(reader, architecture_for(config, str(r.source_dir())))   # before any work
         detail["tokenizer"] = f"releases {r.recipe.model}"
+    if arch is not None:
+        r.family = f"{arch.label} ({arch.classes[0]})"
+    for stage in ("gguf", "awq", "quality"):   # the stages that handle only some families
+        if getattr(r.recipe, stage) in (None, False):
+            continue
+        if arch is None and r.recipe.merge is None:   # a family releaser does not know: the registry's one line
+            architecture_for(config, str(r.source_dir()), stage=stage)
+        elif arch is not None and not arch.supports(stage):
+            handled = ", ".join(a.label for a in FAMILIES if a.supports(stage))
+            fix = "set quality: false" if stage == "quality" else f"remove the recipe's {stage} section"
+            raise ConfigError(f"{stage}: {arch.label} models are not handled by the {stage} stage yet (it handles "
+                              f"{handled}); {fix}")
     if r.recipe.tokenizer is not None:
         detail["tokenizer"] = f"chat template {load_template(_template(r)).name}"
     if r.recipe.gguf is not None:
@@ -223,10 +238,11 @@ def _validate(r: Release) -> dict[str, str]:
     return detail
 
 
-def _check_merge(config) -> list[str]:
+def _check_merge(config) -> tuple[list[str], Architecture | None]:
     """The merge's own checks before it reads a tensor: the method and its parameters; when every model is a local
     folder, the whole plan (model counts, layer ranges, values at every layer, filters). A model that is neither a
-    folder nor a Hub id is an error; Hub ids are not looked up. Returns the warnings."""
+    folder nor a Hub id is an error; Hub ids are not looked up. Returns the warnings and the models' family (None
+    while a model is on the Hub)."""
     from ..merge import hub
     from ..merge.params import check_config
     from ..merge.planner import plan_merge
@@ -237,7 +253,7 @@ def _check_merge(config) -> list[str]:
         if not hub.is_hub_ref(ref):
             hub.resolve(ref, "adapter" if ref in config.adapters() else "model")   # a local path: it must exist
     if any(hub.is_hub_ref(ref) for ref in refs):
-        return warnings   # the rest is checked when the merge has the models
+        return warnings, None   # the rest is checked when the merge has the models
     plan = plan_merge(config)
     plan.close()
-    return plan.warnings
+    return plan.warnings, plan.arch
