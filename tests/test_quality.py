@@ -15,7 +15,7 @@ from conftest import require
 
 from releaser.quality import QualityGateError, QualityOptions, run_quality
 from releaser.quality import load as ld
-from releaser.quality.ggufio import GGUFFile
+from releaser.gguf.reader import GGUFFile
 from releaser.quality.metrics import BaseLogProbs, kl_divergence, log_softmax_, score_against, score_base
 from releaser.quality.text import load_text, make_windows
 

@@ -100,16 +100,16 @@ def good_for(quant: str) -> str:
 
 
 def _reader(path: Path):
-    from ..gguf.reader import open_gguf
+    from ..gguf.reader import GGUFFile as Reader
 
-    return open_gguf(path)
+    return Reader(path)
 
 
 def _field(reader, key: str, index: int | None = None):
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    return field.contents(index) if index is not None else field.contents()
+    value = reader.values.get(key)
+    if value is None or index is None:
+        return value
+    return value[index] if 0 <= index < len(value) else None
 
 
 def _quant_type(reader, path: Path) -> str:
@@ -159,8 +159,8 @@ def gguf_facts(folder: Path) -> GGUFFacts:
     files, first = [], None
     for shards in _groups(folder).values():
         readers = [_reader(p) for p in shards]
-        n_params = sum(int(t.n_elements) for r in readers for t in r.tensors)
-        n_bytes = sum(int(t.n_bytes) for r in readers for t in r.tensors)
+        n_params = sum(t.n_elements for r in readers for t in r.tensors.values())
+        n_bytes = sum(t.nbytes for r in readers for t in r.tensors.values())
         if not n_params:
             raise ModelError(f"{shards[0]} holds no tensors")
         quant = _quant_type(readers[0], shards[0])

@@ -16,22 +16,18 @@ from .stages import GateError, _template
 
 
 def _gguf_checks(r: Release, eos: str | None, template: str | None) -> list[str]:
-    import gguf
+    from ..errors import ModelError
+    from ..gguf.reader import GGUFFile
 
     problems = []
     for path in sorted(r.gguf_dir.glob("*.gguf")):
         if "-of-" in path.name and "-00001-of-" not in path.name:
             continue
         try:
-            reader = gguf.GGUFReader(path)
-        except Exception as exc:   # a damaged file can fail in numpy as well as in gguf-py
-            problems.append(f"{path.name} does not parse ({type(exc).__name__}: {exc})")
+            field = GGUFFile(path).values.get
+        except ModelError as exc:
+            problems.append(str(exc))
             continue
-
-        def field(key: str):
-            f = reader.get_field(key)
-            return f.contents() if f is not None else None
-
         tokens = field("tokenizer.ggml.tokens") or []
         for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
             tid = field(key)

@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import CheckpointReader, architecture_for
 from ..errors import ModelError
-from .ggufio import GGUFFile
+from ..gguf.reader import GGUFFile
 
 SPLIT = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble i of a GEMM word holds output column 8c + AWQ_ORDER[i]

@@ -20,7 +20,7 @@ from ..errors import ConfigError, ModelError
 from ..stage import Reporter, StageResult, describe_files
 from . import load as ld
 from .gate import STOP_TEST_TYPES, QualityGateError, StopResult, max_kld, stop_test, stop_verdict
-from .ggufio import GGUFFile
+from ..gguf.reader import GGUFFile
 from .metrics import BaseLogProbs, Figures, NonFiniteLogits, score_against, score_base
 from .options import QualityOptions
 from .text import Windows, load_text, make_windows, tokenize
