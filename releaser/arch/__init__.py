@@ -7,10 +7,11 @@ and add it to the parametrized tests in tests/test_arch_families.py (GGUF vs lla
 from __future__ import annotations
 
 from ..errors import ModelError
-from . import gemma, llama, phi, qwen
+from . import gemma, llama, olmo, phi, qwen, smollm
 from .base import STAGES, Architecture, permute_qk, rope_parameters, unpermute_qk
 
-FAMILIES: list[Architecture] = [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *phi.FAMILIES]
+FAMILIES: list[Architecture] = [*llama.FAMILIES, *qwen.FAMILIES, *gemma.FAMILIES, *phi.FAMILIES, *olmo.FAMILIES,
+                                *smollm.FAMILIES]
 
 
 def supported_names(stage: str | None = None) -> list[str]:

@@ -30,6 +30,14 @@ GEMMA_AWQ_GROUPS = (
     ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
+# OLMo 2 blocks have no pre-norms: q/k/v and gate/up read the residual stream, so nothing can absorb their input
+# scales (source None: quantized without scaling, clipping only); the linear-to-linear groups are scaled as in Llama
+OLMO2_AWQ_GROUPS = (
+    (None, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    (None, ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
 
 
 def rope_parameters(config: dict, layer_type: str = "full_attention") -> dict:
@@ -77,7 +85,8 @@ class Architecture:
     rope_dimension_count: bool = False         # GGUF: write {arch}.rope.dimension_count
     vocab_size_key: bool = False               # GGUF: write {arch}.vocab_size (llama.cpp does for the llama arch)
     awq_groups: tuple = LLAMA_AWQ_GROUPS       # AWQ: (input source, linears sharing that input); only these
-    #                                            linears are quantized (norms, routers and embeddings never are)
+    #                                            linears are quantized (norms, routers and embeddings never are);
+    #                                            source None: no op to fold scales into, quantized unscaled
     embed_scale: bool = False                  # the embedding output is multiplied by sqrt(hidden_size) (Gemma)
     gguf_hparams: Callable[[dict, gguf.GGUFWriter], None] | None = field(default=None, compare=False)
 

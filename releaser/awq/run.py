@@ -55,10 +55,14 @@ FEATURE_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "sel
 
 
 def family_groups(arch) -> tuple[Group, ...]:
-    """The scaling groups of ``arch`` (its ``awq_groups``: which op's output the linears read), measured as GROUPS."""
+    """The scaling groups of ``arch`` (its ``awq_groups``: which op's output the linears read), measured as GROUPS.
+    A group whose source is None (nothing to fold scales into: OLMo 2's q/k/v and gate/up read the residual stream)
+    is not scaled; its linears are still clipped and quantized."""
     by_linears = {g.linears: g for g in GROUPS}
     out = []
     for prev, linears in arch.awq_groups:
+        if prev is None:
+            continue
         if tuple(linears) not in by_linears:
             raise ModelError(f"{arch.label}: AWQ has no way to measure the scaling group {', '.join(linears)}")
         out.append(dataclasses.replace(by_linears[tuple(linears)], prev=prev))
