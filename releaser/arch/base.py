@@ -79,6 +79,10 @@ class Architecture:
     awq_groups: tuple = LLAMA_AWQ_GROUPS       # AWQ: (input source, linears sharing that input); only these
     #                                            linears are quantized (norms, routers and embeddings never are)
     embed_scale: bool = False                  # the embedding output is multiplied by sqrt(hidden_size) (Gemma)
+    gguf_vocab: str = "tokenizer.json"         # GGUF tokenizer source, as llama.cpp's converter picks it:
+    #                                            "tokenizer.json" (BPE or byte-fallback BPE), "tokenizer.model" (the
+    #                                            SentencePiece model, required), "tokenizer.model?" (it when present)
+    spm_add_space_prefix: bool | None = None   # GGUF: tokenizer.ggml.add_space_prefix with a SentencePiece vocab
     gguf_hparams: Callable[[dict, gguf.GGUFWriter], None] | None = field(default=None, compare=False)
 
     @property
