@@ -155,7 +155,8 @@ FAMILY_CONFIGS = {
     "qwen3": ("Qwen3Config", dict(head_dim=32)),
     "gemma3": ("Gemma3TextConfig", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
                                         final_logit_softcapping=0.5)),   # small: random logits reach it
-    "gemma2": ("Gemma2Config", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=8)),
+    "gemma2": ("Gemma2Config", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                                    attn_logit_softcapping=0.5, final_logit_softcapping=0.5)),   # both bite
     "phi3": ("Phi3Config", dict(pad_token_id=0)),
     "olmo2": ("Olmo2Config", dict(num_key_value_heads=4, tie_word_embeddings=False)),   # MHA as OLMo 2 7B/13B:
     #                                                                                     AWQ's v_proj->o_proj group

@@ -1,8 +1,10 @@
 """Architecture families beyond Llama/Mistral/Qwen2 (releaser/arch), each a tiny random model made by transformers'
-own config class (random norm weights, SmolLM2's BPE tokenizer), against three oracles:
+own config class (random norm weights, SmolLM2's BPE tokenizer; Gemma 2: a SentencePiece model trained in the test),
+against three oracles:
 
 - GGUF: our F32 and Q8_0 files have the tensors (names, types, bytes) and architecture keys of llama.cpp's own
-  ``convert_hf_to_gguf.py`` (the llama-cpp-python 0.3.36 sdist) followed by ``llama_model_quantize``;
+  ``convert_hf_to_gguf.py`` (the llama-cpp-python 0.3.36 sdist) followed by ``llama_model_quantize``, and, for a
+  SentencePiece tokenizer.model, its tokenizer keys byte for byte;
 - logits: llama.cpp on our F32 file gives transformers' float32 logits within 1e-3 relative;
 - merge: a slerp with a gradient equals mergekit 0.1.5 tensor for tensor.
 
@@ -26,16 +28,24 @@ from releaser.testing import noised_variant, tiny_family_model
 
 import gguf_oracle as o  # noqa: E402 - skips (outside CI) without llama-cpp-python
 from conftest import require
+from spm_fixture import train_gemma_spm
 from test_parity import run_mergekit
 
 pytestmark = pytest.mark.slow  # external oracles
 
-FAMILIES = ["qwen3", "gemma3", "phi3", "olmo2", "smollm3"]
-AWQ_FAMILIES = ["qwen3", "gemma3", "olmo2", "smollm3"]   # Phi-3's fused qkv/gate_up linears: merge and GGUF only
+FAMILIES = ["qwen3", "gemma3", "phi3", "gemma2", "olmo2", "smollm3"]
+AWQ_FAMILIES = ["qwen3", "gemma3", "gemma2", "olmo2", "smollm3"]   # Phi-3's fused qkv/gate_up linears: merge and GGUF
+#                                                                     only (refused by awq, quality)
+SPM_FAMILIES = ["gemma2"]   # a SentencePiece tokenizer.model (trained in the test) instead of SmolLM2's BPE tokenizer
+QK_NORM_FAMILIES = {"qwen3", "gemma3", "olmo2"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 IDS = [1, 504, 3458, 282, 4649, 314, 8, 2]
-# architecture keys releaser writes differently from convert_hf_to_gguf.py, with the reason (none today)
-KEY_DIFFERENCES: dict[str, dict[str, str]] = {f: {} for f in FAMILIES}
+SPM_TEXT = "And God said, Let there be light: and there was light. The origin of species, 1859."
+# architecture keys releaser writes differently from convert_hf_to_gguf.py, with the reason
+KEY_DIFFERENCES: dict[str, dict[str, str]] = {f: {} for f in FAMILIES} | {
+    "gemma2": {"gemma2.rope.freq_base": "Gemma2Model.set_gguf_parameters does not write it (llama.cpp then uses "
+                                        "10000, Gemma 2's value); we write config's rope_theta so another is kept"},
+}
 # chunks of 64 tokens the AWQ-vs-round-to-nearest KLD is measured on (default 2): OLMo 2 scales only two of its four
 # groups, so its margin over RTN (6-25% at 8-16 chunks, tiny models of seeds 0-2) is below the noise of 2 chunks
 QUALITY_CHUNKS = {"olmo2": 16}
@@ -52,9 +62,16 @@ def families(tmp_path_factory, smollm2):
     root = tmp_path_factory.mktemp("families")
     out, jobs = {}, []
     for fam in FAMILIES:
-        model = tiny_family_model(root / fam, fam, seed=0)
-        for f in TOKENIZER_FILES:
-            shutil.copy(smollm2 / f, model / f)
+        if fam in SPM_FAMILIES:   # Gemma's ids: <pad> 0, <eos> 1, <bos> 2
+            vocab = train_gemma_spm(root / f"{fam}-tokenizer")
+            model = tiny_family_model(root / fam, fam, seed=0, vocab=vocab, pad_token_id=0, eos_token_id=1,
+                                      bos_token_id=2)
+            for f in (root / f"{fam}-tokenizer").iterdir():
+                shutil.copy(f, model / f.name)
+        else:
+            model = tiny_family_model(root / fam, fam, seed=0)
+            for f in TOKENIZER_FILES:
+                shutil.copy(smollm2 / f, model / f)
         if fam == "phi3":   # a Phi-4-style release: llama.cpp's Phi3MiniModel reads a GPT2Tokenizer as BPE (without
             #                 this class it insists on a SentencePiece tokenizer.model)
             tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
@@ -68,11 +85,22 @@ def families(tmp_path_factory, smollm2):
         o.quantize(ref_f32, ref_q8, "Q8_0")
         cfg = slerp_config([str(model), str(variant)])
         jobs.append((str(root / f"{fam}-mergekit"), cfg, None))
-        out[fam] = {"model": model, "ours": {q: p[0] for q, p in ours.files.items()},
+        out[fam] = {"model": model, "ours": {q: p[0] for q, p in ours.files.items()}, "ids": _ids(model, fam),
                     "ref": {"F32": ref_f32, "Q8_0": ref_q8}, "slerp": cfg, "mergekit": root / f"{fam}-mergekit",
                     "root": root}
     run_mergekit(root, jobs)
     return out
+
+
+def _ids(model, family: str) -> list[int]:
+    """The logits test's prompt: SmolLM2 ids, or the trained SentencePiece tokenizer's ids of SPM_TEXT."""
+    if family not in SPM_FAMILIES:
+        return IDS
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model).encode(SPM_TEXT)
+    assert ids[0] == 2 and len(ids) > 16, ids   # <bos>, and longer than the sliding window (8)
+    return ids
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -89,16 +117,87 @@ def test_gguf_equals_llama_cpp_converter(families, family, quant):
     assert o.keys(f["ours"][quant], "general.architecture") == {"general.architecture": arch}
 
 
+def _tokenizer_fields(path) -> dict[str, bytes]:
+    """The ``tokenizer.*`` keys of a GGUF file, each as its raw bytes (type, length and value)."""
+    import gguf
+
+    return {k: b"".join(bytes(p) for p in f.parts[1:]) for k, f in gguf.GGUFReader(path).fields.items()
+            if k.startswith("tokenizer.")}
+
+
+@pytest.mark.parametrize("family", SPM_FAMILIES)
+def test_sentencepiece_vocab_equals_llama_cpp_converter(families, family):
+    """With a SentencePiece tokenizer.model, every tokenizer key (tokens, scores, types, special ids, add_bos,
+    add_space_prefix, chat template) is llama.cpp's converter's, byte for byte; llama.cpp tokenizes with it as
+    transformers does."""
+    from transformers import AutoTokenizer
+
+    f = families[family]
+    ours, ref = _tokenizer_fields(f["ours"]["F32"]), _tokenizer_fields(f["ref"]["F32"])
+    assert sorted(ours) == sorted(ref)
+    assert [k for k in ref if ours[k] != ref[k]] == []
+    assert o.keys(f["ours"]["Q8_0"], "tokenizer.") == o.keys(f["ours"]["F32"], "tokenizer.")
+    vocab = o.keys(f["ours"]["F32"], "tokenizer.")
+    assert vocab["tokenizer.ggml.model"] == "llama" and vocab["tokenizer.ggml.add_space_prefix"] is False
+    tokens, types = vocab["tokenizer.ggml.tokens"], vocab["tokenizer.ggml.token_type"]
+    assert types[tokens.index("<mask>")] == 3 and types[tokens.index("<0x41>")] == 6   # CONTROL by its look; BYTE
+    tok = AutoTokenizer.from_pretrained(f["model"])
+    with o.load(f["ours"]["F32"], vocab_only=True) as m:
+        for text in (SPM_TEXT, "<start_of_turn>user\nWhence  comes 42?<end_of_turn>\n"):
+            assert o.tokenize(m, text, add_special=True) == tok.encode(text), text
+
+
+def test_gemma2_refusals_are_one_line(families, tmp_path):
+    """Gemma 2 without tokenizer.model, with a file that is not a SentencePiece model, or with a config llama.cpp
+    would run differently (no softcapping, another query scale) is refused by the GGUF export in one line."""
+    model = tmp_path / "gemma2"
+    shutil.copytree(families["gemma2"]["model"], model)
+    (model / "tokenizer.model").unlink()
+    with pytest.raises(ModelError, match="has no tokenizer.model") as e:
+        export_gguf(model, tmp_path / "out", ["F32"], name="g")
+    messages = [str(e.value)]
+    (model / "tokenizer.model").write_bytes((model / "tokenizer.json").read_bytes()[:4096])
+    with pytest.raises(ModelError, match="is not a SentencePiece model") as e:
+        export_gguf(model, tmp_path / "out", ["F32"], name="g")
+    messages.append(str(e.value))
+    shutil.copy(families["gemma2"]["model"] / "tokenizer.model", model / "tokenizer.model")
+    config = json.loads((model / "config.json").read_text())
+    for change, match in [({"final_logit_softcapping": None}, "no final_logit_softcapping"),
+                          ({"query_pre_attn_scalar": 64}, "query_pre_attn_scalar 64")]:
+        (model / "config.json").write_text(json.dumps(config | change))
+        with pytest.raises(ModelError, match=match) as e:
+            export_gguf(model, tmp_path / "out", ["F32"], name="g")
+        messages.append(str(e.value))
+    assert len(messages) == 4 and all("\n" not in m for m in messages)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gemma2_tokenizer_sync_changes_nothing_for_the_same_folder(families, tmp_path):
+    """The release's tokenizer-only path (rewrite a GGUF's tokenizer keys from the folder) on a SentencePiece vocab:
+    the same folder changes nothing; a new chat template changes only that."""
+    from releaser.gguf.fix import sync_tokenizer
+
+    path = tmp_path / "g.gguf"
+    shutil.copy(families["gemma2"]["ours"]["F32"], path)
+    assert not sync_tokenizer(path, families["gemma2"]["model"]).changes
+    model = tmp_path / "model"
+    shutil.copytree(families["gemma2"]["model"], model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": "{{ messages }}"}))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    assert set(sync_tokenizer(path, model).changes) == {"tokenizer.chat_template"}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llama_cpp_logits_match_transformers(families, family):
     from transformers import AutoModelForCausalLM
 
     f = families[family]
     with o.load(f["ours"]["F32"]) as m:
-        ours = o.last_logits(m, IDS)
+        ours = o.last_logits(m, f["ids"])
     model = AutoModelForCausalLM.from_pretrained(f["model"], dtype=torch.float32)
     with torch.no_grad():
-        want = model(torch.tensor([IDS])).logits[0, -1].numpy()
+        want = model(torch.tensor([f["ids"]])).logits[0, -1].numpy()
     assert float(np.abs(ours - want).max() / np.abs(want).max()) < 1e-3
 
 
@@ -185,7 +284,7 @@ def test_awq_blocks_run_as_transformers_does(families, family):
     reader = CheckpointReader(families[family]["model"])
     arch = architecture_for(reader.config)
     classes = family_classes(reader.config, "tiny")
-    ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, reader.config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
     model = AutoModelForCausalLM.from_pretrained(families[family]["model"], dtype=torch.float32)
     outputs = []
     hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
@@ -223,7 +322,7 @@ def test_awq_layout_and_autoawq_unpacking(families, families_awq, family):
         else:
             kept = awq.tensors[name]
             assert str(kept.dtype) == "torch.float16" and kept.shape == src.tensors[name].shape, name
-    assert family == "smollm3" or any("q_norm" in n for n in src.tensors)   # SmolLM3 has no QK-norm
+    assert any("q_norm" in n for n in src.tensors) == (family in QK_NORM_FAMILIES)
 
 
 @pytest.mark.parametrize("family", AWQ_FAMILIES)

@@ -88,6 +88,10 @@ class Architecture:
     #                                            linears are quantized (norms, routers and embeddings never are);
     #                                            source None: no op to fold scales into, quantized unscaled
     embed_scale: bool = False                  # the embedding output is multiplied by sqrt(hidden_size) (Gemma)
+    gguf_vocab: str = "tokenizer.json"         # GGUF tokenizer source, as llama.cpp's converter picks it:
+    #                                            "tokenizer.json" (BPE or byte-fallback BPE), "tokenizer.model" (the
+    #                                            SentencePiece model, required), "tokenizer.model?" (it when present)
+    spm_add_space_prefix: bool | None = None   # GGUF: tokenizer.ggml.add_space_prefix with a SentencePiece vocab
     gguf_hparams: Callable[[dict, gguf.GGUFWriter], None] | None = field(default=None, compare=False)
 
     @property

@@ -92,7 +92,10 @@ def family_classes(config: dict, where: str):
 
     clean = {k: v for k, v in config.items() if k not in ("quantization_config",)}
     hf = AutoConfig.for_model(**clean)
-    hf._attn_implementation = "sdpa"
+    # sdpa where transformers' own model would use it; eager where it would not (Gemma 2: sdpa drops the attention
+    # logit softcapping, so transformers runs Gemma 2 eager)
+    pretrained = getattr(module, f"{prefix}PreTrainedModel", None)
+    hf._attn_implementation = "sdpa" if getattr(pretrained, "_supports_sdpa", True) else "eager"
     return (getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding"),
             getattr(module, f"{prefix}RMSNorm"), hf)
 
@@ -172,7 +175,8 @@ class BlockRunner:
 
     def layer_kwargs(self, index: int) -> dict:
         """The decoder layer's call arguments: RoPE of its layer type (Gemma 3's sliding layers have their own base)
-        and, for a sliding-window layer shorter than the rows, the banded causal mask (else plain causal)."""
+        and, for a sliding-window layer shorter than the rows, the banded causal mask (else plain causal). Eager
+        attention (Gemma 2) gets every mask explicitly, additive, as transformers builds it for eager."""
         types = getattr(self.hf, "layer_types", None) or []
         kind = types[index] if index < len(types) else "full_attention"
         if kind not in self._kwargs:
@@ -181,10 +185,15 @@ class BlockRunner:
             takes_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
             cos, sin = (self.rotary(x, self.position_ids, kind) if takes_type else self.rotary(x, self.position_ids))
             window = getattr(self.hf, "sliding_window", None)
+            banded = kind == "sliding_attention" and window and window < n
+            eager = getattr(self.hf, "_attn_implementation", None) == "eager"
             mask = None
-            if kind == "sliding_attention" and window and window < n:
+            if banded or eager:
                 q, k = torch.arange(n, device=dev).view(-1, 1), torch.arange(n, device=dev).view(1, -1)
-                mask = ((k <= q) & (q - k < window)).view(1, 1, n, n)
+                allowed = (k <= q) & (q - k < window) if banded else k <= q
+                mask = allowed.view(1, 1, n, n)
+                if eager:   # eager attention adds the mask to the scores
+                    mask = torch.zeros(1, 1, n, n, device=dev, dtype=dt).masked_fill(~mask, torch.finfo(dt).min)
             self._kwargs[kind] = {"attention_mask": mask, "position_ids": self.position_ids,
                                   "position_embeddings": (cos, sin)}
         return self._kwargs[kind]

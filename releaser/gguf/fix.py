@@ -100,6 +100,9 @@ def sync_tokenizer(path, model_dir: str | os.PathLike) -> FixResult:
     reader = open_gguf(path)
     arch = _value(reader.get_field(Keys.General.ARCHITECTURE))
     pre = reader.get_field(Keys.Tokenizer.PRE)
+    kind = reader.get_field(Keys.Tokenizer.MODEL)
+    if pre is not None and (kind is None or _value(kind) != "gpt2"):
+        pre = None   # "default" of a SentencePiece-style vocab is no BPE pre-tokenizer to keep
     template = gguf.GGUFWriter(None, arch)
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     add_tokenizer(template, Path(model_dir), config, _value(pre) if pre is not None else None)

@@ -1,6 +1,7 @@
-"""Tokenizer metadata for GGUF: BPE ("gpt2", pre-tokenizer chosen by llama.cpp's hash check) and SentencePiece-style
-byte-fallback BPE ("llama") vocabularies, special token ids, add_bos/add_eos and the chat template (gguf-py vocab
-helpers plus transformers' AutoTokenizer, as ``convert_hf_to_gguf.py`` does)."""
+"""Tokenizer metadata for GGUF: BPE ("gpt2", pre-tokenizer chosen by llama.cpp's hash check), SentencePiece-style
+byte-fallback BPE ("llama", from tokenizer.json) and SentencePiece ("llama", from tokenizer.model, for the families
+whose llama.cpp converter reads it: ``Architecture.gguf_vocab``) vocabularies, special token ids, add_bos/add_eos and
+the chat template (gguf-py vocab helpers plus transformers' AutoTokenizer, as ``convert_hf_to_gguf.py`` does)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import gguf
 
 from ..errors import ConfigError, ModelError
+from . import spm
 from .pretok import CHKTXT, PRE_TOKENIZERS
 
 # Tokens that end a chat turn; when the tokenizer's eos is one of them it is also written as eot.
@@ -74,6 +76,71 @@ def _gpt2_tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+def looks_special(token: str) -> bool:
+    """Added tokens llama.cpp's converter makes CONTROL although they are not marked special (its
+    ``does_token_look_special``: Gemma's <mask>, <unusedN>..., DeepSeek's <pad>, <|...|> and <｜...｜>)."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path} ({exc}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} is not a JSON object; fix or remove it")
+    return data
+
+
+def _spm_tokens(folder: Path, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and types from tokenizer.model, then added_tokens.json and tokenizer_config.json's
+    added_tokens_decoder, like ``_create_vocab_sentencepiece`` in convert_hf_to_gguf.py (ids past ``vocab_size``
+    dropped, ids the model lacks padded as UNUSED ``[PADi]``)."""
+    pieces = spm.read_pieces(folder / "tokenizer.model")
+    T = gguf.TokenType
+    tokens, scores, types = [f"[PAD{i}]" for i in range(vocab_size)], [-10000.0] * vocab_size, [T.UNUSED] * vocab_size
+    kinds = {spm.UNKNOWN: T.UNKNOWN, spm.CONTROL: T.CONTROL, spm.UNUSED: T.UNUSED, spm.BYTE: T.BYTE}
+    for i, piece in enumerate(pieces[:vocab_size]):
+        tokens[i], scores[i], types[i] = piece.text, piece.score, kinds.get(piece.type, T.NORMAL)
+    if (folder / "added_tokens.json").is_file():
+        for token, i in _json(folder / "added_tokens.json").items():
+            if isinstance(i, int) and 0 <= i < vocab_size:
+                tokens[i], scores[i], types[i] = token, -1000.0, T.USER_DEFINED
+    if (folder / "tokenizer_config.json").is_file():
+        decoder = _json(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
+        for key, data in decoder.items():
+            try:
+                i, token = int(key), str(data["content"])
+            except (TypeError, ValueError, KeyError):
+                raise ModelError(f"{folder}/tokenizer_config.json: added_tokens_decoder entry {key!r} has no id and "
+                                 "content; save the tokenizer again with save_pretrained") from None
+            if not 0 <= i < vocab_size:
+                continue
+            if data.get("special") or looks_special(token):
+                types[i] = T.CONTROL
+            else:
+                token, types[i] = token.replace("\u2581", " "), T.USER_DEFINED
+            tokens[i], scores[i] = token, -1000.0
+    return tokens, scores, types
+
+
+def _vocab_source(folder: Path, config: dict) -> tuple[str, bool | None]:
+    """The file llama.cpp's converter reads this family's vocabulary from ("tokenizer.model" or "tokenizer.json"),
+    and the add_space_prefix it writes with a SentencePiece one (None: none)."""
+    from ..arch import architecture_for
+
+    try:
+        family = architecture_for(config, str(folder))
+    except ModelError:   # a family releaser does not know: tokenizer.json, as before families were data
+        return "tokenizer.json", None
+    wanted = family.gguf_vocab
+    if wanted == "tokenizer.model?":
+        wanted = "tokenizer.model" if (folder / "tokenizer.model").is_file() else "tokenizer.json"
+    return wanted, family.spm_add_space_prefix
+
+
 def _adds(tokenizer) -> tuple[bool, bool]:
     """Whether the HF tokenizer adds bos / eos when encoding with special tokens."""
     with_special = tokenizer.encode("Hello world")
@@ -91,33 +158,39 @@ def add_tokenizer(w: gguf.GGUFWriter, folder: Path, config: dict, pre: str | Non
     if pre is not None and pre not in known:
         raise ConfigError(f"unknown pre-tokenizer {pre!r}; llama.cpp names: {', '.join(known)}")
     folder = Path(folder)
-    if not (folder / "tokenizer.json").is_file():
+    source, space_prefix = _vocab_source(folder, config)
+    if not (folder / source).is_file():
+        if source == "tokenizer.model":
+            raise ModelError(f"{folder} has no tokenizer.model; llama.cpp reads this family's vocabulary from the "
+                             "SentencePiece model: copy tokenizer.model from the base model")
         raise ModelError(f"{folder} has no tokenizer.json; the GGUF export needs a fast tokenizer "
                          "(save it with AutoTokenizer(...).save_pretrained or copy it from the base model)")
     tokenizer = _auto_tokenizer(folder)
     vocab_size = config.get("vocab_size") or len(tokenizer.get_vocab())
-    try:
-        spm = gguf.LlamaHfVocab(folder)
-    except (FileNotFoundError, TypeError):
-        spm = None
-    if spm is not None:
-        tokens, scores, types = zip(*spm.all_tokens())
+    scores = None
+    if source == "tokenizer.model":
+        tokens, scores, types = _spm_tokens(folder, vocab_size)
+    else:
+        try:
+            hf_vocab = gguf.LlamaHfVocab(folder)
+        except (FileNotFoundError, TypeError):
+            hf_vocab = None
+        if hf_vocab is not None:
+            tokens, scores, types = (list(x) for x in zip(*hf_vocab.all_tokens()))
+    if scores is not None:
         model, pre = "llama", "default"
-        w.add_tokenizer_model(model)
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(list(tokens))
-        w.add_token_scores(list(scores))
-        w.add_token_types(list(types))
     else:
         if json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["type"] != "BPE":
-            raise ModelError(f"the tokenizer of {folder} is not BPE; the GGUF export supports BPE (gpt2) and "
-                             "byte-fallback BPE (llama) tokenizers")
+            raise ModelError(f"the tokenizer of {folder} is not BPE; the GGUF export supports BPE (gpt2), "
+                             "byte-fallback BPE (llama) and SentencePiece (tokenizer.model) tokenizers")
         model, pre = "gpt2", pre or pre_tokenizer(tokenizer)
         tokens, types = _gpt2_tokens(tokenizer, vocab_size)
-        w.add_tokenizer_model(model)
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    if scores is not None:
+        w.add_token_scores(scores)
+    w.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=model == "gpt2", n_vocab=len(tokens))
     if model == "gpt2" and not special.merges:
         raise ModelError(f"{folder}/tokenizer.json has no BPE merges; llama.cpp cannot load a gpt2 vocab without them")
@@ -126,4 +199,6 @@ def add_tokenizer(w: gguf.GGUFWriter, folder: Path, config: dict, pre: str | Non
     if eos in END_OF_TURN and tokenizer.eos_token_id is not None:
         special.special_token_ids["eot"] = tokenizer.eos_token_id
     special.add_to_gguf(w, quiet=True)
+    if source == "tokenizer.model" and space_prefix is not None:
+        w.add_add_space_prefix(space_prefix)
     return TokenizerInfo(model, pre, len(tokens), tokenizer.bos_token, eos, special.chat_template is not None)
