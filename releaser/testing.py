@@ -157,6 +157,9 @@ FAMILY_CONFIGS = {
                                         final_logit_softcapping=0.5)),   # small: random logits reach it
     "gemma2": ("Gemma2Config", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=8)),
     "phi3": ("Phi3Config", dict(pad_token_id=0)),
+    # every layer an MoE block, top-k weights renormalized (Qwen3-30B-A3B's settings; llama.cpp's qwen3moe graph)
+    "qwen3moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                        norm_topk_prob=True)),
 }
 
 
@@ -178,10 +181,15 @@ def tiny_family_model(path: Path, family: str, seed: int = 0, *, layers: int = 2
     config = getattr(transformers, cls_name)(**kw)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from .arch import architecture_for
+
+    arch = architecture_for(config.to_dict())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(torch.randn(p.shape) * 0.2 + (0.0 if family.startswith("gemma") else 1.0))
+            elif arch.is_router(name):   # clear routing margins: no near-ties for two implementations to split
+                p.copy_(torch.randn(p.shape) * 0.5)
             else:
                 p.copy_(torch.randn(p.shape) * 0.05)
     model.save_pretrained(path)
