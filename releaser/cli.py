@@ -377,7 +377,7 @@ def verify(work_dir: Path = typer.Argument(..., metavar="WORK", help="A release'
 @friendly
 def awq_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder: Llama, Mistral, "
-                                     "Qwen2, Qwen3 or Gemma 3 (text)."),
+                                     "Qwen2, Qwen3, Qwen3-MoE or Gemma 3 (text)."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the AWQ checkpoint (written atomically)."),
     bits: int = typer.Option(4, "--bits", help=AWQOptions.help("bits")),
     group_size: int = typer.Option(128, "--group-size", help=AWQOptions.help("group_size")),

@@ -386,11 +386,14 @@ def rtn_awq(src: Path, dst: Path, group_size: int = 32, scale_factor: float = 1.
     from safetensors.numpy import load_file
     from safetensors.torch import save_file
 
+    from .arch import architecture_for
+
     src, dst = Path(src), Path(dst)
+    arch = architecture_for(json.loads((src / "config.json").read_text()))
     out = {}
     for f in sorted(src.glob("*.safetensors")):
         for name, w in load_file(f).items():
-            if w.ndim == 2 and ".layers." in name:
+            if w.ndim == 2 and ".layers." in name and not arch.is_router(name):   # routers stay float, as in AWQ
                 wt = np.ascontiguousarray(w.T, dtype=np.float32)          # [K, N]
                 k, n = wt.shape
                 g = wt.reshape(k // group_size, group_size, n)

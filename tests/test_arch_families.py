@@ -32,8 +32,7 @@ from test_parity import run_mergekit
 pytestmark = pytest.mark.slow  # external oracles
 
 FAMILIES = ["qwen3", "gemma3", "phi3", "qwen3moe"]
-AWQ_FAMILIES = ["qwen3", "gemma3"]   # Phi-3's fused qkv/gate_up linears: merge and GGUF only (refused by awq, quality);
-#                                      Qwen3-MoE: merge, GGUF and quality (AWQ of experts not yet)
+AWQ_FAMILIES = ["qwen3", "gemma3", "qwen3moe"]   # Phi-3's fused qkv/gate_up linears: merge and GGUF only
 MOE_FAMILIES = ["qwen3moe"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 IDS = [1, 504, 3458, 282, 4649, 314, 8, 2]
@@ -254,14 +253,17 @@ def test_awq_layout_and_autoawq_unpacking(families, families_awq, family):
     from releaser.awq.pack import dequantize, unpack
     from releaser.checkpoint import CheckpointReader
 
+    from releaser.awq.run import awq_linears, family_classes
+
     pu = require("awq.utils.packing_utils")   # autoawq 0.2.9: the oracle
     awq = CheckpointReader(families_awq[family][0])
     src = CheckpointReader(families[family]["model"])
     arch = architecture_for(src.config)
+    linears = awq_linears(arch, family_classes(src.config, "tiny")[3])
     gs = awq.config["quantization_config"]["group_size"]
     for name in src.tensors:
         base = name.removesuffix(".weight")
-        if arch.layer_of(name) is not None and base.split(".", 3)[3] in arch.awq_linears:
+        if arch.layer_of(name) is not None and base.split(".", 3)[3] in linears:
             qw, qz, sc = (awq.read(f"{base}.{t}") for t in ("qweight", "qzeros", "scales"))
             iw, iz = pu.reverse_awq_order(*pu.unpack_awq(qw, qz, 4), 4)
             assert torch.equal(torch.bitwise_and(iw, 15).to(torch.uint8), unpack(qw)), name
@@ -270,6 +272,9 @@ def test_awq_layout_and_autoawq_unpacking(families, families_awq, family):
             kept = awq.tensors[name]
             assert str(kept.dtype) == "torch.float16" and kept.shape == src.tensors[name].shape, name
     assert any("q_norm" in n for n in src.tensors)
+    if arch.experts is not None:   # every expert linear quantized, the router kept (float16, named not to convert)
+        assert sum(n.endswith(".qweight") for n in awq.tensors) == 2 * (4 + 3 * 4)
+        assert "mlp.gate" in awq.config["quantization_config"]["modules_to_not_convert"]
 
 
 @pytest.mark.parametrize("family", AWQ_FAMILIES)
@@ -408,7 +413,8 @@ def test_qwen3moe_streamed_model_equals_transformers(families):
 
     f = families["qwen3moe"]
     ids = torch.tensor([IDS])
-    want = AutoModelForCausalLM.from_pretrained(f["model"], dtype=torch.float32)(ids).logits
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(f["model"], dtype=torch.float32)(ids).logits
     with open_weights(f["model"]) as w, torch.no_grad():
         model = streamed(w)
         got = model.lm_head(model.model(ids).last_hidden_state)
@@ -416,12 +422,26 @@ def test_qwen3moe_streamed_model_equals_transformers(families):
 
 
 def test_qwen3moe_refusals_are_one_line(families, tmp_path):
-    """AWQ refuses Qwen3-MoE (experts not handled yet); the GGUF export refuses what llama.cpp's qwen3moe would compute
-    differently (no top-k renormalization, dense layers) and a config.json whose expert count the weights contradict."""
+    """The GGUF export refuses what llama.cpp's qwen3moe would compute differently (no top-k renormalization, dense
+    layers) and a config.json whose expert count the weights contradict; AWQ refuses dense layers and fused experts."""
+    from releaser.awq import AWQOptions, run_awq
+
     model = families["qwen3moe"]["model"]
     config = json.loads((model / "config.json").read_text())
-    with pytest.raises(ModelError, match="Qwen3-MoE .* is not supported by awq") as e:
-        architecture_for(config, "m", stage="awq")
+    dense = tmp_path / "dense"
+    shutil.copytree(model, dense)
+    (dense / "config.json").write_text(json.dumps(config | {"mlp_only_layers": [1]}))
+    with pytest.raises(ModelError, match="dense layers .* not supported by awq") as e:
+        run_awq(AWQOptions(samples=4, seqlen=32), dense, tmp_path / "dense-awq")
+    assert "\n" not in str(e.value)
+    fused = tmp_path / "fused"
+    shutil.copytree(model, fused)
+    state = fused_experts(load_file(model / "model.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, fused / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="stores its experts fused") as e:
+        run_awq(AWQOptions(samples=4, seqlen=32), fused, tmp_path / "fused-awq")
     assert "\n" not in str(e.value)
     for change, match in [({"norm_topk_prob": False}, "norm_topk_prob false"),
                           ({"mlp_only_layers": [1]}, "dense layers"),
@@ -432,3 +452,45 @@ def test_qwen3moe_refusals_are_one_line(families, tmp_path):
         with pytest.raises(ModelError, match=match) as e:
             export_gguf(bad, tmp_path / f"out-{bad.name}", ["F32"], name="bad")
         assert "\n" not in str(e.value)
+
+
+def test_qwen3moe_fused_experts_export_as_per_expert_ones(families, tmp_path):
+    """A folder with transformers 5's fused experts (mergekit 0.1.5's output layout) gives the same GGUF as the
+    per-expert folder: gate and up split from gate_up_proj, one layer at a time."""
+    from safetensors.torch import save_file
+
+    f = families["qwen3moe"]
+    fused = tmp_path / "fused"
+    shutil.copytree(f["model"], fused)
+    state = fused_experts(load_file(f["model"] / "model.safetensors"))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file({k: v.contiguous() for k, v in state.items()}, fused / "model.safetensors", metadata={"format": "pt"})
+    ours = export_gguf(fused, tmp_path / "out", ["F32"], name="qwen3moe").files["F32"][0]
+    assert o.tensors(ours) == o.tensors(f["ours"]["F32"])
+
+
+def test_qwen3moe_awq_scales_fold_into_the_router_too():
+    """AWQ's MLP scales divide post_attention_layernorm, which the router reads as well as the experts: folded into
+    the router's columns too (kept unquantized), the block computes the same function (same experts chosen); left
+    out of the router, the routing would change."""
+    from releaser.awq.run import BlockRunner, Settings, block_state, family_classes, fold_group
+    from releaser.checkpoint import CheckpointReader
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        model = tiny_family_model(Path(tmp) / "m", "qwen3moe", seed=3, layers=1, vocab=256)
+        reader = CheckpointReader(model)
+        arch = architecture_for(reader.config)
+        runner = BlockRunner(family_classes(reader.config, "tiny"), Settings(64, torch.device("cpu"), torch.float32),
+                             16, arch)
+        layer = runner.build(block_state(reader, arch, 0), 0)
+        x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(0))
+        want = runner.forward(layer, x)
+        group = next(g for g in runner.groups if g.scaled)
+        assert group.scaled == ("mlp.gate",) and len(group.linears) == 8
+        s = torch.rand(64, generator=torch.Generator().manual_seed(1)) * 4 + 0.25
+        fold_group(layer, group, s)
+        got = runner.forward(layer, x)
+        assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))

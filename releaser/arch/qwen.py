@@ -1,6 +1,7 @@
 """Qwen2 (q/k/v biases), Qwen3 (QK-norm: ``attn_q_norm``/``attn_k_norm``, no biases) and Qwen3-MoE (Qwen3's attention,
 a mixture-of-experts MLP in every layer: a softmax router ``mlp.gate`` choosing ``num_experts_per_tok`` of
-``num_experts`` SwiGLU experts, stacked by the GGUF export into ``ffn_{gate,up,down}_exps``); no Q/K permutation."""
+``num_experts`` SwiGLU experts, stacked by the GGUF export into ``ffn_{gate,up,down}_exps``, quantized one expert at
+a time by AWQ with the router kept); no Q/K permutation."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _qwen3moe_hparams(config: dict, w: gguf.GGUFWriter) -> None:
 
 
 QWEN3MOE = Architecture("qwen3moe", "Qwen3-MoE", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), gguf.MODEL_ARCH.QWEN3MOE,
-                        stages=("merge", "gguf", "quality"), transformers_prefix="Qwen3Moe",
+                        transformers_prefix="Qwen3Moe",
                         transformers_module="qwen3_moe", experts=Experts(), gguf_hparams=_qwen3moe_hparams)
 
 FAMILIES = [QWEN2, QWEN3, QWEN3MOE]
