@@ -494,3 +494,43 @@ def test_qwen3moe_awq_scales_fold_into_the_router_too():
         fold_group(layer, group, s)
         got = runner.forward(layer, x)
         assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_qwen3moe_fused_inputs_merge_expert_by_expert(families, tmp_path):
+    """Models with transformers 5's fused experts (mergekit 0.1.5's output) merge expert by expert too: the slerp of
+    the fused copies is the slerp of the per-expert models, fused; the output keeps the fused layout."""
+    from safetensors.torch import save_file
+
+    d, root = families["qwen3moe"]["deep"], families["qwen3moe"]["root"]
+    copies = []
+    for i, m in enumerate(d["models"]):
+        c = tmp_path / f"fused-{i}"
+        shutil.copytree(m, c)
+        save_file({k: v.contiguous() for k, v in fused_experts(load_file(m / "model.safetensors")).items()},
+                  c / "model.safetensors", metadata={"format": "pt"})
+        copies.append(str(c))
+    run_merge(slerp_config(copies), tmp_path / "out")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    per_expert = tmp_path / "per-expert"
+    run_merge(d["slerp"], per_expert)
+    want = fused_experts(load_file(per_expert / "model.safetensors"))
+    assert set(got) == set(want) and "model.layers.1.mlp.experts.gate_up_proj" in got
+    assert [k for k, w in want.items() if not torch.allclose(got[k], w, rtol=0, atol=1e-6 * float(w.abs().max()))] == []
+
+
+def test_qwen3moe_8_expert_k_quant_mixes_equal_llama_cpp(smollm2, tmp_path):
+    """llama.cpp gives 8-expert models more bits in attention (attn_v and attn_k Q8_0, attn_output Q5_K): our Q4_K_M
+    and Q2_K files of an 8-expert Qwen3-MoE have llama_model_quantize's tensor types and bytes."""
+    model = tiny_family_model(tmp_path / "moe8", "qwen3moe", seed=0, hidden=256, heads=4, kv_heads=2, num_experts=8,
+                              moe_intermediate_size=256, head_dim=64)
+    for f in TOKENIZER_FILES:
+        shutil.copy(smollm2 / f, model / f)
+    ours = export_gguf(model, tmp_path / "ours", ["Q4_K_M", "Q2_K"], name="moe8").files
+    ref_f32 = o.convert_hf(model, tmp_path / "ref-F32.gguf", "f32")
+    for quant in ("Q4_K_M", "Q2_K"):
+        ref = tmp_path / f"ref-{quant}.gguf"
+        o.quantize(ref_f32, ref, quant)
+        mine, theirs = o.tensors(ours[quant][0]), o.tensors(ref)
+        assert {k: v[0] for k, v in mine.items()} == {k: v[0] for k, v in theirs.items()}, quant
+        assert mine["blk.0.attn_k.weight"][0] == 8 and mine["blk.0.attn_output.weight"][0] == 13, quant  # Q8_0, Q5_K
+        assert [k for k in mine if mine[k][1] != theirs[k][1]] == [], quant

@@ -138,6 +138,16 @@ class Experts:
         sources = tuple(s for p in parts for s in p[0])
         return Recipe(tuple(dict.fromkeys(sources)), shape, _dedup(sources, combine))
 
+    def pieces(self, name: str, shape: tuple[int, ...], layer_prefix: str) -> list[tuple] | None:
+        """The index of each expert's linear in a fused or stacked tensor (``t[index]`` is one [out, in] weight), for
+        merging expert by expert whatever the layout; None for any other tensor (a per-expert one is a piece)."""
+        parsed = self.parse(name, layer_prefix)
+        if parsed is None or parsed[1] == "expert" or len(shape) != 3:
+            return None
+        parts = dict(self.fused)[parsed[3]] if parsed[1] == "fused" else (parsed[3],)
+        rows = shape[1] // len(parts)
+        return [(e, slice(k * rows, (k + 1) * rows)) for e in range(shape[0]) for k in range(len(parts))]
+
     def as_stacked(self, names: Iterable[str], layer_prefix: str) -> list[str]:
         """``names`` in order with every expert tensor (any layout) replaced by the stacked tensors of its layer,
         in ``linears`` order, where that layer's first expert tensor was."""
