@@ -443,6 +443,12 @@ def test_qwen3moe_refusals_are_one_line(families, tmp_path):
     with pytest.raises(ModelError, match="stores its experts fused") as e:
         run_awq(AWQOptions(samples=4, seqlen=32), fused, tmp_path / "fused-awq")
     assert "\n" not in str(e.value)
+    from releaser.awq.evaluate import check_pair
+    from releaser.testing import rtn_awq
+
+    with pytest.raises(ModelError, match="awq-eval does not handle Qwen3-MoE .* releaser quality") as e:
+        check_pair(model, rtn_awq(model, tmp_path / "rtn", group_size=64))
+    assert "\n" not in str(e.value)
     for change, match in [({"norm_topk_prob": False}, "norm_topk_prob false"),
                           ({"mlp_only_layers": [1]}, "dense layers"),
                           ({"num_local_experts": 8}, "num_local_experts 8 but layer 0 holds 4 experts")]:
