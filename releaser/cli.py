@@ -206,7 +206,7 @@ def fix_tokenizer_cmd(
 @friendly
 def gguf_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder: Llama, Mistral, "
-                                     "Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2 or SmolLM3."),
+                                     "Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2 or SmolLM3."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
     quant: str = typer.Option("Q4_K_M", "--quant", "-Q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
                               "Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K "
@@ -378,7 +378,7 @@ def verify(work_dir: Path = typer.Argument(..., metavar="WORK", help="A release'
 @friendly
 def awq_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder: Llama, Mistral, "
-                                     "Qwen2, Qwen3, Gemma 2, Gemma 3 (text), OLMo 2 or SmolLM3."),
+                                     "Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), OLMo 2 or SmolLM3."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the AWQ checkpoint (written atomically)."),
     bits: int = typer.Option(4, "--bits", help=AWQOptions.help("bits")),
     group_size: int = typer.Option(128, "--group-size", help=AWQOptions.help("group_size")),

@@ -161,6 +161,9 @@ FAMILY_CONFIGS = {
     "olmo2": ("Olmo2Config", dict(num_key_value_heads=4, tie_word_embeddings=False)),   # MHA as OLMo 2 7B/13B:
     #                                                                                     AWQ's v_proj->o_proj group
     "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4, pad_token_id=0)),   # layer 3 is NoPE (every 4th)
+    # every layer an MoE block, top-k weights renormalized (Qwen3-30B-A3B's settings; llama.cpp's qwen3moe graph)
+    "qwen3moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                        norm_topk_prob=True)),
 }
 
 
@@ -182,10 +185,15 @@ def tiny_family_model(path: Path, family: str, seed: int = 0, *, layers: int = 2
     config = getattr(transformers, cls_name)(**kw)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from .arch import architecture_for
+
+    arch = architecture_for(config.to_dict())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(torch.randn(p.shape) * 0.2 + (0.0 if family.startswith("gemma") else 1.0))
+            elif arch.is_router(name):   # clear routing margins: no near-ties for two implementations to split
+                p.copy_(torch.randn(p.shape) * 0.5)
             else:
                 p.copy_(torch.randn(p.shape) * 0.05)
     model.to(getattr(torch, dtype)).save_pretrained(path)
@@ -382,11 +390,14 @@ def rtn_awq(src: Path, dst: Path, group_size: int = 32, scale_factor: float = 1.
     from safetensors.numpy import load_file
     from safetensors.torch import save_file
 
+    from .arch import architecture_for
+
     src, dst = Path(src), Path(dst)
+    arch = architecture_for(json.loads((src / "config.json").read_text()))
     out = {}
     for f in sorted(src.glob("*.safetensors")):
         for name, w in load_file(f).items():
-            if w.ndim == 2 and ".layers." in name:
+            if w.ndim == 2 and ".layers." in name and not arch.is_router(name):   # routers stay float, as in AWQ
                 wt = np.ascontiguousarray(w.T, dtype=np.float32)          # [K, N]
                 k, n = wt.shape
                 g = wt.reshape(k // group_size, group_size, n)

@@ -13,6 +13,7 @@ Expensive fixtures (models, llama.cpp conversions, one mergekit subprocess for a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -33,11 +34,12 @@ from test_parity import run_mergekit
 
 pytestmark = pytest.mark.slow  # external oracles
 
-FAMILIES = ["qwen3", "gemma3", "phi3", "gemma2", "olmo2", "smollm3"]
-AWQ_FAMILIES = ["qwen3", "gemma3", "gemma2", "olmo2", "smollm3"]   # Phi-3's fused qkv/gate_up linears: merge and GGUF
-#                                                                     only (refused by awq, quality)
+FAMILIES = ["qwen3", "gemma3", "phi3", "gemma2", "olmo2", "smollm3", "qwen3moe"]
+AWQ_FAMILIES = ["qwen3", "gemma3", "gemma2", "olmo2", "smollm3", "qwen3moe"]   # Phi-3's fused qkv/gate_up linears:
+#                                                                                 merge and GGUF only
 SPM_FAMILIES = ["gemma2"]   # a SentencePiece tokenizer.model (trained in the test) instead of SmolLM2's BPE tokenizer
-QK_NORM_FAMILIES = {"qwen3", "gemma3", "olmo2"}
+QK_NORM_FAMILIES = {"qwen3", "gemma3", "olmo2", "qwen3moe"}
+MOE_FAMILIES = ["qwen3moe"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 IDS = [1, 504, 3458, 282, 4649, 314, 8, 2]
 SPM_TEXT = "And God said, Let there be light: and there was light. The origin of species, 1859."
@@ -54,6 +56,44 @@ SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "val
 def slerp_config(models: list[str]) -> dict:
     return {"merge_method": "slerp", "base_model": models[0], "dtype": "float32", "parameters": {"t": SLERP_T},
             "models": [{"model": m} for m in models]}
+
+
+def linear_config(models: list[str]) -> dict:
+    return {"merge_method": "linear", "dtype": "float32",
+            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, [[0.2, 0.9, 0.5], 0.6])]}
+
+
+EXPERT = re.compile(r"(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<lin>gate|up|down)_proj\.weight$")
+
+
+def uneven_experts(variant, base):
+    """``variant`` with expert e moved (e + 1) / 2 times as far from ``base``: experts at different angles (a merge
+    of the fused tensor and one expert by expert then differ clearly)."""
+    from safetensors.torch import save_file
+
+    v, b = load_file(variant / "model.safetensors"), load_file(base / "model.safetensors")
+    for k in v:
+        if m := EXPERT.match(k):
+            v[k] = (b[k] + (int(m["e"]) + 1) / 2 * (v[k] - b[k])).contiguous()
+    save_file(v, variant / "model.safetensors", metadata={"format": "pt"})
+    return variant
+
+
+def fused_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert tensors (released checkpoints; what releaser writes) in transformers 5's fused layout (what
+    mergekit 0.1.5 writes): ``mlp.experts.gate_up_proj`` [E, 2 ff, hidden], gate rows first, ``down_proj``."""
+    out, experts = {}, {}
+    for k, v in state.items():
+        m = EXPERT.match(k)
+        if m:
+            experts.setdefault(m["prefix"], {}).setdefault(m["lin"], {})[int(m["e"])] = v
+        else:
+            out[k] = v
+    for prefix, lin in experts.items():
+        stacked = {n: torch.stack([lin[n][e] for e in sorted(lin[n])]) for n in lin}
+        out[prefix + ".gate_up_proj"] = torch.cat([stacked["gate"], stacked["up"]], dim=1)
+        out[prefix + ".down_proj"] = stacked["down"]
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +127,14 @@ def families(tmp_path_factory, smollm2):
         jobs.append((str(root / f"{fam}-mergekit"), cfg, None))
         out[fam] = {"model": model, "ours": {q: p[0] for q, p in ours.files.items()}, "ids": _ids(model, fam),
                     "ref": {"F32": ref_f32, "Q8_0": ref_q8}, "slerp": cfg, "mergekit": root / f"{fam}-mergekit",
-                    "root": root}
+                    "root": root, "variant": variant}
+        if fam in MOE_FAMILIES:   # three layers: the middle one's MLP gets t = 0.3, a real interpolation of experts
+            deep = [tiny_family_model(root / f"{fam}-3l", fam, seed=0, layers=3)]
+            deep.append(uneven_experts(noised_variant(deep[0], root / f"{fam}-3l-v1", seed=1), deep[0]))
+            names = [str(m) for m in deep]
+            out[fam]["deep"] = {"models": deep, "slerp": slerp_config(names), "linear": linear_config(names)}
+            for kind in ("slerp", "linear"):
+                jobs.append((str(root / f"{fam}-3l-mergekit-{kind}"), out[fam]["deep"][kind], None))
     run_mergekit(root, jobs)
     return out
 
@@ -207,6 +254,7 @@ def test_slerp_equals_mergekit(families, family):
     dest = f["root"] / f"{family}-ours-slerp"
     run_merge(f["slerp"], dest)
     got, want = load_file(dest / "model.safetensors"), load_file(f["mergekit"] / "model.safetensors")
+    got, want = fused_experts(got), fused_experts(want)   # MoE: mergekit 0.1.5 writes transformers 5's fused experts
     assert set(got) == set(want)
     bad = [k for k, w in want.items()
            if got[k].shape != w.shape or not torch.allclose(got[k], w, rtol=0, atol=1e-6 * float(w.abs().max()))]
@@ -307,14 +355,17 @@ def test_awq_layout_and_autoawq_unpacking(families, families_awq, family):
     from releaser.awq.pack import dequantize, unpack
     from releaser.checkpoint import CheckpointReader
 
+    from releaser.awq.run import awq_linears, family_classes
+
     pu = require("awq.utils.packing_utils")   # autoawq 0.2.9: the oracle
     awq = CheckpointReader(families_awq[family][0])
     src = CheckpointReader(families[family]["model"])
     arch = architecture_for(src.config)
+    linears = awq_linears(arch, family_classes(src.config, "tiny")[3])
     gs = awq.config["quantization_config"]["group_size"]
     for name in src.tensors:
         base = name.removesuffix(".weight")
-        if arch.layer_of(name) is not None and base.split(".", 3)[3] in arch.awq_linears:
+        if arch.layer_of(name) is not None and base.split(".", 3)[3] in linears:
             qw, qz, sc = (awq.read(f"{base}.{t}") for t in ("qweight", "qzeros", "scales"))
             iw, iz = pu.reverse_awq_order(*pu.unpack_awq(qw, qz, 4), 4)
             assert torch.equal(torch.bitwise_and(iw, 15).to(torch.uint8), unpack(qw)), name
@@ -323,6 +374,9 @@ def test_awq_layout_and_autoawq_unpacking(families, families_awq, family):
             kept = awq.tensors[name]
             assert str(kept.dtype) == "torch.float16" and kept.shape == src.tensors[name].shape, name
     assert any("q_norm" in n for n in src.tensors) == (family in QK_NORM_FAMILIES)
+    if arch.experts is not None:   # every expert linear quantized, the router kept (float16, named not to convert)
+        assert sum(n.endswith(".qweight") for n in awq.tensors) == 2 * (4 + 3 * 4)
+        assert "mlp.gate" in awq.config["quantization_config"]["modules_to_not_convert"]
 
 
 @pytest.mark.parametrize("family", AWQ_FAMILIES)
@@ -375,7 +429,7 @@ def test_olmo2_awq_scales_only_groups_with_a_source(families, families_awq):
     from releaser.checkpoint import CheckpointReader
 
     arch = architecture_for(json.loads((families["olmo2"]["model"] / "config.json").read_text()))
-    assert [g.prev for g in family_groups(arch)] == ["self_attn.v_proj", "mlp.up_proj"]
+    assert [g.prev for g in family_groups(arch)] == [None, "self_attn.v_proj", None, "mlp.up_proj"]
     facts = json.loads((families_awq["olmo2"][0] / "awq_calibration.json").read_text())
     assert all(set(r) == {"self_attn.v_proj", "mlp.up_proj"} for r in facts["scale_ratios"]), facts["scale_ratios"]
     awq = CheckpointReader(families_awq["olmo2"][0])
@@ -415,3 +469,228 @@ def test_smollm3_nope_layer_matters(families):
     with torch.no_grad():
         a, b = (m(torch.tensor([IDS])).logits[0, -1] for m in (model, all_rope))
     assert float((a - b).abs().max() / a.abs().max()) > 3e-3
+
+
+# ------------------------------------------------------------------------------------------------ mixture of experts
+
+
+def test_qwen3moe_linear_merge_equals_mergekit(families):
+    """A linear merge (per-model weight gradient) of three-layer Qwen3-MoE models equals mergekit 0.1.5 on every tensor
+    (mergekit merges transformers 5's fused experts, releaser each expert: the same for an elementwise method); the
+    output keeps the per-expert layout of the inputs and loads in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    d, root = families["qwen3moe"]["deep"], families["qwen3moe"]["root"]
+    dest = root / "qwen3moe-3l-ours-linear"
+    run_merge(d["linear"], dest)
+    got = load_file(dest / "model.safetensors")
+    assert set(got) == set(load_file(d["models"][0] / "model.safetensors"))   # per expert, as the inputs
+    got, want = fused_experts(got), load_file(root / "qwen3moe-3l-mergekit-linear" / "model.safetensors")
+    assert set(got) == set(want)
+    bad = [k for k, w in want.items() if not torch.allclose(got[k], w, rtol=0, atol=1e-6 * float(w.abs().max()))]
+    assert bad == []
+    AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)
+
+
+def test_qwen3moe_slerp_merges_expert_by_expert(families):
+    """Slerp of three-layer Qwen3-MoE models (the middle layer's MLP at t = 0.3): every expert's gate, up and down
+    are slerped on their own (mergekit's own slerp function, per expert, is the oracle), the router and the other
+    tensors equal mergekit 0.1.5. mergekit 0.1.5 slerps each layer's fused [E, 2 ff, hidden] tensor as one vector
+    (one angle for all experts and gate+up together), which gives other experts: that difference is checked too."""
+    slerp = require("mergekit.merge_methods.slerp").slerp
+    d, root = families["qwen3moe"]["deep"], families["qwen3moe"]["root"]
+    dest = root / "qwen3moe-3l-ours-slerp"
+    run_merge(d["slerp"], dest)
+    got = load_file(dest / "model.safetensors")
+    a, b = (load_file(m / "model.safetensors") for m in d["models"])
+    mk = load_file(root / "qwen3moe-3l-mergekit-slerp" / "model.safetensors")
+    experts = [k for k in got if EXPERT.match(k)]
+    assert len(experts) == 3 * 4 * 3
+    for k in experts:
+        t = [1.0, 0.3, 0.0][int(k.split(".")[2])]
+        want = slerp(torch.tensor([t]), a[k][None], b[k][None])[0]   # a batch of one tensor, slerped whole
+        assert torch.allclose(got[k], want, rtol=0, atol=1e-6 * float(want.abs().max())), k
+    fused = fused_experts(got)
+    others = [k for k in mk if "mlp.experts" not in k]
+    assert any(k.endswith("mlp.gate.weight") for k in others)
+    assert [k for k in others if not torch.allclose(fused[k], mk[k], rtol=0, atol=1e-6 * float(mk[k].abs().max()))] == []
+    middle = "model.layers.1.mlp.experts.gate_up_proj"
+    assert float((fused[middle] - mk[middle]).abs().max()) > 1e-4 * float(mk[middle].abs().max())   # ~2e-3 here
+
+
+def test_qwen3moe_gguf_stacks_one_layer_of_one_linear_at_a_time(families):
+    """Each ffn_*_exps tensor is built from that layer's experts of that linear only (bounded memory: never all
+    experts of all layers), in expert order; the router (ffn_gate_inp) and norms stay F32 in Q8_0."""
+    from releaser.checkpoint import CheckpointReader
+    from releaser.gguf.convert import Converter
+
+    f = families["qwen3moe"]
+    with CheckpointReader(f["model"]) as reader:
+        conv = Converter(reader)
+        read, seen = reader.read, []
+        reader.read = lambda name: (seen.append(name), read(name))[1]
+        plan = next(p for p in conv.plan if p.name == "blk.1.ffn_up_exps.weight")
+        data = conv.read(plan)
+        assert seen == [f"model.layers.1.mlp.experts.{e}.up_proj.weight" for e in range(4)]
+        assert data.shape == (4, 64, 64)
+        assert np.array_equal(data[2], read("model.layers.1.mlp.experts.2.up_proj.weight").numpy())
+    q8 = o.tensors(f["ours"]["Q8_0"])
+    assert q8["blk.0.ffn_gate_inp.weight"][0] == 0 and q8["blk.0.ffn_norm.weight"][0] == 0      # F32
+    assert q8["blk.0.ffn_down_exps.weight"][0] == 8                                             # Q8_0
+
+
+def test_qwen3moe_quality_streams_gguf_experts(families, tmp_path):
+    """The quality stage on Qwen3-MoE GGUFs: the F32 file read back (stacked experts -> transformers' fused ones,
+    one layer at a time) is the model, Q8_0 is close but not equal; llama.cpp running the F32 file agrees with our
+    streamed torch model of the folder (per-expert tensors fused layer by layer)."""
+    from releaser.quality import QualityOptions, run_quality
+
+    require("llama_cpp")
+    f = families["qwen3moe"]
+    arts = [f["ours"]["F32"], f["ours"]["Q8_0"]]
+    rows = {r["file"]: r for r in run_quality(QualityOptions(ctx=64, chunks=2, stop_test=False, gate=False),
+                                              f["model"], arts, tmp_path / "q.json").facts["artefacts"]}
+    f32, q8 = (rows[p.name] for p in arts)
+    assert f32["kld_mean"] < 1e-6 and f32["same_top"] == 1.0, f32
+    assert 0 < q8["kld_mean"] < 1e-2, q8
+    cpp = run_quality(QualityOptions(ctx=64, chunks=2, stop_test=False, gate=False, backend="llama.cpp"),
+                      f["model"], [f["ours"]["F32"]], tmp_path / "c.json").facts["artefacts"][0]
+    assert cpp["backend"] == "llama.cpp" and cpp["kld_mean"] < 1e-4, cpp
+
+
+def test_qwen3moe_streamed_model_equals_transformers(families):
+    """The streamed model (one decoder layer's weights in memory at a time) of the Qwen3-MoE folder gives
+    transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from releaser.quality.load import open_weights, streamed
+
+    f = families["qwen3moe"]
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(f["model"], dtype=torch.float32)(ids).logits
+    with open_weights(f["model"]) as w, torch.no_grad():
+        model = streamed(w)
+        got = model.lm_head(model.model(ids).last_hidden_state)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_qwen3moe_refusals_are_one_line(families, tmp_path):
+    """The GGUF export refuses what llama.cpp's qwen3moe would compute differently (no top-k renormalization, dense
+    layers) and a config.json whose expert count the weights contradict; AWQ refuses dense layers and fused experts."""
+    from releaser.awq import AWQOptions, run_awq
+
+    model = families["qwen3moe"]["model"]
+    config = json.loads((model / "config.json").read_text())
+    dense = tmp_path / "dense"
+    shutil.copytree(model, dense)
+    (dense / "config.json").write_text(json.dumps(config | {"mlp_only_layers": [1]}))
+    with pytest.raises(ModelError, match="dense layers .* not supported by awq") as e:
+        run_awq(AWQOptions(samples=4, seqlen=32), dense, tmp_path / "dense-awq")
+    assert "\n" not in str(e.value)
+    fused = tmp_path / "fused"
+    shutil.copytree(model, fused)
+    state = fused_experts(load_file(model / "model.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, fused / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="stores its experts fused") as e:
+        run_awq(AWQOptions(samples=4, seqlen=32), fused, tmp_path / "fused-awq")
+    assert "\n" not in str(e.value)
+    from releaser.awq.evaluate import check_pair
+    from releaser.testing import rtn_awq
+
+    with pytest.raises(ModelError, match="awq-eval does not handle Qwen3-MoE .* releaser quality") as e:
+        check_pair(model, rtn_awq(model, tmp_path / "rtn", group_size=64))
+    assert "\n" not in str(e.value)
+    for change, match in [({"norm_topk_prob": False}, "norm_topk_prob false"),
+                          ({"mlp_only_layers": [1]}, "dense layers"),
+                          ({"num_local_experts": 8}, "num_local_experts 8 but layer 0 holds 4 experts")]:
+        bad = tmp_path / f"bad-{len(change)}-{next(iter(change))}"
+        shutil.copytree(model, bad)
+        (bad / "config.json").write_text(json.dumps(config | change))
+        with pytest.raises(ModelError, match=match) as e:
+            export_gguf(bad, tmp_path / f"out-{bad.name}", ["F32"], name="bad")
+        assert "\n" not in str(e.value)
+
+
+def test_qwen3moe_fused_experts_export_as_per_expert_ones(families, tmp_path):
+    """A folder with transformers 5's fused experts (mergekit 0.1.5's output layout) gives the same GGUF as the
+    per-expert folder: gate and up split from gate_up_proj, one layer at a time."""
+    from safetensors.torch import save_file
+
+    f = families["qwen3moe"]
+    fused = tmp_path / "fused"
+    shutil.copytree(f["model"], fused)
+    state = fused_experts(load_file(f["model"] / "model.safetensors"))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file({k: v.contiguous() for k, v in state.items()}, fused / "model.safetensors", metadata={"format": "pt"})
+    ours = export_gguf(fused, tmp_path / "out", ["F32"], name="qwen3moe").files["F32"][0]
+    assert o.tensors(ours) == o.tensors(f["ours"]["F32"])
+
+
+def test_qwen3moe_awq_scales_fold_into_the_router_too():
+    """AWQ's MLP scales divide post_attention_layernorm, which the router reads as well as the experts: folded into
+    the router's columns too (kept unquantized), the block computes the same function (same experts chosen); left
+    out of the router, the routing would change."""
+    from releaser.awq.run import BlockRunner, Settings, block_state, family_classes, fold_group
+    from releaser.checkpoint import CheckpointReader
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        model = tiny_family_model(Path(tmp) / "m", "qwen3moe", seed=3, layers=1, vocab=256)
+        reader = CheckpointReader(model)
+        arch = architecture_for(reader.config)
+        runner = BlockRunner(family_classes(reader.config, "tiny"), Settings(64, torch.device("cpu"), torch.float32),
+                             16, arch)
+        layer = runner.build(block_state(reader, arch, 0), 0)
+        x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(0))
+        want = runner.forward(layer, x)
+        group = next(g for g in runner.groups if g.scaled)
+        assert group.scaled == ("mlp.gate",) and len(group.linears) == 8
+        s = torch.rand(64, generator=torch.Generator().manual_seed(1)) * 4 + 0.25
+        fold_group(layer, group, s)
+        got = runner.forward(layer, x)
+        assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_qwen3moe_fused_inputs_merge_expert_by_expert(families, tmp_path):
+    """Models with transformers 5's fused experts (mergekit 0.1.5's output) merge expert by expert too: the slerp of
+    the fused copies is the slerp of the per-expert models, fused; the output keeps the fused layout."""
+    from safetensors.torch import save_file
+
+    d, root = families["qwen3moe"]["deep"], families["qwen3moe"]["root"]
+    copies = []
+    for i, m in enumerate(d["models"]):
+        c = tmp_path / f"fused-{i}"
+        shutil.copytree(m, c)
+        save_file({k: v.contiguous() for k, v in fused_experts(load_file(m / "model.safetensors")).items()},
+                  c / "model.safetensors", metadata={"format": "pt"})
+        copies.append(str(c))
+    run_merge(slerp_config(copies), tmp_path / "out")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    per_expert = tmp_path / "per-expert"
+    run_merge(d["slerp"], per_expert)
+    want = fused_experts(load_file(per_expert / "model.safetensors"))
+    assert set(got) == set(want) and "model.layers.1.mlp.experts.gate_up_proj" in got
+    assert [k for k, w in want.items() if not torch.allclose(got[k], w, rtol=0, atol=1e-6 * float(w.abs().max()))] == []
+
+
+def test_qwen3moe_8_expert_k_quant_mixes_equal_llama_cpp(smollm2, tmp_path):
+    """llama.cpp gives 8-expert models more bits in attention (attn_v and attn_k Q8_0, attn_output Q5_K): our Q4_K_M
+    and Q2_K files of an 8-expert Qwen3-MoE have llama_model_quantize's tensor types and bytes."""
+    model = tiny_family_model(tmp_path / "moe8", "qwen3moe", seed=0, hidden=256, heads=4, kv_heads=2, num_experts=8,
+                              moe_intermediate_size=256, head_dim=64)
+    for f in TOKENIZER_FILES:
+        shutil.copy(smollm2 / f, model / f)
+    ours = export_gguf(model, tmp_path / "ours", ["Q4_K_M", "Q2_K"], name="moe8").files
+    ref_f32 = o.convert_hf(model, tmp_path / "ref-F32.gguf", "f32")
+    for quant in ("Q4_K_M", "Q2_K"):
+        ref = tmp_path / f"ref-{quant}.gguf"
+        o.quantize(ref_f32, ref, quant)
+        mine, theirs = o.tensors(ours[quant][0]), o.tensors(ref)
+        assert {k: v[0] for k, v in mine.items()} == {k: v[0] for k, v in theirs.items()}, quant
+        assert mine["blk.0.attn_k.weight"][0] == 8 and mine["blk.0.attn_output.weight"][0] == 13, quant  # Q8_0, Q5_K
+        assert [k for k in mine if mine[k][1] != theirs[k][1]] == [], quant

@@ -12,6 +12,8 @@ from typing import Callable
 import gguf
 import numpy as np
 
+from .experts import Experts
+
 STAGES = ("merge", "gguf", "awq", "quality")
 
 # linear layers of one decoder block that read the same input, with the module whose output that input is (AWQ scales
@@ -92,6 +94,7 @@ class Architecture:
     #                                            "tokenizer.json" (BPE or byte-fallback BPE), "tokenizer.model" (the
     #                                            SentencePiece model, required), "tokenizer.model?" (it when present)
     spm_add_space_prefix: bool | None = None   # GGUF: tokenizer.ggml.add_space_prefix with a SentencePiece vocab
+    experts: Experts | None = None             # mixture-of-experts layers: expert tensors, their layouts, the router
     gguf_hparams: Callable[[dict, gguf.GGUFWriter], None] | None = field(default=None, compare=False)
 
     @property
@@ -108,6 +111,14 @@ class Architecture:
 
     def layer_name(self, index: int, suffix: str) -> str:
         return f"{self.layer_prefix}{index}.{suffix}"
+
+    def is_expert(self, name: str) -> bool:
+        """An expert's weight, in any layout (a per-layer tensor for merges: experts merge expert by expert)."""
+        return self.experts is not None and self.experts.parse(name, self.layer_prefix) is not None
+
+    def is_router(self, name: str) -> bool:
+        """The router of an MoE layer (a per-layer tensor; never quantized)."""
+        return self.experts is not None and self.experts.is_router(name, self.layer_prefix)
 
     def is_embedding(self, name: str) -> bool:
         """Vocabulary-sized matrices (rows are tokens)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_file
-from ..checkpoint import CheckpointReader
+from ..checkpoint import CheckpointReader, architecture_for
 from ..checkpoint.config import check_same_model
 from ..errors import ModelError
 from ..stage import Reporter
@@ -36,6 +36,10 @@ def check_pair(model_dir: Path, awq_dir: Path) -> None:
         raise ModelError(f"{model_dir} is quantized; give the unquantized model folder first, then the AWQ folder")
     awq_quantization(awq_config, awq_dir)
     check_same_model(config, awq_config, str(model_dir), str(awq_dir), SAME_MODEL)
+    arch = architecture_for(config, str(model_dir))
+    if arch.experts is not None:   # its RTN baseline and state loading know dense linears only
+        raise ModelError(f"awq-eval does not handle {arch.label} (mixture of experts) yet; measure its AWQ folder with "
+                         "releaser quality, which does")
 
 
 def awq_quantization(config: dict, folder: Path) -> dict:

@@ -33,11 +33,14 @@ CHUNK_TOKENS = 8192                                    # tokens per forward chun
 @dataclass(frozen=True)
 class Group:
     """One scaling group: the op the scales fold into, the linears they multiply, and where the loss is measured."""
-    prev: str                 # input_layernorm, self_attn.v_proj, post_attention_layernorm, mlp.up_proj (Llama)
+    prev: str | None          # input_layernorm, self_attn.v_proj, post_attention_layernorm, mlp.up_proj (Llama);
+    #                           None: nothing to fold scales into (the group is clipped and quantized unscaled)
     linears: tuple[str, ...]
     inspect: str              # "attn" (whole self-attention, needs whole rows) or "tokens" (token-wise module)
     module: str               # the module whose output the loss compares (self_attn, o_proj, mlp, down_proj)
     feature: str              # captured input: attn_in, o_in, mlp_in, down_in
+    source: str = ""          # the module whose input ``feature`` is (default: the first linear)
+    scaled: tuple[str, ...] = ()   # linears the scales fold into too, never quantized (an MoE block's router)
 
 
 GROUPS = (
@@ -54,19 +57,43 @@ FEATURE_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "sel
 
 
 
-def family_groups(arch) -> tuple[Group, ...]:
-    """The scaling groups of ``arch`` (its ``awq_groups``: which op's output the linears read), measured as GROUPS.
-    A group whose source is None (nothing to fold scales into: OLMo 2's q/k/v and gate/up read the residual stream)
-    is not scaled; its linears are still clipped and quantized."""
+def family_groups(arch, hf=None) -> tuple[Group, ...]:
+    """The scaling groups of ``arch`` (its ``awq_groups``: which op's output the linears read), measured as GROUPS;
+    a mixture-of-experts family (``hf``: its transformers config) gets ``moe_groups`` for its MLP. A group whose
+    source is None (nothing to fold scales into: OLMo 2's q/k/v and gate/up read the residual stream) is kept with
+    prev None: not scaled (``scaling_groups`` leaves it out), its linears still clipped and quantized."""
     by_linears = {g.linears: g for g in GROUPS}
     out = []
     for prev, linears in arch.awq_groups:
-        if prev is None:
+        if arch.experts is not None and linears[0].startswith("mlp."):
             continue
         if tuple(linears) not in by_linears:
             raise ModelError(f"{arch.label}: AWQ has no way to measure the scaling group {', '.join(linears)}")
         out.append(dataclasses.replace(by_linears[tuple(linears)], prev=prev))
+    if arch.experts is not None:
+        out += moe_groups(arch, hf)
     return tuple(out)
+
+
+def moe_groups(arch, hf) -> list[Group]:
+    """An MoE block's groups: every expert's gate and up read the MLP input (the scales fold into the norm before it
+    and into the router, which reads it too and stays unquantized; the loss is the whole block's output), and each
+    expert's down reads its up's output (measured on the tokens routed to it)."""
+    x = arch.experts
+    n = x.count(hf.to_dict())
+    block = x.module.rsplit(".", 1)[0]                    # "mlp"
+    gate, up, down = x.linears
+    lin = [[f"{x.module}.{e}.{name}" for name in x.linears] for e in range(n)]
+    prev = next(p for p, linears in arch.awq_groups if linears[0].startswith("mlp."))
+    out = [Group(prev, tuple(n for e in range(n) for n in lin[e][:2]), "tokens", block, "mlp_in", source=block,
+                 scaled=(x.router.removesuffix(".weight"),))]
+    out += [Group(lin[e][1], (lin[e][2],), "tokens", lin[e][2], f"down_in.{e}") for e in range(n)]
+    return out
+
+
+def awq_linears(arch, hf) -> tuple[str, ...]:
+    """The linears of one block AWQ quantizes (block-relative names; an MoE block's per expert)."""
+    return tuple(n for g in family_groups(arch, hf) for n in g.linears)
 
 
 @dataclass
@@ -100,24 +127,27 @@ def family_classes(config: dict, where: str):
             getattr(module, f"{prefix}RMSNorm"), hf)
 
 
-def linear_shapes(hf) -> dict[str, tuple[int, int]]:
-    """(out, in) of each quantized linear of one block."""
+def linear_shapes(hf, arch=None) -> dict[str, tuple[int, int]]:
+    """(out, in) of each quantized linear of one block (an MoE block: its first expert's, all are alike)."""
     h = hf.hidden_size
     hd = getattr(hf, "head_dim", None) or h // hf.num_attention_heads
     q, kv, inter = hf.num_attention_heads * hd, hf.num_key_value_heads * hd, hf.intermediate_size
+    mlp = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    if arch is not None and arch.experts is not None:
+        inter = getattr(hf, arch.experts.ff_key)
+        mlp = tuple(f"{arch.experts.module}.0.{n}" for n in arch.experts.linears)
     return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-            "mlp.down_proj": (h, inter)}
+            "self_attn.o_proj": (h, q), mlp[0]: (inter, h), mlp[1]: (inter, h), mlp[2]: (h, inter)}
 
 
-def pick_group_size(hf, requested: int) -> int:
-    shapes = linear_shapes(hf)
+def pick_group_size(hf, requested: int, arch=None) -> int:
+    shapes = linear_shapes(hf, arch)
     bad = [n for n, (out, _) in shapes.items() if out % PACK]
     if bad:
         raise ModelError(f"{bad[0]} has {shapes[bad[0]][0]} outputs, not a multiple of {PACK}; the AWQ GEMM format "
                          "cannot hold it")
     widths = {"hidden_size": hf.hidden_size, "attention width": shapes["self_attn.o_proj"][1],
-              "intermediate_size": hf.intermediate_size}
+              "intermediate_size": list(shapes.values())[-1][1]}
     return choose_group_size(requested, widths)
 
 
@@ -138,13 +168,13 @@ def channel_abs_mean(x: torch.Tensor) -> torch.Tensor:
 def scaling_groups(layer: nn.Module, groups: tuple[Group, ...] = GROUPS) -> list[Group]:
     """The block's scaling groups; v_proj -> o_proj only when their shapes match (no grouped-query attention)."""
     v, o = layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight
-    return [g for g in groups if g.prev != "self_attn.v_proj" or v.shape == o.shape]
+    return [g for g in groups if g.prev is not None and (g.prev != "self_attn.v_proj" or v.shape == o.shape)]
 
 
 def fold_group(layer: nn.Module, group: Group, s: torch.Tensor, norm_shift: float = 0.0) -> None:
     """Divide the preceding norm/linear by s and multiply the group's linears' input columns by s. A norm computing
     ``x * (shift + w)`` (Gemma: shift 1) has its effective weight ``shift + w`` divided."""
-    linears = [layer.get_submodule(n) for n in group.linears]
+    linears = [layer.get_submodule(n) for n in (*group.linears, *group.scaled)]
     prev = layer.get_submodule(group.prev)
     if isinstance(prev, nn.Linear):
         fold_into_linear(prev, linears[0], s)
@@ -163,7 +193,9 @@ class BlockRunner:
     def __init__(self, classes, settings: Settings, seq_len: int, arch=None):
         self.layer_cls, rotary_cls, _, self.hf = classes
         self.s = settings
-        self.groups = family_groups(arch) if arch is not None else GROUPS
+        self.arch = arch
+        self.groups = family_groups(arch, self.hf) if arch is not None else GROUPS
+        self.linears = tuple(n for g in self.groups for n in g.linears)
         self.norm_shift = arch.norm_shift if arch is not None else 0.0
         dev, dt = settings.device, settings.dtype
         self.rotary = rotary_cls(self.hf).to(dev)
@@ -203,6 +235,10 @@ class BlockRunner:
         self.kwargs = self.layer_kwargs(index)
         with torch.device("meta"):
             layer = self.layer_cls(self.hf, index)
+            if self.arch is not None and self.arch.experts is not None:   # one nn.Linear per expert linear
+                from .moe import MoEBlock
+
+                layer.set_submodule(self.arch.experts.module.rsplit(".", 1)[0], MoEBlock(self.hf, self.arch.experts))
         state = {k: v.to(self.s.device, self.s.dtype) for k, v in state.items()}
         try:
             layer.load_state_dict(state, strict=True, assign=True)
@@ -220,10 +256,10 @@ class BlockRunner:
 
     @torch.no_grad()
     def capture(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The block's full-precision output and the inputs of q_proj, o_proj, gate_proj and down_proj."""
-        parts: dict[str, list[torch.Tensor]] = {"attn_in": [], "o_in": [], "mlp_in": [], "down_in": []}
-        where = {"attn_in": layer.self_attn.q_proj, "o_in": layer.self_attn.o_proj, "mlp_in": layer.mlp.gate_proj,
-                 "down_in": layer.mlp.down_proj}
+        """The block's full-precision output and each group's input (q_proj's, o_proj's, the MLP's, down_proj's; an
+        MoE block's experts' down_proj inputs hold the tokens routed to them, none for an expert no token chose)."""
+        where = {g.feature: layer.get_submodule(g.source or g.linears[0]) for g in self.groups}
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in where}
         hooks = [mod.register_forward_pre_hook(lambda m, args, key=key: parts[key].append(args[0].detach()))
                  for key, mod in where.items()]
         try:
@@ -231,7 +267,9 @@ class BlockRunner:
         finally:
             for h in hooks:
                 h.remove()
-        return out, {k: torch.cat(v) for k, v in parts.items()}
+        empty = {k: torch.empty(0, where[k].in_features if isinstance(where[k], nn.Linear) else self.hf.hidden_size,
+                                device=hidden.device, dtype=hidden.dtype) for k in where}
+        return out, {k: torch.cat(v) if v else empty[k] for k, v in parts.items()}
 
     # -- the scale search ---------------------------------------------------------------------------------------
 
@@ -273,6 +311,8 @@ class BlockRunner:
         gs = self.s.group_size
         found = []
         for g in scaling_groups(layer, self.groups):
+            if feats[g.feature].numel() == 0:   # an expert no calibration token chose: nothing to weigh by
+                continue
             linears = [layer.get_submodule(n) for n in g.linears]
             s, ratio = search_scale(linears, channel_abs_mean(feats[g.feature]), gs,
                                     self._loss_fn(layer, g, feats[g.feature]))
@@ -283,17 +323,20 @@ class BlockRunner:
             fold_group(layer, g, s, self.norm_shift)
             scaled[g.feature] = s
         if self.s.clip:
-            for name in LINEARS:
-                if name in NO_CLIP:
+            for g in self.groups:
+                feat = feats[g.feature]
+                if feat.numel() == 0:
                     continue
-                feat = feats[FEATURE_OF[name]]
-                x = feat.reshape(-1, feat.shape[-1])
-                step = max(1, x.shape[0] // 512)
-                x = x[::step].float()
-                if FEATURE_OF[name] in scaled:
-                    x = x / scaled[FEATURE_OF[name]].to(x.device).view(1, -1)
-                lin = layer.get_submodule(name)
-                apply_clip(lin, search_clip(lin.weight, x, gs), gs)
+                for name in g.linears:
+                    if name in NO_CLIP:
+                        continue
+                    x = feat.reshape(-1, feat.shape[-1])
+                    step = max(1, x.shape[0] // 512)
+                    x = x[::step].float()
+                    if g.feature in scaled:
+                        x = x / scaled[g.feature].to(x.device).view(1, -1)
+                    lin = layer.get_submodule(name)
+                    apply_clip(lin, search_clip(lin.weight, x, gs), gs)
         return report
 
 
@@ -314,9 +357,10 @@ def quantized_tensors(layer: nn.Module, prefix: str, group_size: int,
     return {k: v.cpu().contiguous() for k, v in out.items()}
 
 
-def output_specs(reader: CheckpointReader, arch, n_layers: int, group_size: int) -> list[tuple[str, torch.dtype, tuple]]:
+def output_specs(reader: CheckpointReader, arch, n_layers: int, group_size: int,
+                 linears: tuple[str, ...] | None = None) -> list[tuple[str, torch.dtype, tuple]]:
     specs = []
-    suffixes = tuple(f".{n}.weight" for n in arch.awq_linears)
+    suffixes = tuple(f".{n}.weight" for n in (linears or arch.awq_linears))
     for name, info in reader.tensors.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue

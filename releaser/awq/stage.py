@@ -17,7 +17,7 @@ from ..errors import ModelError
 from ..stage import Reporter, StageResult, describe_files
 from .calib import calibration
 from .options import CPU_SEARCH_TOKENS, AWQOptions
-from .run import (BlockRunner, Settings, block_state, family_classes, output_specs, pick_group_size,
+from .run import (BlockRunner, Settings, awq_linears, block_state, family_classes, output_specs, pick_group_size,
                   quantized_tensors, resolve_device, use_all_cores)
 
 CALIBRATION_FILE = "awq_calibration.json"
@@ -36,14 +36,31 @@ def load_tokenizer(model_dir: Path):
                          "the model's tokenizer files") from exc
 
 
-def awq_config(config: dict, bits: int, group_size: int) -> dict:
+def awq_config(config: dict, bits: int, group_size: int, arch=None) -> dict:
     out = dict(config)
+    keep = ["lm_head"]
+    if arch is not None and arch.experts is not None:   # the router stays float16
+        keep.append(arch.experts.router.removesuffix(".weight"))
     out["quantization_config"] = {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True,
-                                  "version": "gemm", "modules_to_not_convert": ["lm_head"]}
+                                  "version": "gemm", "modules_to_not_convert": keep}
     out["torch_dtype"] = "float16"
     if "dtype" in out:
         out["dtype"] = "float16"
     return out
+
+
+def check_moe(reader: CheckpointReader, arch, model_dir: Path) -> None:
+    """AWQ of a mixture-of-experts model: every layer an MoE block, experts stored one tensor per expert linear."""
+    config, x = reader.config, arch.experts
+    shapes = {n: tuple(i.shape) for n, i in reader.tensors.items()}
+    x.check(config, shapes, arch.layer_prefix, str(model_dir))
+    if config.get("mlp_only_layers") or (config.get("decoder_sparse_step", 1) or 1) != 1:
+        raise ModelError(f"{arch.label} with dense layers (mlp_only_layers or decoder_sparse_step > 1) is not "
+                         "supported by awq yet; it handles models with an MoE block in every layer")
+    other = next((n for n in reader.tensors if (p := x.parse(n, arch.layer_prefix)) and p[1] != "expert"), None)
+    if other is not None:
+        raise ModelError(f"{model_dir} stores its experts fused ({other}); awq reads one tensor per expert "
+                         "(mlp.experts.{e}.gate_proj.weight, as released checkpoints and save_pretrained have them)")
 
 
 def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -62,7 +79,9 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
     n_layers = check_sizes(reader, arch)[arch.num_layers_key]
     classes = family_classes(config, str(model_dir))
     hf = classes[3]
-    group_size = pick_group_size(hf, options.group_size)
+    if arch.experts is not None:
+        check_moe(reader, arch, model_dir)
+    group_size = pick_group_size(hf, options.group_size, arch)
     if group_size != options.group_size:
         reporter.warning(f"group size {options.group_size} does not divide every layer width of {model_dir.name}; "
                          f"using group size {group_size}")
@@ -73,7 +92,8 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
     threads = use_all_cores()
     search_tokens = options.search_tokens or (CPU_SEARCH_TOKENS if device.type == "cpu" else None)
     settings = Settings(group_size, device, dtype, search_tokens)
-    specs = output_specs(reader, arch, n_layers, group_size)
+    linears = awq_linears(arch, hf)
+    specs = output_specs(reader, arch, n_layers, group_size, linears)
     where = device.type if device.type != "cpu" else f"cpu, {threads} thread{'s' if threads > 1 else ''}"
     reporter.message(f"AWQ {options.bits}-bit g{group_size} on {where}: {calib.ids.shape[0]} rows x "
                      f"{calib.seq_len} tokens from {calib.samples} samples of {calib.dataset}")
@@ -95,8 +115,7 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
                     layer = runner.build(block_state(reader, arch, i), i)
                     hidden_next, feats = runner.capture(layer, hidden)
                     ratios.append(runner.awq_block(layer, feats).ratios)
-                    for name, t in quantized_tensors(layer, arch.layer_name(i, ""), group_size,
-                                                     arch.awq_linears).items():
+                    for name, t in quantized_tensors(layer, arch.layer_name(i, ""), group_size, linears).items():
                         writer.write(name, t)
                     hidden = hidden_next
                     del layer, feats, hidden_next
@@ -108,7 +127,7 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
         for name in SIDE_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
-        (tmp / "config.json").write_text(json.dumps(awq_config(config, options.bits, group_size), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(awq_config(config, options.bits, group_size, arch), indent=2) + "\n")
         (tmp / "quant_config.json").write_text(json.dumps(
             {"zero_point": True, "q_group_size": group_size, "w_bit": options.bits, "version": "GEMM"}, indent=2) + "\n")
         seconds = time.perf_counter() - start

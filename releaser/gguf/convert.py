@@ -48,18 +48,29 @@ class Converter:
 
     @property
     def shape(self) -> ModelShape:
-        return ModelShape(self.n_layer, self.n_head, self.n_head_kv, self.family.name)
+        experts = self.family.experts
+        return ModelShape(self.n_layer, self.n_head, self.n_head_kv, self.family.name,
+                          int(experts.count(self.config) or 0) if experts else 0)
 
     def _plan(self) -> list[TensorPlan]:
         plans = []
-        for hf_name, info in self.reader.tensors.items():
+        shapes = {n: tuple(i.shape) for n, i in self.reader.tensors.items()}
+        experts, names = self.family.experts, list(shapes)
+        if experts is not None:   # each layer's experts (any layout) become llama.cpp's stacked ffn_*_exps
+            experts.check(self.config, shapes, self.family.layer_prefix, str(self.reader.folder))
+            names = experts.as_stacked(names, self.family.layer_prefix)
+        self.recipes = {}
+        for hf_name in names:
             if hf_name.endswith(".rotary_emb.inv_freq"):
                 continue
             name = self.name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise ModelError(f"tensor {hf_name} of {self.reader.folder} has no GGUF name for "
                                  f"{self.family.name}; the checkpoint does not look like a plain {self.family.classes[0]}")
-            plans.append(TensorPlan(name, hf_name, tuple(info.shape)))
+            if hf_name not in shapes:
+                self.recipes[hf_name] = experts.recipe(hf_name, shapes, self.family.layer_prefix)
+            shape = self.recipes[hf_name].shape if hf_name in self.recipes else shapes[hf_name]
+            plans.append(TensorPlan(name, hf_name, shape))
         if self.rope["rope_type"] == "llama3":
             plans.append(TensorPlan("rope_freqs.weight", None, (self.head_dim // 2,)))
 
@@ -77,7 +88,11 @@ class Converter:
     def read(self, plan: TensorPlan) -> np.ndarray:
         if plan.source is None:
             return self._rope_freqs()
-        data = self.reader.read(plan.source).to(torch.float32).numpy()
+        recipe = self.recipes.get(plan.source)
+        if recipe is None:
+            data = self.reader.read(plan.source).to(torch.float32).numpy()
+        else:   # one layer's experts of one linear, stacked [n_expert, out, in] in float32
+            data = recipe.build(self.reader.read).numpy()
         return np.ascontiguousarray(self.family.to_gguf(plan.source, data, self.config))
 
     def _rope_freqs(self) -> np.ndarray:  # LlamaModel.generate_extra_tensors for rope_type llama3

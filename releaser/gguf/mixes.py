@@ -1,4 +1,5 @@
-"""llama-quantize's per-tensor type rules (``src/llama-quant.cpp``, no imatrix, dense Llama-family models).
+"""llama-quantize's per-tensor type rules (``src/llama-quant.cpp``, no imatrix; dense Llama-family models and the
+8-expert rules of mixture-of-experts ones).
 
 ``tensor_types(tensors, quant, ...)`` returns the ggml type llama.cpp's ``llama_model_quantize`` picks for every tensor
 of an F32 GGUF when asked for ``quant``; the plain types (F32, F16, BF16) follow ``convert_hf_to_gguf.py``.
@@ -54,10 +55,11 @@ class ModelShape:
     n_head: int
     n_head_kv: int
     arch: str = "llama"
+    n_expert: int = 0          # experts per MoE layer (llama.cpp gives 8-expert models more bits in attention)
 
     @property
     def is_70b(self) -> bool:  # llama.cpp's LLM_TYPE_70B for the Llama family
-        return self.n_layer == 80 and (self.arch != "llama" or self.n_head != self.n_head_kv)
+        return self.n_layer == 80 and not self.n_expert and (self.arch != "llama" or self.n_head != self.n_head_kv)
 
 
 def allows_quantization(t: TensorDesc) -> bool:
@@ -113,7 +115,12 @@ class _Mix:
                 new = T.Q5_K
             if s.is_70b and new in (T.Q3_K, T.Q4_K):
                 new = T.Q5_K
+            if s.n_expert == 8:
+                new = T.Q8_0
             self.i_attention_wv += 1
+        elif "attn_k.weight" in name:
+            if s.n_expert == 8:
+                new = T.Q8_0
         elif "ffn_down" in name:
             i, n = _layer(name), s.n_layer
             if q == "Q2_K":
@@ -127,7 +134,10 @@ class _Mix:
             elif q == "Q4_K_S" and i < n // 8:
                 new = T.Q5_K
         elif "attn_output.weight" in name:
-            new = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(q, new)
+            if s.n_expert == 8:
+                new = T.Q5_K if q in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else new
+            else:
+                new = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(q, new)
         return new
 
 

@@ -61,7 +61,15 @@ def merge_tensor(plan: MergePlan, job: TensorJob, device: torch.device) -> torch
     if job.vocab:
         tensors = plan.vocab.align(tensors, [mi for mi, _ in job.sources], job.base_index)
     generator = torch.Generator(device=device).manual_seed(job.seed) if job.seed is not None else None
-    out = plan.method.fn(tensors, job.base_index, job.params, job.model_params, generator)
+    experts = plan.arch.experts
+    pieces = experts.pieces(job.name, job.shape, plan.arch.layer_prefix) if experts is not None else None
+    if pieces:   # fused or stacked experts (mergekit's output layout) merge expert by expert, as per-expert ones do
+        out = torch.empty(job.shape, dtype=tensors[0].dtype, device=tensors[0].device)
+        for index in pieces:
+            out[index] = plan.method.fn([t[index] for t in tensors], job.base_index, job.params, job.model_params,
+                                        generator)
+    else:
+        out = plan.method.fn(tensors, job.base_index, job.params, job.model_params, generator)
     if tuple(out.shape) != job.shape:
         out = out.reshape(job.shape)
     out = scratch.cast(out, job.dtype)

@@ -95,6 +95,10 @@ class Weights(ABC):
     def load(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, float32 tensor) for each of ``names``, in order."""
 
+    @abstractmethod
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """name -> shape of every tensor of ``names`` (read from headers, no tensor data)."""
+
     def close(self) -> None:
         pass
 
@@ -118,6 +122,9 @@ class FolderWeights(Weights):
         for name in names:
             yield name, self.reader.read(name).to(torch.float32)
 
+    def shapes(self):
+        return {n: tuple(self.reader.tensors[n].shape) for n in self.names}
+
     def close(self):
         self.reader.close()
 
@@ -134,7 +141,10 @@ class GGUFWeights(Weights):
         self.family, self.arch = family, family.gguf_arch
         self.config, self.path = config, artefact.path
         table = gguf.get_tensor_name_map(self.arch, config["num_hidden_layers"])
-        hf_names = {table.get_name(hf, try_suffixes=(".weight", ".bias")): hf for hf in _hf_tensor_names(config)}
+        names = _hf_tensor_names(config)
+        if family.experts is not None:   # ffn_*_exps: one layer's experts of one linear, stacked
+            names = family.experts.as_stacked(names, family.layer_prefix)
+        hf_names = {table.get_name(hf, try_suffixes=(".weight", ".bias")): hf for hf in names}
         self._where: dict[str, tuple[GGUFFile, str]] = {}
         for part in artefact.parts:
             reader = GGUFFile(part)
@@ -155,6 +165,9 @@ class GGUFWeights(Weights):
             reader, name = self._where[hf]
             data = self.family.from_gguf(hf, reader.dequantize(name), self.config)
             yield hf, torch.from_numpy(np.ascontiguousarray(data))
+
+    def shapes(self):
+        return {hf: tuple(reader.tensors[name].shape) for hf, (reader, name) in self._where.items()}
 
 
 def _hf_tensor_names(config: dict) -> list[str]:
@@ -218,6 +231,17 @@ class AWQWeights(FolderWeights):
             else:
                 yield name, self.reader.read(name).to(torch.float32)
 
+    def shapes(self):
+        out = {}
+        for name in self.names:
+            prefix = name.removesuffix(".weight")
+            if prefix + ".qweight" in self.reader:   # qweight [in, out / 8] of a weight [out, in]
+                k, n = self.reader.tensors[prefix + ".qweight"].shape
+                out[name] = (n * 32 // self.bits, k)
+            else:
+                out[name] = tuple(self.reader.tensors[name].shape)
+        return out
+
 
 def open_weights(artefact: Artefact | Path, base_config: dict | None = None) -> Weights:
     """The weights of an unquantized model folder (a Path), a GGUF (read with the unquantized model's config) or an
@@ -243,6 +267,42 @@ def skeleton(config: dict):
     hf_config = AutoConfig.for_model(**config)
     with no_init_weights():
         return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+
+
+class _Composed(Weights):
+    """``inner`` with the expert tensors the model wants built from the layout ``inner`` has (per expert, stacked or
+    fused; see ``releaser.arch.experts``): one tensor of one layer at a time, its sources read just for it."""
+
+    def __init__(self, inner: Weights, wanted: Iterable[str]):
+        family = architecture_for(inner.config)
+        self.inner, self.config, self.path = inner, inner.config, inner.path
+        have = set(inner.names)
+        shapes = inner.shapes()
+        self.recipes = {}
+        for name in wanted:
+            if name not in have and (r := family.experts.recipe(name, shapes, family.layer_prefix)) is not None:
+                self.recipes[name] = r
+        used = {n for r in self.recipes.values() for n in r.sources}
+        self.names = [n for n in inner.names if n not in used] + list(self.recipes)
+
+    def shapes(self):
+        inner = self.inner.shapes()
+        return {n: self.recipes[n].shape if n in self.recipes else inner[n] for n in self.names}
+
+    def load(self, names):
+        for name in names:
+            recipe = self.recipes.get(name)
+            if recipe is None:
+                yield from self.inner.load([name])
+            else:
+                yield name, recipe.build(lambda n: next(iter(self.inner.load([n])))[1])
+
+
+def _fit(model, weights: Weights) -> Weights:
+    """``weights`` under the names of ``model``'s parameters where a family's experts come in another layout."""
+    if architecture_for(weights.config).experts is None:
+        return weights
+    return _Composed(weights, [n for n, _ in model.named_parameters()])
 
 
 def _check_names(model, weights: Weights) -> dict[str, torch.nn.Parameter]:
@@ -279,6 +339,7 @@ def build(weights: Weights):
     """The whole model of ``weights`` in memory (for generation); lm_head shares the embedding when the source has
     none (tied weights)."""
     model = skeleton(weights.config)
+    weights = _fit(model, weights)
     params = _check_names(model, weights)
     for name, value in weights.load(n for n in weights.names if n in params):
         _assign(params, name, value, weights.path)
@@ -294,6 +355,7 @@ def streamed(weights: Weights, advance: Callable[[], None] = lambda: None):
     read (dequantized) just before it runs and dropped after (then ``advance()`` is called), so a forward pass holds
     one layer at a time. Made for one forward pass over many windows at once (each pass reads every layer again)."""
     model = skeleton(weights.config)
+    weights = _fit(model, weights)
     params = _check_names(model, weights)
     layers: dict[int, list[str]] = {}
     resident = []
