@@ -18,7 +18,7 @@ import gguf_oracle as o  # noqa: E402 - skips (outside CI) without llama-cpp-pyt
 
 pytestmark = pytest.mark.slow  # external oracles
 
-FAMILIES = ["qwen3", "gemma3", "phi3"]
+FAMILIES = ["qwen3", "gemma3", "phi3", "olmo2", "smollm3"]
 SHAPE = dict(hidden=256, intermediate=512, heads=4, kv_heads=2)
 EXTRA = {"qwen3": dict(head_dim=64), "gemma3": dict(head_dim=64, query_pre_attn_scalar=64)}   # Phi-3: hidden / heads
 
