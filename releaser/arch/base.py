@@ -95,6 +95,8 @@ class Architecture:
     #                                            SentencePiece model, required), "tokenizer.model?" (it when present)
     spm_add_space_prefix: bool | None = None   # GGUF: tokenizer.ggml.add_space_prefix with a SentencePiece vocab
     experts: Experts | None = None             # mixture-of-experts layers: expert tensors, their layouts, the router
+    gguf_dropped: tuple[str, ...] = (".rotary_emb.inv_freq",)   # GGUF: source tensors left out on purpose (name
+    #                                            suffixes; llama.cpp computes RoPE frequencies itself)
     gguf_hparams: Callable[[dict, gguf.GGUFWriter], None] | None = field(default=None, compare=False)
 
     @property

@@ -61,7 +61,7 @@ class Converter:
             names = experts.as_stacked(names, self.family.layer_prefix)
         self.recipes = {}
         for hf_name in names:
-            if hf_name.endswith(".rotary_emb.inv_freq"):
+            if hf_name.endswith(self.family.gguf_dropped):
                 continue
             name = self.name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
@@ -71,6 +71,7 @@ class Converter:
                 self.recipes[hf_name] = experts.recipe(hf_name, shapes, self.family.layer_prefix)
             shape = self.recipes[hf_name].shape if hf_name in self.recipes else shapes[hf_name]
             plans.append(TensorPlan(name, hf_name, shape))
+        self._check_coverage(plans)
         if self.rope["rope_type"] == "llama3":
             plans.append(TensorPlan("rope_freqs.weight", None, (self.head_dim // 2,)))
 
@@ -80,6 +81,31 @@ class Converter:
             return ({"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}.get(p.name, 4), 0)
 
         return sorted(plans, key=order)
+
+    def _check_coverage(self, plans: list[TensorPlan]) -> None:
+        """Every tensor llama.cpp needs is produced: each kind of block tensor in every block, the embeddings, the final
+        norm, and the output matrix unless the embeddings are tied. (Every source tensor is consumed or named in the
+        family's ``gguf_dropped``: ``_plan`` refuses the rest.)"""
+        where = f"{self.reader.folder} is incomplete"
+        blocks: dict[str, dict[int, str]] = {}
+        for p in plans:
+            if p.name.startswith("blk."):
+                _, index, kind = p.name.split(".", 2)
+                blocks.setdefault(kind, {})[int(index)] = p.source
+        for kind, layers in sorted(blocks.items()):
+            missing = sorted(set(range(self.n_layer)) - set(layers))
+            if missing:
+                have, source = next(iter(layers.items()))
+                name = source.replace(f"{self.family.layer_prefix}{have}.", f"{self.family.layer_prefix}{missing[0]}.")
+                raise ModelError(f"{where}: it has no {name} (GGUF blk.{missing[0]}.{kind}), which the other "
+                                 "layers have; re-download or re-export the checkpoint")
+        names = {p.name for p in plans}
+        untied = self.config.get("tie_word_embeddings") is False
+        for gguf_name, hf_name in [("token_embd.weight", self.family.embed), ("output_norm.weight",
+                                   self.family.final_norm)] + ([("output.weight", self.family.lm_head)] if untied else []):
+            if gguf_name not in names:
+                raise ModelError(f"{where}: it has no {hf_name} (GGUF {gguf_name}); re-download or re-export the "
+                                 "checkpoint")
 
     @property
     def total_params(self) -> int:
