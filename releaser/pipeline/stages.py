@@ -10,17 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import output_dir
-from ..errors import ConfigError, ModelError
+from ..errors import GateError
 from ..stage import StageResult
-from .context import Release
+from .context import Release, require_folder
 from .manifest import code_versions, fingerprint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "added_tokens.json", "tokenizer.model")
-
-
-class GateError(ConfigError):
-    """The release failed a check; nothing was published."""
 
 
 @dataclass(frozen=True)
@@ -38,11 +34,6 @@ def _files(r: Release, stage: str) -> list[dict]:
     return entry["files"] if entry else []
 
 
-def require_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise ModelError(f"model folder {folder} does not exist; check the path in the recipe")
-
-
 def _folder_hashes(r: Release, folder: Path) -> dict[str, str]:
     require_folder(folder)
     return {f.path: f.sha256 for f in r.manifest.describe(folder)}
@@ -54,18 +45,12 @@ def _result(r: Release, stage: str, root: Path, summary: str, paths: list[Path] 
 
 
 # -- merge -------------------------------------------------------------------------------------------------------------
-def _merge_config(r: Release) -> tuple[dict | Path, Path | None]:
-    """The config and the folder its relative model paths are taken from (a config file's own folder)."""
-    m = r.recipe.merge
-    return (r.local(m.config), None) if m.config is not None else (m.inline, r.recipe_dir)
-
-
 def _merge_depends(r: Release) -> dict:
     from ..merge.config import parse_config
 
     from ..merge import hub
 
-    config, base_dir = _merge_config(r)
+    config, base_dir = r.merge_config()
     cfg, text = parse_config(config, base_dir=base_dir)
     adapters = cfg.adapters()
     inputs, where = {}, {}
@@ -82,7 +67,7 @@ def _merge_run(r: Release) -> StageResult:
     from ..merge import run_merge
 
     m = r.recipe.merge
-    config, base_dir = _merge_config(r)
+    config, base_dir = r.merge_config()
     result = run_merge(config, r.merged_dir, device=m.device, overwrite=True, max_shard_bytes=parse_size(m.shard_size),
                        reporter=r.reporter, base_dir=base_dir, strict=r.strict)
     return _result(r, "merge", r.merged_dir, f"merged {result.tensors} tensors with {result.method}")
@@ -97,16 +82,9 @@ def _source_depends(r: Release) -> dict:
     return hashes
 
 
-def _template(r: Release) -> str | None:
-    t = r.recipe.tokenizer
-    if t is None:
-        return None
-    return str(r.local(t.template)) if t.template.endswith((".jinja", ".j2")) or "/" in t.template else t.template
-
-
 def _tokenizer_depends(r: Release) -> dict:
     t = r.recipe.tokenizer
-    template = _template(r)
+    template = r.template()
     text = Path(template).read_text(encoding="utf-8") if template and Path(template).is_file() else template
     return {"options": t.model_dump(mode="json") if t else None, "template": text, "source": _source_depends(r)}
 
@@ -122,7 +100,7 @@ def _tokenizer_run(r: Release) -> StageResult:
         return _result(r, "tokenizer", r.main_dir, "copied the model as it is (no tokenizer: section)")
     from ..tokenizer.fix import FixSpec, fix_tokenizer
 
-    report = fix_tokenizer(r.source_dir(), FixSpec(_template(r), r.main_dir, False, t.eos, t.system_prompt,
+    report = fix_tokenizer(r.source_dir(), FixSpec(r.template(), r.main_dir, False, t.eos, t.system_prompt,
                                                     overwrite=True, link=own))
     return _result(r, "tokenizer", r.main_dir,
                    f"{report.template}: eos {report.eos_token!r}, stop ids {report.eos_ids}, "
@@ -139,7 +117,7 @@ def _verify_depends(r: Release) -> dict:
 def _verify_run(r: Release) -> StageResult:
     from ..tokenizer.doctor import diagnose
 
-    report = diagnose(r.main_dir, _template(r))
+    report = diagnose(r.main_dir, r.template())
     if not report.clean:
         problems = "; ".join(f"{f.problem} ({f.fix})" for f in report.findings if f.severity == "error")
         raise GateError(f"{r.main_dir} fails the doctor: {problems}")
