@@ -38,6 +38,11 @@ class StageOptions(BaseModel):
         return cls.model_fields[name].description or ""
 
     @classmethod
+    def default(cls, name: str):
+        """The field's default, for the CLI flag that sets it (stated once, here)."""
+        return cls.model_fields[name].get_default(call_default_factory=True)
+
+    @classmethod
     def build(cls, **values):
         """The options from command-line values (None: the default), validated as the recipe section is: a bad
         value is a one-line ConfigError naming the option."""

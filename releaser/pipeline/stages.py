@@ -280,7 +280,7 @@ def _card_run(r: Release) -> StageResult:
 
 # -- publish ------------------------------------------------------------------------------------------------------------
 def _publish_options(r: Release):
-    from ..options import PublishOptions
+    from ..publish.options import PublishOptions
 
     p = r.recipe.publish
     target = "hub" if r.push else (f"dir:{r.work / p.target[4:]}" if p.target.startswith("dir:") else p.target)
