@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -54,3 +55,9 @@ class MergeOptions(StageOptions):
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 raise ValueError(f"unknown key {unknown[0]!r} in the merge config{hint}")
         return self
+
+    def source(self, folder: str | Path) -> tuple[dict[str, Any] | Path, Path | None]:
+        """The config (inline, or the path of its file, relative to ``folder``) and the folder its relative model
+        paths are taken from: ``folder`` for an inline config, the file's own folder (None) for a config file."""
+        folder = Path(folder)
+        return (folder / Path(self.config).expanduser(), None) if self.config is not None else (self.inline, folder)

@@ -38,12 +38,12 @@ class Release:
         t = self.recipe.tokenizer
         if t is None:
             return None
-        return str(self.local(t.template)) if t.template.endswith((".jinja", ".j2")) or "/" in t.template else t.template
+        is_file = t.template.endswith((".jinja", ".j2")) or "/" in t.template
+        return str(self.local(t.template)) if is_file else t.template
 
     def merge_config(self) -> tuple[dict | Path, Path | None]:
         """The merge config and the folder its relative model paths are taken from (a config file's own folder)."""
-        m = self.recipe.merge
-        return (self.local(m.config), None) if m.config is not None else (m.inline, self.recipe_dir)
+        return self.recipe.merge.source(self.recipe_dir)
 
     # the work folder: merged/ (the merge's raw output) and one folder per Hub repo, named as the repo
     @property

@@ -34,7 +34,7 @@ class PublishOptions(StageOptions):
     message: str | None = Field(None, description="Commit title (default: 'Release VERSION' or 'Update files').")
     description: str | None = Field(None, description="Commit description (default: the release notes / the plan).")
     keep_stale: bool = Field(False, description="Keep remote files that are no longer in the release folders.")
-    include_untracked: bool = Field(False, description="Also send files of the repo folders that no release stage "
+    include_untracked: bool = Field(False, description="In a release's work folder, also send files no release stage "
                                                        "wrote (default: listed and left out).")
     version: str | None = Field(None, description="Release version; each updated repo is tagged with it.")
     tag: str | None = Field(None, description="Tag name (default: v + version).")
