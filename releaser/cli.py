@@ -16,10 +16,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from .atomic import release_all
-from .errors import ReleaserError
 from .awq.options import AWQOptions
+from .errors import ReleaserError
 from .failures import Terminated, foreseen, one_line, unforeseen
+from .gguf.options import GGUFOptions
+from .merge.options import MergeOptions
+from .publish.options import PublishOptions
 from .quality.options import QualityOptions
+from .tokenizer.options import TokenizerOptions
 
 app = typer.Typer(
     name="releaser",
@@ -91,6 +95,12 @@ def flag(*names: str, help: str):
     return typer.Option(False, *names, help=help, metavar="", show_default=False)
 
 
+def option(model, name: str, *names: str, **settings):
+    """A flag that sets the options model's field ``name``: its default and help come from the model (stated once)."""
+    settings.setdefault("help", model.help(name))
+    return typer.Option(model.default(name), *names, **settings)
+
+
 def _reporter(quiet: bool = False):
     from .ui import RichReporter
 
@@ -110,9 +120,9 @@ def _human(n: float) -> str:
 def merge(
     config: Path = typer.Argument(..., metavar="CONFIG", help="mergekit-style YAML merge config (models or slices, merge_method, ...)."),
     out_dir: Path | None = typer.Argument(None, metavar="OUT_DIR", help="Folder to write the merged model to (written atomically)."),
-    device: str = typer.Option("cpu", help="Where the math runs: cpu, cuda or auto."),
+    device: str = option(MergeOptions, "device"),
     overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
-    shard_size: str = typer.Option("5G", help="Maximum bytes per output shard (K/M/G suffixes, powers of 1000)."),
+    shard_size: str = option(MergeOptions, "shard_size"),
     quiet: bool = flag("--quiet", "-q", help="No progress bar."),
     dry_run: bool = flag("--dry-run", help="Print the plan (per tensor group: method, sources, "
                          "parameters per layer) and write nothing."),
@@ -186,15 +196,14 @@ def doctor(
 @friendly
 def fix_tokenizer_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder to fix."),
-    template: str = typer.Option(..., "--template", "-t", help="Built-in chat template name or a .jinja file."),
+    template: str = typer.Option(..., "--template", "-t", help=TokenizerOptions.help("template")),
     out_dir: Path | None = typer.Option(None, "--output", "-o", help="Write a fixed copy to this folder."),
     in_place: bool = flag("--in-place", help="Change MODEL_DIR itself (only the changed files)."),
-    eos: str | None = typer.Option(None, "--eos", help="End-of-turn token (default: the template's, else the eos)."),
-    system_prompt: str | None = typer.Option(None, "--system-prompt", help="Default system message."),
+    eos: str | None = option(TokenizerOptions, "eos", "--eos"),
+    system_prompt: str | None = option(TokenizerOptions, "system_prompt", "--system-prompt"),
     overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Set the chat template and fix eos, generation_config, pad, special tokens, BOS and untrained rows."""
-    from .options import TokenizerOptions
     from .tokenizer.console import run_fix
     from .tokenizer.fix import FixSpec
 
@@ -208,17 +217,16 @@ def gguf_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder: Llama, Mistral, "
                                      "Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2 or SmolLM3."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
-    quant: str = typer.Option("Q4_K_M", "--quant", "-Q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
+    quant: str = typer.Option(",".join(GGUFOptions.default("quants")), "--quant", "-Q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
                               "Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K "
                               "(the recipe's gguf.quants)."),
     name: str | None = typer.Option(None, "--name", help="Model name: general.name and the file names {Name}-{TYPE}."),
-    split_max_size: str | None = typer.Option(None, "--split-max-size", help="Split files above this size, e.g. 48G."),
+    split_max_size: str | None = option(GGUFOptions, "split_max_size", "--split-max-size"),
     license: str | None = typer.Option(None, "--license", help="general.license (default: from the model card)."),
     base_model: list[str] | None = typer.Option(None, "--base-model", help="Base model repo id (repeatable)."),
     tag: list[str] | None = typer.Option(None, "--tag", help="general.tags entry (repeatable)."),
     quantized_by: str | None = typer.Option(None, "--quantized-by", help="general.quantized_by."),
-    pre_tokenizer: str | None = typer.Option(None, "--pre-tokenizer", help="llama.cpp BPE pre-tokenizer name "
-                                             "(default: detected by llama.cpp's hash check)."),
+    pre_tokenizer: str | None = option(GGUFOptions, "pre_tokenizer", "--pre-tokenizer"),
     overwrite: bool = flag("--overwrite", help="Replace existing files of the same names."),
     quiet: bool = flag("--quiet", "-q", help="No progress bar."),
     ctx: typer.Context = None,
@@ -226,7 +234,6 @@ def gguf_cmd(
     """Export GGUF files (one pass over the checkpoint; llama-quantize's mixes, same bytes as llama.cpp)."""
     from .errors import ConfigError
     from .gguf import export_gguf
-    from .options import GGUFOptions
 
     stray = ctx.args if ctx is not None else []
     if stray:  # releaser <= 0.1 used -q for --quant: `-q Q8_0` now reads as --quiet plus a stray argument
@@ -269,17 +276,16 @@ def gguf_fix_cmd(
 def publish_cmd(
     release_dir: Path = typer.Argument(..., metavar="RELEASE_DIR", help="Folder with one folder per repo, named like "
                                        "the repos (Name, Name-GGUF, Name-AWQ); with --repo, that repo's folder."),
-    to: str = typer.Option("hub", "--to", help="hub, or dir:PATH (local mirror folders PATH/OWNER/NAME)."),
+    to: str = option(PublishOptions, "target", "--to"),
     repo: str | None = typer.Option(None, "--repo", help="Repo id OWNER/NAME of a single folder."),
     recipe: Path | None = typer.Option(None, "--recipe", "-r", help="Release recipe: repo ids (name, quants.gguf, "
                                        "quants.awq), version (tag) and notes (commit description)."),
-    private: bool = flag("--private", help="Create missing repos as private."),
-    dry_run: bool = flag("--dry-run", help="Show the plan; send and write nothing."),
-    create_pr: bool = flag("--create-pr", help="Open a pull request per changed repo."),
-    message: str | None = typer.Option(None, "--message", "-m", help="Commit title (default: Release vVERSION)."),
-    keep_stale: bool = flag("--keep-stale", help="Keep remote files missing from the folders."),
-    include_untracked: bool = flag("--include-untracked", help="In a release's work folder, also send files no "
-                                   "release stage wrote (default: listed and left out)."),
+    private: bool = flag("--private", help=PublishOptions.help("private")),
+    dry_run: bool = flag("--dry-run", help=PublishOptions.help("dry_run")),
+    create_pr: bool = flag("--create-pr", help=PublishOptions.help("create_pr")),
+    message: str | None = option(PublishOptions, "message", "--message", "-m"),
+    keep_stale: bool = flag("--keep-stale", help=PublishOptions.help("keep_stale")),
+    include_untracked: bool = flag("--include-untracked", help=PublishOptions.help("include_untracked")),
     quiet: bool = flag("--quiet", "-q", help="No progress bars (hashing, uploads) and no progress lines."),
 ) -> None:
     """Publish a release: plan each repo, send only what changed, delete what is stale, tag, verify."""
@@ -380,13 +386,13 @@ def awq_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder: Llama, Mistral, "
                                      "Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), OLMo 2 or SmolLM3."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the AWQ checkpoint (written atomically)."),
-    bits: int = typer.Option(4, "--bits", help=AWQOptions.help("bits")),
-    group_size: int = typer.Option(128, "--group-size", help=AWQOptions.help("group_size")),
-    calib: str = typer.Option("builtin", "--calib", help=AWQOptions.help("calibration")),
-    samples: int = typer.Option(128, "--samples", help=AWQOptions.help("samples")),
-    seqlen: int = typer.Option(512, "--seqlen", help=AWQOptions.help("seqlen")),
-    device: str = typer.Option("auto", "--device", help=AWQOptions.help("device")),
-    search_tokens: int | None = typer.Option(None, "--search-tokens", help=AWQOptions.help("search_tokens")),
+    bits: int = option(AWQOptions, "bits", "--bits"),
+    group_size: int = option(AWQOptions, "group_size", "--group-size"),
+    calib: str = option(AWQOptions, "calibration", "--calib"),
+    samples: int = option(AWQOptions, "samples", "--samples"),
+    seqlen: int = option(AWQOptions, "seqlen", "--seqlen"),
+    device: str = option(AWQOptions, "device", "--device"),
+    search_tokens: int | None = option(AWQOptions, "search_tokens", "--search-tokens"),
     overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
     quiet: bool = flag("--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -426,10 +432,10 @@ def eval_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="The unquantized Hugging Face model folder."),
     artefacts: list[Path] = typer.Argument(..., metavar="ARTEFACT...", help="GGUF files and/or AWQ folders made "
                                            "from MODEL_DIR."),
-    text: str = typer.Option("builtin", "--text", help=QualityOptions.help("text")),
-    ctx: int = typer.Option(512, "--ctx", help=QualityOptions.help("ctx")),
-    chunks: int = typer.Option(8, "--chunks", help=QualityOptions.help("chunks")),
-    backend: str = typer.Option("torch", "--backend", help=QualityOptions.help("backend")),
+    text: str = option(QualityOptions, "text", "--text"),
+    ctx: int = option(QualityOptions, "ctx", "--ctx"),
+    chunks: int = option(QualityOptions, "chunks", "--chunks"),
+    backend: str = option(QualityOptions, "backend", "--backend"),
     no_gate: bool = flag("--no-gate", help="Report broken quants instead of failing."),
     output: Path = typer.Option(Path("quality.json"), "--output", "-o", help="The JSON report (for releaser card "
                                 "--quality)."),

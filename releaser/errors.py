@@ -19,3 +19,7 @@ class ModelError(ReleaserError):
 
 class OutputError(ReleaserError):
     """The output cannot be written (exists without --overwrite, not writable, disk full)."""
+
+
+class GateError(ConfigError):
+    """The release failed a check; nothing was published."""

@@ -1,5 +1,6 @@
 """The release recipe: one YAML file that describes a whole release (``releaser release``, ``releaser check``) and
-what the model cards say (``releaser card --recipe``). Unknown keys are errors that name the key, its YAML path and
+what the model cards say (``releaser card --recipe``). Each section is its stage's options model, from the stage's
+package; this module only assembles them. Unknown keys are errors that name the key, its YAML path and
 the closest valid key.
 """
 
@@ -16,9 +17,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .awq.options import AWQOptions
+from .card.options import CardOptions, Section
 from .errors import ConfigError
-from .options import check_repo_id, repo_id_problem, CardOptions, GGUFOptions, MergeOptions, PublishSection, Section, TokenizerOptions
+from .gguf.options import GGUFOptions
+from .merge.options import MergeOptions
+from .options import check_repo_id, repo_id_problem
+from .publish.options import PublishSection
 from .quality.options import QualityOptions
+from .tokenizer.options import TokenizerOptions
 
 _check_repo_id = check_repo_id
 

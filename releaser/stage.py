@@ -11,6 +11,12 @@ A stage is a function ``run(options, inputs, out, reporter) -> StageResult``:
   users get :class:`Reporter` (silent) or :class:`LoggingReporter`.
 
 The result lists every file the stage wrote with its size and sha256, and a short summary.
+
+Each stage's ``run`` is in its package's ``stage.py`` (``releaser.merge.stage``, ``releaser.tokenizer.stage``,
+``releaser.gguf.stage``, ``releaser.awq.stage``, ``releaser.quality.stage``, ``releaser.card.stage``,
+``releaser.publish.stage``; verify is ``releaser.tokenizer.verify``) and its options model in that package's
+``options.py``. Stage-specific keywords follow ``reporter`` (``overwrite``; ``describe``: how the files are hashed,
+:func:`describe_files` or the release manifest's cache). ``releaser.pipeline.stages`` is the table that calls them.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ class StageOptions(BaseModel):
     def help(cls, name: str) -> str:
         """The field's description, for the CLI flag that sets it."""
         return cls.model_fields[name].description or ""
+
+    @classmethod
+    def default(cls, name: str):
+        """The field's default, for the CLI flag that sets it (stated once, here)."""
+        return cls.model_fields[name].get_default(call_default_factory=True)
 
     @classmethod
     def build(cls, **values):

@@ -1,4 +1,4 @@
-"""The ``awq`` stage: options (recipe section ``awq:`` and the ``releaser awq`` flags) and :func:`run_awq`."""
+"""The ``awq`` stage: ``run(options, inputs, out, reporter) -> StageResult`` and :func:`run_awq` (the quantization)."""
 
 from __future__ import annotations
 
@@ -143,3 +143,25 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
                f"calibration tokens, {seconds:.0f} s -> {out}")
     return StageResult("awq", out, files, summary,
                        {**{k: v for k, v in facts.items() if k != "scale_ratios"}, "seconds": round(seconds, 1)})
+
+
+def run(options: AWQOptions, inputs: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
+        *, kept: StageResult | None = None, overwrite: bool = False, describe=describe_files) -> StageResult:
+    """:func:`run_awq` of the model folder ``inputs`` into ``out``. ``kept``: an earlier run's result whose tensors
+    are still right (same weights, options and calibration; files intact): ``out`` again with ``inputs``' tokenizer
+    files and its quantized tensors hard-linked unchanged."""
+    inputs, out = Path(inputs), Path(out)
+    if kept is None:
+        result = run_awq(options, inputs, out, reporter, overwrite=overwrite)
+        return StageResult("awq", out, describe(out), result.summary, result.facts)
+    from ..tokenizer.output import _copy_into
+
+    side = [n for n in SIDE_FILES if (inputs / n).is_file()]
+    with output_dir(out, overwrite=overwrite) as tmp:
+        _copy_into(out, tmp, {}, skip_weights=False, skip=set(SIDE_FILES), link=True)
+        for name in side:
+            shutil.copyfile(inputs / name, tmp / name)
+    paths = [f.path for f in kept.files if f.path not in SIDE_FILES]   # not the cards stage's README
+    return StageResult("awq", out, describe(out, [out / p for p in sorted([*paths, *side])]),
+                       f"tokenizer files updated ({', '.join(side)}), tensors unchanged",
+                       {**kept.facts, "metadata_only": True})

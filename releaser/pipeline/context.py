@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ModelError
 from ..recipe import Recipe
 from ..stage import Reporter
 from .manifest import Manifest
@@ -31,6 +32,18 @@ class Release:
         """A path written in the recipe, relative to the recipe's folder."""
         path = Path(ref).expanduser()
         return path if path.is_absolute() else (self.recipe_dir / path)
+
+    def template(self) -> str | None:
+        """The chat template the recipe asks for: a built-in name, or the path of its file (None: no tokenizer:)."""
+        t = self.recipe.tokenizer
+        if t is None:
+            return None
+        is_file = t.template.endswith((".jinja", ".j2")) or "/" in t.template
+        return str(self.local(t.template)) if is_file else t.template
+
+    def merge_config(self) -> tuple[dict | Path, Path | None]:
+        """The merge config and the folder its relative model paths are taken from (a config file's own folder)."""
+        return self.recipe.merge.source(self.recipe_dir)
 
     # the work folder: merged/ (the merge's raw output) and one folder per Hub repo, named as the repo
     @property
@@ -69,3 +82,8 @@ class Release:
     def _made(self, stage: str) -> bool:
         """A quant stage's folder belongs to the release unless this run leaves the stage out and no run made it."""
         return stage not in self.left_out or self.manifest.stage(stage) is not None
+
+
+def require_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} does not exist; check the path in the recipe")

@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
+from ..errors import GateError
 from .context import Release
-from .stages import GateError, _template
 
 
 def _gguf_checks(r: Release, eos: str | None, template: str | None) -> list[str]:
@@ -55,7 +55,7 @@ def check_release(r: Release) -> None:
     from ..tokenizer.doctor import diagnose
 
     problems: list[str] = []
-    report = diagnose(r.main_dir, _template(r))
+    report = diagnose(r.main_dir, r.template())
     problems += [f"{r.main_dir.name}: {f.problem}" for f in report.findings if f.severity == "error"]
     eos, template = _main_tokenizer(r)
     if r.recipe.gguf is not None:

@@ -17,11 +17,11 @@ from ..arch import FAMILIES, Architecture, find_family
 from ..errors import ConfigError
 from ..recipe import Recipe, load_recipe
 from ..stage import Reporter
-from .context import Release
+from .context import Release, require_folder
 from .layout import check_layout
 from .lock import WorkLock
 from .manifest import Manifest, code_versions, fingerprint, relative
-from .stages import NAMES, STEPS, Step, _merge_config, _template, require_folder
+from .stages import NAMES, STEPS, Step
 
 
 @dataclass
@@ -193,7 +193,7 @@ def _validate(r: Release) -> dict[str, str]:
     check_layout(r.recipe, r.work)
     detail = {}
     if r.recipe.merge is not None:
-        source, base_dir = _merge_config(r)
+        source, base_dir = r.merge_config()
         config, _ = parse_config(source, base_dir=base_dir)
         r.warnings, arch = _check_merge(config)
         detail["merge"] = f"{config.merge_method} of {', '.join(config.referenced_models())}"
@@ -217,7 +217,7 @@ def _validate(r: Release) -> dict[str, str]:
             raise ConfigError(f"{stage}: {arch.label} models are not handled by the {stage} stage yet (it handles "
                               f"{handled}); {fix}")
     if r.recipe.tokenizer is not None:
-        detail["tokenizer"] = f"chat template {load_template(_template(r)).name}"
+        detail["tokenizer"] = f"chat template {load_template(r.template()).name}"
     if r.recipe.gguf is not None:
         detail["gguf"] = ", ".join(r.recipe.gguf.quants)
     if r.recipe.awq is not None:

@@ -1,26 +1,25 @@
-"""The stages of a release, in order. Each is a :class:`Step`: when it applies, the fingerprint of what it depends on
-(its options and the hashes of its inputs), where its files are, and how to run it. The runner (``run.py``) skips a
-stage whose fingerprint and files match the manifest and runs the others."""
+"""The stages of a release, in order: a table of :class:`Step`. Each row says when the stage applies, what its
+fingerprint is made of (its options and the hashes of its inputs), the folder its files are relative to, the
+package whose ``stage.run(options, inputs, out, reporter)`` makes them and what it is called with (built from the
+:class:`Release`), and the code that makes its bytes. The runner (``run.py``) skips a stage whose fingerprint and
+files match the manifest and runs the others."""
 
 from __future__ import annotations
 
-import shutil
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..atomic import output_dir
-from ..errors import ConfigError, ModelError
-from ..stage import StageResult
-from .context import Release
+from ..stage import OutputFile, StageResult
+from .context import Release, require_folder
 from .manifest import code_versions, fingerprint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "added_tokens.json", "tokenizer.model")
 
-
-class GateError(ConfigError):
-    """The release failed a check; nothing was published."""
+Call = tuple[Any, Any, Path, dict]   # a stage's options, inputs, output and keyword arguments
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,16 @@ class Step:
     applies: Callable[[Release], str | None]          # None: it runs; else why it does not apply
     depends: Callable[[Release], dict]                # what its fingerprint is made of
     root: Callable[[Release], Path]                   # the folder its recorded files are relative to
-    run: Callable[[Release], StageResult]
-    code: tuple[str, ...] = ()                         # what makes its bytes (releaser.X subpackages, libraries)
+    stage: str                                        # the module with run(options, inputs, out, reporter, ...)
+    call: Callable[[Release], Call]                   # what run is called with
+    code: tuple[str, ...] = ()                        # what makes its bytes (releaser.X subpackages, libraries)
+    before: Callable[[Release], None] = lambda r: None   # what must hold before it runs (publish: the gate)
+
+    def run(self, r: Release) -> StageResult:
+        self.before(r)
+        options, inputs, out, keywords = self.call(r)
+        stage = importlib.import_module(f"releaser.{self.stage}")   # on first use: most stages import torch
+        return stage.run(options, inputs, out, r.reporter, describe=r.manifest.describe, **keywords)
 
 
 def _files(r: Release, stage: str) -> list[dict]:
@@ -38,34 +45,25 @@ def _files(r: Release, stage: str) -> list[dict]:
     return entry["files"] if entry else []
 
 
-def require_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise ModelError(f"model folder {folder} does not exist; check the path in the recipe")
-
-
 def _folder_hashes(r: Release, folder: Path) -> dict[str, str]:
     require_folder(folder)
     return {f.path: f.sha256 for f in r.manifest.describe(folder)}
 
 
-def _result(r: Release, stage: str, root: Path, summary: str, paths: list[Path] | None = None,
-            facts: dict | None = None) -> StageResult:
-    return StageResult(stage, root, r.manifest.describe(root, paths), summary, facts or {})
+def _needs(section: str) -> Callable[[Release], str | None]:
+    return lambda r: None if getattr(r.recipe, section) is not None else f"the recipe has no {section}: section"
+
+
+def _always(r: Release) -> None:
+    return None
 
 
 # -- merge -------------------------------------------------------------------------------------------------------------
-def _merge_config(r: Release) -> tuple[dict | Path, Path | None]:
-    """The config and the folder its relative model paths are taken from (a config file's own folder)."""
-    m = r.recipe.merge
-    return (r.local(m.config), None) if m.config is not None else (m.inline, r.recipe_dir)
-
-
 def _merge_depends(r: Release) -> dict:
+    from ..merge import hub
     from ..merge.config import parse_config
 
-    from ..merge import hub
-
-    config, base_dir = _merge_config(r)
+    config, base_dir = r.merge_config()
     cfg, text = parse_config(config, base_dir=base_dir)
     adapters = cfg.adapters()
     inputs, where = {}, {}
@@ -77,18 +75,11 @@ def _merge_depends(r: Release) -> dict:
             "inputs": inputs}
 
 
-def _merge_run(r: Release) -> StageResult:
-    from ..checkpoint import parse_size
-    from ..merge import run_merge
-
-    m = r.recipe.merge
-    config, base_dir = _merge_config(r)
-    result = run_merge(config, r.merged_dir, device=m.device, overwrite=True, max_shard_bytes=parse_size(m.shard_size),
-                       reporter=r.reporter, base_dir=base_dir, strict=r.strict)
-    return _result(r, "merge", r.merged_dir, f"merged {result.tensors} tensors with {result.method}")
+def _merge_call(r: Release) -> Call:
+    return r.recipe.merge, r.recipe_dir, r.merged_dir, {"strict": r.strict, "overwrite": True}
 
 
-# -- tokenizer: the main repo folder --------------------------------------------------------------------------------
+# -- tokenizer: the main repo folder; verify: the doctor and the stop test on it ---------------------------------------
 def _source_depends(r: Release) -> dict:
     if r.recipe.merge is not None:
         return {f["path"]: f["sha256"] for f in _files(r, "merge")}
@@ -97,57 +88,34 @@ def _source_depends(r: Release) -> dict:
     return hashes
 
 
-def _template(r: Release) -> str | None:
+def _tokenizer_options(r: Release):
+    """The ``tokenizer:`` section with its template file's path taken from the recipe's folder."""
     t = r.recipe.tokenizer
-    if t is None:
-        return None
-    return str(r.local(t.template)) if t.template.endswith((".jinja", ".j2")) or "/" in t.template else t.template
+    return t.model_copy(update={"template": r.template()}) if t is not None else None
 
 
 def _tokenizer_depends(r: Release) -> dict:
     t = r.recipe.tokenizer
-    template = _template(r)
+    template = r.template()
     text = Path(template).read_text(encoding="utf-8") if template and Path(template).is_file() else template
     return {"options": t.model_dump(mode="json") if t else None, "template": text, "source": _source_depends(r)}
 
 
-def _tokenizer_run(r: Release) -> StageResult:
-    t = r.recipe.tokenizer
-    own = r.recipe.merge is not None   # merged/ is releaser's output: hard links; a model: folder is the user's
-    if t is None:   # no fix asked for: the main folder is the source as it is
-        from ..tokenizer.output import _copy_into
-
-        with output_dir(r.main_dir, overwrite=True) as tmp:
-            _copy_into(r.source_dir(), tmp, {}, skip_weights=False, skip={"README.md"}, link=own)
-        return _result(r, "tokenizer", r.main_dir, "copied the model as it is (no tokenizer: section)")
-    from ..tokenizer.fix import FixSpec, fix_tokenizer
-
-    report = fix_tokenizer(r.source_dir(), FixSpec(_template(r), r.main_dir, False, t.eos, t.system_prompt,
-                                                    overwrite=True, link=own))
-    return _result(r, "tokenizer", r.main_dir,
-                   f"{report.template}: eos {report.eos_token!r}, stop ids {report.eos_ids}, "
-                   f"{len(report.changes)} file(s) changed", facts={"changes": report.changes,
-                                                                    "stop_strings": report.stop_strings})
+def _tokenizer_call(r: Release) -> Call:
+    # merged/ is releaser's output: hard links; a model: folder is the user's
+    return _tokenizer_options(r), r.source_dir(), r.main_dir, {"link": r.recipe.merge is not None, "overwrite": True}
 
 
-# -- verify: doctor and stop test on the main folder ----------------------------------------------------------------
 def _verify_depends(r: Release) -> dict:
     return {"template": _tokenizer_depends(r)["template"], "main": {f["path"]: f["sha256"]
                                                                     for f in _files(r, "tokenizer")}}
 
 
-def _verify_run(r: Release) -> StageResult:
-    from ..tokenizer.doctor import diagnose
-
-    report = diagnose(r.main_dir, _template(r))
-    if not report.clean:
-        problems = "; ".join(f"{f.problem} ({f.fix})" for f in report.findings if f.severity == "error")
-        raise GateError(f"{r.main_dir} fails the doctor: {problems}")
-    return StageResult("verify", r.main_dir, [], f"doctor clean: turns end with {report.end_of_turn}, generation "
-                       f"eos ids {report.generation_eos}", {"doctor": report.to_dict()})
+def _verify_call(r: Release) -> Call:
+    return _tokenizer_options(r), r.main_dir, r.main_dir, {}
 
 
-# -- gguf ---------------------------------------------------------------------------------------------------------------
+# -- gguf and awq: a change of the tokenizer files alone updates them and keeps the tensors ----------------------------
 def _main_files(r: Release, tokenizer: bool) -> dict[str, str]:
     """The main folder's tokenizer files (``tokenizer``) or all its other files, path -> sha256."""
     return {f["path"]: f["sha256"] for f in _files(r, "tokenizer") if (f["path"] in TOKENIZER_FILES) == tokenizer}
@@ -157,6 +125,16 @@ def _quant_depends(weights: Callable[[Release], dict]) -> Callable[[Release], di
     """A quant stage's fingerprint parts: what its tensors depend on, and the tokenizer files apart (a change of
     those alone is a metadata update, not a new quantization)."""
     return lambda r: {"weights": fingerprint(weights(r)), "tokenizer": _main_files(r, tokenizer=True)}
+
+
+def _kept(r: Release, stage: str, folder: Path, weights: Callable[[Release], dict]) -> StageResult | None:
+    """The stage's last result when its tensors are still right (the same weights fingerprint, its files intact in
+    ``folder``): the stage then updates the tokenizer files only."""
+    old = r.manifest.stage(stage)
+    if old and old["depends"]["weights"] == fingerprint(weights(r)) and r.manifest.intact(folder, old["files"]) is None:
+        files = [OutputFile(f["path"], f["size"], f["sha256"]) for f in old["files"]]
+        return StageResult(stage, folder, files, old["summary"], old["facts"])
+    return None
 
 
 GGUF_CODE = ("releaser.gguf", "releaser.arch", "releaser.checkpoint", "gguf", "numpy", "numba")
@@ -169,40 +147,12 @@ def _gguf_weights(r: Release) -> dict:
             "name": r.recipe.main_repo, "model": _main_files(r, tokenizer=False), "code": code_versions(GGUF_CODE)}
 
 
-def _gguf_run(r: Release) -> StageResult:
-    """A full export, or -- when only the tokenizer files changed and the files are intact -- a rewrite of each
-    file's tokenizer metadata with the tensor bytes copied unchanged (a tokenizer fix is not requantized)."""
-    old = r.manifest.stage("gguf")
-    if old and old["depends"]["weights"] == fingerprint(_gguf_weights(r)) and \
-            r.manifest.intact(r.gguf_dir, old["files"]) is None:
-        from ..gguf.fix import sync_tokenizer
-
-        changed = []
-        for f in old["files"]:
-            path = r.gguf_dir / f["path"]
-            if "-of-" in path.name and "-00001-of-" not in path.name:
-                continue   # metadata lives in the first file of a split set
-            if sync_tokenizer(path, r.main_dir).changes:
-                changed.append(path.name)
-        paths = [r.gguf_dir / f["path"] for f in old["files"]]
-        return _result(r, "gguf", r.gguf_dir, f"tokenizer metadata rewritten in {len(changed)} file(s), tensors "
-                       "unchanged", paths, {"tensor_types": old["facts"].get("tensor_types", {}),
-                                            "metadata_only": True})
-    from ..gguf import export_gguf
-
-    g = r.recipe.gguf
-    name = r.recipe.main_repo.split("/", 1)[1]
-    with output_dir(r.gguf_dir, overwrite=True) as tmp:
-        result = export_gguf(r.main_dir, tmp, g.quants, name, g.split_max_size, overwrite=True,
-                             license=r.recipe.license, base_models=[r.recipe.main_repo],
-                             quantized_by=r.recipe.author, pre_tokenizer=g.pre_tokenizer, model_card=False,
-                             reporter=r.reporter)
-    paths = [r.gguf_dir / p.name for ps in result.files.values() for p in ps]
-    return _result(r, "gguf", r.gguf_dir, f"{len(paths)} GGUF file(s): {', '.join(result.files)}", paths,
-                   {"tensor_types": result.tensor_types})
+def _gguf_call(r: Release) -> Call:
+    return r.recipe.gguf, r.main_dir, r.gguf_dir, {
+        "name": r.recipe.main_repo.split("/", 1)[1], "license": r.recipe.license, "base_models": [r.recipe.main_repo],
+        "quantized_by": r.recipe.author, "kept": _kept(r, "gguf", r.gguf_dir, _gguf_weights), "overwrite": True}
 
 
-# -- awq ----------------------------------------------------------------------------------------------------------------
 def _awq_options(r: Release):
     a = r.recipe.awq
     if a.calibration == "builtin":
@@ -221,29 +171,9 @@ def _awq_weights(r: Release) -> dict:
             "model": _main_files(r, tokenizer=False), "code": code_versions(AWQ_CODE)}
 
 
-def _awq_run(r: Release) -> StageResult:
-    """A full AWQ run, or -- when only tokenizer files changed and the folder is intact -- the folder again with the
-    main folder's tokenizer files and the quantized tensors hard-linked unchanged."""
-    from ..awq.stage import SIDE_FILES
-
-    old = r.manifest.stage("awq")
-    if old and old["depends"]["weights"] == fingerprint(_awq_weights(r)) and \
-            r.manifest.intact(r.awq_dir, old["files"]) is None:
-        from ..tokenizer.output import _copy_into
-
-        side = [n for n in SIDE_FILES if (r.main_dir / n).is_file()]
-        with output_dir(r.awq_dir, overwrite=True) as tmp:
-            _copy_into(r.awq_dir, tmp, {}, skip_weights=False, skip=set(SIDE_FILES), link=True)
-            for name in side:
-                shutil.copyfile(r.main_dir / name, tmp / name)
-        kept = [f["path"] for f in old["files"] if f["path"] not in SIDE_FILES]   # not the cards stage's README
-        paths = [r.awq_dir / p for p in sorted([*kept, *side])]
-        return _result(r, "awq", r.awq_dir, f"tokenizer files updated ({', '.join(side)}), tensors unchanged",
-                       paths, {**old["facts"], "metadata_only": True})
-    from ..awq.stage import run_awq
-
-    result = run_awq(_awq_options(r), r.main_dir, r.awq_dir, r.reporter, overwrite=True)
-    return _result(r, "awq", r.awq_dir, result.summary, facts=result.facts)
+def _awq_call(r: Release) -> Call:
+    return _awq_options(r), r.main_dir, r.awq_dir, {"kept": _kept(r, "awq", r.awq_dir, _awq_weights),
+                                                    "overwrite": True}
 
 
 # -- quality: PPL and KLD of every artefact against the main folder ----------------------------------------------------
@@ -269,40 +199,33 @@ def _quality_depends(r: Release) -> dict:
             "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "awq")}}
 
 
-def _quality_run(r: Release) -> StageResult:
-    from ..quality import QualityGateError, run_quality
-
+def _quality_call(r: Release) -> Call:
     q = r.recipe.quality
     options = q if q.text == "builtin" else q.model_copy(update={"text": str(r.local(q.text))})
-    try:
-        result = run_quality(options, r.main_dir, _artefacts(r), r.quality_report, r.reporter)
-    except QualityGateError as exc:
-        raise GateError(f"quality gate: {exc}") from None
-    return _result(r, "quality", r.work, result.summary, [r.quality_report], result.facts)
+    return options, [r.main_dir, *_artefacts(r)], r.quality_report, {}
 
 
 # -- cards --------------------------------------------------------------------------------------------------------------
+def _card_template(r: Release) -> Path | None:
+    return r.local(r.recipe.card.template) if r.recipe.card.template else None
+
+
 def _card_depends(r: Release) -> dict:
     recipe = r.recipe.model_dump(mode="json", exclude={"merge", "gguf", "awq", "quality", "tokenizer", "publish"})
-    template = r.local(r.recipe.card.template) if r.recipe.card.template else None
+    template = _card_template(r)
     return {"recipe": recipe, "template": template.read_text(encoding="utf-8") if template else None,
             "folders": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "awq", "quality")}}
 
 
-def _card_run(r: Release) -> StageResult:
-    from ..card import write_card
-
-    template = r.local(r.recipe.card.template) if r.recipe.card.template else None
+def _card_call(r: Release) -> Call:
     quality = r.quality_report if r.manifest.stage("quality") and r.quality_report.is_file() else None
-    written = [write_card(folder, folder / "README.md", r.recipe, template, overwrite=True, quality=quality).path
-               for folder in r.repo_folders().values()]
-    return StageResult("cards", r.work, r.manifest.describe(r.work, written),
-                       f"{len(written)} card(s): " + ", ".join(str(p.relative_to(r.work)) for p in written))
+    return r.recipe, list(r.repo_folders().values()), r.work, {"template": _card_template(r), "quality": quality,
+                                                               "overwrite": True}
 
 
 # -- publish ------------------------------------------------------------------------------------------------------------
 def _publish_options(r: Release):
-    from ..options import PublishOptions
+    from ..publish.options import PublishOptions
 
     p = r.recipe.publish
     target = "hub" if r.push else (f"dir:{r.work / p.target[4:]}" if p.target.startswith("dir:") else p.target)
@@ -310,6 +233,12 @@ def _publish_options(r: Release):
     fields = p.model_dump(exclude={"repos", "target"})
     fields.update(target=target, version=r.recipe.version, description=p.description or notes)
     return PublishOptions(**fields)
+
+
+def _publish_applies(r: Release) -> str | None:
+    if r.recipe.publish.target == "hub" and not r.push:
+        return "publish.target is hub: pass --push to upload"
+    return None
 
 
 def _publish_depends(r: Release) -> dict:
@@ -323,47 +252,34 @@ def _publish_root(r: Release) -> Path:
     return Path(options.target[4:]) if options.target.startswith("dir:") else r.work
 
 
-def _publish_run(r: Release) -> StageResult:
-    from ..publish import run_publish
+def _gate(r: Release) -> None:
     from .gate import check_release
 
     check_release(r)
-    options = _publish_options(r)
+
+
+def _publish_call(r: Release) -> Call:
     folders = r.repo_folders()
-    result = run_publish(options, folders, r.reporter,
-                         recorded={repo: r.manifest.recorded(folder) for repo, folder in folders.items()})
-    if options.target == "hub":
-        return StageResult("publish", r.work, [], result.summary, result.facts)
-    root = _publish_root(r)
-    files = [root / repo / f.path for repo in r.repo_folders() for f in r.manifest.describe(root / repo)]
-    return StageResult("publish", root, r.manifest.describe(root, files), result.summary, result.facts)
-
-
-def _publish_applies(r: Release) -> str | None:
-    if r.recipe.publish.target == "hub" and not r.push:
-        return "publish.target is hub: pass --push to upload"
-    return None
-
-
-def _needs(section: str) -> Callable[[Release], str | None]:
-    return lambda r: None if getattr(r.recipe, section) is not None else f"the recipe has no {section}: section"
+    return _publish_options(r), folders, r.work, {
+        "recorded": {repo: r.manifest.recorded(folder) for repo, folder in folders.items()}}
 
 
 STEPS = [
-    Step("merge", _needs("merge"), _merge_depends, lambda r: r.merged_dir, _merge_run,
+    Step("merge", _needs("merge"), _merge_depends, lambda r: r.merged_dir, "merge.stage", _merge_call,
          ("releaser.merge", "releaser.arch", "releaser.checkpoint", "torch", "safetensors", "peft")),
-    Step("tokenizer", lambda r: None, _tokenizer_depends, lambda r: r.main_dir, _tokenizer_run,
+    Step("tokenizer", _always, _tokenizer_depends, lambda r: r.main_dir, "tokenizer.stage", _tokenizer_call,
          ("releaser.tokenizer", "releaser.checkpoint", "tokenizers", "transformers")),
-    Step("verify", lambda r: None, _verify_depends, lambda r: r.main_dir, _verify_run,
+    Step("verify", _always, _verify_depends, lambda r: r.main_dir, "tokenizer.verify", _verify_call,
          ("releaser.tokenizer", "transformers")),
-    Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, _gguf_run, GGUF_CODE),
-    Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, _awq_run, AWQ_CODE),
-    Step("quality", _quality_applies, _quality_depends, lambda r: r.work, _quality_run,
+    Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, "gguf.stage", _gguf_call,
+         GGUF_CODE),
+    Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, "awq.stage", _awq_call, AWQ_CODE),
+    Step("quality", _quality_applies, _quality_depends, lambda r: r.work, "quality.stage", _quality_call,
          ("releaser.quality", "releaser.arch", "releaser.awq", "releaser.gguf", "torch", "transformers",
           "llama_cpp_python")),
-    Step("cards", lambda r: None, _card_depends, lambda r: r.work, _card_run,
+    Step("cards", _always, _card_depends, lambda r: r.work, "card.stage", _card_call,
          ("releaser.card", "releaser.templates", "jinja2", "huggingface_hub")),
-    Step("publish", _publish_applies, _publish_depends, _publish_root, _publish_run,
-         ("releaser.publish", "huggingface_hub")),
+    Step("publish", _publish_applies, _publish_depends, _publish_root, "publish.stage", _publish_call,
+         ("releaser.publish", "huggingface_hub"), before=_gate),
 ]
 NAMES = [s.name for s in STEPS]

@@ -1,4 +1,5 @@
-"""The publish stage: ``run_publish(options, repos, reporter) -> StageResult``.
+"""The publish stage: ``run(options, inputs, out, reporter) -> StageResult`` around
+``run_publish(options, repos, reporter) -> StageResult``.
 
 ``repos`` maps each Hub repo id to its local folder, in publishing order (main repo first: the quant cards link to
 it). Each repo is planned against its remote tree (a file is hashed only when a remote file of the same path and
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..options import check_repo_id
-from ..stage import OutputFile, Reporter, StageResult
+from ..stage import OutputFile, Reporter, StageResult, describe_files
 from .hub import HubTarget, RepoOutcome
 from .local import DirTarget
 from .options import PublishError, PublishOptions
@@ -130,6 +131,18 @@ def run_publish(options: PublishOptions, repos: dict[str, Path], reporter: Repor
     if untracked:
         summary += f"; {untracked} untracked file(s) {'sent' if options.include_untracked else 'left out'}"
     return StageResult("publish", output, files, summary, facts=facts)
+
+
+def run(options: PublishOptions, inputs: dict[str, Path], out: str | os.PathLike, reporter: Reporter | None = None,
+        *, recorded: dict[str, dict[str, dict]] | None = None, describe=describe_files) -> StageResult:
+    """:func:`run_publish` of the repo folders ``inputs`` (repo id -> folder, main repo first). The result lists the
+    mirror folders' files for a ``dir:`` target, nothing for the Hub (it then stands for ``out``)."""
+    result = run_publish(options, inputs, reporter, recorded=recorded)
+    if options.target == "hub":
+        return StageResult("publish", Path(out), [], result.summary, result.facts)
+    root = Path(options.target[4:])
+    files = [root / repo / f.path for repo in inputs for f in describe(root / repo)]
+    return StageResult("publish", root, describe(root, files), result.summary, result.facts)
 
 
 def _to_hub(options: PublishOptions, repos: dict[str, Path], local: dict[str, dict[str, LocalFile]],

@@ -1,7 +1,8 @@
-"""The quality stage: perplexity and KL divergence of every GGUF file and AWQ folder against the unquantized model, a
-JSON report, and the gate (see gate.py). Models run streamed (embeddings resident, one decoder layer at a time, see
-load.py): the unquantized model runs first and keeps its log-probabilities in a temporary file beside the report. Only
-the stop tests (generation) hold a whole model, one at a time, before anything else runs."""
+"""The quality stage (``run(options, inputs, out, reporter) -> StageResult`` around :func:`run_quality`): perplexity
+and KL divergence of every GGUF file and AWQ folder against the unquantized model, a JSON report, and the gate (see
+gate.py). Models run streamed (embeddings resident, one decoder layer at a time, see load.py): the unquantized model
+runs first and keeps its log-probabilities in a temporary file beside the report. Only the stop tests (generation)
+hold a whole model, one at a time, before anything else runs."""
 
 from __future__ import annotations
 
@@ -115,6 +116,21 @@ def _heap_for_big_temporaries() -> None:
     libc = _libc()
     if libc is not None:
         libc.mallopt(-3, 4 << 20)   # M_MMAP_THRESHOLD
+
+
+def run(options: QualityOptions, inputs: list, out: str | os.PathLike, reporter: Reporter | None = None, *,
+        describe=describe_files) -> StageResult:
+    """:func:`run_quality` of ``inputs`` (the unquantized model folder, then the GGUF files and AWQ folders made from
+    it) with the report ``out``; the result stands for the report's folder. A failed gate is a GateError (nothing of
+    the release is published)."""
+    from ..errors import GateError
+
+    out = Path(out)
+    try:
+        result = run_quality(options, inputs[0], inputs[1:], out, reporter)
+    except QualityGateError as exc:
+        raise GateError(f"quality gate: {exc}") from None
+    return StageResult("quality", out.parent, describe(out.parent, [out]), result.summary, result.facts)
 
 
 def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts: list, out_path: str | os.PathLike,

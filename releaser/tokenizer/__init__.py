@@ -1,10 +1,18 @@
-"""Tokenizer doctor: find and fix stop tokens, chat templates, pad/BOS and untrained rows of HF model folders."""
+"""Tokenizer doctor: find and fix stop tokens, chat templates, pad/BOS and untrained rows of HF model folders.
 
-from .doctor import DoctorReport, diagnose
-from .findings import Finding
-from .fix import FixReport, FixSpec, fix_tokenizer
-from .stoptest import StopResult, stop_test
-from .templates import ChatTemplate, TemplateError, builtin_names, load_template
+The names are loaded on first use, so that reading the ``tokenizer:`` options (``releaser.tokenizer.options``, when a
+recipe is validated) does not import torch."""
 
-__all__ = ["ChatTemplate", "DoctorReport", "Finding", "FixReport", "FixSpec", "StopResult", "TemplateError",
-           "builtin_names", "diagnose", "fix_tokenizer", "load_template", "stop_test"]
+_WHERE = {"DoctorReport": "doctor", "diagnose": "doctor", "Finding": "findings", "FixReport": "fix", "FixSpec": "fix",
+          "fix_tokenizer": "fix", "StopResult": "stoptest", "stop_test": "stoptest", "ChatTemplate": "templates",
+          "TemplateError": "templates", "builtin_names": "templates", "load_template": "templates"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(name)

@@ -1,0 +1,44 @@
+"""The ``gguf`` stage: ``run(options, inputs, out, reporter) -> StageResult`` around :func:`export_gguf`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..atomic import output_dir
+from ..stage import Reporter, StageResult, describe_files
+from .options import GGUFOptions
+
+
+def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
+        *, name: str, license: str | None = None, base_models: list[str] | None = None,
+        quantized_by: str | None = None, kept: StageResult | None = None, overwrite: bool = False,
+        describe=describe_files) -> StageResult:
+    """The GGUF files ``{name}-{TYPE}.gguf`` of the model folder ``inputs`` in ``out`` (no README: the cards stage
+    writes it). ``kept``: an earlier run's result whose tensors are still right (same weights and options, files
+    intact): only each file's tokenizer metadata is rewritten from ``inputs``, the tensor bytes are copied unchanged
+    (a tokenizer fix is not requantized)."""
+    out = Path(out)
+    if kept is not None:
+        from .fix import sync_tokenizer
+
+        changed = []
+        for f in kept.files:
+            path = out / f.path
+            if "-of-" in path.name and "-00001-of-" not in path.name:
+                continue   # metadata lives in the first file of a split set
+            if sync_tokenizer(path, Path(inputs)).changes:
+                changed.append(path.name)
+        paths = [out / f.path for f in kept.files]
+        return StageResult("gguf", out, describe(out, paths), f"tokenizer metadata rewritten in {len(changed)} file(s),"
+                           " tensors unchanged", {"tensor_types": kept.facts.get("tensor_types", {}),
+                                                  "metadata_only": True})
+    from .export import export_gguf
+
+    with output_dir(out, overwrite=overwrite) as tmp:
+        result = export_gguf(inputs, tmp, options.quants, name, options.split_max_size, overwrite=True,
+                             license=license, base_models=base_models, quantized_by=quantized_by,
+                             pre_tokenizer=options.pre_tokenizer, model_card=False, reporter=reporter)
+    paths = [out / p.name for ps in result.files.values() for p in ps]
+    return StageResult("gguf", out, describe(out, paths), f"{len(paths)} GGUF file(s): {', '.join(result.files)}",
+                       {"tensor_types": result.tensor_types})
