@@ -58,6 +58,12 @@ def slerp_config(models: list[str]) -> dict:
             "models": [{"model": m} for m in models]}
 
 
+def ties_config(models: list[str]) -> dict:
+    """TIES of the variant over the base, with a density gradient (sign election and magnitude pruning per tensor)."""
+    return {"merge_method": "ties", "base_model": models[0], "dtype": "float32", "parameters": {"normalize": True},
+            "models": [{"model": m, "parameters": {"weight": 1.0, "density": [0.3, 0.8]}} for m in models[1:]]}
+
+
 def linear_config(models: list[str]) -> dict:
     return {"merge_method": "linear", "dtype": "float32",
             "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, [[0.2, 0.9, 0.5], 0.6])]}
@@ -125,9 +131,12 @@ def families(tmp_path_factory, smollm2):
         o.quantize(ref_f32, ref_q8, "Q8_0")
         cfg = slerp_config([str(model), str(variant)])
         jobs.append((str(root / f"{fam}-mergekit"), cfg, None))
+        ties = ties_config([str(model), str(variant)])
+        if fam not in MOE_FAMILIES:   # mergekit prunes a fused [E, ...] experts tensor as one: see the MoE tests
+            jobs.append((str(root / f"{fam}-mergekit-ties"), ties, None))
         out[fam] = {"model": model, "ours": {q: p[0] for q, p in ours.files.items()}, "ids": _ids(model, fam),
                     "ref": {"F32": ref_f32, "Q8_0": ref_q8}, "slerp": cfg, "mergekit": root / f"{fam}-mergekit",
-                    "root": root, "variant": variant}
+                    "root": root, "variant": variant, "ties": ties}
         if fam in MOE_FAMILIES:   # three layers: the middle one's MLP gets t = 0.3, a real interpolation of experts
             deep = [tiny_family_model(root / f"{fam}-3l", fam, seed=0, layers=3)]
             deep.append(uneven_experts(noised_variant(deep[0], root / f"{fam}-3l-v1", seed=1), deep[0]))
@@ -261,6 +270,19 @@ def test_slerp_equals_mergekit(families, family):
     assert bad == []
     cfg, mk_cfg = (json.loads((d / "config.json").read_text()) for d in (dest, f["mergekit"]))
     assert cfg["architectures"] == mk_cfg["architectures"]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in MOE_FAMILIES])
+def test_ties_equals_mergekit(families, family):
+    f = families[family]
+    dest = f["root"] / f"{family}-ours-ties"
+    run_merge(f["ties"], dest)
+    got, want = load_file(dest / "model.safetensors"), load_file(f["root"] / f"{family}-mergekit-ties" /
+                                                                 "model.safetensors")
+    assert set(got) == set(want)
+    bad = [k for k, w in want.items()
+           if got[k].shape != w.shape or not torch.allclose(got[k], w, rtol=0, atol=1e-6 * float(w.abs().max()))]
+    assert bad == []
 
 
 def test_stage_without_the_family_refuses_in_one_line(monkeypatch):

@@ -278,7 +278,7 @@ STEPS = [
          ("releaser.quality", "releaser.arch", "releaser.awq", "releaser.gguf", "torch", "transformers",
           "llama_cpp_python")),
     Step("cards", _always, _card_depends, lambda r: r.work, "card.stage", _card_call,
-         ("releaser.card", "releaser.templates", "jinja2", "huggingface_hub")),
+         ("releaser.card", "releaser.gguf", "releaser.templates", "jinja2", "huggingface_hub")),
     Step("publish", _publish_applies, _publish_depends, _publish_root, "publish.stage", _publish_call,
          ("releaser.publish", "huggingface_hub"), before=_gate),
 ]
