@@ -95,6 +95,8 @@ class Architecture:
     #                                            SentencePiece model, required), "tokenizer.model?" (it when present)
     spm_add_space_prefix: bool | None = None   # GGUF: tokenizer.ggml.add_space_prefix with a SentencePiece vocab
     experts: Experts | None = None             # mixture-of-experts layers: expert tensors, their layouts, the router
+    per_layer_config: tuple[str, ...] = ("layer_types", "no_rope_layers")   # merge: config.json lists with an entry
+    #                                            per layer, rebuilt from the source layers (a passthrough changes them)
     gguf_dropped: tuple[str, ...] = (".rotary_emb.inv_freq",)   # GGUF: source tensors left out on purpose (name
     #                                            suffixes; llama.cpp computes RoPE frequencies itself)
     gguf_hparams: Callable[[dict, gguf.GGUFWriter], None] | None = field(default=None, compare=False)

@@ -225,12 +225,14 @@ class _Planner:
         post = self.non_layer_names(last, exclude=set(pre))
         for name in pre:
             self.add_job(name, first, [name] * len(first.sources), t=0.0, layer=None, where=slices[0][1])
-        layer_out = 0
+        layer_out, self.origin = 0, []   # per output layer: (reader index, source layer) of its slice's first source
         for s, path in slices:
             n = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+            first_reader = self.model(s.sources[0].model, s.sources[0].lora)
             for idx in range(n):
                 t = idx / (n - 1) if n > 1 else 1.0
                 src_layers = [src.layer_range[0] + idx for src in s.sources]
+                self.origin.append((first_reader, src_layers[0]))
                 for suffix in self.layer_suffixes(s.sources[0], src_layers[0]):
                     names = [self.arch.layer_name(layer, suffix) for layer in src_layers]
                     self.add_job(self.arch.layer_name(layer_out, suffix), s, names, t=t, layer=layer_out, where=path)
@@ -358,6 +360,11 @@ class _Planner:
         donor = self.donor(first)
         out_config = dict(self.readers[donor].config)
         out_config[self.arch.num_layers_key] = n_layers
+        for key in self.arch.per_layer_config:   # one entry per layer (layer_types, no_rope_layers): follow the layers
+            lists = [r.config.get(key) for r in self.readers]
+            if all(isinstance(v, list) and len(v) == int(r.config[self.arch.num_layers_key])
+                   for v, r in zip(lists, self.readers)):
+                out_config[key] = [lists[m][j] for m, j in self.origin]
         dtype_name = cfg.out_dtype or cfg.dtype
         if dtype_name:
             keys = [k for k in ("dtype", "torch_dtype") if k in out_config] or ["dtype"]
