@@ -417,6 +417,14 @@ def test_quality_measures_gguf_and_awq(families, families_awq, family, tmp_path)
     f32, q8, a, r = (rows[p.name] for p in arts)
     assert f32["kld_mean"] < 1e-6 and f32["same_top"] == 1.0, f32
     assert 0 < q8["kld_mean"] < a["kld_mean"] < r["kld_mean"], (q8, a, r)
+    # the cards of the family's GGUF and AWQ folders carry these measured figures
+    from releaser.card import render_card
+
+    gguf_card = render_card(f["ours"]["Q8_0"].parent, quality=tmp_path / "q.json")
+    assert f"| {f['ours']['Q8_0'].name} | Q8_0 |" in gguf_card and f"{q8['ppl']:.3f}" in gguf_card, gguf_card
+    awq_card = render_card(awq, quality=tmp_path / "q.json")
+    assert f"PPL {a['ppl']:.3f}" in awq_card and architecture_for(
+        json.loads((f["model"] / "config.json").read_text())).classes[0] in awq_card, awq_card
     cpp = run_quality(QualityOptions(ctx=64, chunks=2, stop_test=False, gate=False, backend="llama.cpp"),
                       f["model"], [f["ours"]["F32"]], tmp_path / "c.json").facts["artefacts"][0]
     assert cpp["backend"] == "llama.cpp" and cpp["kld_mean"] < 1e-4, cpp
