@@ -66,6 +66,10 @@ def _phi3_model(tmp_path):
     return str(tiny_family_model(tmp_path / "phi3", "phi3", vocab=256))
 
 
+def _phi3_with_awq(recipe: dict, tmp_path) -> None:
+    recipe["model"], recipe["awq"] = _phi3_model(tmp_path), {}
+
+
 CASES = {   # id -> (recipe maker, change, what the one line must name)
     "unknown merge method": (merge_recipe, _set("merge.merge_method", "slurp"), "slurp"),
     "nan t": (merge_recipe, _set("merge.parameters.t", float("nan")), "finite"),
@@ -88,7 +92,7 @@ CASES = {   # id -> (recipe maker, change, what the one line must name)
     "nan KLD limit": (model_recipe, _set("quality.max_kld", {"Q8_0": float("nan")}), "finite"),
     "negative KLD limit": (model_recipe, _set("quality.max_kld", {"Q8_0": -0.1}), "negative"),
     "unknown quant in max_kld": (model_recipe, _set("quality.max_kld", {"Q8_O": 0.1}), "Q8_O"),
-    "a stage the family lacks": (model_recipe, _set("model", _phi3_model), "set quality: false"),
+    "a stage the family lacks": (model_recipe, _phi3_with_awq, "remove the recipe's awq section"),
     "infinite time budget": (model_recipe, _set("quality.time_budget", float("inf")), "finite"),
 }
 

@@ -2,7 +2,7 @@
 ``attn_qkv`` and a double-height ``ffn_up``, as its Phi3MiniModel writes them); NeoX RoPE, so no Q/K permutation;
 keys of its own: the original context length, the RoPE dimension count and ``sliding_window`` (0 when none, which
 is how llama.cpp tells Phi-4 from Phi-3). Long-rope configs (``long_factor``/``short_factor`` rope factor tensors)
-are refused by the GGUF export. Merge and GGUF only: AWQ's scaling groups would have to split the fused linears."""
+are refused by the GGUF export. Merge, GGUF and quality (which reads the fused tensors back as they are); not AWQ yet."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _phi3_hparams(config: dict, w: gguf.GGUFWriter) -> None:
 
 
 PHI3 = Architecture("phi3", "Phi-3", ("Phi3ForCausalLM",), ("phi3",), gguf.MODEL_ARCH.PHI3,
-                    stages=("merge", "gguf"), transformers_prefix="Phi3", transformers_module="phi3",
+                    stages=("merge", "gguf", "quality"), transformers_prefix="Phi3", transformers_module="phi3",
                     gguf_hparams=_phi3_hparams)
 
 FAMILIES = [PHI3]
