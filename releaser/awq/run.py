@@ -25,7 +25,8 @@ from .quantize import choose_group_size, quantize
 from .search import apply_clip, fold_into_linear, fold_into_norm, search_clip, search_scale, squared_error
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.qkv_proj", "mlp.gate_up_proj")
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FUSED_LINEARS = ("self_attn.qkv_proj", "mlp.gate_up_proj")   # Phi-3's fused q/k/v and gate/up
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.qkv_proj")   # the q.k product makes clipping them
 #                                                                          imprecise (AutoAWQ: q_, k_ and fused Wqkv)
 CHUNK_TOKENS = 8192                                    # tokens per forward chunk (bounds activation memory)
@@ -52,7 +53,9 @@ GROUPS = (
     Group("self_attn.v_proj", ("self_attn.o_proj",), "tokens", "self_attn.o_proj", "o_in"),
     Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "tokens", "mlp", "mlp_in"),
     Group("mlp.up_proj", ("mlp.down_proj",), "tokens", "mlp.down_proj", "down_in"),
-    Group("input_layernorm", ("self_attn.qkv_proj",), "attn", "self_attn", "attn_in"),          # fused (Phi-3)
+)
+FUSED_GROUPS = (   # fused q/k/v and gate/up linears (Phi-3): how their groups are measured
+    Group("input_layernorm", ("self_attn.qkv_proj",), "attn", "self_attn", "attn_in"),
     Group("post_attention_layernorm", ("mlp.gate_up_proj",), "tokens", "mlp", "mlp_in"),
 )
 FEATURE_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
@@ -67,7 +70,7 @@ def family_groups(arch, hf=None) -> tuple[Group, ...]:
     a mixture-of-experts family (``hf``: its transformers config) gets ``moe_groups`` for its MLP. A group whose
     source is None (nothing to fold scales into: OLMo 2's q/k/v and gate/up read the residual stream) is kept with
     prev None: not scaled (``scaling_groups`` leaves it out), its linears still clipped and quantized."""
-    by_linears = {g.linears: g for g in GROUPS}
+    by_linears = {g.linears: g for g in (*GROUPS, *FUSED_GROUPS)}
     out = []
     for prev, linears, *fields in arch.awq_groups:
         if arch.experts is not None and linears[0].startswith("mlp."):
