@@ -384,7 +384,7 @@ def verify(work_dir: Path = typer.Argument(..., metavar="WORK", help="A release'
 @friendly
 def awq_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="Hugging Face model folder: Llama, Mistral, "
-                                     "Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), OLMo 2 or SmolLM3."),
+                                     "Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2 or SmolLM3."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the AWQ checkpoint (written atomically)."),
     bits: int = option(AWQOptions, "bits", "--bits"),
     group_size: int = option(AWQOptions, "group_size", "--group-size"),

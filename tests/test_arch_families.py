@@ -35,8 +35,7 @@ from test_parity import run_mergekit
 pytestmark = pytest.mark.slow  # external oracles
 
 FAMILIES = ["qwen3", "gemma3", "phi3", "gemma2", "olmo2", "smollm3", "qwen3moe"]
-AWQ_FAMILIES = ["qwen3", "gemma3", "gemma2", "olmo2", "smollm3", "qwen3moe"]   # Phi-3's fused qkv/gate_up linears:
-#                                                                                 merge and GGUF only
+AWQ_FAMILIES = ["qwen3", "gemma3", "phi3", "gemma2", "olmo2", "smollm3", "qwen3moe"]
 SPM_FAMILIES = ["gemma2"]   # a SentencePiece tokenizer.model (trained in the test) instead of SmolLM2's BPE tokenizer
 QK_NORM_FAMILIES = {"qwen3", "gemma3", "olmo2", "qwen3moe"}
 MOE_FAMILIES = ["qwen3moe"]
@@ -51,6 +50,10 @@ KEY_DIFFERENCES: dict[str, dict[str, str]] = {f: {} for f in FAMILIES} | {
 # chunks of 64 tokens the AWQ-vs-round-to-nearest KLD is measured on (default 2): OLMo 2 scales only two of its four
 # groups, so its margin over RTN (6-25% at 8-16 chunks, tiny models of seeds 0-2) is below the noise of 2 chunks
 QUALITY_CHUNKS = {"olmo2": 16}
+# model shapes other than tiny_family_model's defaults: Phi-3 as Phi-3-mini has it, as many KV heads as heads (no
+# GQA), so AWQ's qkv_proj -> o_proj group (o_proj's scales divide qkv_proj's v rows) is scaled; the GQA case, where
+# it is not, is test_phi3_awq_folds_into_the_v_and_up_rows's
+MODEL_SHAPES = {"phi3": dict(kv_heads=4)}
 SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.3, 0]}, {"value": 0.5}]
 
 def slerp_config(models: list[str]) -> dict:
@@ -115,7 +118,7 @@ def families(tmp_path_factory, smollm2):
             for f in (root / f"{fam}-tokenizer").iterdir():
                 shutil.copy(f, model / f.name)
         else:
-            model = tiny_family_model(root / fam, fam, seed=0)
+            model = tiny_family_model(root / fam, fam, seed=0, **MODEL_SHAPES.get(fam, {}))
             for f in TOKENIZER_FILES:
                 shutil.copy(smollm2 / f, model / f)
         if fam == "phi3":   # a Phi-4-style release: llama.cpp's Phi3MiniModel reads a GPT2Tokenizer as BPE (without
@@ -403,9 +406,10 @@ def test_awq_layout_and_autoawq_unpacking(families, families_awq, family):
 
 @pytest.mark.parametrize("family", AWQ_FAMILIES)
 def test_quality_measures_gguf_and_awq(families, families_awq, family, tmp_path):
-    """The quality stage on the family's GGUFs and AWQ folders: the F32 file read back (Gemma's +1 undone) is the
-    model; llama.cpp running it agrees with our torch model (Gemma 3's final softcapping applied in both); Q8_0 is
-    closer than 4-bit; AWQ is closer to the model than round-to-nearest (mean KLD)."""
+    """The quality stage on the family's GGUFs and AWQ folders: the F32 file read back (Gemma's +1 undone, Phi-3's
+    fused qkv and gate_up as they are) is the model; llama.cpp running it agrees with our torch model (Gemma 3's final
+    softcapping applied in both); Q8_0 is closer than 4-bit; AWQ is closer to the model than round-to-nearest (mean
+    KLD)."""
     from releaser.quality import QualityOptions, run_quality
 
     require("llama_cpp")
@@ -430,14 +434,49 @@ def test_quality_measures_gguf_and_awq(families, families_awq, family, tmp_path)
     assert cpp["backend"] == "llama.cpp" and cpp["kld_mean"] < 1e-4, cpp
 
 
+def test_phi3_awq_folds_into_the_v_and_up_rows(families):
+    """Phi-3's fused linears as AutoAWQ 0.2.9 scales them: the norms' scales multiply qkv_proj's and gate_up_proj's
+    input columns (``scale_ln_fcs``); o_proj's divide qkv_proj's last rows (v) and down_proj's gate_up_proj's last rows
+    (up; ``scale_fc_fc``). Our folds equal autoawq's tensor for tensor and leave the block's output as it was; with
+    grouped-query attention (Phi-4) the qkv_proj -> o_proj group is not scaled."""
+    import copy
+
+    from releaser.awq.run import BlockRunner, Settings, block_state, family_classes, family_groups, fold_group, \
+        scaling_groups
+    from releaser.checkpoint import CheckpointReader
+
+    scale = require("awq.quantize.scale")
+    reader = CheckpointReader(families["phi3"]["model"])
+    arch = architecture_for(reader.config)
+    classes = family_classes(reader.config, "tiny")
+    runner = BlockRunner(classes, Settings(64, torch.device("cpu"), torch.float32), 16, arch)
+    layer = runner.build(block_state(reader, arch, 0), 0)
+    groups = scaling_groups(layer, family_groups(arch))
+    assert [(g.prev, g.prev_rows) for g in groups] == [("input_layernorm", "all"), ("self_attn.qkv_proj", "last"),
+                                                        ("post_attention_layernorm", "all"), ("mlp.gate_up_proj", "last")]
+    hidden = torch.randn(2, 16, classes[3].hidden_size, generator=torch.Generator().manual_seed(0))
+    want = runner.forward(layer, hidden)
+    theirs = copy.deepcopy(layer)
+    gen = torch.Generator().manual_seed(1)
+    for g in groups:
+        s = torch.rand(layer.get_submodule(g.linears[0]).in_features, generator=gen) + 0.5
+        fold_group(layer, g, s)
+        prev, fcs = theirs.get_submodule(g.prev), [theirs.get_submodule(n) for n in g.linears]
+        with torch.no_grad():
+            scale.scale_fc_fc(prev, fcs[0], s) if isinstance(prev, torch.nn.Linear) else scale.scale_ln_fcs(prev, fcs, s)
+    ours, ref = layer.state_dict(), theirs.state_dict()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert not torch.equal(ours["self_attn.qkv_proj.weight"], block_state(reader, arch, 0)["self_attn.qkv_proj.weight"])
+    got = runner.forward(layer, hidden)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    gqa = classes[3].__class__(**(classes[3].to_dict() | {"num_key_value_heads": 2}))
+    assert [g.prev for g in scaling_groups(classes[0](gqa, 0), family_groups(arch))] == \
+        ["input_layernorm", "post_attention_layernorm", "mlp.gate_up_proj"]
+
+
 def test_phi3_refusals_are_one_line(families, tmp_path):
-    """Phi-3 is merge and GGUF only: awq and quality refuse it in one line; a long-rope config (rope factor tensors)
-    is refused by the GGUF export in one line."""
+    """A Phi-3 long-rope config (rope factor tensors) is refused by the GGUF export in one line."""
     config = json.loads((families["phi3"]["model"] / "config.json").read_text())
-    for stage in ("awq", "quality"):
-        with pytest.raises(ModelError, match=f"Phi-3 .* is not supported by {stage}") as e:
-            architecture_for(config, "m", stage=stage)
-        assert "\n" not in str(e.value)
     model = tmp_path / "longrope"
     shutil.copytree(families["phi3"]["model"], model)
     factors = [1.0] * 8

@@ -66,6 +66,23 @@ def _phi3_model(tmp_path):
     return str(tiny_family_model(tmp_path / "phi3", "phi3", vocab=256))
 
 
+def _phi3_with_awq(recipe: dict, tmp_path) -> None:
+    """A Phi-3 model with an AWQ section (the test takes AWQ away from Phi-3: every family has every stage now)."""
+    recipe["model"], recipe["awq"] = _phi3_model(tmp_path), {}
+
+
+def _without_awq(monkeypatch, label: str) -> None:
+    import dataclasses
+
+    import releaser.arch as registry
+    import releaser.pipeline.run as pipeline
+
+    families = [dataclasses.replace(a, stages=tuple(s for s in a.stages if s != "awq")) if a.label == label else a
+                for a in registry.FAMILIES]
+    monkeypatch.setattr(registry, "FAMILIES", families)
+    monkeypatch.setattr(pipeline, "FAMILIES", families)
+
+
 CASES = {   # id -> (recipe maker, change, what the one line must name)
     "unknown merge method": (merge_recipe, _set("merge.merge_method", "slurp"), "slurp"),
     "nan t": (merge_recipe, _set("merge.parameters.t", float("nan")), "finite"),
@@ -88,7 +105,7 @@ CASES = {   # id -> (recipe maker, change, what the one line must name)
     "nan KLD limit": (model_recipe, _set("quality.max_kld", {"Q8_0": float("nan")}), "finite"),
     "negative KLD limit": (model_recipe, _set("quality.max_kld", {"Q8_0": -0.1}), "negative"),
     "unknown quant in max_kld": (model_recipe, _set("quality.max_kld", {"Q8_O": 0.1}), "Q8_O"),
-    "a stage the family lacks": (model_recipe, _set("model", _phi3_model), "set quality: false"),
+    "a stage the family lacks": (model_recipe, _phi3_with_awq, "remove the recipe's awq section"),
     "infinite time budget": (model_recipe, _set("quality.time_budget", float("inf")), "finite"),
 }
 
@@ -100,9 +117,11 @@ def _write(tmp_path, recipe: dict):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_check_refuses_what_release_refuses_with_the_same_line(models, tmp_path, case):
+def test_check_refuses_what_release_refuses_with_the_same_line(models, tmp_path, case, monkeypatch):
     make, change, needle = CASES[case]
     recipe = make(models)
+    if case == "a stage the family lacks":
+        _without_awq(monkeypatch, "Phi-3")
     if case == "slerp of three models":
         recipe["merge"]["models"].append({"model": models[1]})
     else:

@@ -41,6 +41,16 @@ OLMO2_AWQ_GROUPS = (
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
 
+# Phi-3 blocks: fused q/k/v (qkv_proj) and gate/up (gate_up_proj), as AutoAWQ's Phi3AWQForCausalLM groups them. A
+# third element overrides the group's fields: prev_rows "last": the scales divide only the source's last output rows
+# (qkv_proj's v part, which o_proj reads; gate_up_proj's up part, which down_proj reads as act(gate) * up)
+PHI3_AWQ_GROUPS = (
+    ("input_layernorm", ("self_attn.qkv_proj",)),
+    ("self_attn.qkv_proj", ("self_attn.o_proj",), {"prev_rows": "last"}),
+    ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    ("mlp.gate_up_proj", ("mlp.down_proj",), {"prev_rows": "last"}),
+)
+
 
 def rope_parameters(config: dict, layer_type: str = "full_attention") -> dict:
     """RoPE settings of ``config`` for one layer type: transformers 5 ``rope_parameters`` (flat, or nested per layer
@@ -86,9 +96,10 @@ class Architecture:
     norm_shift: float = 0.0                    # GGUF: added to every ``*norm.weight`` (Gemma's RMSNorm is x*(1+w))
     rope_dimension_count: bool = False         # GGUF: write {arch}.rope.dimension_count
     vocab_size_key: bool = False               # GGUF: write {arch}.vocab_size (llama.cpp does for the llama arch)
-    awq_groups: tuple = LLAMA_AWQ_GROUPS       # AWQ: (input source, linears sharing that input); only these
-    #                                            linears are quantized (norms, routers and embeddings never are);
-    #                                            source None: no op to fold scales into, quantized unscaled
+    awq_groups: tuple = LLAMA_AWQ_GROUPS       # AWQ: (input source, linears sharing that input[, overrides of
+    #                                            the group's fields]); only these linears are quantized (norms,
+    #                                            routers and embeddings never are); source None: no op to fold
+    #                                            scales into, quantized unscaled
     embed_scale: bool = False                  # the embedding output is multiplied by sqrt(hidden_size) (Gemma)
     gguf_vocab: str = "tokenizer.json"         # GGUF tokenizer source, as llama.cpp's converter picks it:
     #                                            "tokenizer.json" (BPE or byte-fallback BPE), "tokenizer.model" (the
@@ -104,7 +115,7 @@ class Architecture:
     @property
     def awq_linears(self) -> tuple[str, ...]:
         """The linears of one block AWQ quantizes (block-relative names, e.g. ``self_attn.q_proj``)."""
-        return tuple(n for _, linears in self.awq_groups for n in linears)
+        return tuple(n for _, linears, *_ in self.awq_groups for n in linears)
 
     def supports(self, stage: str) -> bool:
         return stage in self.stages

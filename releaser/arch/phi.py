@@ -2,14 +2,16 @@
 ``attn_qkv`` and a double-height ``ffn_up``, as its Phi3MiniModel writes them); NeoX RoPE, so no Q/K permutation;
 keys of its own: the original context length, the RoPE dimension count and ``sliding_window`` (0 when none, which
 is how llama.cpp tells Phi-4 from Phi-3). Long-rope configs (``long_factor``/``short_factor`` rope factor tensors)
-are refused by the GGUF export. Merge and GGUF only: AWQ's scaling groups would have to split the fused linears."""
+are refused by the GGUF export. Every stage: quality reads the fused tensors back as they are;
+AWQ scales them fused, as AutoAWQ does (``PHI3_AWQ_GROUPS``: o_proj's and down_proj's scales divide the v rows of
+qkv_proj and the up rows of gate_up_proj)."""
 
 from __future__ import annotations
 
 import gguf
 
 from ..errors import ModelError
-from .base import Architecture, rope_parameters
+from .base import PHI3_AWQ_GROUPS, Architecture, rope_parameters
 
 
 def _phi3_hparams(config: dict, w: gguf.GGUFWriter) -> None:
@@ -27,7 +29,7 @@ def _phi3_hparams(config: dict, w: gguf.GGUFWriter) -> None:
 
 
 PHI3 = Architecture("phi3", "Phi-3", ("Phi3ForCausalLM",), ("phi3",), gguf.MODEL_ARCH.PHI3,
-                    stages=("merge", "gguf"), transformers_prefix="Phi3", transformers_module="phi3",
+                    transformers_prefix="Phi3", transformers_module="phi3", awq_groups=PHI3_AWQ_GROUPS,
                     gguf_hparams=_phi3_hparams)
 
 FAMILIES = [PHI3]

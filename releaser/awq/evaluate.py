@@ -20,7 +20,7 @@ from ..stage import Reporter
 from .calib import heldout_rows
 from .pack import dequantize
 from .quantize import quantize
-from .run import LINEARS, resolve_device, use_all_cores
+from .run import FUSED_LINEARS, LINEARS, resolve_device, use_all_cores
 from .stage import CALIBRATION_FILE, load_tokenizer
 
 
@@ -108,7 +108,7 @@ def load_awq_into(model, folder: Path) -> dict:
 def round_to_nearest(model, group_size: int) -> None:
     """Quantize every decoder-block linear in place with plain group-wise RTN (no scaling, no clipping)."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(LINEARS):
+        if isinstance(module, torch.nn.Linear) and name.endswith((*LINEARS, *FUSED_LINEARS)):
             module.weight.copy_(quantize(module.weight.float(), group_size).dequantize().to(module.weight.dtype))
 
 

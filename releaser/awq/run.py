@@ -26,7 +26,9 @@ from .search import apply_clip, fold_into_linear, fold_into_norm, search_clip, s
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")   # the q.k product makes clipping them imprecise
+FUSED_LINEARS = ("self_attn.qkv_proj", "mlp.gate_up_proj")   # Phi-3's fused q/k/v and gate/up
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.qkv_proj")   # the q.k product makes clipping them
+#                                                                          imprecise (AutoAWQ: q_, k_ and fused Wqkv)
 CHUNK_TOKENS = 8192                                    # tokens per forward chunk (bounds activation memory)
 
 
@@ -41,6 +43,8 @@ class Group:
     feature: str              # captured input: attn_in, o_in, mlp_in, down_in
     source: str = ""          # the module whose input ``feature`` is (default: the first linear)
     scaled: tuple[str, ...] = ()   # linears the scales fold into too, never quantized (an MoE block's router)
+    prev_rows: str = "all"    # the prev linear's output rows the scales divide: "all" (they are the group's input)
+    #                           or "last" (its last len(s) rows: a fused linear's v part of qkv, up part of gate_up)
 
 
 GROUPS = (
@@ -50,9 +54,13 @@ GROUPS = (
     Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "tokens", "mlp", "mlp_in"),
     Group("mlp.up_proj", ("mlp.down_proj",), "tokens", "mlp.down_proj", "down_in"),
 )
+FUSED_GROUPS = (   # fused q/k/v and gate/up linears (Phi-3): how their groups are measured
+    Group("input_layernorm", ("self_attn.qkv_proj",), "attn", "self_attn", "attn_in"),
+    Group("post_attention_layernorm", ("mlp.gate_up_proj",), "tokens", "mlp", "mlp_in"),
+)
 FEATURE_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
               "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in",
-              "mlp.down_proj": "down_in"}
+              "mlp.down_proj": "down_in", "self_attn.qkv_proj": "attn_in", "mlp.gate_up_proj": "mlp_in"}
 
 
 
@@ -62,14 +70,14 @@ def family_groups(arch, hf=None) -> tuple[Group, ...]:
     a mixture-of-experts family (``hf``: its transformers config) gets ``moe_groups`` for its MLP. A group whose
     source is None (nothing to fold scales into: OLMo 2's q/k/v and gate/up read the residual stream) is kept with
     prev None: not scaled (``scaling_groups`` leaves it out), its linears still clipped and quantized."""
-    by_linears = {g.linears: g for g in GROUPS}
+    by_linears = {g.linears: g for g in (*GROUPS, *FUSED_GROUPS)}
     out = []
-    for prev, linears in arch.awq_groups:
+    for prev, linears, *fields in arch.awq_groups:
         if arch.experts is not None and linears[0].startswith("mlp."):
             continue
         if tuple(linears) not in by_linears:
             raise ModelError(f"{arch.label}: AWQ has no way to measure the scaling group {', '.join(linears)}")
-        out.append(dataclasses.replace(by_linears[tuple(linears)], prev=prev))
+        out.append(dataclasses.replace(by_linears[tuple(linears)], prev=prev, **(fields[0] if fields else {})))
     if arch.experts is not None:
         out += moe_groups(arch, hf)
     return tuple(out)
@@ -84,7 +92,7 @@ def moe_groups(arch, hf) -> list[Group]:
     block = x.module.rsplit(".", 1)[0]                    # "mlp"
     gate, up, down = x.linears
     lin = [[f"{x.module}.{e}.{name}" for name in x.linears] for e in range(n)]
-    prev = next(p for p, linears in arch.awq_groups if linears[0].startswith("mlp."))
+    prev = next(p for p, linears, *_ in arch.awq_groups if linears[0].startswith("mlp."))
     out = [Group(prev, tuple(n for e in range(n) for n in lin[e][:2]), "tokens", block, "mlp_in", source=block,
                  scaled=(x.router.removesuffix(".weight"),))]
     out += [Group(lin[e][1], (lin[e][2],), "tokens", lin[e][2], f"down_in.{e}") for e in range(n)]
@@ -136,8 +144,14 @@ def linear_shapes(hf, arch=None) -> dict[str, tuple[int, int]]:
     if arch is not None and arch.experts is not None:
         inter = getattr(hf, arch.experts.ff_key)
         mlp = tuple(f"{arch.experts.module}.0.{n}" for n in arch.experts.linears)
-    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), mlp[0]: (inter, h), mlp[1]: (inter, h), mlp[2]: (h, inter)}
+    shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, q), mlp[0]: (inter, h), mlp[1]: (inter, h), mlp[2]: (h, inter)}
+    if arch is not None and "self_attn.qkv_proj" in arch.awq_linears:   # fused (Phi-3): q, k, v rows in one
+        shapes = {"self_attn.qkv_proj": (q + 2 * kv, h), "self_attn.o_proj": (h, q)}
+    if arch is not None and "mlp.gate_up_proj" in arch.awq_linears:     # gate rows, then up rows
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("mlp.")}
+        shapes |= {"mlp.gate_up_proj": (2 * inter, h), "mlp.down_proj": (h, inter)}
+    return shapes
 
 
 def pick_group_size(hf, requested: int, arch=None) -> int:
@@ -147,7 +161,7 @@ def pick_group_size(hf, requested: int, arch=None) -> int:
         raise ModelError(f"{bad[0]} has {shapes[bad[0]][0]} outputs, not a multiple of {PACK}; the AWQ GEMM format "
                          "cannot hold it")
     widths = {"hidden_size": hf.hidden_size, "attention width": shapes["self_attn.o_proj"][1],
-              "intermediate_size": list(shapes.values())[-1][1]}
+              "intermediate_size": next(v for n, v in shapes.items() if n.endswith("down_proj"))[1]}
     return choose_group_size(requested, widths)
 
 
@@ -166,9 +180,10 @@ def channel_abs_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def scaling_groups(layer: nn.Module, groups: tuple[Group, ...] = GROUPS) -> list[Group]:
-    """The block's scaling groups; v_proj -> o_proj only when their shapes match (no grouped-query attention)."""
-    v, o = layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight
-    return [g for g in groups if g.prev is not None and (g.prev != "self_attn.v_proj" or v.shape == o.shape)]
+    """The block's scaling groups; v -> o_proj (v_proj, or qkv_proj's v rows) only without grouped-query attention
+    (o_proj's input channels are then v's output rows, one for one)."""
+    gqa = getattr(layer.self_attn, "num_key_value_groups", 1) != 1
+    return [g for g in groups if g.prev is not None and not (gqa and g.linears == ("self_attn.o_proj",))]
 
 
 def fold_group(layer: nn.Module, group: Group, s: torch.Tensor, norm_shift: float = 0.0) -> None:
@@ -177,7 +192,10 @@ def fold_group(layer: nn.Module, group: Group, s: torch.Tensor, norm_shift: floa
     linears = [layer.get_submodule(n) for n in (*group.linears, *group.scaled)]
     prev = layer.get_submodule(group.prev)
     if isinstance(prev, nn.Linear):
-        fold_into_linear(prev, linears[0], s)
+        if group.prev_rows == "all" and prev.out_features != s.numel():
+            raise ModelError(f"{group.prev} has {prev.out_features} outputs but {group.linears[0]} reads "
+                             f"{s.numel()}; its group needs prev_rows 'last' (a fused linear) or no scaling")
+        fold_into_linear(prev, linears[0], s)   # the last len(s) rows: all of them, or a fused linear's tail
     elif norm_shift:
         with torch.no_grad():
             prev.weight.add_(norm_shift)
