@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--llama-cpp", type=Path, required=True, help="vendor/llama.cpp folder of the llama-cpp-python sdist")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--skip-large", action="store_true", help="only the SmolLM2 case")
+    ap.add_argument("--only", default=None, help="only the cases whose label starts with this (SmolLM2, Llama, Qwen3)")
     args = ap.parse_args()
     from releaser.testing import cache_dir, smollm2_dir
 
@@ -105,6 +106,8 @@ def main() -> None:
     if not args.skip_large:
         cases.append(("Llama-0.9B synthetic (bf16)", large_model(cache_dir(), smollm2)))
         cases.append(("Qwen3-0.5B synthetic (bf16)", qwen3_model(cache_dir(), smollm2)))
+    if args.only:
+        cases = [c for c in cases if c[0].startswith(args.only)]
     print("| model | releaser HF->Q4_K_M | llama.cpp convert F16 + quantize | ratio | releaser peak RSS | "
           "llama.cpp peak RSS | F16 size | Q4_K_M size (ours / llama.cpp) |")
     print("|---|---|---|---|---|---|---|---|")
