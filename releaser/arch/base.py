@@ -129,7 +129,7 @@ class Architecture:
 
     def is_expert(self, name: str) -> bool:
         """An expert's weight, in any layout (a per-layer tensor for merges: experts merge expert by expert)."""
-        return self.experts is not None and self.experts.parse(name, self.layer_prefix) is not None
+        return self.experts is not None and self.experts.locate(name, self.layer_prefix) is not None
 
     def is_router(self, name: str) -> bool:
         """The router of an MoE layer (a per-layer tensor; never quantized)."""

@@ -64,7 +64,7 @@ class Experts:
         return re.compile(re.escape(layer_prefix) + rf"(?P<layer>\d+)\.{m}\.(?:(?P<e>\d+)\.(?P<lin>\w+)\.weight"
                                                     rf"|(?P<stacked>\w+)\.weight|(?P<fused>\w+))$")
 
-    def parse(self, name: str, layer_prefix: str) -> tuple[int, str, int | None, str] | None:
+    def locate(self, name: str, layer_prefix: str) -> tuple[int, str, int | None, str] | None:
         """(layer, layout, expert or None, linear or fused name) of an expert tensor; None for any other tensor.
         layout is "expert", "stacked" or "fused"."""
         m = self._re(layer_prefix).match(name)
@@ -114,7 +114,7 @@ class Experts:
     def recipe(self, target: str, shapes: dict[str, tuple], layer_prefix: str) -> Recipe | None:
         """How to build the stacked or fused expert tensor ``target`` from the tensors of ``shapes`` (name -> shape),
         whatever their layout; None when ``target`` is no such tensor or they lack a part of it."""
-        parsed = self.parse(target, layer_prefix)
+        parsed = self.locate(target, layer_prefix)
         if parsed is None or parsed[1] == "expert":
             return None
         layer, layout, _, name = parsed
@@ -141,7 +141,7 @@ class Experts:
     def pieces(self, name: str, shape: tuple[int, ...], layer_prefix: str) -> list[tuple] | None:
         """The index of each expert's linear in a fused or stacked tensor (``t[index]`` is one [out, in] weight), for
         merging expert by expert whatever the layout; None for any other tensor (a per-expert one is a piece)."""
-        parsed = self.parse(name, layer_prefix)
+        parsed = self.locate(name, layer_prefix)
         if parsed is None or parsed[1] == "expert" or len(shape) != 3:
             return None
         parts = dict(self.fused)[parsed[3]] if parsed[1] == "fused" else (parsed[3],)
@@ -154,7 +154,7 @@ class Experts:
         out: list[str] = []
         seen: set[int] = set()
         for name in names:
-            parsed = self.parse(name, layer_prefix)
+            parsed = self.locate(name, layer_prefix)
             if parsed is None:
                 out.append(name)
             elif parsed[0] not in seen:
@@ -167,7 +167,7 @@ class Experts:
         count, ff = self.count(config), config.get(self.ff_key)
         key = next((k for k in self.count_keys if config.get(k) is not None), self.count_keys[0])
         for name in shapes:
-            parsed = self.parse(name, layer_prefix)
+            parsed = self.locate(name, layer_prefix)
             if parsed is None:
                 continue
             layer = parsed[0]

@@ -57,7 +57,7 @@ def check_moe(reader: CheckpointReader, arch, model_dir: Path) -> None:
     if config.get("mlp_only_layers") or (config.get("decoder_sparse_step", 1) or 1) != 1:
         raise ModelError(f"{arch.label} with dense layers (mlp_only_layers or decoder_sparse_step > 1) is not "
                          "supported by awq yet; it handles models with an MoE block in every layer")
-    other = next((n for n in reader.tensors if (p := x.parse(n, arch.layer_prefix)) and p[1] != "expert"), None)
+    other = next((n for n in reader.tensors if (p := x.locate(n, arch.layer_prefix)) and p[1] != "expert"), None)
     if other is not None:
         raise ModelError(f"{model_dir} stores its experts fused ({other}); awq reads one tensor per expert "
                          "(mlp.experts.{e}.gate_proj.weight, as released checkpoints and save_pretrained have them)")
