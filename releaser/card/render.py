@@ -12,12 +12,13 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
 from ..atomic import write_file
+from ..checkpoint.config import read_config
 from ..checkpoint.reader import check_folder
 from ..errors import ModelError, OutputError, ReleaserError
 from ..recipe import Recipe
 from ..resources import templates_dir
 from .context import Facts, card_context, human_count, human_size
-from .facts import model_facts, read_json
+from .facts import model_facts
 from .quality import quality_facts
 from .quant_facts import awq_facts, gguf_facts, is_awq
 
@@ -44,7 +45,7 @@ def gather_facts(model_dir: str | os.PathLike) -> Facts:
         return gguf_facts(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} has neither config.json nor .gguf files; is it a model folder?")
-    if is_awq(read_json(folder / "config.json")):
+    if is_awq(read_config(folder)):
         return awq_facts(folder)
     return model_facts(folder)
 

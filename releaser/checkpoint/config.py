@@ -3,6 +3,8 @@ the weights, and (for two folders that must be the same model) agreeing with eac
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,22 @@ if TYPE_CHECKING:
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads")
 OPTIONAL_SIZE_KEYS = ("num_key_value_heads", "head_dim", "vocab_size")
 RESTORE = "restore it from the model's original config.json"
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """The config.json of a model folder: the one reader of it for every stage, with one-line errors (missing, not
+    JSON, not a JSON object)."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}); {RESTORE}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} does not hold a JSON object; {RESTORE}")
+    return data
 
 
 def _size(config: dict, key: str, path: Path) -> int:

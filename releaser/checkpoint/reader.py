@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ModelError
 from . import safetensors_io as st
+from .config import read_config
 from .safetensors_io import TensorInfo
 
 
@@ -55,7 +56,7 @@ class CheckpointReader:
         if not files:
             raise ModelError(f"{self.folder} has no weights (expected model.safetensors, sharded "
                              "model-*.safetensors with an index, or pytorch_model*.bin)")
-        self.config = self._read_config()
+        self.config = read_config(self.folder)
         self.tensors: dict[str, TensorInfo] = {}
         self._bins: dict[str, dict[str, torch.Tensor]] = {}
         self._fds: dict[str, int] = {}
@@ -70,15 +71,6 @@ class CheckpointReader:
                 infos = self._list_bin(f)
             for info in infos:
                 self.tensors[info.name] = info
-
-    def _read_config(self) -> dict:
-        path = self.folder / "config.json"
-        if not path.is_file():
-            raise ModelError(f"{self.folder} has no config.json; is it a Hugging Face model folder?")
-        try:
-            return json.loads(path.read_text())
-        except ValueError as exc:
-            raise ModelError(f"{path} is not valid JSON ({exc})") from exc
 
     def _list_bin(self, path: Path) -> list[TensorInfo]:
         try:

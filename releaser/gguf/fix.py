@@ -3,7 +3,6 @@ requantizing. Every other key and every tensor byte is copied unchanged; the new
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 from gguf import GGUFValueType as V, Keys
 
 from ..atomic import OutputLock, os_error, sweep, temp_file
+from ..checkpoint.config import read_config
 from ..errors import ConfigError, ModelError, OutputError
 from ..tokenizer.templates import check_renders
 from .reader import open_gguf
@@ -104,7 +104,7 @@ def sync_tokenizer(path, model_dir: str | os.PathLike) -> FixResult:
     if pre is not None and (kind is None or _value(kind) != "gpt2"):
         pre = None   # "default" of a SentencePiece-style vocab is no BPE pre-tokenizer to keep
     template = gguf.GGUFWriter(None, arch)
-    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    config = read_config(model_dir)
     add_tokenizer(template, Path(model_dir), config, _value(pre) if pre is not None else None)
     new = {key: (val.value, val.type, val.sub_type) for key, val in template.kv_data[0].items()
            if key.startswith("tokenizer.")}

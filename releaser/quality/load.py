@@ -5,7 +5,6 @@ generation) or streamed (``streamed``: each decoder layer's weights read just be
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from abc import ABC, abstractmethod
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointReader, architecture_for
+from ..checkpoint import CheckpointReader, architecture_for, read_config
 from ..errors import ModelError
 from ..gguf.reader import GGUFFile
 
@@ -43,16 +42,6 @@ class Artefact:
         if missing:
             raise ModelError(f"{self.path} is part of a split GGUF but {missing[0]} is missing")
         return parts
-
-
-def read_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{folder} has no config.json; is it a Hugging Face model folder?") from None
-    except ValueError as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc})") from None
 
 
 def identify(path: str | os.PathLike) -> Artefact:

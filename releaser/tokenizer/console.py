@@ -47,10 +47,12 @@ def run_doctor(model_dir: Path, template: str | None, as_json: bool, out: Consol
 
 def _print_family(model_dir: Path, out: Console) -> None:
     from ..arch import stage_summary
+    from ..checkpoint.config import read_config
+    from ..errors import ModelError
 
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
+        config = read_config(model_dir)
+    except ModelError:
         return
     out.print(stage_summary(config), highlight=False, markup=False)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointReader
+from ..checkpoint.config import read_config
 from ..checkpoint.reader import check_folder
 from ..errors import ModelError
 
@@ -61,10 +62,7 @@ class ModelFolder:
     def open(cls, path: str | Path) -> ModelFolder:
         path = Path(path)
         check_folder(path)
-        config = read_json(path / "config.json")
-        if config is None:
-            raise ModelError(f"{path} has no config.json; is it a Hugging Face model folder?")
-        return cls(path, config, read_json(path / "generation_config.json"), load_tokenizer(path))
+        return cls(path, read_config(path), read_json(path / "generation_config.json"), load_tokenizer(path))
 
     @property
     def generation_eos(self) -> list[int]:
