@@ -27,13 +27,9 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
 
 
 def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
+    from ..tokenizer.model import load_tokenizer as load
 
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing/broken tokenizer
-        raise ModelError(f"cannot load the tokenizer of {model_dir} ({type(exc).__name__}); AWQ calibration needs "
-                         "the model's tokenizer files") from exc
+    return load(model_dir, "AWQ calibration")
 
 
 def awq_config(config: dict, bits: int, group_size: int, arch=None) -> dict:

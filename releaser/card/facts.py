@@ -176,12 +176,9 @@ def hf_prompt_facts(folder: Path) -> PromptFacts:
     if not has_tokenizer(folder):
         raise ModelError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model); copy the base model's "
                          "tokenizer files into it")
-    from transformers import AutoTokenizer
+    from ..tokenizer.model import load_tokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a broken tokenizer
-        raise ModelError(f"cannot load the tokenizer of {folder} ({type(exc).__name__}: {exc})") from exc
+    tok = load_tokenizer(folder, "the card's prompt format")
     stop_ids: list[int] = []
     gen = folder / "generation_config.json"
     if gen.is_file():

@@ -31,13 +31,9 @@ class TokenizerInfo:
 
 
 def _auto_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+    from ..tokenizer.model import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except Exception as exc:  # transformers raises many types for unreadable tokenizers
-        raise ModelError(f"cannot load the tokenizer of {folder} ({type(exc).__name__}: {exc}); "
-                         "save it with tokenizer.save_pretrained() or run the tokenizer doctor") from exc
+    return load_tokenizer(folder, "the GGUF vocabulary")
 
 
 def pre_tokenizer(tokenizer) -> str:

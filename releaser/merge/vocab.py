@@ -82,13 +82,9 @@ class VocabAlignment:
 
 
 def _load_tokenizer(folder: str):
-    from transformers import AutoTokenizer
+    from ..tokenizer.model import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except Exception as exc:  # transformers raises many kinds for a missing or broken tokenizer
-        raise ModelError(f"cannot load the tokenizer of {folder} ({type(exc).__name__}); "
-                         "tokenizer_source needs every model's tokenizer files") from exc
+    return load_tokenizer(folder, "tokenizer_source")
 
 
 def _vocab_size(config: dict, tokenizer) -> int:
@@ -120,8 +116,6 @@ def _stripped(tokenizer, vocab_size: int):
 
 
 def _union(base_tok, toks: list, sizes: list[int]):
-    from transformers import AutoTokenizer
-
     vocab: dict[str, None] = {}
     added: dict[str, object] = {}
     for tok, size in zip(toks, sizes):
@@ -135,7 +129,7 @@ def _union(base_tok, toks: list, sizes: list[int]):
                 added.setdefault(info.content, info)
     with tempfile.TemporaryDirectory() as tmp:   # a fresh copy, so the base tokenizer is not mutated
         base_tok.save_pretrained(tmp)
-        out = AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
+        out = _load_tokenizer(tmp)
     base_vocab = base_tok.get_vocab()
     for name in vocab:
         if name not in added and name not in base_vocab:

@@ -44,12 +44,12 @@ def _tokenizer_mismatch(art: ld.Artefact, tokenizer, text: str, windows: Windows
     """Does the artefact read the evaluation text as the same token ids as the unquantized model?"""
     if art.kind == "gguf":
         return _vocab_mismatch(GGUFFile(art.parts[0]), tokenizer, windows.tokens.unique().tolist())
-    from transformers import AutoTokenizer
+    from ..tokenizer.model import load_tokenizer
 
     try:
-        own = AutoTokenizer.from_pretrained(art.path)
-    except (OSError, ValueError) as exc:
-        return f"its tokenizer does not load ({type(exc).__name__}: {str(exc)[:120]})"
+        own = load_tokenizer(art.path)
+    except ModelError as exc:
+        return f"its tokenizer does not load ({str(exc)[:160]})"
     n = windows.count * windows.ctx
     ours, ref = tokenize(own, text)[:n], tokenize(tokenizer, text)[:n]
     for i, (a, b) in enumerate(zip(ours, ref)):
@@ -81,9 +81,11 @@ def _chat_setup(art: ld.Artefact, tokenizer) -> tuple[str | None, list[int], obj
 def _folder_chat(path: Path, own=None) -> tuple[str | None, list[int], object]:
     """A Hugging Face folder's chat template, end-of-turn ids (eos and generation_config's) and tokenizer (``own``
     when loaded already)."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
-    own = own or AutoTokenizer.from_pretrained(path)
+    from ..tokenizer.model import load_tokenizer
+
+    own = own or load_tokenizer(path)
     ends = {own.eos_token_id}
     try:
         eos = GenerationConfig.from_pretrained(path).eos_token_id
@@ -137,7 +139,7 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
                 reporter: Reporter | None = None) -> StageResult:
     """Measure every artefact against ``model_dir``; write the JSON report to ``out_path``; raise QualityGateError
     (after writing the report) when the gate is on and an artefact fails it."""
-    from transformers import AutoTokenizer
+    from ..tokenizer.model import load_tokenizer
 
     start = time.perf_counter()
     _heap_for_big_temporaries()
@@ -156,7 +158,7 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
         raise ConfigError(f"two artefacts have the same name ({labels}); evaluate them separately")
     base_config = ld.read_config(model_dir)
     text = load_text(options.text)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, "the quality stage")
     windows = make_windows(tokenizer, text, options.ctx, options.chunks)
 
     failures: list[str] = []

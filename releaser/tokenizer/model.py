@@ -33,19 +33,24 @@ def eos_list(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(folder: str | Path, needed_for: str = ""):
+    """The tokenizer of a model folder: the one loader every stage uses (local files only, never remote code,
+    transformers' warnings quiet). A missing or broken tokenizer is a one-line ModelError naming the folder;
+    ``needed_for`` says what needs it (e.g. "AWQ calibration")."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    folder = Path(folder)
+    why = f" ({needed_for} needs it)" if needed_for else ""
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model); "
+        raise ModelError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model){why}; "
                          "copy the tokenizer files from the base model")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"cannot load the tokenizer in {folder} ({type(exc).__name__}: {exc}); "
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a broken tokenizer
+        raise ModelError(f"cannot load the tokenizer in {folder} ({type(exc).__name__}: {exc}){why}; "
                          "check tokenizer.json and tokenizer_config.json") from None
     finally:
         hf_logging.set_verbosity(verbosity)
