@@ -12,6 +12,7 @@ import torch
 
 from releaser.errors import ConfigError, ModelError
 from releaser.quality import QualityGateError, QualityOptions, run_quality
+from releaser.awq.pack import unpack as unpack_gemm
 from releaser.quality import load as ld
 from releaser.quality.text import BUILTIN, load_text, make_windows
 from releaser.testing import awq_gemm_pack as pack, rtn_awq, tiny_awq, tiny_model, tiny_tokenizer
@@ -20,13 +21,13 @@ REV = [0, 4, 1, 5, 2, 6, 3, 7]   # logical column 8c + j lives in nibble REV[j]
 
 
 def test_unpack_golden_words():
-    assert ld.unpack_gemm(torch.tensor([[0x75316420]], dtype=torch.int32)).tolist() == [list(range(8))]
+    assert unpack_gemm(torch.tensor([[0x75316420]], dtype=torch.int32)).tolist() == [list(range(8))]
     negative = torch.from_numpy(pack(np.array([[15, 0, 0, 0, 0, 0, 0, 15]])))
     assert int(negative) < 0
-    assert ld.unpack_gemm(negative).tolist() == [[15, 0, 0, 0, 0, 0, 0, 15]]
+    assert unpack_gemm(negative).tolist() == [[15, 0, 0, 0, 0, 0, 0, 15]]
     rng = np.random.default_rng(0)
     values = rng.integers(0, 16, (5, 64))
-    assert np.array_equal(ld.unpack_gemm(torch.from_numpy(pack(values))).numpy(), values)
+    assert np.array_equal(unpack_gemm(torch.from_numpy(pack(values))).numpy(), values)
 
 
 def test_tiny_awq_loads_with_the_gemm_formula(tmp_path):

@@ -20,7 +20,6 @@ from ..errors import ModelError
 from ..gguf.reader import GGUFFile
 
 SPLIT = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble i of a GEMM word holds output column 8c + AWQ_ORDER[i]
 
 
 @dataclass(frozen=True)
@@ -164,29 +163,18 @@ def _hf_tensor_names(config: dict) -> list[str]:
         return list(skeleton(config).state_dict())
 
 
-def unpack_gemm(words: torch.Tensor) -> torch.Tensor:
-    """AWQ GEMM int32 words [R, C] -> 4-bit values [R, 8C] in logical column order."""
-    w = words.numpy().view(np.uint32)
-    nibbles = np.stack([(w >> (4 * i)) & 0xF for i in range(8)], axis=-1)   # [R, C, 8] in nibble order
-    out = np.empty_like(nibbles)
-    out[..., list(AWQ_ORDER)] = nibbles
-    return torch.from_numpy(out.reshape(w.shape[0], -1).astype(np.int16))
-
-
 def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int,
                    group_size: int) -> torch.Tensor:
-    """A GEMM linear's float32 weight [out, in]: W_T[k, n] = (q[k, n] - z[k // gs, n]) * s[k // gs, n]."""
+    """A GEMM linear's float32 weight [out, in] (releaser.awq.pack's unpacking), after checking the shapes fit."""
+    from ..awq.pack import dequantize
+
     if bits != 4:
         raise ModelError(f"AWQ with {bits} bits is not supported (GEMM checkpoints are 4-bit)")
-    q = unpack_gemm(qweight).to(torch.float32)                 # [K, N]
-    z = unpack_gemm(qzeros).to(torch.float32)                  # [G, N]
-    s = scales.to(torch.float32)                               # [G, N]
-    k = q.shape[0]
-    if k != z.shape[0] * group_size or s.shape != z.shape:
+    if qweight.shape[0] != qzeros.shape[0] * group_size or scales.shape != (qzeros.shape[0], qweight.shape[1] * 8) \
+            or qzeros.shape[1] != qweight.shape[1]:
         raise ModelError(f"AWQ tensors of shapes qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
                          f"scales {tuple(scales.shape)} do not fit group size {group_size}")
-    g = torch.arange(k) // group_size
-    return ((q - z[g]) * s[g]).T.contiguous()
+    return dequantize(qweight, qzeros, scales, group_size)
 
 
 class AWQWeights(FolderWeights):
