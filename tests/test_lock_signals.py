@@ -17,7 +17,7 @@ import pytest
 from releaser import atomic
 from releaser.atomic import OutputLock, output_dir, output_files, release_all, write_file
 from releaser.errors import OutputError
-from releaser.failures import Terminated
+from releaser.cli.failures import Terminated
 
 
 def _interrupted_at(n: int, scenario) -> bool:

@@ -10,7 +10,7 @@ from safety_helpers import run
 from releaser.publish import PublishOptions, run_publish
 from releaser.publish.hub import hub_progress_bars
 from releaser.stage import Reporter
-from releaser.ui import RichReporter
+from releaser.cli.ui import RichReporter
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 UPLOAD_BAR = "Upload "   # huggingface_hub's "Upload N LFS files" bar

@@ -23,6 +23,7 @@ def test_wheel_install_renders_a_card_and_a_chat_template(tmp_path):
     wheel = next((tmp_path / "dist").glob("releaser-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "releaser/templates/cards/model.md.j2" in names and "releaser/templates/chat/chatml.jinja" in names
+    assert "releaser/cli/__main__.py" in names and "releaser/arch/experts.py" in names   # subpackages too
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .doctor import DoctorReport, diagnose
-from .findings import Finding
-from .fix import FixReport, FixSpec, fix_tokenizer
+from ..tokenizer.doctor import DoctorReport, diagnose
+from ..tokenizer.findings import Finding
+from ..tokenizer.fix import FixReport, FixSpec, fix_tokenizer
 
 STYLE = {"error": "bold red", "warning": "yellow"}
 

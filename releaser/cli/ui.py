@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from .stage import Reporter
+from ..stage import Reporter
 
 
 class RichReporter(Reporter):

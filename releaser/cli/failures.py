@@ -83,7 +83,7 @@ def report_dirs() -> list[Path]:
 
 def write_report(exc: BaseException, argv: list[str] | None = None) -> Path | None:
     """Write the traceback and the context of an unforeseen error to ``crash-*.txt``; its path, or None."""
-    from . import __version__
+    from .. import __version__
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     text = (f"releaser {__version__} crash report {dt.datetime.now().isoformat(timespec='seconds')}\n"

@@ -1,4 +1,6 @@
-"""The ``releaser`` command line: thin wrappers around the Python API; errors become one-line messages."""
+"""The ``releaser`` command line: thin wrappers around the Python API; errors become one-line messages. All terminal
+code lives in this package: the commands (here), the rich reporter (``ui``), failure reports (``failures``) and the
+tokenizer and publish commands' console output (``tokenizer``, ``publish``); the library never prints."""
 
 from __future__ import annotations
 
@@ -15,15 +17,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .atomic import release_all
-from .awq.options import AWQOptions
-from .errors import ReleaserError
+from ..atomic import release_all
+from ..awq.options import AWQOptions
+from ..errors import ReleaserError
+from ..gguf.options import GGUFOptions
+from ..merge.options import MergeOptions
+from ..publish.options import PublishOptions
+from ..quality.options import QualityOptions
+from ..tokenizer.options import TokenizerOptions
 from .failures import Terminated, foreseen, one_line, unforeseen
-from .gguf.options import GGUFOptions
-from .merge.options import MergeOptions
-from .publish.options import PublishOptions
-from .quality.options import QualityOptions
-from .tokenizer.options import TokenizerOptions
 
 app = typer.Typer(
     name="releaser",
@@ -73,7 +75,7 @@ def _terminate(signum, frame) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from .. import __version__
 
         out.print(f"releaser {__version__}", highlight=False)
         raise typer.Exit()
@@ -131,17 +133,17 @@ def merge(
     """Merge models with a mergekit YAML config; the output equals mergekit's."""
     import gc
 
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     gc.disable()   # importing torch makes ~10^6 long-lived objects: collecting while it runs only costs time
     try:
-        from .checkpoint import parse_size
-        from .merge import run_merge
+        from ..checkpoint import parse_size
+        from ..merge import run_merge
     finally:
         gc.enable()
 
     if dry_run:
-        from .merge.describe import dry_run as describe
+        from ..merge.describe import dry_run as describe
 
         out.print("\n".join(describe(config)), highlight=False, markup=False, soft_wrap=True)
         return
@@ -165,8 +167,8 @@ def card(
                                         "and same-top figures to GGUF and AWQ cards."),
 ) -> None:
     """Render a model card (README.md) from what MODEL_DIR contains and the recipe."""
-    from .card import render_card, write_card
-    from .recipe import load_recipe
+    from ..card import render_card, write_card
+    from ..recipe import load_recipe
 
     spec = load_recipe(recipe) if recipe else None
     if output is None:
@@ -187,7 +189,7 @@ def doctor(
     as_json: bool = flag("--json", help="Print the findings as JSON."),
 ) -> None:
     """Find why a model would not stop generating: eos, generation_config, pad, template, special tokens, rows."""
-    from .tokenizer.console import run_doctor
+    from .tokenizer import run_doctor
 
     raise typer.Exit(run_doctor(model_dir, template, as_json, Console(soft_wrap=as_json)))
 
@@ -204,8 +206,8 @@ def fix_tokenizer_cmd(
     overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
 ) -> None:
     """Set the chat template and fix eos, generation_config, pad, special tokens, BOS and untrained rows."""
-    from .tokenizer.console import run_fix
-    from .tokenizer.fix import FixSpec
+    from .tokenizer import run_fix
+    from ..tokenizer.fix import FixSpec
 
     opts = TokenizerOptions.build(template=template, eos=eos, system_prompt=system_prompt)
     run_fix(model_dir, FixSpec(opts.template, out_dir, in_place, opts.eos, opts.system_prompt, overwrite), Console())
@@ -232,8 +234,8 @@ def gguf_cmd(
     ctx: typer.Context = None,
 ) -> None:
     """Export GGUF files (one pass over the checkpoint; llama-quantize's mixes, same bytes as llama.cpp)."""
-    from .errors import ConfigError
-    from .gguf import export_gguf
+    from ..errors import ConfigError
+    from ..gguf import export_gguf
 
     stray = ctx.args if ctx is not None else []
     if stray:  # releaser <= 0.1 used -q for --quant: `-q Q8_0` now reads as --quiet plus a stray argument
@@ -258,8 +260,8 @@ def gguf_fix_cmd(
     overwrite: bool = flag("--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Rewrite a GGUF's chat template, eos or name without requantizing (tensor bytes are copied unchanged)."""
-    from .errors import ConfigError
-    from .gguf.fix import fix_gguf
+    from ..errors import ConfigError
+    from ..gguf.fix import fix_gguf
 
     template = None
     if chat_template is not None:
@@ -289,7 +291,7 @@ def publish_cmd(
     quiet: bool = flag("--quiet", "-q", help="No progress bars (hashing, uploads) and no progress lines."),
 ) -> None:
     """Publish a release: plan each repo, send only what changed, delete what is stale, tag, verify."""
-    from .publish.console import publish_options, release_repos, run_publish_cli
+    from .publish import publish_options, release_repos, run_publish_cli
 
     repos, facts = release_repos(release_dir, recipe, repo)
     options = publish_options(target=to, private=private, dry_run=dry_run, create_pr=create_pr, message=message,
@@ -333,7 +335,7 @@ def release(
 ) -> None:
     """Make the whole release a recipe describes: merge, fix tokenizer, verify, GGUF, cards, publish; reruns skip
     what is up to date."""
-    from .pipeline import run_release
+    from ..pipeline import run_release
 
     result = run_release(recipe, work_dir, only=_stages(only), skip=_stages(skip), force=force, dry_run=dry_run,
                          push=push, reporter=_reporter(quiet), strict=strict)
@@ -351,7 +353,7 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release rec
           strict: bool = flag("--strict", help=STRICT_HELP)) -> None:
     """Validate a recipe offline with every check release makes before its first stage, and print the stages it
     would run."""
-    from .pipeline import check_recipe
+    from ..pipeline import check_recipe
 
     result = check_recipe(recipe, strict=strict)
     reporter = _reporter()
@@ -367,7 +369,7 @@ def check(recipe: Path = typer.Argument(..., metavar="RECIPE", help="Release rec
 def verify(work_dir: Path = typer.Argument(..., metavar="WORK", help="A release's work folder (with release.json)."),
            quiet: bool = flag("--quiet", "-q", help="No progress bar.")) -> None:
     """Read again every file release.json records and list those that changed or are missing (exit 1 if any)."""
-    from .pipeline.verify import verify_release
+    from ..pipeline.verify import verify_release
 
     result = verify_release(work_dir, _reporter(quiet))
     for m in result.mismatches:
@@ -397,7 +399,7 @@ def awq_cmd(
     quiet: bool = flag("--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Quantize to 4-bit AWQ in AutoAWQ's GEMM format (the layout vLLM and transformers+gptqmodel load), offline."""
-    from .awq.stage import run_awq
+    from ..awq.stage import run_awq
 
     options = AWQOptions.build(bits=bits, group_size=group_size, calibration=calib, samples=samples, seqlen=seqlen,
                                device=device, search_tokens=search_tokens)
@@ -417,7 +419,7 @@ def awq_eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Perplexity of the unquantized model, AWQ and round-to-nearest, and KL(unquantized||AWQ); saved for the card."""
-    from .awq.evaluate import evaluate_awq
+    from ..awq.evaluate import evaluate_awq
 
     r = evaluate_awq(model_dir, awq_dir, _reporter(), text=text, seqlen=seqlen, rows=rows, device=device)
     ppl = r["perplexity"]
@@ -445,7 +447,7 @@ def eval_cmd(
     definitions), write a JSON report and fail on a broken quant."""
     from rich.table import Table
 
-    from .quality import run_quality
+    from ..quality import run_quality
 
     options = QualityOptions.build(text=text, ctx=ctx, chunks=chunks, backend=backend, gate=not no_gate)
     result = run_quality(options, model_dir, artefacts, output, _reporter(quiet))
@@ -487,6 +489,3 @@ def run() -> None:
             pass
     os._exit(code)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    run()

@@ -12,10 +12,10 @@ from rich.text import Text
 from ..errors import ConfigError
 from ..options import check_repo_id
 from ..stage import StageResult
-from ..ui import RichReporter
-from .options import PublishOptions
-from .plan import RepoPlan
-from .stage import run_publish
+from .ui import RichReporter
+from ..publish.options import PublishOptions
+from ..publish.plan import RepoPlan
+from ..publish.stage import run_publish
 
 STYLE = {"add": "green", "update": "yellow", "delete": "red", "keep": "dim", "unchanged": "dim"}
 
