@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # releaser_testing: the repo's fixtures (not installed)
 
 BIN = Path(sys.executable).parent
 
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-eval", action="store_true")
     args = ap.parse_args()
-    from releaser.testing import smollm2_dir
+    from releaser_testing import smollm2_dir
 
     model = smollm2_dir()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-awq-"))

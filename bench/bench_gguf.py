@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # releaser_testing: the repo's fixtures (not installed)
 
 BIN = Path(sys.executable).parent
 QUANTIZE = """
@@ -45,7 +46,7 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
 
 
 def large_model(cache: Path, smollm2: Path) -> Path:
-    from releaser.testing import tiny_model
+    from releaser_testing import tiny_model
 
     path = cache / "bench-llama-0.9b-bf16"
     if not (path / "config.json").exists():
@@ -59,7 +60,7 @@ def large_model(cache: Path, smollm2: Path) -> Path:
 
 
 def qwen3_model(cache: Path, smollm2: Path) -> Path:
-    from releaser.testing import tiny_family_model
+    from releaser_testing import tiny_family_model
 
     path = cache / "bench-qwen3-0.5b-bf16"
     if not (path / "config.json").exists():
@@ -98,7 +99,7 @@ def main() -> None:
     ap.add_argument("--skip-large", action="store_true", help="only the SmolLM2 case")
     ap.add_argument("--only", default=None, help="only the cases whose label starts with this (SmolLM2, Llama, Qwen3)")
     args = ap.parse_args()
-    from releaser.testing import cache_dir, smollm2_dir
+    from releaser_testing import cache_dir, smollm2_dir
 
     smollm2 = smollm2_dir()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-gguf-"))

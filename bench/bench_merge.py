@@ -22,6 +22,8 @@ from statistics import median
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # releaser_testing: the repo's fixtures (not installed)
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
@@ -138,7 +140,7 @@ def main() -> None:
     ap.add_argument("--mergekit-large", action="store_true", help="also run mergekit on the large case")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each command per case (medians are compared)")
     args = ap.parse_args()
-    from releaser.testing import cache_dir, noised_variant, smollm2_dir, tiny_model
+    from releaser_testing import cache_dir, noised_variant, smollm2_dir, tiny_model
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)

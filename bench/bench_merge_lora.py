@@ -20,6 +20,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_merge import BIN, timed, warm, weights  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # releaser_testing: the repo's fixtures (not installed)
 
 
 def make_adapter(base: Path, out: Path) -> Path:
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-mergekit", action="store_true")
     args = ap.parse_args()
-    from releaser.testing import cache_dir, noised_variant, smollm2_dir
+    from releaser_testing import cache_dir, noised_variant, smollm2_dir
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-lora-"))
     work.mkdir(parents=True, exist_ok=True)

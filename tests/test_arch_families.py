@@ -25,7 +25,7 @@ from releaser.arch import architecture_for
 from releaser.errors import ModelError
 from releaser.gguf import export_gguf
 from releaser.merge import run_merge
-from releaser.testing import noised_variant, tiny_family_model
+from releaser_testing import noised_variant, tiny_family_model
 
 import gguf_oracle as o  # noqa: E402 - skips (outside CI) without llama-cpp-python
 from conftest import require
@@ -334,7 +334,7 @@ def test_doctor_names_the_family_and_its_stages(families):
 def families_awq(families):
     """family -> (AWQ folder of the tiny model, a round-to-nearest AWQ folder of it at the same group size)."""
     from releaser.awq import AWQOptions, run_awq
-    from releaser.testing import rtn_awq
+    from releaser_testing import rtn_awq
 
     out = {}
     for fam in AWQ_FAMILIES:
@@ -667,7 +667,7 @@ def test_qwen3moe_refusals_are_one_line(families, tmp_path):
         run_awq(AWQOptions(samples=4, seqlen=32), fused, tmp_path / "fused-awq")
     assert "\n" not in str(e.value)
     from releaser.awq.evaluate import check_pair
-    from releaser.testing import rtn_awq
+    from releaser_testing import rtn_awq
 
     with pytest.raises(ModelError, match="awq-eval does not handle Qwen3-MoE .* releaser quality") as e:
         check_pair(model, rtn_awq(model, tmp_path / "rtn", group_size=64))

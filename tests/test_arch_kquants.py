@@ -12,7 +12,7 @@ import pytest
 
 from releaser.arch import architecture_for
 from releaser.gguf import export_gguf
-from releaser.testing import tiny_family_model
+from releaser_testing import tiny_family_model
 
 import gguf_oracle as o  # noqa: E402 - skips (outside CI) without llama-cpp-python
 

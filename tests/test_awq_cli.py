@@ -8,7 +8,7 @@ import random
 from typer.testing import CliRunner
 
 from releaser.cli import app
-from releaser.testing import tiny_model, tiny_tokenizer
+from releaser_testing import tiny_model, tiny_tokenizer
 
 
 def test_awq_then_awq_eval(tmp_path):

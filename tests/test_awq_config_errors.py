@@ -12,7 +12,7 @@ from safety_helpers import one_line_error, run
 from releaser.checkpoint import CheckpointReader, architecture_for
 from releaser.checkpoint.config import check_sizes
 from releaser.errors import ModelError
-from releaser.testing import tiny_awq, tiny_model, tiny_tokenizer
+from releaser_testing import tiny_awq, tiny_model, tiny_tokenizer
 
 
 def _model(path, **kw):

@@ -14,7 +14,7 @@ from releaser.awq.pack import unpack
 from releaser.cli import app
 from releaser.errors import ConfigError, ModelError
 from releaser.stage import Reporter
-from releaser.testing import tiny_model, tiny_tokenizer
+from releaser_testing import tiny_model, tiny_tokenizer
 
 
 def _corpus(path, paragraphs=64, words=40, seed=0):
@@ -132,7 +132,7 @@ def test_tiny_end_to_end_jsonl_calibration(tmp_path):
 
 
 def test_already_quantized_input(tmp_path):
-    from releaser.testing import tiny_awq
+    from releaser_testing import tiny_awq
 
     path = tiny_awq(tmp_path / "q")
     with pytest.raises(ModelError, match="already quantized"):

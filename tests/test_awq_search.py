@@ -10,7 +10,7 @@ import torch
 from releaser.awq.run import LINEARS, BlockRunner, Settings, block_state, family_classes, fold_group, scaling_groups
 from releaser.awq.quantize import quantize
 from releaser.checkpoint import CheckpointReader, architecture_for
-from releaser.testing import tiny_model
+from releaser_testing import tiny_model
 
 
 def _hf_model(path):

@@ -15,7 +15,7 @@ from releaser.card.render import human_size
 from releaser.cli import app
 from releaser.errors import ConfigError, ModelError
 from releaser.recipe import load_recipe
-from releaser.testing import tiny_awq, tiny_gguf, tiny_model, tiny_tokenizer
+from releaser_testing import tiny_awq, tiny_gguf, tiny_model, tiny_tokenizer
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("RELEASER_UPDATE_GOLDEN") == "1"  # regenerate the golden cards, then review the diff

@@ -13,7 +13,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from releaser.card import render_card
-from releaser.testing import tiny_model, tiny_tokenizer
+from releaser_testing import tiny_model, tiny_tokenizer
 
 
 @pytest.mark.slow

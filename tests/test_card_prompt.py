@@ -6,7 +6,7 @@ import jinja2
 import pytest
 
 from releaser.card.prompt import jinja_renderer, ollama_template, prompt_facts, sample_prompt
-from releaser.testing import CHATML_TEMPLATE, tiny_tokenizer
+from releaser_testing import CHATML_TEMPLATE, tiny_tokenizer
 
 MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
            "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"

@@ -15,7 +15,7 @@ from releaser.card import render_card
 from releaser.cli import app
 from releaser.errors import ConfigError
 from releaser.recipe import load_recipe
-from releaser.testing import tiny_awq, tiny_gguf
+from releaser_testing import tiny_awq, tiny_gguf
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("RELEASER_UPDATE_GOLDEN") == "1"

@@ -14,7 +14,7 @@ from safety_helpers import one_line_error, run as cli
 import releaser
 from releaser.card.prompt import jinja_renderer
 from releaser.gguf.reader import open_gguf
-from releaser.testing import tiny_chat_model, tiny_gguf
+from releaser_testing import tiny_chat_model, tiny_gguf
 from releaser.tokenizer.fix import FixSpec, fix_tokenizer
 from releaser.tokenizer.templates import TemplateError, check_renders, check_syntax, load_template
 
@@ -41,7 +41,7 @@ def test_loop_controls_pass_the_syntax_check(tmp_path):
 def test_gguf_card_renderer_accepts_loop_controls_like_transformers(tmp_path):
     from transformers import AutoTokenizer
 
-    from releaser.testing import tiny_tokenizer
+    from releaser_testing import tiny_tokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer(tmp_path, chat_template=LOOP_CONTROLS))
     render = jinja_renderer(LOOP_CONTROLS, "<s>", "</s>")

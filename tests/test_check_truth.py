@@ -8,7 +8,7 @@ import pytest
 import yaml
 from safety_helpers import one_line_error as _one_line, run as _run
 
-from releaser.testing import noised_variant, tiny_model, tiny_tokenizer
+from releaser_testing import noised_variant, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def _model_without_layer_count(tmp_path):
 
 
 def _phi3_model(tmp_path):
-    from releaser.testing import tiny_family_model
+    from releaser_testing import tiny_family_model
 
     return str(tiny_family_model(tmp_path / "phi3", "phi3", vocab=256))
 

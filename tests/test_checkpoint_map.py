@@ -5,7 +5,7 @@ import hashlib
 import torch
 
 from releaser.checkpoint import CheckpointReader
-from releaser.testing import tiny_model
+from releaser_testing import tiny_model
 
 
 def test_map_equals_read_and_writes_stay_private(tmp_path):

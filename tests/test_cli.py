@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from releaser.cli import app
-from releaser.testing import tiny_model
+from releaser_testing import tiny_model
 
 BIN = Path(sys.executable).parent / "releaser"
 

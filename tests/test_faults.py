@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from releaser.testing import tiny_gguf, tiny_model
+from releaser_testing import tiny_gguf, tiny_model
 
 pytestmark = pytest.mark.slow
 

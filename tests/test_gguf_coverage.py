@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from releaser.errors import ModelError
 from releaser.gguf import export_gguf
-from releaser.testing import tiny_family_model
+from releaser_testing import tiny_family_model
 
 
 @pytest.fixture(scope="module")

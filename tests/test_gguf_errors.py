@@ -13,7 +13,7 @@ from releaser.errors import ConfigError, ModelError, OutputError
 from releaser.gguf import export_gguf
 from releaser.gguf.convert import Converter
 from releaser.gguf.fix import fix_gguf
-from releaser.testing import tiny_model
+from releaser_testing import tiny_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from releaser.gguf import QUANT_NAMES, export_gguf
-from releaser.testing import tiny_model
+from releaser_testing import tiny_model
 
 import gguf_oracle as o  # noqa: E402 - skips (outside CI) without llama-cpp-python
 pytestmark = pytest.mark.slow  # llama.cpp is an external oracle

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from releaser.cli import app
 from releaser.errors import ConfigError, ModelError, OutputError
-from releaser.testing import tiny_gguf, tiny_model, tiny_tokenizer
+from releaser_testing import tiny_gguf, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture

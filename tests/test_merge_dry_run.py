@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from releaser.cli import app
 from releaser.merge.describe import dry_run
-from releaser.testing import noised_variant, tiny_model
+from releaser_testing import noised_variant, tiny_model
 
 runner = CliRunner()
 

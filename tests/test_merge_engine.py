@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from releaser.checkpoint import CheckpointReader
 from releaser.merge import run_merge
 from releaser.merge.config import evaluate, parse_config
-from releaser.testing import tiny_model
+from releaser_testing import tiny_model
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -179,7 +179,7 @@ def test_bad_parameter_type_is_a_config_error(pair, tmp_path):
 
 @pytest.mark.parametrize("setting", ["chatml", "auto", "{% for m in messages %}{{ m['content'] }}{% endfor %}"])
 def test_chat_template_setting(tmp_path, setting):
-    from releaser.testing import CHATML_TEMPLATE, tiny_tokenizer
+    from releaser_testing import CHATML_TEMPLATE, tiny_tokenizer
     from releaser.tokenizer.templates import load_template
 
     a, b = tiny_model(tmp_path / "a", seed=1), tiny_model(tmp_path / "b", seed=2)

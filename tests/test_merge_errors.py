@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from releaser.checkpoint import safetensors_io
 from releaser.cli import app
-from releaser.testing import tiny_model
+from releaser_testing import tiny_model
 
 runner = CliRunner()
 

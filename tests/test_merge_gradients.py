@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from releaser.cli import app
 from releaser.merge import run_merge
 from releaser.merge.config import Conditional, evaluate
-from releaser.testing import noised_variant, tiny_model
+from releaser_testing import noised_variant, tiny_model
 
 runner = CliRunner()
 LAYERS = 6

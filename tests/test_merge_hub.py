@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from test_merge_lora import make_adapter
 
-from releaser.testing import noised_variant, tiny_model
+from releaser_testing import noised_variant, tiny_model
 
 COMMIT_A, COMMIT_B1, COMMIT_B2, COMMIT_L = ("a" * 40, "b" * 40, "c" * 40, "d" * 40)
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from releaser.cli import app
 from releaser.merge import run_merge
-from releaser.testing import noised_variant, tiny_model
+from releaser_testing import noised_variant, tiny_model
 
 runner = CliRunner()
 LAYERS = 3

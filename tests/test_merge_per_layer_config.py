@@ -9,7 +9,7 @@ import json
 import pytest
 
 from releaser.merge import run_merge
-from releaser.testing import tiny_family_model
+from releaser_testing import tiny_family_model
 
 SLICES = [[0, 2], [1, 4], [3, 4]]   # layers 0 1 | 1 2 3 | 3: six layers from four
 

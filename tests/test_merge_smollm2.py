@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from releaser.testing import cache_dir, noised_variant
+from releaser_testing import cache_dir, noised_variant
 
 pytestmark = pytest.mark.slow
 

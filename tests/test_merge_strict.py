@@ -16,7 +16,7 @@ from releaser.errors import ModelError
 from releaser.merge import run_merge
 from releaser.merge.methods import REQUIRED, Param, between
 from releaser.stage import Reporter
-from releaser.testing import noised_variant, tiny_model
+from releaser_testing import noised_variant, tiny_model
 
 runner = CliRunner()
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from releaser.cli import app
 from releaser.merge import run_merge
-from releaser.testing import tiny_model
+from releaser_testing import tiny_model
 
 runner = CliRunner()
 

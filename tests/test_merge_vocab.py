@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from releaser.merge import run_merge
-from releaser.testing import tiny_model
+from releaser_testing import tiny_model
 
 WORDS = ["hello", "world", "merge", "model", "token", "release", "weights", "stop"]
 

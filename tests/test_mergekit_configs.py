@@ -12,7 +12,7 @@ from releaser.cli import app
 from releaser.errors import ConfigError
 from releaser.merge import run_merge
 from releaser.merge.methods import get_method
-from releaser.testing import noised_variant, tiny_model
+from releaser_testing import noised_variant, tiny_model
 
 runner = CliRunner()
 

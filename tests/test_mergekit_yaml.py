@@ -10,7 +10,7 @@ from mergekit.config import MergeConfiguration
 
 from releaser.card.facts import merge_facts
 from releaser.merge import run_merge
-from releaser.testing import noised_variant, tiny_model
+from releaser_testing import noised_variant, tiny_model
 from test_merge_lora import make_adapter
 
 

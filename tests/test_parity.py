@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from releaser.merge import run_merge
-from releaser.testing import noised_variant, tiny_model
+from releaser_testing import noised_variant, tiny_model
 
 pytestmark = pytest.mark.slow  # external oracle
 

@@ -15,7 +15,7 @@ from releaser.quality import QualityGateError, QualityOptions, run_quality
 from releaser.awq.pack import unpack as unpack_gemm
 from releaser.quality import load as ld
 from releaser.quality.text import BUILTIN, load_text, make_windows
-from releaser.testing import awq_gemm_pack as pack, rtn_awq, tiny_awq, tiny_model, tiny_tokenizer
+from releaser_testing import awq_gemm_pack as pack, rtn_awq, tiny_awq, tiny_model, tiny_tokenizer
 
 REV = [0, 4, 1, 5, 2, 6, 3, 7]   # logical column 8c + j lives in nibble REV[j]
 

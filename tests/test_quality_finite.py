@@ -13,7 +13,7 @@ from safety_helpers import one_line_error as _one_line
 from typer.testing import CliRunner
 
 from releaser.cli import app
-from releaser.testing import rtn_awq, tiny_model, tiny_tokenizer
+from releaser_testing import rtn_awq, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from safety_helpers import release, run
 
 from releaser.pipeline import manifest
-from releaser.testing import tiny_model
+from releaser_testing import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from releaser.cli import app
 from releaser.errors import ConfigError, ModelError, OutputError
-from releaser.testing import tiny_chat_model
+from releaser_testing import tiny_chat_model
 from releaser.tokenizer.doctor import diagnose
 from releaser.tokenizer.fix import FixSpec, fix_tokenizer
 from releaser.tokenizer.model import ModelFolder

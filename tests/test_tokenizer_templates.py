@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from releaser.cli import app
-from releaser.testing import tiny_chat_model
+from releaser_testing import tiny_chat_model
 from releaser.tokenizer.findings import has_errors
 from releaser.tokenizer.fix import FixSpec, fix_tokenizer
 from releaser.tokenizer.model import ModelFolder

