@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from ..checkpoint import CheckpointReader
+from ..checkpoint.config import read_json as read_checked_json
 from ..errors import ModelError
 from ..merge.config import LORA_WEIGHT_NOTE
 from .methods import MethodFacts, method_facts
@@ -86,13 +87,7 @@ def _local_paths_shown(text: str, refs: list[str]) -> str:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}; re-create or re-download it") from exc
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} must hold a JSON object")
-    return data
+    return read_checked_json(path, "re-create or re-download it")
 
 
 def architecture_of(config: dict, folder: Path) -> str:

@@ -19,20 +19,25 @@ OPTIONAL_SIZE_KEYS = ("num_key_value_heads", "head_dim", "vocab_size")
 RESTORE = "restore it from the model's original config.json"
 
 
+def read_json(path: str | os.PathLike, fix: str) -> dict:
+    """A JSON file that must hold an object (config.json, tokenizer_config.json, ...): one-line errors naming the file
+    and ``fix`` when it cannot be read, is not JSON or is not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} does not hold a JSON object; {fix}")
+    return data
+
+
 def read_config(folder: str | os.PathLike) -> dict:
     """The config.json of a model folder: the one reader of it for every stage, with one-line errors (missing, not
     JSON, not a JSON object)."""
     folder = Path(folder)
-    path = folder / "config.json"
-    if not path.is_file():
+    if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc}); {RESTORE}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} does not hold a JSON object; {RESTORE}")
-    return data
+    return read_json(folder / "config.json", RESTORE)
 
 
 def _size(config: dict, key: str, path: Path) -> int:

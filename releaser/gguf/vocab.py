@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gguf
 
+from ..checkpoint.config import read_json
 from ..errors import ConfigError, ModelError
 from . import spm
 from .pretok import CHKTXT, PRE_TOKENIZERS
@@ -81,13 +82,7 @@ def looks_special(token: str) -> bool:
 
 
 def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path} ({exc}); fix or remove it") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} is not a JSON object; fix or remove it")
-    return data
+    return read_json(path, "fix or remove it")
 
 
 def _spm_tokens(folder: Path, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
