@@ -60,14 +60,13 @@ def main() -> None:
           f"(load average {load_before:.1f} before, {load_after:.1f} after, {os.cpu_count()} cores)")
     print("  targets: <= 300 s, <= 2 GB;", "met" if r["wall_s"] <= 300 and r["rss_gb"] <= 2 else "NOT met")
     if not args.no_eval:
-        e = timed([str(BIN / "python"), "-m", "releaser.cli", "awq-eval", str(model), str(out), "--device",
-                   args.device])
+        e = timed([str(BIN / "python"), "-m", "releaser.cli", "awq-eval", str(model), str(out), "-q"])
         data = json.loads((out / "awq_calibration.json").read_text())["eval"]
-        ppl = data["perplexity"]
-        print(f"releaser awq-eval ({data['tokens']} held-out tokens, wall {e['wall_s']:.0f} s, peak RSS "
+        ppl, kld, top = data["perplexity"], data["kld_mean"], data["same_top"]
+        print(f"releaser awq-eval ({data['tokens']} scored tokens, wall {e['wall_s']:.0f} s, peak RSS "
               f"{e['rss_gb']:.2f} GB): perplexity unquantized {ppl['unquantized']:.3f}, AWQ {ppl['awq']:.3f}, "
-              f"RTN {ppl['rtn']:.3f}; KL(unquantized||AWQ) {data['kl_awq']:.4f}, top-1 agreement "
-              f"{data['top1_agreement_awq']:.1%}")
+              f"RTN {ppl['rtn']:.3f}; mean KLD AWQ {kld['awq']:.4f}, RTN {kld['rtn']:.4f}; same top AWQ "
+              f"{top['awq']:.1%}, RTN {top['rtn']:.1%}")
 
 
 if __name__ == "__main__":

@@ -19,10 +19,14 @@ if [ "$done" = 0 ]; then
   build="$(mktemp -d)"
   trap 'rm -rf "$build"' EXIT
   echo "building llama.cpp's $tools once (test oracles); cached in $out" >&2
-  cmake -S "$src/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release \
-    -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON -DGGML_OPENMP=OFF >/dev/null
-  cmake --build "$build" -j "$(nproc)" --target $tools >/dev/null
+  if ! { cmake -S "$src/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+          -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+          -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON -DGGML_OPENMP=OFF \
+        && cmake --build "$build" -j "$(nproc)" --target $tools; } >"$build/log" 2>&1; then
+    grep -iE "error|fatal" "$build/log" | tail -20 >&2
+    echo "error: building llama.cpp's tools failed (cmake and a C++ compiler are needed)" >&2
+    exit 1
+  fi
   mkdir -p "$out.tmp/bin"
   for t in $tools; do cp "$build/bin/$t" "$out.tmp/bin/"; done
   rm -rf "$out" && mv "$out.tmp" "$out"

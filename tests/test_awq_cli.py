@@ -17,21 +17,26 @@ def test_awq_then_awq_eval(tmp_path):
     rng = random.Random(0)
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(" ".join(f"w{rng.randrange(150)}" for _ in range(30)) for _ in range(40)))
-    held = tmp_path / "held.jsonl"
-    held.write_text("\n".join(json.dumps({"text": " ".join(f"w{rng.randrange(150)}" for _ in range(50))})
-                              for _ in range(10)))
+    held = tmp_path / "held.txt"
+    held.write_text("\n\n".join(" ".join(f"w{rng.randrange(150)}" for _ in range(50)) for _ in range(10)))
     out = tmp_path / "awq"
     result = CliRunner().invoke(app, ["awq", str(model), "-o", str(out), "--calib", str(calib), "--samples", "24",
                                       "--seqlen", "64", "--group-size", "64", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "AWQ 4-bit g64" in result.output and str(out) in result.output
     assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 64
-    result = CliRunner().invoke(app, ["awq-eval", str(model), str(out), "--text", str(held), "--seqlen", "64",
-                                      "--rows", "4"])
+    result = CliRunner().invoke(app, ["awq-eval", str(model), str(out), "--text", str(held), "--ctx", "64",
+                                      "--chunks", "4", "-q"])
     assert result.exit_code == 0, result.output
-    assert "perplexity unquantized" in result.output and "KL" in result.output
-    saved = json.loads((out / "awq_calibration.json").read_text())
-    assert saved["samples"] == 24 and saved["eval"]["rows"] == 4 and saved["eval"]["text"] == "held.jsonl"
-    ppl = saved["eval"]["perplexity"]
+    assert "perplexity unquantized" in result.output and "mean KLD AWQ" in result.output
+    saved = json.loads((out / "awq_calibration.json").read_text())["eval"]
+    assert saved["chunks"] == 4 and saved["ctx"] == 64 and saved["text"] == "held.txt"
+    assert saved["tokens"] == 4 * 31   # the second half of each window is scored, as releaser eval and llama.cpp do
+    ppl = saved["perplexity"]
     assert set(ppl) == {"unquantized", "awq", "rtn"} and all(v > 1 for v in ppl.values())
-    assert saved["eval"]["kl_awq"] >= 0
+    assert saved["kld_mean"]["awq"] >= 0 and saved["kld_mean"]["rtn"] > 0
+    # the old flag names still work
+    result = CliRunner().invoke(app, ["awq-eval", str(model), str(out), "--text", str(held), "--seqlen", "64",
+                                      "--rows", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "awq_calibration.json").read_text())["eval"]["chunks"] == 2

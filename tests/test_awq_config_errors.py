@@ -103,7 +103,7 @@ def test_awq_eval_tensor_shapes_checked_when_configs_agree(model, tmp_path):
     _edit_config(folder, vocab_size=256)
     code, output = run("awq-eval", model, folder, "--rows", "1", "--seqlen", "16")
     line = one_line_error(output)
-    assert code == 2 and "lm_head.weight is (300, 64), the model's (256, 64)" in line
+    assert code == 2 and "embed_tokens.weight has shape (300, 64), the model needs (256, 64)" in line, line
 
 
 @pytest.mark.parametrize("group_size", [None, "abc", 0])

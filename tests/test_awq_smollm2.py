@@ -12,7 +12,7 @@ import torch
 from conftest import require
 
 from releaser.awq import AWQOptions, run_awq
-from releaser.awq.evaluate import awq_state, evaluate_awq
+from releaser.awq.evaluate import evaluate_awq
 from releaser.awq.pack import dequantize, unpack
 from releaser.checkpoint import CheckpointReader
 
@@ -31,7 +31,9 @@ def smol_awq(smollm2, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smol_eval(smollm2, smol_awq):
-    return evaluate_awq(smollm2, smol_awq[0], seqlen=256, rows=8)
+    from releaser.quality import QualityOptions
+
+    return evaluate_awq(smollm2, smol_awq[0], options=QualityOptions(ctx=256, chunks=8))
 
 
 def test_checkpoint_layout(smollm2, smol_awq):
@@ -61,9 +63,13 @@ def test_checkpoint_layout(smollm2, smol_awq):
 
 
 def test_perplexity_awq_beats_rtn_and_stays_close(smol_eval, smol_awq):
-    """Measured here (8 x 256 held-out tokens): unquantized 19.30, AWQ 22.82, RTN 27.64. The issue's target of AWQ
-    within 15% of the unquantized model is not reached on this 135M model at g64; AWQ recovers well over half of
-    round-to-nearest's loss. With the defaults (128 samples x 512, awq-eval's 16 x 512 tokens): 16.852 / 19.748 /
+    """Measured here (awq-eval: the quality stage's text and scoring, 8 windows of 256 tokens, the second half of each
+    scored): unquantized 22.73, AWQ 26.60 (1.17x), RTN 28.63 (1.26x); mean KLD AWQ 0.134, RTN 0.270; same top
+    77.7% and 69.0%. Before awq-eval ran on the quality stage it
+    scored whole rows of the KJV's Gospel of Luke (in-domain for the KJV calibration text): 19.30 / 22.82 / 27.64,
+    AWQ recovering over half of round-to-nearest's perplexity loss; on Darwin about a third of it, and half of
+    its KL divergence. The issue's target of AWQ within 15% of the unquantized model is not reached on this 135M model at g64.
+    With the defaults (128 samples x 512, awq-eval's 16 x 512 tokens): 16.852 / 19.748 /
     24.203 (1.172x). Issue 25, one change at a time on a 32-sample run (1.176x): group 32 instead of the g64
     fallback 1.152x (RTN 1.360x against 1.436x; with the defaults 19.303, 1.146x, the only change found that reaches
     1.15), later blocks fed from the quantized blocks 1.179x, an asymmetric [lo, hi] clip range 1.171x (1.175x with
@@ -74,12 +80,14 @@ def test_perplexity_awq_beats_rtn_and_stays_close(smol_eval, smol_awq):
     as it does gives 1.200x on the 32-sample run (the 2048-token default: 1.176x)."""
     ppl = smol_eval["perplexity"]
     assert ppl["unquantized"] < ppl["awq"] <= ppl["rtn"], ppl
-    assert ppl["awq"] - ppl["unquantized"] <= 0.6 * (ppl["rtn"] - ppl["unquantized"]), ppl
-    assert ppl["awq"] <= 1.22 * ppl["unquantized"], ppl
-    assert 0 < smol_eval["kl_awq"] < 1
+    assert ppl["awq"] - ppl["unquantized"] <= 0.75 * (ppl["rtn"] - ppl["unquantized"]), ppl
+    assert ppl["awq"] <= 1.2 * ppl["unquantized"], ppl
+    kld, top = smol_eval["kld_mean"], smol_eval["same_top"]
+    assert 0 < kld["awq"] < 0.6 * kld["rtn"], smol_eval
+    assert top["awq"] > top["rtn"], smol_eval
     saved = json.loads((smol_awq[0] / "awq_calibration.json").read_text())
-    assert saved["eval"]["perplexity"] == ppl
-    assert "Luke" in saved["eval"]["text"]
+    assert saved["eval"] == smol_eval
+    assert "Origin of Species" in saved["eval"]["text"]
 
 
 def _oracle():
@@ -112,13 +120,12 @@ def test_card_reads_the_checkpoint(smol_awq):
 
 
 def test_chat_generation_stops_at_end_of_turn(smollm2, smol_awq):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from releaser.quality.load import identify, load
 
     tok = AutoTokenizer.from_pretrained(smol_awq[0], local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32, local_files_only=True).eval()
-    _, state = awq_state(smol_awq[0])
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
+    model = load(identify(smol_awq[0]))   # the quality stage's reader: every GEMM linear unpacked
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():

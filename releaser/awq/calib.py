@@ -15,9 +15,7 @@ from .options import BUILTIN
 
 DATA = Path(__file__).parent / "data"
 BUILTIN_FILE = DATA / "kjv_calibration.txt"
-HELDOUT_FILE = DATA / "kjv_heldout.txt"
 BUILTIN_NAME = "King James Bible (Genesis, Exodus, Ruth, 1 Samuel; public domain, shipped with releaser)"
-HELDOUT_NAME = "King James Bible (Gospel of Luke; public domain, shipped with releaser)"
 
 
 @dataclass(frozen=True)
@@ -86,20 +84,3 @@ def calibration(source: str | Path, tokenizer, samples: int, seq_len: int) -> Ca
                           f"tokens ({len(ids)} tokens) for --samples {samples} --seqlen {seq_len}; give a longer "
                           "file or lower --samples")
     return Calibration(name, accepted, seq_len, torch.tensor(ids[:rows * seq_len], dtype=torch.int64).view(rows, seq_len))
-
-
-def heldout_rows(tokenizer, seq_len: int, max_rows: int, source: str | Path | None = None) -> tuple[str, torch.Tensor]:
-    """Evaluation rows from the held-out text (default: the shipped Gospel of Luke) or a user file."""
-    if source is None:
-        name, texts = HELDOUT_NAME, _paragraphs(HELDOUT_FILE.read_text(encoding="utf-8"))
-    else:
-        name, texts = read_texts(source)
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer.encode(text.strip()))
-        if len(ids) >= seq_len * max_rows:
-            break
-    rows = min(max_rows, len(ids) // seq_len)
-    if rows == 0:
-        raise ConfigError(f"evaluation text {name} has fewer than {seq_len} tokens; give a longer file")
-    return name, torch.tensor(ids[:rows * seq_len], dtype=torch.int64).view(rows, seq_len)

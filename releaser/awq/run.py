@@ -215,7 +215,7 @@ class BlockRunner:
         self.groups = family_groups(arch, self.hf) if arch is not None else GROUPS
         self.linears = tuple(n for g in self.groups for n in g.linears)
         self.norm_shift = arch.norm_shift if arch is not None else 0.0
-        dev, dt = settings.device, settings.dtype
+        dev = settings.device
         self.rotary = rotary_cls(self.hf).to(dev)
         self.seq_len = seq_len
         self.position_ids = torch.arange(seq_len, device=dev).unsqueeze(0)

@@ -412,20 +412,22 @@ def awq_cmd(
 def awq_eval_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="The unquantized model folder."),
     awq_dir: Path = typer.Argument(..., metavar="AWQ_DIR", help="The AWQ folder made from it by releaser awq."),
-    text: Path | None = typer.Option(None, "--text", help="Held-out .txt/.jsonl (default: shipped text, never used "
-                                     "for calibration)."),
-    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per evaluation row."),
-    rows: int = typer.Option(16, "--rows", help="Evaluation rows (at most)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    text: str = option(QualityOptions, "text", "--text"),
+    ctx: int = option(QualityOptions, "ctx", "--ctx", "--seqlen"),
+    chunks: int = option(QualityOptions, "chunks", "--chunks", "--rows"),
+    quiet: bool = flag("--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Perplexity of the unquantized model, AWQ and round-to-nearest, and KL(unquantized||AWQ); saved for the card."""
+    """AWQ against plain round-to-nearest (same bits and group size): perplexity, mean KL divergence and same-top
+    against the unquantized model, measured as releaser eval does; saved in the AWQ folder for the card."""
     from ..awq.evaluate import evaluate_awq
 
-    r = evaluate_awq(model_dir, awq_dir, _reporter(), text=text, seqlen=seqlen, rows=rows, device=device)
-    ppl = r["perplexity"]
-    out.print(f"[green]awq-eval[/] {r['tokens']} tokens of {r['text']}: perplexity unquantized {ppl['unquantized']:.3f}, "
-              f"AWQ {ppl['awq']:.3f}, RTN {ppl['rtn']:.3f}; KL {r['kl_awq']:.4f}, top-1 agreement "
-              f"{r['top1_agreement_awq']:.1%} -> {awq_dir / 'awq_calibration.json'}", highlight=False)
+    options = QualityOptions.build(text=text, ctx=ctx, chunks=chunks)
+    r = evaluate_awq(model_dir, awq_dir, _reporter(quiet), options=options)
+    ppl, kld, top = r["perplexity"], r["kld_mean"], r["same_top"]
+    out.print(f"[green]awq-eval[/] {r['tokens']} scored tokens of {r['text']}: perplexity unquantized "
+              f"{ppl['unquantized']:.3f}, AWQ {ppl['awq']:.3f}, RTN {ppl['rtn']:.3f}; mean KLD AWQ {kld['awq']:.5f}, "
+              f"RTN {kld['rtn']:.5f}; same top AWQ {top['awq']:.1%}, RTN {top['rtn']:.1%} -> "
+              f"{awq_dir / 'awq_calibration.json'}", highlight=False)
 
 
 @app.command("eval")

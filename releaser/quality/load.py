@@ -25,9 +25,10 @@ SPLIT = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 @dataclass(frozen=True)
 class Artefact:
     path: Path      # the .gguf file (first part of a split set) or the AWQ folder
-    kind: str       # "gguf" | "awq"
-    quant: str      # GGUF file type (Q4_K_M, F16, ...) or "AWQ" for an AWQ folder
+    kind: str       # "gguf" | "awq" | "rtn" (the unquantized folder ``path`` rounded to nearest, AWQ's baseline)
+    quant: str      # GGUF file type (Q4_K_M, F16, ...), "AWQ" for an AWQ folder, "RTN"
     label: str      # what tables show: the file or folder name
+    group_size: int = 0   # "rtn": the group size
 
     @property
     def parts(self) -> list[Path]:
@@ -43,10 +44,12 @@ class Artefact:
         return parts
 
 
-def identify(path: str | os.PathLike) -> Artefact:
+def identify(path: str | os.PathLike | Artefact) -> Artefact:
     """What an artefact path is: a GGUF file (with its file type) or an AWQ folder."""
     import gguf
 
+    if isinstance(path, Artefact):
+        return path
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         ftype = GGUFFile(path).values.get("general.file_type")
@@ -220,13 +223,42 @@ class AWQWeights(FolderWeights):
         return out
 
 
+class RTNWeights(FolderWeights):
+    """An unquantized folder as an AWQ folder of it would be without AWQ's search: every linear AWQ quantizes rounded
+    to nearest (4-bit groups with zero points and float16 scales, no scaling or clipping: ``releaser.awq.quantize``),
+    the other tensors in float16 as AWQ stores them. The baseline AWQ is measured against. Fused and stacked expert
+    tensors are rounded along their last (input) dimension, as per expert."""
+
+    def __init__(self, folder: Path, group_size: int):
+        super().__init__(folder)
+        self.group_size = group_size
+        self.family = architecture_for(self.config)
+        block = re.compile(re.escape(self.family.layer_prefix) + r"\d+\.(.+)\.weight$")
+        linears = set(self.family.awq_linears)
+        shapes = self.shapes()
+        self.rounded = {n for n in self.names if len(shapes[n]) >= 2 and (m := block.match(n))
+                        and not self.family.is_router(n) and (m[1] in linears or self.family.is_expert(n))}
+
+    def load(self, names):
+        from ..awq.quantize import quantize
+
+        for name, value in super().load(names):
+            if name in self.rounded:
+                value = quantize(value.reshape(-1, value.shape[-1]), self.group_size).dequantize().view(value.shape)
+            else:
+                value = value.to(torch.float16).to(torch.float32)
+            yield name, value
+
+
 def open_weights(artefact: Artefact | Path, base_config: dict | None = None) -> Weights:
-    """The weights of an unquantized model folder (a Path), a GGUF (read with the unquantized model's config) or an
-    AWQ folder (with its own)."""
+    """The weights of an unquantized model folder (a Path), a GGUF (read with the unquantized model's config), an
+    AWQ folder (with its own) or the round-to-nearest baseline of a folder."""
     if not isinstance(artefact, Artefact):
         return FolderWeights(Path(artefact))
     if artefact.kind == "gguf":
         return GGUFWeights(artefact, base_config)
+    if artefact.kind == "rtn":
+        return RTNWeights(artefact.path, artefact.group_size)
     return AWQWeights(artefact.path)
 
 
