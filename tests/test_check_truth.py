@@ -107,6 +107,11 @@ CASES = {   # id -> (recipe maker, change, what the one line must name)
     "unknown quant in max_kld": (model_recipe, _set("quality.max_kld", {"Q8_O": 0.1}), "Q8_O"),
     "a stage the family lacks": (model_recipe, _phi3_with_awq, "remove the recipe's awq section"),
     "infinite time budget": (model_recipe, _set("quality.time_budget", float("inf")), "finite"),
+    "tensor type pattern": (model_recipe, _set("gguf.tensor_types", {"attn_v[": "q8_0"}), "attn_v["),
+    "unknown tensor type": (model_recipe, _set("gguf.output_type", "q7_0"), "q7_0"),
+    "custom quant without base": (model_recipe, _set("gguf.quants", ["Q8_0", {"name": "Q4_K_L", "base": "Q4_K_Q",
+                                                                             "output_type": "q8_0"}]), "Q4_K_Q"),
+    "two quants of one name": (model_recipe, _set("gguf.quants", ["Q8_0", {"name": "Q8_0", "pure": True}]), "Q8_0"),
 }
 
 

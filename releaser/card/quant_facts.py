@@ -49,7 +49,7 @@ class GGUFFile:
     name: str                # file name (the first shard of a split file)
     shards: list[str]        # all file names (one unless split)
     size: int                # bytes, all shards
-    quant_type: str          # from general.file_type, e.g. Q4_K_M
+    quant_type: str          # from general.file_type, e.g. Q4_K_M, or a custom recipe's name (Q4_K_L)
     bits_per_weight: float   # tensor data bits / parameters
     good_for: str
 
@@ -164,8 +164,13 @@ def gguf_facts(folder: Path) -> GGUFFacts:
         if not n_params:
             raise ModelError(f"{shards[0]} holds no tensors")
         quant = _quant_type(readers[0], shards[0])
+        good = good_for(quant)
+        recipe = _field(readers[0], "quantize.recipe.name")
+        if recipe:   # a custom recipe: llama-quantize's mix with overrides (the arguments that make it)
+            args = " ".join(_field(readers[0], "quantize.recipe.args") or [])
+            quant, good = str(recipe), f"{quant} with `{args}`: {good[0].lower()}{good[1:]}"
         files.append(GGUFFile(shards[0].name, [p.name for p in shards], sum(p.stat().st_size for p in shards),
-                              quant, n_bytes * 8 / n_params, good_for(quant)))
+                              quant, n_bytes * 8 / n_params, good))
         first = first or (readers[0], shards[0], n_params)
     if first is None:
         raise ModelError(f"{folder} has no .gguf files")

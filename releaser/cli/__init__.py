@@ -229,6 +229,12 @@ def gguf_cmd(
     tag: list[str] | None = typer.Option(None, "--tag", help="general.tags entry (repeatable)."),
     quantized_by: str | None = typer.Option(None, "--quantized-by", help="general.quantized_by."),
     pre_tokenizer: str | None = option(GGUFOptions, "pre_tokenizer", "--pre-tokenizer"),
+    tensor_type: list[str] | None = typer.Option(None, "--tensor-type", metavar="REGEX=TYPE", help="Tensors whose "
+                                                 "GGUF name matches REGEX take TYPE (repeatable; the first match "
+                                                 "wins; llama-quantize's --tensor-type)."),
+    output_tensor_type: str | None = option(GGUFOptions, "output_type", "--output-tensor-type"),
+    token_embedding_type: str | None = option(GGUFOptions, "embedding_type", "--token-embedding-type"),
+    pure: bool = flag("--pure", help=GGUFOptions.help("pure")),
     overwrite: bool = flag("--overwrite", help="Replace existing files of the same names."),
     quiet: bool = flag("--quiet", "-q", help="No progress bar."),
     ctx: typer.Context = None,
@@ -242,8 +248,16 @@ def gguf_cmd(
         hint = " (-q means --quiet in every command; the types go with --quant/-Q)" if quiet else ""
         raise ConfigError(f"unexpected argument {stray[0]!r}{hint}; e.g. --quant {stray[0]}")
 
-    opts = GGUFOptions.build(quants=quant, split_max_size=split_max_size, pre_tokenizer=pre_tokenizer)
-    result = export_gguf(model_dir, out_dir, opts.quants, name, opts.split_max_size, overwrite=overwrite,
+    pairs = {}
+    for item in tensor_type or []:
+        pattern, sep, qtype = item.partition("=")
+        if not sep or not pattern or not qtype:
+            raise ConfigError(f"--tensor-type {item!r}: give REGEX=TYPE, e.g. --tensor-type attn_v=q8_0")
+        pairs[pattern] = qtype
+    opts = GGUFOptions.build(quants=quant, split_max_size=split_max_size, pre_tokenizer=pre_tokenizer,
+                             tensor_types=pairs, output_type=output_tensor_type, embedding_type=token_embedding_type,
+                             pure=pure)
+    result = export_gguf(model_dir, out_dir, opts.specs(), name, opts.split_max_size, overwrite=overwrite,
                          license=license, tags=tag, base_models=base_model, quantized_by=quantized_by,
                          pre_tokenizer=opts.pre_tokenizer, reporter=_reporter(quiet))
     out.print(result.summary(), highlight=False)

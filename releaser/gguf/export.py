@@ -21,7 +21,7 @@ from ..checkpoint import CheckpointReader, parse_size
 from ..stage import Reporter
 from . import kernels
 from .convert import Converter
-from .mixes import file_type, parse_quants, tensor_types
+from .mixes import QuantSpec, file_type, quant_specs, tensor_types
 from .vocab import TokenizerInfo, add_tokenizer
 
 
@@ -137,24 +137,25 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
     does (a release passes False: the README.md in its main folder is the card it writes after this stage).
     """
     start = time.perf_counter()
-    quants = parse_quants(quants)
+    specs = {s.name: s for s in quant_specs(quants)}
     split_bytes = parse_size(split_max_size) if split_max_size else 0
     out_dir = Path(out_dir).absolute()
     with CheckpointReader(model_dir) as reader:
         conv = Converter(reader)
         descs = [p.desc for p in conv.plan]
-        types = {q: tensor_types(descs, q, conv.shape) for q in quants}
+        types = {q: tensor_types(descs, spec, conv.shape) for q, spec in specs.items()}
         name = name or _default_name(conv)
         template, tok = _metadata(conv, name, license=license, tags=tags, base_models=base_models,
                                   quantized_by=quantized_by, pre=pre_tokenizer, model_card=model_card)
         with output_files(out_dir, overwrite=overwrite) as tmp:
             writers, packed = {}, {}
-            for q in quants:
+            for q, spec in specs.items():
                 w = _Writer(tmp / f"{_file_stem(name)}-{q}.gguf", template.arch, split_bytes, packed)
                 for key, val in template.kv_data[0].items():
                     if key != gguf.Keys.General.ARCHITECTURE:
                         w.add_key_value(key, val.value, val.type, val.sub_type)
-                w.add_file_type(file_type(q))
+                w.add_file_type(file_type(spec.base))
+                _add_recipe(w, spec)
                 for plan, t in zip(conv.plan, types[q]):
                     w.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), _nbytes(plan.shape, t), raw_dtype=t)
                 writers[q] = w
@@ -174,6 +175,18 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
     names = [p.name for p in conv.plan]
     return GGUFResult(out_dir, name, files, {q: dict(zip(names, (t.name for t in ts))) for q, ts in types.items()},
                       tok, time.perf_counter() - start, sizes)
+
+
+RECIPE_NAME, RECIPE_BASE, RECIPE_ARGS = "quantize.recipe.name", "quantize.recipe.base", "quantize.recipe.args"
+
+
+def _add_recipe(w: gguf.GGUFWriter, spec: QuantSpec) -> None:
+    """A custom recipe's name, base type and the llama-quantize arguments that reproduce the file (a default one
+    writes nothing: its bytes stay llama.cpp's)."""
+    if not spec.is_default:
+        w.add_string(RECIPE_NAME, spec.name)
+        w.add_string(RECIPE_BASE, spec.base)
+        w.add_array(RECIPE_ARGS, spec.quantize_args())
 
 
 def _write_tensors(conv: Converter, types: dict[str, list[T]], writers: dict, workers: int,

@@ -1,12 +1,15 @@
 """llama-quantize's per-tensor type rules (``src/llama-quant.cpp``, no imatrix; dense Llama-family models and the
-8-expert rules of mixture-of-experts ones).
+8-expert rules of mixture-of-experts ones), and its per-tensor overrides (``--tensor-type REGEX=TYPE``,
+``--output-tensor-type``, ``--token-embedding-type``, ``--pure``) as a :class:`QuantSpec`.
 
 ``tensor_types(tensors, quant, ...)`` returns the ggml type llama.cpp's ``llama_model_quantize`` picks for every tensor
-of an F32 GGUF when asked for ``quant``; the plain types (F32, F16, BF16) follow ``convert_hf_to_gguf.py``.
+of an F32 GGUF when asked for ``quant`` (a name or a QuantSpec); the plain types (F32, F16, BF16) follow
+``convert_hf_to_gguf.py``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType
@@ -23,6 +26,89 @@ DEFAULT_TYPE: dict[str, T] = {
 QUANT_NAMES = list(DEFAULT_TYPE)
 FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 UNQUANTIZED = (T.F32, T.F16, T.BF16)
+# the tensor types an override may name (ggml's names, any case, as llama-quantize reads them)
+TENSOR_TYPES = {t.name: t for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K,
+                                    T.Q4_K, T.Q5_K, T.Q6_K)}
+
+
+def tensor_type(name: str, what: str) -> T:
+    """A ggml tensor type by name (``q8_0``, ``Q6_K``, ...); ConfigError naming ``what`` and the valid names."""
+    qtype = TENSOR_TYPES.get(str(name).strip().upper())
+    if qtype is None:
+        raise ConfigError(f"{what}: unknown tensor type {name!r}; valid types: {', '.join(TENSOR_TYPES)}")
+    return qtype
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One GGUF file's recipe: llama-quantize's ``base`` mix with its overrides, written as ``{stem}-{name}.gguf``.
+    ``tensor_types``: (regex, type) pairs in order, the first whose regex is found in a tensor's GGUF name (lower
+    case, as llama-quantize lowers it) wins."""
+
+    name: str
+    base: str
+    tensor_types: tuple[tuple[str, str], ...] = ()
+    output_type: str | None = None
+    embedding_type: str | None = None
+    pure: bool = False
+
+    @property
+    def is_default(self) -> bool:
+        return not (self.tensor_types or self.output_type or self.embedding_type or self.pure)
+
+    def quantize_args(self) -> list[str]:
+        """The llama-quantize arguments that make the same file from an F32 GGUF (before ``in out TYPE``)."""
+        args = [a for p, t in self.tensor_types for a in ("--tensor-type", f"{p}={t.lower()}")]
+        if self.output_type:
+            args += ["--output-tensor-type", self.output_type.lower()]
+        if self.embedding_type:
+            args += ["--token-embedding-type", self.embedding_type.lower()]
+        return args + (["--pure"] if self.pure else [])
+
+
+def quant_spec(entry, defaults: dict | None = None) -> QuantSpec:
+    """A QuantSpec from a recipe/CLI entry: a quant name (``Q4_K_M``) or a mapping ``{name, base, tensor_types,
+    output_type, embedding_type, pure}``; ``defaults`` (the same keys but name/base) apply to every entry that does
+    not set them. Errors are ConfigErrors naming the entry."""
+    defaults = dict(defaults or {})
+    if isinstance(entry, str):
+        fields, name = {}, entry.strip().upper()
+    elif isinstance(entry, dict):
+        fields = dict(entry)
+        name = str(fields.pop("name", "") or "").strip()
+        if not name:
+            raise ConfigError(f"GGUF quant {entry!r} needs a name (the file name part, e.g. Q4_K_L)")
+    else:
+        raise ConfigError(f"GGUF quant {entry!r}: give a type name such as Q4_K_M or a mapping with name and base")
+    base = str(fields.pop("base", name)).strip().upper()
+    if base not in DEFAULT_TYPE:
+        raise ConfigError(f"GGUF quant {name}: unknown base type {base}; valid types: {', '.join(QUANT_NAMES)}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError(f"GGUF quant name {name!r}: use letters, digits, '_', '.' and '-' (it is part of a file name)")
+    unknown = set(fields) - {"tensor_types", "output_type", "embedding_type", "pure"}
+    if unknown:
+        raise ConfigError(f"GGUF quant {name}: unknown field {sorted(unknown)[0]!r}; the fields are name, base, "
+                          "tensor_types, output_type, embedding_type and pure")
+    merged = {**defaults, **{k: v for k, v in fields.items() if v is not None}}
+    pairs = merged.get("tensor_types") or {}
+    if isinstance(pairs, dict):
+        pairs = list(pairs.items())
+    checked = []
+    for pattern, qtype in pairs:
+        try:
+            re.compile(str(pattern).lower())
+        except re.error as exc:
+            raise ConfigError(f"GGUF quant {name}: tensor type pattern {pattern!r} is not a regular expression "
+                              f"({exc})") from None
+        checked.append((str(pattern).lower(), tensor_type(qtype, f"GGUF quant {name}, {pattern}").name))
+    out, emb = merged.get("output_type"), merged.get("embedding_type")
+    if name != base and not (checked or out or emb or merged.get("pure")):
+        raise ConfigError(f"GGUF quant {name} is {base} without overrides; name it {base}, or give tensor_types, "
+                          "output_type, embedding_type or pure")
+    if name in DEFAULT_TYPE and name != base:
+        raise ConfigError(f"GGUF quant {name}: a custom recipe cannot take a llama.cpp type's name; choose another")
+    return QuantSpec(name, base, tuple(checked), out and tensor_type(out, f"GGUF quant {name}, output_type").name,
+                     emb and tensor_type(emb, f"GGUF quant {name}, embedding_type").name, bool(merged.get("pure")))
 
 
 def file_type(quant: str) -> LlamaFileType:
@@ -40,6 +126,17 @@ def parse_quants(quants) -> list[str]:
         raise ConfigError(f"unknown GGUF quant type {', '.join(bad) or '(none given)'}; "
                           f"valid types: {', '.join(QUANT_NAMES)}")
     return list(dict.fromkeys(names))
+
+
+def quant_specs(quants) -> list[QuantSpec]:
+    """``"Q4_K_M,F16"``, or a list of names, mappings (see :func:`quant_spec`) and QuantSpecs, as QuantSpecs."""
+    if isinstance(quants, str):
+        quants = parse_quants(quants)
+    specs = [q if isinstance(q, QuantSpec) else quant_spec(q if isinstance(q, dict) else parse_quants([q])[0])
+             for q in quants]
+    if not specs:
+        raise ConfigError(f"no GGUF quant type given; valid types: {', '.join(QUANT_NAMES)}")
+    return list({s.name: s for s in specs}.values())
 
 
 @dataclass(frozen=True)
@@ -92,7 +189,7 @@ class _Mix:
         self.quant, self.shape = quant, shape
         self.tied = not any(t.name == "output.weight" for t in tensors)
         self.n_attention_wv = sum(_is_attn_v(t.name) for t in tensors)
-        self.i_attention_wv = 0
+        self.i_attention_wv = self.i_ffn_down = 0   # counted as llama.cpp counts them: overridden tensors are not
 
     def pick(self, t: TensorDesc, new: T) -> T:  # llama_tensor_get_type_impl for the ftypes above
         q, s, name = self.quant, self.shape, t.name
@@ -122,7 +219,9 @@ class _Mix:
             if s.n_expert == 8:
                 new = T.Q8_0
         elif "ffn_down" in name:
-            i, n = _layer(name), s.n_layer
+            # llama.cpp's layer_info: the name's block with experts (not in order), else its ffn_down counter
+            i, n = (_layer(name) if s.n_expert > 1 else self.i_ffn_down), s.n_layer
+            self.i_ffn_down += 1
             if q == "Q2_K":
                 new = T.Q3_K
             elif q == "Q3_K_M":
@@ -141,16 +240,31 @@ class _Mix:
         return new
 
 
-def tensor_types(tensors: list[TensorDesc], quant: str, shape: ModelShape) -> list[T]:
-    """The type of each tensor (in file order) for ``quant``; tensors llama.cpp does not quantize stay F32."""
-    default = DEFAULT_TYPE[quant]
-    mix = _Mix(quant, tensors, shape)
+def tensor_types(tensors: list[TensorDesc], quant: str | QuantSpec, shape: ModelShape) -> list[T]:
+    """The type of each tensor (in file order) for ``quant``; tensors llama.cpp does not quantize stay F32. As
+    llama_tensor_get_type: the embedding and output types apply as given; a quantized base's tensors take the first
+    matching pattern, else (unless ``pure``) the mix's rule, then the fallback for widths the type cannot take."""
+    spec = quant if isinstance(quant, QuantSpec) else QuantSpec(quant, quant)
+    default = DEFAULT_TYPE[spec.base]
+    mix = _Mix(spec.base, tensors, shape)
+    patterns = [(re.compile(p), T[q]) for p, q in spec.tensor_types]
     out = []
     for t in tensors:
-        if not allows_quantization(t) or default == T.F32:
+        if not allows_quantization(t):
             out.append(T.F32)
+        elif spec.embedding_type and t.name == "token_embd.weight":
+            out.append(T[spec.embedding_type])
+        elif spec.output_type and t.name == "output.weight":
+            out.append(T[spec.output_type])
         elif default in UNQUANTIZED:
             out.append(default)
         else:
-            out.append(_fallback(t, mix.pick(t, default)))
+            new = next((q for rx, q in patterns if rx.search(t.name)), None)
+            if new is None and spec.pure:
+                new = default
+            elif new is None and spec.output_type and mix.tied and t.name == "token_embd.weight":
+                new = T[spec.output_type]   # the mix's rule for a tied embedding: the output type
+            elif new is None:
+                new = mix.pick(t, default)
+            out.append(_fallback(t, new))
     return out

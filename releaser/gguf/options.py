@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..options import check_size
 from ..stage import StageOptions
@@ -13,7 +13,18 @@ from ..stage import StageOptions
 class GGUFOptions(StageOptions):
     """``gguf:`` -- the GGUF files of the ``-GGUF`` repo (``releaser gguf``)."""
 
-    quants: list[str] = Field(default_factory=lambda: ["Q4_K_M"], description="GGUF types, e.g. [Q8_0, Q4_K_M].")
+    quants: list[str | dict[str, Any]] = Field(
+        default_factory=lambda: ["Q4_K_M"], description="GGUF types, e.g. [Q8_0, Q4_K_M]; a custom recipe is a mapping "
+        "{name: Q4_K_L, base: Q4_K_M, output_type: Q8_0, embedding_type: Q8_0, tensor_types: {REGEX: TYPE}, pure}, "
+        "written as {Name}-{name}.gguf.")
+    tensor_types: dict[str, str] = Field(default_factory=dict, description="REGEX=TYPE: tensors whose GGUF name "
+                                         "matches take TYPE, in every quantized file (llama-quantize's --tensor-type).")
+    output_type: str | None = Field(None, description="Type of output.weight in every file (llama-quantize's "
+                                    "--output-tensor-type).")
+    embedding_type: str | None = Field(None, description="Type of token_embd.weight in every file (llama-quantize's "
+                                       "--token-embedding-type).")
+    pure: bool = Field(False, description="Every quantized tensor takes the base type: no mix rules (llama-quantize's "
+                       "--pure).")
     split_max_size: str | None = Field(None, description="Split files above this size, e.g. 48G.")
     pre_tokenizer: str | None = Field(None, description="llama.cpp BPE pre-tokenizer name "
                                          "(default: detected by llama.cpp's hash check).")
@@ -22,7 +33,27 @@ class GGUFOptions(StageOptions):
 
     @field_validator("quants", mode="before")
     @classmethod
-    def _quants(cls, value: Any) -> list[str]:
+    def _quants(cls, value: Any) -> list:
         from .mixes import parse_quants
 
-        return parse_quants(value)
+        if isinstance(value, str):
+            return parse_quants(value)
+        if not isinstance(value, list) or not value:
+            raise ValueError("give a list of GGUF types, e.g. [Q8_0, Q4_K_M]")
+        return [parse_quants([q])[0] if isinstance(q, str) else q for q in value]
+
+    @model_validator(mode="after")
+    def _recipes(self):
+        names = [s.name for s in self.specs()]   # every entry checked now, before any work
+        if len(set(names)) != len(names):
+            raise ValueError(f"two GGUF quants are named {next(n for n in names if names.count(n) > 1)}")
+        return self
+
+    def specs(self):
+        """One :class:`~releaser.gguf.mixes.QuantSpec` per file, the section-wide overrides applied where an entry does
+        not set its own."""
+        from .mixes import quant_spec
+
+        shared = {"tensor_types": self.tensor_types, "output_type": self.output_type,
+                  "embedding_type": self.embedding_type, "pure": self.pure}
+        return [quant_spec(q, shared) for q in self.quants]

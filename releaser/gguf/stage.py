@@ -36,7 +36,7 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
     from .export import export_gguf
 
     with output_dir(out, overwrite=overwrite) as tmp:
-        result = export_gguf(inputs, tmp, options.quants, name, options.split_max_size, overwrite=True,
+        result = export_gguf(inputs, tmp, options.specs(), name, options.split_max_size, overwrite=True,
                              license=license, base_models=base_models, quantized_by=quantized_by,
                              pre_tokenizer=options.pre_tokenizer, model_card=False, reporter=reporter)
     paths = [out / p.name for ps in result.files.values() for p in ps]

@@ -219,7 +219,7 @@ def _validate(r: Release) -> dict[str, str]:
     if r.recipe.tokenizer is not None:
         detail["tokenizer"] = f"chat template {load_template(r.template()).name}"
     if r.recipe.gguf is not None:
-        detail["gguf"] = ", ".join(r.recipe.gguf.quants)
+        detail["gguf"] = ", ".join(q.name for q in r.recipe.gguf.specs())
     if r.recipe.awq is not None:
         a = r.recipe.awq
         if a.calibration != "builtin" and not r.local(a.calibration).is_file():
