@@ -37,3 +37,22 @@ def smollm2_ggufs(tmp_path_factory, smollm2):
     result = export_gguf(smollm2, tmp_path_factory.mktemp("smollm2-gguf"), ["F16", "Q8_0", "Q4_K_M"],
                          name="SmolLM2-135M-Instruct")
     return {q: paths[0] for q, paths in result.files.items()}
+
+
+@pytest.fixture(scope="session")
+def llama_tools():
+    """The folder of llama.cpp's own llama-quantize, llama-imatrix and llama-perplexity (test oracles), built once
+    from the source vendored in the llama-cpp-python 0.3.36 sdist by tests/build_llama_tools.sh and cached. A failed
+    build fails the test in CI and skips it elsewhere."""
+    import subprocess
+    from pathlib import Path
+
+    proc = subprocess.run(["bash", str(Path(__file__).parent / "build_llama_tools.sh")], capture_output=True,
+                          text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not (Path(lines[-1]) / "llama-quantize").is_file():
+        message = f"llama.cpp's tools could not be built (tests/build_llama_tools.sh): {proc.stderr[-1500:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(lines[-1])

@@ -60,6 +60,11 @@ def _model_without_layer_count(tmp_path):
     return str(folder)
 
 
+def _junk_imatrix(tmp_path):
+    (tmp_path / "junk.dat").write_bytes(b"\x05\x00\x00\x00junk")
+    return "junk.dat"
+
+
 def _phi3_model(tmp_path):
     from releaser_testing import tiny_family_model
 
@@ -107,6 +112,9 @@ CASES = {   # id -> (recipe maker, change, what the one line must name)
     "unknown quant in max_kld": (model_recipe, _set("quality.max_kld", {"Q8_O": 0.1}), "Q8_O"),
     "a stage the family lacks": (model_recipe, _phi3_with_awq, "remove the recipe's awq section"),
     "infinite time budget": (model_recipe, _set("quality.time_budget", float("inf")), "finite"),
+    "missing imatrix": (model_recipe, _set("gguf.imatrix", "no-such.imatrix.gguf"), "no-such.imatrix.gguf"),
+    "damaged imatrix": (model_recipe, _set("gguf.imatrix", _junk_imatrix), "not a readable imatrix file"),
+    "Q2_K_S without an imatrix": (model_recipe, _set("gguf.quants", ["Q2_K_S"]), "Q2_K_S needs an importance matrix"),
 }
 
 
