@@ -34,7 +34,9 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
         paths = [out / f.path for f in kept.files]
         return StageResult("gguf", out, describe(out, paths), f"tokenizer metadata rewritten in {len(changed)} file(s),"
                            " tensors unchanged", {"tensor_types": kept.facts.get("tensor_types", {}),
-                                                  "metadata_only": True})
+                                                  "metadata_only": True,
+                                                  **({"imatrix": kept.facts["imatrix"]} if "imatrix" in kept.facts
+                                                     else {})})
     from .export import export_gguf
     from .imatrix_weights import load_imatrix
 
