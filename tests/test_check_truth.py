@@ -60,6 +60,11 @@ def _model_without_layer_count(tmp_path):
     return str(folder)
 
 
+def _junk_imatrix(tmp_path):
+    (tmp_path / "junk.dat").write_bytes(b"\x05\x00\x00\x00junk")
+    return "junk.dat"
+
+
 def _phi3_model(tmp_path):
     from releaser_testing import tiny_family_model
 
@@ -112,6 +117,9 @@ CASES = {   # id -> (recipe maker, change, what the one line must name)
     "custom quant without base": (model_recipe, _set("gguf.quants", ["Q8_0", {"name": "Q4_K_L", "base": "Q4_K_Q",
                                                                              "output_type": "q8_0"}]), "Q4_K_Q"),
     "two quants of one name": (model_recipe, _set("gguf.quants", ["Q8_0", {"name": "Q8_0", "pure": True}]), "Q8_0"),
+    "missing imatrix": (model_recipe, _set("gguf.imatrix", "no-such.imatrix.gguf"), "no-such.imatrix.gguf"),
+    "damaged imatrix": (model_recipe, _set("gguf.imatrix", _junk_imatrix), "not a readable imatrix file"),
+    "Q2_K_S without an imatrix": (model_recipe, _set("gguf.quants", ["Q2_K_S"]), "Q2_K_S needs an importance matrix"),
 }
 
 

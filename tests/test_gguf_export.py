@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from releaser.gguf import QUANT_NAMES, export_gguf
+from releaser.gguf.mixes import NEEDS_IMATRIX
 from releaser_testing import tiny_model
 
 import gguf_oracle as o  # noqa: E402 - skips (outside CI) without llama-cpp-python
 pytestmark = pytest.mark.slow  # llama.cpp is an external oracle
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-MIXES = [q for q in QUANT_NAMES if q not in ("F32", "F16", "BF16")]
+MIXES = [q for q in QUANT_NAMES if q not in ("F32", "F16", "BF16", *NEEDS_IMATRIX)]   # tests/test_gguf_imatrix.py
 
 
 def make_model(path, smollm2, arch="llama", **kw):

@@ -35,6 +35,7 @@ GOOD_FOR = {
     "Q3_K_M": "Low quality; for machines with little memory",
     "Q3_K_S": "Low quality; for machines with little memory",
     "Q2_K": "Very low quality; only when nothing larger fits",
+    "Q2_K_S": "Very low quality, smaller than Q2_K (made with an importance matrix); only when nothing larger fits",
     "IQ4": "I-quant, similar quality to Q4_K_S at a smaller size; best on GPU",
     "IQ3": "I-quant, low quality but usable; best on GPU",
     "IQ2": "I-quant, very low quality; best on GPU",

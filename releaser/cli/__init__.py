@@ -220,7 +220,7 @@ def gguf_cmd(
                                      "Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2 or SmolLM3."),
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
     quant: str = typer.Option(",".join(GGUFOptions.default("quants")), "--quant", "-Q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
-                              "Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K "
+                              "Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S (needs --imatrix), Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K "
                               "(the recipe's gguf.quants)."),
     name: str | None = typer.Option(None, "--name", help="Model name: general.name and the file names {Name}-{TYPE}."),
     split_max_size: str | None = option(GGUFOptions, "split_max_size", "--split-max-size"),
@@ -235,6 +235,7 @@ def gguf_cmd(
     output_tensor_type: str | None = option(GGUFOptions, "output_type", "--output-tensor-type"),
     token_embedding_type: str | None = option(GGUFOptions, "embedding_type", "--token-embedding-type"),
     pure: bool = flag("--pure", help=GGUFOptions.help("pure")),
+    imatrix: str | None = option(GGUFOptions, "imatrix", "--imatrix", metavar="FILE"),
     overwrite: bool = flag("--overwrite", help="Replace existing files of the same names."),
     quiet: bool = flag("--quiet", "-q", help="No progress bar."),
     ctx: typer.Context = None,
@@ -256,10 +257,10 @@ def gguf_cmd(
         pairs[pattern] = qtype
     opts = GGUFOptions.build(quants=quant, split_max_size=split_max_size, pre_tokenizer=pre_tokenizer,
                              tensor_types=pairs, output_type=output_tensor_type, embedding_type=token_embedding_type,
-                             pure=pure)
+                             pure=pure, imatrix=imatrix)
     result = export_gguf(model_dir, out_dir, opts.specs(), name, opts.split_max_size, overwrite=overwrite,
                          license=license, tags=tag, base_models=base_model, quantized_by=quantized_by,
-                         pre_tokenizer=opts.pre_tokenizer, reporter=_reporter(quiet))
+                         pre_tokenizer=opts.pre_tokenizer, imatrix=opts.imatrix, reporter=_reporter(quiet))
     out.print(result.summary(), highlight=False)
 
 

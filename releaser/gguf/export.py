@@ -17,11 +17,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.gguf_writer import WriterState
 
 from ..atomic import check_new, output_files
+from ..errors import ConfigError
 from ..checkpoint import CheckpointReader, parse_size
 from ..stage import Reporter
 from . import kernels
 from .convert import Converter
-from .mixes import QuantSpec, file_type, quant_specs, tensor_types
+from .imatrix_weights import Imatrix, ImatrixError, load_imatrix
+from .mixes import DEFAULT_TYPE, NEEDS_IMATRIX, UNQUANTIZED, QuantSpec, file_type, quant_specs, requires_imatrix, \
+    tensor_types
+from .quants import WEIGHTED_TYPES
 from .vocab import TokenizerInfo, add_tokenizer
 
 
@@ -34,6 +38,7 @@ class GGUFResult:
     tokenizer: TokenizerInfo
     seconds: float
     sizes: dict[str, int] = field(default_factory=dict)   # quant -> bytes over all its files
+    imatrix: dict | None = None     # the quantize.imatrix.* keys of the quantized files (made with an imatrix)
 
     def summary(self) -> str:
         lines = [f"wrote {sum(len(f) for f in self.files.values())} GGUF file(s) to {self.out_dir} "
@@ -41,6 +46,9 @@ class GGUFResult:
                  f"eos {self.tokenizer.eos})"]
         for quant, paths in self.files.items():
             lines.append(f"  {quant:7s} {self.sizes[quant] / 1e6:9.1f} MB  " + ", ".join(p.name for p in paths))
+        if self.imatrix:
+            lines.append(f"  importance matrix {self.imatrix['quantize.imatrix.file']} "
+                         f"({self.imatrix['quantize.imatrix.entries_count']} entries)")
         return "\n".join(lines)
 
 
@@ -126,7 +134,8 @@ def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_mod
 def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None, split_max_size=None, *,
                 overwrite: bool = False, license: str | None = None, tags=None, base_models=None,
                 quantized_by: str | None = None, pre_tokenizer: str | None = None, workers: int | None = None,
-                model_card: bool = True, reporter: Reporter | None = None) -> GGUFResult:
+                model_card: bool = True, imatrix: str | os.PathLike | Imatrix | None = None,
+                reporter: Reporter | None = None) -> GGUFResult:
     """Convert ``model_dir`` (an HF folder of a family in ``releaser.arch``) to GGUF files ``{Name}-{TYPE}.gguf`` in
     ``out_dir``.
 
@@ -135,15 +144,26 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
     only when all of them are complete. ``pre_tokenizer`` overrides llama.cpp's hash-based BPE pre-tokenizer choice.
     ``model_card``: take license, tags and base models from README.md's front matter too, as llama.cpp's converter
     does (a release passes False: the README.md in its main folder is the card it writes after this stage).
+    ``imatrix``: an importance matrix file (llama-imatrix's GGUF or legacy .dat, or ``releaser imatrix``'s): the
+    quantized types are made as ``llama-quantize --imatrix FILE`` makes them (weighted search, its mix rules, its
+    ``quantize.imatrix.*`` keys with the path as given here); F32/F16/BF16 files do not use it.
     """
     start = time.perf_counter()
     specs = {s.name: s for s in quant_specs(quants)}
+    base = {q: s.base for q, s in specs.items()}
+    reporter = reporter or Reporter()
+    if imatrix is None and (need := [q for q in specs if base[q] in NEEDS_IMATRIX]):
+        raise ConfigError(f"{', '.join(need)} needs an importance matrix (llama-quantize refuses it without one): "
+                          "pass --imatrix FILE (gguf.imatrix in a recipe) or choose Q2_K")
+    im = load_imatrix(imatrix) if imatrix is not None and not isinstance(imatrix, Imatrix) else imatrix
     split_bytes = parse_size(split_max_size) if split_max_size else 0
     out_dir = Path(out_dir).absolute()
     with CheckpointReader(model_dir) as reader:
         conv = Converter(reader)
         descs = [p.desc for p in conv.plan]
-        types = {q: tensor_types(descs, spec, conv.shape) for q, spec in specs.items()}
+        types = {q: tensor_types(descs, spec, conv.shape, has_imatrix=im is not None and _quantized(spec.base))
+                 for q, spec in specs.items()}
+        weights = _imatrix_weights(im, conv, types, base, reporter) if im is not None else {}
         name = name or _default_name(conv)
         template, tok = _metadata(conv, name, license=license, tags=tags, base_models=base_models,
                                   quantized_by=quantized_by, pre=pre_tokenizer, model_card=model_card)
@@ -155,6 +175,9 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
                     if key != gguf.Keys.General.ARCHITECTURE:
                         w.add_key_value(key, val.value, val.type, val.sub_type)
                 w.add_file_type(file_type(spec.base))
+                if im is not None and _quantized(spec.base):
+                    for key, value in im.metadata().items():   # llama-quantize's kv overrides: after file_type
+                        (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
                 _add_recipe(w, spec)
                 for plan, t in zip(conv.plan, types[q]):
                     w.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), _nbytes(plan.shape, t), raw_dtype=t)
@@ -167,14 +190,54 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
                 w.write_header_to_file()
                 w.write_kv_data_to_file()
                 w.write_ti_data_to_file()
-            _write_tensors(conv, types, writers, workers or os.cpu_count() or 1, reporter or Reporter())
+            _write_tensors(conv, types, writers, workers or os.cpu_count() or 1, reporter, weights)
             for w in writers.values():
                 w.close()
             sizes = {q: sum(p.stat().st_size for p in paths) for q, paths in staged.items()}
         files = {q: [out_dir / p.name for p in paths] for q, paths in staged.items()}
     names = [p.name for p in conv.plan]
     return GGUFResult(out_dir, name, files, {q: dict(zip(names, (t.name for t in ts))) for q, ts in types.items()},
-                      tok, time.perf_counter() - start, sizes)
+                      tok, time.perf_counter() - start, sizes,
+                      im.metadata() if im is not None and any(map(_quantized, base.values())) else None)
+
+
+def _quantized(quant: str) -> bool:
+    """A llama-quantize type (F32/F16/BF16 files are written as convert_hf_to_gguf.py writes them)."""
+    return DEFAULT_TYPE[quant] not in UNQUANTIZED
+
+
+def _imatrix_weights(im: Imatrix, conv: Converter, types: dict[str, list[T]], base: dict[str, str],
+                     reporter: Reporter) -> dict:
+    """Tensor name -> the importance weights llama-quantize would use for it (only tensors a quantized file gives a
+    type that takes weights). As llama.cpp: an entry of the wrong size is an error (the token embeddings' is ignored),
+    a tensor without one is quantized without, and a Q2_K_S tensor needs one. An imatrix that matches no tensor at
+    all is another model's: an error here (llama-quantize would quietly quantize without it)."""
+    out, missing, wanted = {}, [], 0
+    for i, plan in enumerate(conv.plan):
+        quantized = [(q, ts[i]) for q, ts in types.items() if _quantized(base[q]) and ts[i] != T.F32]
+        if not quantized:
+            continue
+        w = im.for_tensor(plan.name, plan.shape)   # llama.cpp looks every converted tensor up (size check included)
+        for q, t in quantized:
+            if w is None and requires_imatrix(base[q], plan.name, t):
+                raise ImatrixError(f"imatrix {im.name} has no entry for {plan.name}, which {q} stores as {t.name}: "
+                                   "llama-quantize refuses that (a very low-bit type needs one); compute the imatrix "
+                                   "on this model")
+        if any(t in WEIGHTED_TYPES for _, t in quantized) and plan.name not in ("token_embd.weight", "output.weight"):
+            wanted += 1
+            if w is None:
+                missing.append(plan.name)
+        if w is not None:
+            out[plan.name] = w
+    if wanted and len(missing) == wanted:
+        raise ImatrixError(f"imatrix {im.name} has no entry for any tensor of this model (e.g. {missing[0]}; it has "
+                           f"{', '.join(sorted(im.weights)[:2]) or 'no entries'}, ...): it was computed for another "
+                           "model; compute it on this one")
+    if missing:
+        reporter.message(f"imatrix {im.name} has no entry for {len(missing)} tensor(s) ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}): quantized without importance weights, as "
+                         "llama-quantize does")
+    return out
 
 
 RECIPE_NAME, RECIPE_BASE, RECIPE_ARGS = "quantize.recipe.name", "quantize.recipe.base", "quantize.recipe.args"
@@ -190,12 +253,14 @@ def _add_recipe(w: gguf.GGUFWriter, spec: QuantSpec) -> None:
 
 
 def _write_tensors(conv: Converter, types: dict[str, list[T]], writers: dict, workers: int,
-                   reporter: Reporter) -> None:
-    """Read each tensor once (prefetching the next), quantize it to every needed type in parallel, write in order."""
-    k_types = {t for ts in types.values() for t in ts if t in kernels.K_TYPES}
-    if k_types and kernels.needs_compile(k_types):
+                   reporter: Reporter, weights: dict | None = None) -> None:
+    """Read each tensor once (prefetching the next), quantize it to every needed type in parallel (with the tensor's
+    importance weights, when it has some), write in order."""
+    weights = weights or {}
+    k_types = {t for ts in types.values() for t in ts if t in kernels.K_TYPES or (weights and t in WEIGHTED_TYPES)}
+    if k_types and kernels.needs_compile(k_types, bool(weights)):
         reporter.message("compiling quantization kernels (first run only)")
-    kernels.warm_up(k_types)
+    kernels.warm_up(k_types, bool(weights))
     with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as reader, \
             reporter.progress("GGUF export", len(conv.plan)) as advance:
         pending = reader.submit(conv.read, conv.plan[0])
@@ -204,7 +269,7 @@ def _write_tensors(conv: Converter, types: dict[str, list[T]], writers: dict, wo
             if i + 1 < len(conv.plan):
                 pending = reader.submit(conv.read, conv.plan[i + 1])
             needed = {types[q][i] for q in writers}
-            futures = {t: kernels.submit(pool, data, t) for t in needed}
+            futures = {t: kernels.submit(pool, data, t, weights.get(plan.name)) for t in needed}
             results = {t: kernels.collect(f) for t, f in futures.items()}
             del data
             for q, w in writers.items():

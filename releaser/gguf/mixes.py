@@ -1,6 +1,7 @@
-"""llama-quantize's per-tensor type rules (``src/llama-quant.cpp``, no imatrix; dense Llama-family models and the
-8-expert rules of mixture-of-experts ones), and its per-tensor overrides (``--tensor-type REGEX=TYPE``,
-``--output-tensor-type``, ``--token-embedding-type``, ``--pure``) as a :class:`QuantSpec`.
+"""llama-quantize's per-tensor type rules (``src/llama-quant.cpp``; dense Llama-family models and the 8-expert rules
+of mixture-of-experts ones), with or without an importance matrix (it changes Q4_0/Q5_0's first ffn_down layers, and
+Q2_K_S needs one), and its per-tensor overrides (``--tensor-type REGEX=TYPE``, ``--output-tensor-type``,
+``--token-embedding-type``, ``--pure``) as a :class:`QuantSpec`.
 
 ``tensor_types(tensors, quant, ...)`` returns the ggml type llama.cpp's ``llama_model_quantize`` picks for every tensor
 of an F32 GGUF when asked for ``quant`` (a name or a QuantSpec); the plain types (F32, F16, BF16) follow
@@ -20,7 +21,7 @@ from ..errors import ConfigError
 DEFAULT_TYPE: dict[str, T] = {
     "F32": T.F32, "F16": T.F16, "BF16": T.BF16, "Q8_0": T.Q8_0,
     "Q4_0": T.Q4_0, "Q4_1": T.Q4_1, "Q5_0": T.Q5_0, "Q5_1": T.Q5_1,
-    "Q2_K": T.Q2_K, "Q3_K_S": T.Q3_K, "Q3_K_M": T.Q3_K, "Q3_K_L": T.Q3_K,
+    "Q2_K": T.Q2_K, "Q2_K_S": T.Q2_K, "Q3_K_S": T.Q3_K, "Q3_K_M": T.Q3_K, "Q3_K_L": T.Q3_K,
     "Q4_K_S": T.Q4_K, "Q4_K_M": T.Q4_K, "Q5_K_S": T.Q5_K, "Q5_K_M": T.Q5_K, "Q6_K": T.Q6_K,
 }
 QUANT_NAMES = list(DEFAULT_TYPE)
@@ -109,6 +110,8 @@ def quant_spec(entry, defaults: dict | None = None) -> QuantSpec:
         raise ConfigError(f"GGUF quant {name}: a custom recipe cannot take a llama.cpp type's name; choose another")
     return QuantSpec(name, base, tuple(checked), out and tensor_type(out, f"GGUF quant {name}, output_type").name,
                      emb and tensor_type(emb, f"GGUF quant {name}, embedding_type").name, bool(merged.get("pure")))
+#: Mixes llama-quantize refuses to make without an importance matrix (tensor_requires_imatrix, for the types we have).
+NEEDS_IMATRIX = ("Q2_K_S",)
 
 
 def file_type(quant: str) -> LlamaFileType:
@@ -184,9 +187,16 @@ def _fallback(t: TensorDesc, qtype: T) -> T:
     return qtype if t.ne0 % GGML_QUANT_SIZES[qtype][0] == 0 else T.F16
 
 
+def requires_imatrix(quant: str, name: str, qtype: T) -> bool:
+    """llama.cpp's tensor_requires_imatrix for our types: the Q2_K tensors of a Q2_K_S file, but the token embeddings
+    and the output."""
+    return quant in NEEDS_IMATRIX and qtype == T.Q2_K and name not in (
+        "token_embd.weight", "per_layer_token_embd.weight", "output.weight")
+
+
 class _Mix:
-    def __init__(self, quant: str, tensors: list[TensorDesc], shape: ModelShape):
-        self.quant, self.shape = quant, shape
+    def __init__(self, quant: str, tensors: list[TensorDesc], shape: ModelShape, has_imatrix: bool = False):
+        self.quant, self.shape, self.has_imatrix = quant, shape, has_imatrix
         self.tied = not any(t.name == "output.weight" for t in tensors)
         self.n_attention_wv = sum(_is_attn_v(t.name) for t in tensors)
         self.i_attention_wv = self.i_ffn_down = 0   # counted as llama.cpp counts them: overridden tensors are not
@@ -202,6 +212,8 @@ class _Mix:
         if _is_attn_v(name):
             if q == "Q2_K":
                 new = T.Q4_K if s.n_head // s.n_head_kv >= 4 else T.Q3_K
+            elif q == "Q2_K_S" and s.n_head // s.n_head_kv >= 4:
+                new = T.Q4_K
             elif q == "Q3_K_M":
                 new = T.Q5_K if self.i_attention_wv < 2 else T.Q4_K
             elif q == "Q3_K_L":
@@ -224,6 +236,9 @@ class _Mix:
             self.i_ffn_down += 1
             if q == "Q2_K":
                 new = T.Q3_K
+            elif q == "Q2_K_S":
+                if i < n // 8:
+                    new = T.Q4_K
             elif q == "Q3_K_M":
                 new = T.Q5_K if i < n // 16 else T.Q4_K
             elif q == "Q3_K_L":
@@ -232,6 +247,8 @@ class _Mix:
                 new = T.Q6_K
             elif q == "Q4_K_S" and i < n // 8:
                 new = T.Q5_K
+            elif q in ("Q4_0", "Q5_0") and self.has_imatrix and i < n // 8:   # guards the first ffn_down layers
+                new = T.Q4_1 if q == "Q4_0" else T.Q5_1
         elif "attn_output.weight" in name:
             if s.n_expert == 8:
                 new = T.Q5_K if q in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else new
@@ -240,13 +257,15 @@ class _Mix:
         return new
 
 
-def tensor_types(tensors: list[TensorDesc], quant: str | QuantSpec, shape: ModelShape) -> list[T]:
-    """The type of each tensor (in file order) for ``quant``; tensors llama.cpp does not quantize stay F32. As
-    llama_tensor_get_type: the embedding and output types apply as given; a quantized base's tensors take the first
-    matching pattern, else (unless ``pure``) the mix's rule, then the fallback for widths the type cannot take."""
+def tensor_types(tensors: list[TensorDesc], quant: str | QuantSpec, shape: ModelShape,
+                 has_imatrix: bool = False) -> list[T]:
+    """The type of each tensor (in file order) for ``quant`` (``has_imatrix``: made with an importance matrix);
+    tensors llama.cpp does not quantize stay F32. As llama_tensor_get_type: the embedding and output types apply as
+    given; a quantized base's tensors take the first matching pattern, else (unless ``pure``) the mix's rule, then the
+    fallback for widths the type cannot take."""
     spec = quant if isinstance(quant, QuantSpec) else QuantSpec(quant, quant)
     default = DEFAULT_TYPE[spec.base]
-    mix = _Mix(spec.base, tensors, shape)
+    mix = _Mix(spec.base, tensors, shape, has_imatrix)
     patterns = [(re.compile(p), T[q]) for p, q in spec.tensor_types]
     out = []
     for t in tensors:

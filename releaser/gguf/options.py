@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..options import check_size
 from ..stage import StageOptions
@@ -17,6 +17,11 @@ class GGUFOptions(StageOptions):
         default_factory=lambda: ["Q4_K_M"], description="GGUF types, e.g. [Q8_0, Q4_K_M]; a custom recipe is a mapping "
         "{name: Q4_K_L, base: Q4_K_M, output_type: Q8_0, embedding_type: Q8_0, tensor_types: {REGEX: TYPE}, pure}, "
         "written as {Name}-{name}.gguf.")
+    split_max_size: str | None = Field(None, description="Split files above this size, e.g. 48G.")
+    pre_tokenizer: str | None = Field(None, description="llama.cpp BPE pre-tokenizer name "
+                                         "(default: detected by llama.cpp's hash check).")
+    imatrix: str | None = Field(None, validate_default=True, description="Importance matrix file (llama-imatrix's GGUF or legacy .dat): "
+                                "quantize as llama-quantize --imatrix does (Q2_K_S needs one).")
     tensor_types: dict[str, str] = Field(default_factory=dict, description="REGEX=TYPE: tensors whose GGUF name "
                                          "matches take TYPE, in every quantized file (llama-quantize's --tensor-type).")
     output_type: str | None = Field(None, description="Type of output.weight in every file (llama-quantize's "
@@ -25,11 +30,18 @@ class GGUFOptions(StageOptions):
                                        "--token-embedding-type).")
     pure: bool = Field(False, description="Every quantized tensor takes the base type: no mix rules (llama-quantize's "
                        "--pure).")
-    split_max_size: str | None = Field(None, description="Split files above this size, e.g. 48G.")
-    pre_tokenizer: str | None = Field(None, description="llama.cpp BPE pre-tokenizer name "
-                                         "(default: detected by llama.cpp's hash check).")
 
     _size = field_validator("split_max_size")(lambda v: v if v is None else check_size(v))
+
+    @field_validator("imatrix", mode="before")
+    @classmethod
+    def _imatrix(cls, value: Any) -> str | None:
+        if value is False or value is None:   # `imatrix: false`: none
+            return None
+        if not isinstance(value, str) or not value.strip() or value.strip() in ("true", "auto"):
+            raise ValueError(f"give the path of an importance matrix file (llama-imatrix's .gguf or .dat), or false; "
+                             f"got {value!r}")
+        return value
 
     @field_validator("quants", mode="before")
     @classmethod
@@ -40,13 +52,28 @@ class GGUFOptions(StageOptions):
             return parse_quants(value)
         if not isinstance(value, list) or not value:
             raise ValueError("give a list of GGUF types, e.g. [Q8_0, Q4_K_M]")
-        return [parse_quants([q])[0] if isinstance(q, str) else q for q in value]
+        value = [parse_quants([q])[0] if isinstance(q, str) else q for q in value]
+        names = [q if isinstance(q, str) else str(q.get("name")) if isinstance(q, dict) else q for q in value]
+        if twice := next((n for n in names if names.count(n) > 1), None):
+            raise ValueError(f"two GGUF quants are named {twice}")
+        return value
+
+    @field_validator("imatrix", mode="after")
+    @classmethod
+    def _needs_imatrix(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from .mixes import NEEDS_IMATRIX
+
+        bases = [q if isinstance(q, str) else str(q.get("base", q.get("name", ""))).upper() if isinstance(q, dict)
+                 else "" for q in info.data.get("quants", [])]
+        need = [b for b in bases if b in NEEDS_IMATRIX]
+        if need and value is None:
+            raise ValueError(f"{', '.join(need)} needs an importance matrix (llama-quantize refuses it without one): "
+                             "give one, or use Q2_K")
+        return value
 
     @model_validator(mode="after")
     def _recipes(self):
-        names = [s.name for s in self.specs()]   # every entry checked now, before any work
-        if len(set(names)) != len(names):
-            raise ValueError(f"two GGUF quants are named {next(n for n in names if names.count(n) > 1)}")
+        self.specs()   # every entry checked now, before any work (one-line ConfigErrors naming it)
         return self
 
     def specs(self):

@@ -1,6 +1,6 @@
-"""GGUF tensor quantization with the exact bytes llama.cpp's ``llama-quantize`` writes (no imatrix).
+"""GGUF tensor quantization with the exact bytes llama.cpp's ``llama-quantize`` writes, with or without an imatrix.
 
-``quantize(data, qtype)`` takes float32 data of shape ``[..., n_per_row]`` and returns uint8 data of shape
+``quantize(data, qtype, weights=None)`` takes float32 data of shape ``[..., n_per_row]`` and returns uint8 data of shape
 ``[..., bytes_per_row]`` (the layout ``gguf.quants.quantize`` uses and ``GGUFWriter.add_tensor(raw_dtype=...)`` takes).
 
 * F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 delegate to gguf-py's ``gguf.quants`` (the tests check them against
@@ -9,8 +9,11 @@
   :class:`LegacyQuant` rewrites those header fields the C way.
 * Q2_K, Q3_K, Q4_K, Q5_K, Q6_K are our own port of llama.cpp's ``quantize_row_q*_K_ref``: the per-block search runs in
   numba (:mod:`releaser.gguf.kquants`, parallel over blocks on all cores), the bit packing below is vectorised numpy,
-  one small class per type as in gguf-py. Calls are thread-safe (K-quant kernels run one at a time; each uses all
-  cores).
+  one small class per type as in gguf-py (``search`` then ``pack``). Calls are thread-safe (K-quant kernels run one
+  at a time; each uses all cores).
+* With importance ``weights`` (an imatrix entry), the K-quants and Q4_0/Q4_1/Q5_0/Q5_1 take llama.cpp's weighted
+  search instead (:mod:`releaser.gguf.kquants_imatrix`: its classes subclass these and reuse their packing); Q8_0 and
+  the float types ignore the weights, as llama.cpp does.
 
 ``dequantize(raw, qtype)`` delegates to ``gguf.quants.dequantize`` for every type.
 """
@@ -115,30 +118,42 @@ class Q5_1(LegacyQuant):
 
 
 class KQuant(ABC):
-    """A K-quant type: ``quantize_blocks`` maps float32 super-blocks [nb, 256] to their bytes [nb, type_size]."""
+    """A K-quant type: ``quantize_blocks`` maps float32 super-blocks [nb, 256] to their bytes [nb, type_size]: the
+    kernel's search, then ``pack`` of what it returns (the imatrix-weighted search of
+    :mod:`releaser.gguf.kquants_imatrix` returns the same arrays and shares ``pack``)."""
 
     qtype: GGMLQuantizationType
 
     @classmethod
     @abstractmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray: ...
+    def search(cls, blocks: np.ndarray) -> tuple: ...
+
+    @classmethod
+    @abstractmethod
+    def pack(cls, *levels) -> np.ndarray: ...
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return cls.pack(*cls.search(blocks))
 
 
 class Q2_K(KQuant):
     qtype = QT.Q2_K
 
+    search = staticmethod(kquants.q2_k_blocks)
+
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        L, d, dmin, scales = kquants.q2_k_blocks(blocks)
+    def pack(cls, L, d, dmin, scales) -> np.ndarray:
         return np.concatenate([scales, _pack_2bit(L), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
 
 
 class Q3_K(KQuant):
     qtype = QT.Q3_K
 
+    search = staticmethod(kquants.q3_k_blocks)
+
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        L, d, sc = kquants.q3_k_blocks(blocks)
+    def pack(cls, L, d, sc) -> np.ndarray:
         high = (L > 3).reshape(-1, 8, 32)  # bit k of hmask[m] is the high bit of L[32k+m]
         hmask = np.bitwise_or.reduce(high.astype(np.uint8) << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
         packed = np.empty((sc.shape[0], 12), np.uint8)
@@ -157,8 +172,7 @@ class Q4_K(KQuant):
         return kquants.qkx_blocks(blocks, cls.nmax, cls.rmin, cls.rdelta, cls.nstep)
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        L, d, dmin, ls, lm = cls.search(blocks)
+    def pack(cls, L, d, dmin, ls, lm) -> np.ndarray:
         return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm), _pack_nibbles(L)], axis=1)
 
 
@@ -167,8 +181,7 @@ class Q5_K(Q4_K):
     nmax, rmin, rdelta, nstep = 31, np.float32(-0.5), np.float32(0.1), 15
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        L, d, dmin, ls, lm = cls.search(blocks)
+    def pack(cls, L, d, dmin, ls, lm) -> np.ndarray:
         high = (L >> 4).reshape(-1, 8, 32)  # bit k of qh[l] is the high bit of L[32k+l]
         qh = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
         parts = [_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm), qh, _pack_nibbles(L)]
@@ -178,9 +191,10 @@ class Q5_K(Q4_K):
 class Q6_K(KQuant):
     qtype = QT.Q6_K
 
+    search = staticmethod(kquants.q6_k_blocks)
+
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        L, d, sc = kquants.q6_k_blocks(blocks)
+    def pack(cls, L, d, sc) -> np.ndarray:
         L = L.reshape(-1, 2, 4, 32)  # [nb, half h, k, l] = L[128h + 32k + l]
         lo = L & 0xF
         ql = np.stack([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2).reshape(-1, 128)
@@ -191,6 +205,8 @@ class Q6_K(KQuant):
 K_QUANTS: dict[GGMLQuantizationType, type[KQuant]] = {c.qtype: c for c in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
 LEGACY_FIXED: dict[GGMLQuantizationType, type[LegacyQuant]] = {c.qtype: c for c in (Q4_0, Q4_1, Q5_0, Q5_1)}
 SUPPORTED_TYPES = (*GGUF_PY_TYPES, *K_QUANTS)
+#: Types whose llama.cpp quantizer takes importance weights (an imatrix); the others ignore them (Q8_0, floats).
+WEIGHTED_TYPES = (*K_QUANTS, *LEGACY_FIXED)
 
 
 def _check_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
@@ -225,11 +241,32 @@ def can_quantize(n_per_row: int, qtype: GGMLQuantizationType) -> bool:
     return n_per_row % block_size(qtype) == 0
 
 
-def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+def _weight_rows(data: np.ndarray, weights, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
+    """``weights`` ([n_per_row], or one row per matrix: data.shape[:-2] + [n_per_row]) -> the distinct weight rows
+    [n, n_per_row] and the weight row of every data row."""
+    weights = np.asarray(weights, dtype=np.float32)
+    matrices = data.shape[:-2]
+    if weights.shape not in ((data.shape[-1],), (*matrices, data.shape[-1])):
+        raise QuantizeError(f"cannot quantize a tensor of shape {data.shape} to {qtype.name} with importance weights of "
+                            f"shape {weights.shape}: give one weight per column ({data.shape[-1]}), per matrix")
+    if not np.isfinite(weights).all():
+        raise QuantizeError(f"cannot quantize to {qtype.name}: the importance weights contain NaN or infinite values")
+    rows_per_matrix = data.shape[-2] if data.ndim > 1 else 1
+    qw = np.array(weights.reshape(-1, data.shape[-1]), order="C")   # a writable copy: one numba signature
+    widx = np.arange(data.size // data.shape[-1], dtype=np.int64) // rows_per_matrix
+    return qw, (widx if qw.shape[0] > 1 else np.zeros_like(widx))
+
+
+def quantize(data: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray | None = None) -> np.ndarray:
     """Quantize float data [..., n_per_row] to llama.cpp's bytes for ``qtype``: uint8 [..., bytes_per_row].
 
     F32 and F16 return float32/float16 arrays (as gguf-py does); every other type returns uint8. Quantized types
     refuse NaN/Inf input (llama.cpp's validation rejects the result too).
+
+    ``weights``: importance weights (an imatrix entry: the mean squared input of each column), float [n_per_row] for
+    all rows or data.shape[:-2] + [n_per_row] (one row per matrix, e.g. per expert). The types of
+    ``WEIGHTED_TYPES`` are then quantized as llama.cpp does with ``quant_weights``
+    (:mod:`releaser.gguf.kquants_imatrix`); the other types ignore them, as llama.cpp does.
     """
     qtype = _check_type(qtype)
     data = np.asarray(data)
@@ -245,6 +282,14 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return gguf_quants.quantize(data, qtype)
     if not np.isfinite(data).all():
         raise QuantizeError(f"cannot quantize to {qtype.name}: the tensor contains NaN or infinite values")
+    if weights is not None and qtype in WEIGHTED_TYPES:
+        from . import kquants_imatrix
+
+        qw, widx = _weight_rows(data, weights, qtype)
+        rows = np.ascontiguousarray(data).reshape(-1, data.shape[-1])
+        with _KERNEL_LOCK:
+            out = kquants_imatrix.WEIGHTED[qtype].quantize_rows(rows, qw, widx)
+        return out.reshape(*data.shape[:-1], data.shape[-1] // block_size(qtype) * type_size(qtype))
     if qtype in LEGACY_FIXED:
         return LEGACY_FIXED[qtype].quantize_rows(np.ascontiguousarray(data))
     if qtype not in K_QUANTS:

@@ -13,11 +13,13 @@ from .options import GGUFOptions
 def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
         *, name: str, license: str | None = None, base_models: list[str] | None = None,
         quantized_by: str | None = None, kept: StageResult | None = None, overwrite: bool = False,
-        describe=describe_files) -> StageResult:
+        imatrix: str | os.PathLike | None = None, describe=describe_files) -> StageResult:
     """The GGUF files ``{name}-{TYPE}.gguf`` of the model folder ``inputs`` in ``out`` (no README: the cards stage
     writes it). ``kept``: an earlier run's result whose tensors are still right (same weights and options, files
     intact): only each file's tokenizer metadata is rewritten from ``inputs``, the tensor bytes are copied unchanged
-    (a tokenizer fix is not requantized)."""
+    (a tokenizer fix is not requantized). ``imatrix``: the file to read ``options.imatrix`` from (a release resolves
+    it from the recipe's folder; the GGUF records ``options.imatrix`` as written, so the bytes do not depend on where
+    the recipe lies)."""
     out = Path(out)
     if kept is not None:
         from .fix import sync_tokenizer
@@ -32,13 +34,23 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
         paths = [out / f.path for f in kept.files]
         return StageResult("gguf", out, describe(out, paths), f"tokenizer metadata rewritten in {len(changed)} file(s),"
                            " tensors unchanged", {"tensor_types": kept.facts.get("tensor_types", {}),
-                                                  "metadata_only": True})
+                                                  "metadata_only": True,
+                                                  **({"imatrix": kept.facts["imatrix"]} if "imatrix" in kept.facts
+                                                     else {})})
     from .export import export_gguf
+    from .imatrix_weights import load_imatrix
 
+    im = None
+    if options.imatrix is not None:
+        im = load_imatrix(imatrix if imatrix is not None else options.imatrix)
+        im = im.__class__(options.imatrix, im.weights, im.datasets, im.chunk_count)
     with output_dir(out, overwrite=overwrite) as tmp:
         result = export_gguf(inputs, tmp, options.specs(), name, options.split_max_size, overwrite=True,
                              license=license, base_models=base_models, quantized_by=quantized_by,
-                             pre_tokenizer=options.pre_tokenizer, model_card=False, reporter=reporter)
+                             pre_tokenizer=options.pre_tokenizer, model_card=False, imatrix=im, reporter=reporter)
     paths = [out / p.name for ps in result.files.values() for p in ps]
+    facts = {"tensor_types": result.tensor_types}
+    if result.imatrix:
+        facts["imatrix"] = result.imatrix
     return StageResult("gguf", out, describe(out, paths), f"{len(paths)} GGUF file(s): {', '.join(result.files)}",
-                       {"tensor_types": result.tensor_types})
+                       facts)

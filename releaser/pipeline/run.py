@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arch import FAMILIES, Architecture, find_family
-from ..errors import ConfigError
+from ..errors import ConfigError, ReleaserError
 from ..recipe import Recipe, load_recipe
 from ..stage import Reporter
 from .context import Release, require_folder
@@ -220,6 +220,18 @@ def _validate(r: Release) -> dict[str, str]:
         detail["tokenizer"] = f"chat template {load_template(r.template()).name}"
     if r.recipe.gguf is not None:
         detail["gguf"] = ", ".join(q.name for q in r.recipe.gguf.specs())
+        if r.recipe.gguf.imatrix is not None:
+            from ..gguf.imatrix_weights import ImatrixError, load_imatrix
+
+            path = r.local(r.recipe.gguf.imatrix)
+            if not path.is_file():
+                raise ConfigError(f"gguf.imatrix: {path} does not exist; give an importance matrix file (llama-imatrix's "
+                                  ".gguf or .dat) or false")
+            try:
+                im = load_imatrix(path)
+            except ReleaserError as exc:
+                raise ImatrixError(f"gguf.imatrix: {exc}") from None
+            detail["gguf"] += f" with the importance matrix {r.recipe.gguf.imatrix} ({len(im.weights)} entries)"
     if r.recipe.awq is not None:
         a = r.recipe.awq
         if a.calibration != "builtin" and not r.local(a.calibration).is_file():

@@ -142,15 +142,20 @@ AWQ_CODE = ("releaser.awq", "releaser.arch", "releaser.checkpoint", "torch", "tr
 
 
 def _gguf_weights(r: Release) -> dict:
-    """What the tensors depend on: everything in the main folder but the tokenizer files, and the code."""
+    """What the tensors depend on: everything in the main folder but the tokenizer files, the importance matrix (its
+    bytes), and the code."""
+    imatrix = r.recipe.gguf.imatrix
     return {"options": r.recipe.gguf.model_dump(mode="json"), "license": r.recipe.license, "author": r.recipe.author,
-            "name": r.recipe.main_repo, "model": _main_files(r, tokenizer=False), "code": code_versions(GGUF_CODE)}
+            "name": r.recipe.main_repo, "model": _main_files(r, tokenizer=False), "code": code_versions(GGUF_CODE),
+            **({"imatrix": r.manifest.hash(r.local(imatrix))} if imatrix is not None else {})}
 
 
 def _gguf_call(r: Release) -> Call:
+    imatrix = r.recipe.gguf.imatrix
     return r.recipe.gguf, r.main_dir, r.gguf_dir, {
         "name": r.recipe.main_repo.split("/", 1)[1], "license": r.recipe.license, "base_models": [r.recipe.main_repo],
-        "quantized_by": r.recipe.author, "kept": _kept(r, "gguf", r.gguf_dir, _gguf_weights), "overwrite": True}
+        "quantized_by": r.recipe.author, "kept": _kept(r, "gguf", r.gguf_dir, _gguf_weights), "overwrite": True,
+        **({"imatrix": str(r.local(imatrix))} if imatrix is not None else {})}
 
 
 def _awq_options(r: Release):
