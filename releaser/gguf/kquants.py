@@ -355,7 +355,7 @@ def make_q3_quants(x, L, nmax):
 QKX_GROUP = 16  # super-blocks searched side by side (their 8 sub-blocks each are independent columns of one search)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def qkx_blocks(x, nmax, rmin, rdelta, nstep):
     """Q4_K (nmax 15) / Q5_K (nmax 31) search for blocks ``x`` [nb, 256].
 
@@ -424,7 +424,7 @@ def qkx_blocks(x, nmax, rmin, rdelta, nstep):
     return L, d_out, dmin_out, ls, lm
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def q2_k_blocks(x):
     """Q2_K search for blocks ``x`` [nb, 256]: ``L`` (0..3), ``d``, ``dmin`` and the packed 4+4-bit ``scales`` [nb, 16]."""
     nb = x.shape[0]
@@ -482,7 +482,7 @@ def q2_k_blocks(x):
     return L, d_out, dmin_out, sc
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def q3_k_blocks(x):
     """Q3_K search for blocks ``x`` [nb, 256]: ``L`` (0..7), ``d`` and the 6-bit biased scales ``sc`` [nb, 16]."""
     nb = x.shape[0]
@@ -523,7 +523,7 @@ def q3_k_blocks(x):
     return L, d_out, sc
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def q6_k_blocks(x):
     """Q6_K search for blocks ``x`` [nb, 256]: ``L`` (0..63), ``d`` and the int8 scales (as uint8) ``sc`` [nb, 16]."""
     nb = x.shape[0]

@@ -115,21 +115,33 @@ class Q5_1(LegacyQuant):
 
 
 class KQuant(ABC):
-    """A K-quant type: ``quantize_blocks`` maps float32 super-blocks [nb, 256] to their bytes [nb, type_size]."""
+    """A K-quant type: ``quantize_blocks`` maps float32 super-blocks [nb, 256] to their bytes [nb, type_size], in two
+    steps: ``search`` (the numba kernel: levels and scales) and ``pack`` (numpy bit packing, any thread)."""
 
     qtype: GGMLQuantizationType
 
     @classmethod
     @abstractmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray: ...
+    def search(cls, blocks: np.ndarray) -> tuple: ...
+
+    @classmethod
+    @abstractmethod
+    def pack(cls, *found) -> np.ndarray: ...
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        return cls.pack(*cls.search(blocks))
 
 
 class Q2_K(KQuant):
     qtype = QT.Q2_K
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        L, d, dmin, scales = kquants.q2_k_blocks(blocks)
+    def search(cls, blocks: np.ndarray) -> tuple:
+        return kquants.q2_k_blocks(blocks)
+
+    @classmethod
+    def pack(cls, L, d, dmin, scales) -> np.ndarray:
         return np.concatenate([scales, _pack_2bit(L), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
 
 
@@ -137,8 +149,11 @@ class Q3_K(KQuant):
     qtype = QT.Q3_K
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        L, d, sc = kquants.q3_k_blocks(blocks)
+    def search(cls, blocks: np.ndarray) -> tuple:
+        return kquants.q3_k_blocks(blocks)
+
+    @classmethod
+    def pack(cls, L, d, sc) -> np.ndarray:
         high = (L > 3).reshape(-1, 8, 32)  # bit k of hmask[m] is the high bit of L[32k+m]
         hmask = np.bitwise_or.reduce(high.astype(np.uint8) << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
         packed = np.empty((sc.shape[0], 12), np.uint8)
@@ -153,12 +168,11 @@ class Q4_K(KQuant):
     nmax, rmin, rdelta, nstep = 15, np.float32(-1.0), np.float32(0.1), 20
 
     @classmethod
-    def search(cls, blocks: np.ndarray):
+    def search(cls, blocks: np.ndarray) -> tuple:
         return kquants.qkx_blocks(blocks, cls.nmax, cls.rmin, cls.rdelta, cls.nstep)
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        L, d, dmin, ls, lm = cls.search(blocks)
+    def pack(cls, L, d, dmin, ls, lm) -> np.ndarray:
         return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm), _pack_nibbles(L)], axis=1)
 
 
@@ -167,8 +181,7 @@ class Q5_K(Q4_K):
     nmax, rmin, rdelta, nstep = 31, np.float32(-0.5), np.float32(0.1), 15
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        L, d, dmin, ls, lm = cls.search(blocks)
+    def pack(cls, L, d, dmin, ls, lm) -> np.ndarray:
         high = (L >> 4).reshape(-1, 8, 32)  # bit k of qh[l] is the high bit of L[32k+l]
         qh = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
         parts = [_f16_bytes(d), _f16_bytes(dmin), _pack_scale_min_k4(ls, lm), qh, _pack_nibbles(L)]
@@ -179,8 +192,11 @@ class Q6_K(KQuant):
     qtype = QT.Q6_K
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        L, d, sc = kquants.q6_k_blocks(blocks)
+    def search(cls, blocks: np.ndarray) -> tuple:
+        return kquants.q6_k_blocks(blocks)
+
+    @classmethod
+    def pack(cls, L, d, sc) -> np.ndarray:
         L = L.reshape(-1, 2, 4, 32)  # [nb, half h, k, l] = L[128h + 32k + l]
         lo = L & 0xF
         ql = np.stack([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2).reshape(-1, 128)
@@ -250,8 +266,10 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     if qtype not in K_QUANTS:
         return gguf_quants.quantize(data, qtype)
     blocks = np.ascontiguousarray(data).reshape(-1, QK_K)
-    with _KERNEL_LOCK:
-        out = K_QUANTS[qtype].quantize_blocks(blocks)
+    kind = K_QUANTS[qtype]
+    with _KERNEL_LOCK:  # the kernel only: the packing of one call overlaps the next call's kernel
+        found = kind.search(blocks)
+    out = kind.pack(*found)
     return out.reshape(*data.shape[:-1], data.shape[-1] // QK_K * type_size(qtype))
 
 
