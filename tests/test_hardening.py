@@ -323,7 +323,7 @@ def test_export_says_it_compiles_kernels(monkeypatch):
             yield lambda n=1, description=None: shown.append(description)
 
     class Conv:
-        plan = [type("Plan", (), {"name": "w"})()]
+        plan = [type("Plan", (), {"name": "w", "shape": (1, 256)})()]
 
         @staticmethod
         def read(plan):
@@ -333,15 +333,20 @@ def test_export_says_it_compiles_kernels(monkeypatch):
         def write_tensor_data(self, data):
             shown.append("written")
 
-    monkeypatch.setattr(kernels, "warm_up", lambda types: shown.append(f"warm {sorted(t.name for t in types)}"))
-    monkeypatch.setattr(kernels, "submit", lambda pool, data, t: [])
+    monkeypatch.setattr(kernels, "warm_up", lambda types, weighted=False: shown.append(
+        f"warm {sorted(t.name for t in types)}"))
+    monkeypatch.setattr(kernels, "submit", lambda pool, data, t, weights=None: [])
     monkeypatch.setattr(kernels, "collect", lambda futures: b"")
     for first_run in (True, False):
         shown.clear()
-        monkeypatch.setattr(kernels, "needs_compile", lambda types, first_run=first_run: first_run)
-        export._write_tensors(Conv, {"Q6_K": [T.Q6_K]}, {"Q6_K": Writer()}, 1, Recorder())
+        monkeypatch.setattr(kernels, "needs_compile", lambda types, weighted=False, first_run=first_run: first_run)
+        with export._quantizing(Conv, {"Q6_K": [T.Q6_K]}, 1, Recorder(), {}) as tensors:
+            export._write_tensors(Conv, {"Q6_K": [T.Q6_K]}, {"Q6_K": Writer()}, tensors, Recorder())
         compiling = ["compiling quantization kernels (first run only)"] if first_run else []
-        assert shown == [*compiling, "warm ['Q6_K']", "GGUF export", "written", "GGUF export: w"]
+        # the kernels warm up on the reading thread, before the first tensor is quantized, so before it is written
+        assert shown[:len(compiling)] == compiling and shown.index("warm ['Q6_K']") < shown.index("written")
+        assert [s for s in shown[len(compiling):] if not s.startswith("warm")] == \
+            ["GGUF export", "written", "GGUF export: w"]
 
 
 def test_card_without_recipe_shows_no_absolute_paths(model, tmp_path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -165,35 +168,38 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
                  for q, spec in specs.items()}
         weights = _imatrix_weights(im, conv, types, base, reporter) if im is not None else {}
         name = name or _default_name(conv)
-        template, tok = _metadata(conv, name, license=license, tags=tags, base_models=base_models,
-                                  quantized_by=quantized_by, pre=pre_tokenizer, model_card=model_card)
-        with output_files(out_dir, overwrite=overwrite) as tmp:
-            writers, packed = {}, {}
-            for q, spec in specs.items():
-                w = _Writer(tmp / f"{_file_stem(name)}-{q}.gguf", template.arch, split_bytes, packed)
-                for key, val in template.kv_data[0].items():
-                    if key != gguf.Keys.General.ARCHITECTURE:
-                        w.add_key_value(key, val.value, val.type, val.sub_type)
-                w.add_file_type(file_type(spec.base))
-                if im is not None and _quantized(spec.base):
-                    for key, value in im.metadata().items():   # llama-quantize's kv overrides: after file_type
-                        (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
-                _add_recipe(w, spec)
-                for plan, t in zip(conv.plan, types[q]):
-                    w.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), _nbytes(plan.shape, t), raw_dtype=t)
-                writers[q] = w
-            staged = {q: w.format_shard_names(w.path) for q, w in writers.items()}
-            for paths in staged.values():   # fail before the work, not after it
-                for p in paths:
-                    check_new(out_dir / p.name, overwrite, kind="file")
-            for w in writers.values():
-                w.write_header_to_file()
-                w.write_kv_data_to_file()
-                w.write_ti_data_to_file()
-            _write_tensors(conv, types, writers, workers or os.cpu_count() or 1, reporter, weights)
-            for w in writers.values():
-                w.close()
-            sizes = {q: sum(p.stat().st_size for p in paths) for q, paths in staged.items()}
+        with _quantizing(conv, types, workers or os.cpu_count() or 1, reporter, weights) as tensors:
+            # the tensors are being read and quantized meanwhile (the tokenizer takes a second or two)
+            template, tok = _metadata(conv, name, license=license, tags=tags, base_models=base_models,
+                                      quantized_by=quantized_by, pre=pre_tokenizer, model_card=model_card)
+            with output_files(out_dir, overwrite=overwrite) as tmp:
+                writers, packed = {}, {}
+                for q, spec in specs.items():
+                    w = _Writer(tmp / f"{_file_stem(name)}-{q}.gguf", template.arch, split_bytes, packed)
+                    for key, val in template.kv_data[0].items():
+                        if key != gguf.Keys.General.ARCHITECTURE:
+                            w.add_key_value(key, val.value, val.type, val.sub_type)
+                    w.add_file_type(file_type(spec.base))
+                    if im is not None and _quantized(spec.base):
+                        for key, value in im.metadata().items():   # llama-quantize's kv overrides: after file_type
+                            (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
+                    _add_recipe(w, spec)
+                    for plan, t in zip(conv.plan, types[q]):
+                        w.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), _nbytes(plan.shape, t),
+                                          raw_dtype=t)
+                    writers[q] = w
+                staged = {q: w.format_shard_names(w.path) for q, w in writers.items()}
+                for paths in staged.values():   # fail before the work, not after it
+                    for p in paths:
+                        check_new(out_dir / p.name, overwrite, kind="file")
+                for w in writers.values():
+                    w.write_header_to_file()
+                    w.write_kv_data_to_file()
+                    w.write_ti_data_to_file()
+                _write_tensors(conv, types, writers, tensors, reporter)
+                for w in writers.values():
+                    w.close()
+                sizes = {q: sum(p.stat().st_size for p in paths) for q, paths in staged.items()}
         files = {q: [out_dir / p.name for p in paths] for q, paths in staged.items()}
     names = [p.name for p in conv.plan]
     return GGUFResult(out_dir, name, files, {q: dict(zip(names, (t.name for t in ts))) for q, ts in types.items()},
@@ -252,26 +258,114 @@ def _add_recipe(w: gguf.GGUFWriter, spec: QuantSpec) -> None:
         w.add_array(RECIPE_ARGS, spec.quantize_args())
 
 
-def _write_tensors(conv: Converter, types: dict[str, list[T]], writers: dict, workers: int,
-                   reporter: Reporter, weights: dict | None = None) -> None:
-    """Read each tensor once (prefetching the next), quantize it to every needed type in parallel (with the tensor's
-    importance weights, when it has some), write in order."""
-    weights = weights or {}
+AHEAD_BYTES = 1 << 27  # what the background stages may hold: float32 inputs not yet quantized + results not written
+
+
+class _Budget:
+    """Bytes held by the tensors in flight: ``take`` waits until ``n`` more fit (an empty budget admits anything) and
+    says False once the pipeline stopped."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.stopped = limit, 0, False
+        self.cond = threading.Condition()
+
+    def take(self, n: int) -> bool:
+        with self.cond:
+            self.cond.wait_for(lambda: self.stopped or self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+            return not self.stopped
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
+def _on_last(futures: list, callback) -> None:
+    """Call ``callback()`` once every future of ``futures`` is done (at once when there are none)."""
+    if not futures:
+        callback()
+        return
+    left, lock = [len(futures)], threading.Lock()
+
+    def one_done(_) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            callback()
+
+    for f in futures:
+        f.add_done_callback(one_done)
+
+
+@contextmanager
+def _quantizing(conv: Converter, types: dict[str, list[T]], workers: int, reporter: Reporter,
+                weights: dict[str, np.ndarray]) -> Iterator[Iterator[dict[T, np.ndarray]]]:
+    """Start reading every tensor of ``conv.plan`` (one thread, in order) and quantizing it to each type ``types``
+    needs for it (``workers`` threads; with the tensor's importance ``weights``, when it has some), ahead of the
+    caller, within AHEAD_BYTES; yields an iterator over the results (type -> bytes) in plan order. A result counts
+    against the budget until the next one is asked for. Leaving the block stops the background work."""
     k_types = {t for ts in types.values() for t in ts if t in kernels.K_TYPES or (weights and t in WEIGHTED_TYPES)}
     if k_types and kernels.needs_compile(k_types, bool(weights)):
         reporter.message("compiling quantization kernels (first run only)")
-    kernels.warm_up(k_types, bool(weights))
-    with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as reader, \
-            reporter.progress("GGUF export", len(conv.plan)) as advance:
-        pending = reader.submit(conv.read, conv.plan[0])
-        for i, plan in enumerate(conv.plan):
-            data = pending.result()
-            if i + 1 < len(conv.plan):
-                pending = reader.submit(conv.read, conv.plan[i + 1])
-            needed = {types[q][i] for q in writers}
-            futures = {t: kernels.submit(pool, data, t, weights.get(plan.name)) for t in needed}
-            results = {t: kernels.collect(f) for t, f in futures.items()}
-            del data
+    budget = _Budget(AHEAD_BYTES)
+    ready: queue.Queue = queue.Queue()
+    needed = [list(dict.fromkeys(ts[i] for ts in types.values())) for i in range(len(conv.plan))]
+
+    def feed() -> None:
+        try:
+            kernels.warm_up(k_types, bool(weights))   # compile or load the kernels while the caller reads the tokenizer
+            for plan, ts in zip(conv.plan, needed):
+                n_in = 4 * math.prod(plan.shape)
+                n_out = sum(_nbytes(plan.shape, t) for t in ts)
+                if not budget.take(n_in + n_out):
+                    return
+                data = conv.read(plan)
+                futures = {t: kernels.submit(pool, data, t, weights.get(plan.name)) for t in ts}
+                del data   # freed once its last chunk is quantized
+                _on_last([f for fs in futures.values() for f in fs], lambda n=n_in: budget.give(n))
+                ready.put((futures, n_out))
+        except BaseException as e:   # noqa: BLE001 - handed to the consumer, which raises it
+            ready.put(e)
+
+    def results() -> Iterator[dict[T, np.ndarray]]:
+        for _ in conv.plan:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            futures, n_out = item
+            yield {t: kernels.collect(fs) for t, fs in futures.items()}
+            budget.give(n_out)   # the caller has written it
+
+    with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(1) as reader:
+        feeding = reader.submit(feed)
+        try:
+            yield results()
+        finally:
+            budget.stop()
+            while not feeding.done() or not ready.empty():   # cancel what was queued, let the feeder finish
+                try:
+                    item = ready.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if not isinstance(item, BaseException):
+                    for fs in item[0].values():
+                        for f in fs:
+                            f.cancel()
+
+
+def _write_tensors(conv: Converter, types: dict[str, list[T]], writers: dict,
+                   tensors: Iterator[dict[T, np.ndarray]], reporter: Reporter) -> None:
+    """Write the quantized tensors of :func:`_quantized` (``tensors``) in plan order as they come."""
+    with reporter.progress("GGUF export", len(conv.plan)) as advance:
+        for i, (plan, results) in enumerate(zip(conv.plan, tensors)):
             for q, w in writers.items():
                 w.write_tensor_data(results[types[q][i]])
+            del results
             advance(1, description=f"GGUF export: {plan.name}")

@@ -1,15 +1,15 @@
 """Quantize one float32 matrix to a ggml type, in row chunks over a thread pool (numpy releases the GIL).
 
 The kernels are ``releaser.gguf.quants.quantize`` (llama.cpp's exact bytes). The K-quant kernels are numba-parallel
-over blocks already and numba's default threading layer must not be entered from two threads at once, so they run one
-call at a time (in larger row chunks, which bounds their temporary memory).
+over blocks already (and release the GIL); numba's default threading layer must not be entered from two threads at
+once, so ``quants`` runs their searches one at a time, while the other steps of a chunk (checks, bit packing) overlap
+them. K-quant chunks are larger (more blocks per parallel call).
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import Executor
-from threading import Lock
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -19,7 +19,6 @@ from .quants import WEIGHTED_TYPES, quantize as _quantize
 CHUNK_ELEMENTS = 1 << 21  # rows per task ~ 2M weights: enough tasks to keep every core busy
 K_CHUNK_ELEMENTS = 1 << 23  # K-quant calls: 8M weights (32k blocks for numba's parallel loop)
 K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
-_K_LOCK = Lock()
 
 
 def _numba(qtype: T, weights) -> bool:   # numba-parallel kernels: one call at a time, in large chunks
@@ -31,10 +30,7 @@ def _one(data: np.ndarray, qtype: T, weights: np.ndarray | None = None) -> np.nd
         return np.ascontiguousarray(data, dtype=np.float32)
     if qtype == T.F16:
         return data.astype(np.float16)
-    if _numba(qtype, weights):
-        with _K_LOCK:
-            return np.asarray(_quantize(data, qtype, weights))
-    return np.asarray(_quantize(data, qtype))
+    return np.asarray(_quantize(data, qtype, weights))
 
 
 def submit(pool: Executor, data: np.ndarray, qtype: T, weights: np.ndarray | None = None) -> list:
@@ -56,8 +52,8 @@ def submit(pool: Executor, data: np.ndarray, qtype: T, weights: np.ndarray | Non
 
 def collect(futures: list) -> np.ndarray:
     """Join the chunks of :func:`submit` into one contiguous byte array."""
-    parts = [f.result() for f in futures]
-    return np.concatenate([p.reshape(-1).view(np.uint8) for p in parts])
+    parts = [f.result().reshape(-1).view(np.uint8) for f in futures]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _dispatchers(qtypes, weighted: bool = False) -> list:

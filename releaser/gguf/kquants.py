@@ -5,6 +5,12 @@ Each kernel mirrors the scalar C of ``ggml/src/ggml-quants.c`` (llama.cpp as ven
 float operation is done in float32, in the same order as the C code (sequential sums, no fused multiply-add), so the
 results are bit-identical. The kernels return the quant levels ``L`` and the per-block scales; the bit packing into
 llama.cpp's block layout is done, vectorised, by the classes in :mod:`releaser.gguf.quants`.
+
+Speed comes from SIMD across independent sub-blocks, never from reordering one sub-block's arithmetic: the searches
+lay many sub-blocks side by side as columns (Q4_K/Q5_K: ``QKX_GROUP`` super-blocks at a time) so each loop over the
+columns vectorises, the per-column bookkeeping uses selects instead of branches, levels are kept as exact float32
+integers, and ``error_model="numpy"`` drops Python's zero-division checks (every division here is either guarded, as
+in C, or, like C's, allowed to give inf/NaN that a select then discards).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ GROUP_MAX_EPS = np.float32(1e-15)
 ONE_TENTH = np.float32(0.1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _magic_bits(val):
     """``(bits(val) & 0x7fffff) - 0x400000`` for a float32 ``val``, computed arithmetically (large, inf or NaN input)."""
     if val != val:  # a quiet NaN has mantissa 0x400000
@@ -38,7 +44,7 @@ def _magic_bits(val):
     return int((2.0 * m - 1.0) * 8388608.0) - 0x400000
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def nearest_int(fval):
     """ggml's ``nearest_int``: round a float32 to the nearest integer, ties to even (the 12582912 trick)."""
     val = fval + MAGIC
@@ -47,13 +53,13 @@ def nearest_int(fval):
     return _magic_bits(val)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def nearest_small(fval):
     """``nearest_int`` for a finite argument known to satisfy |fval| <= 4194303 (bounded search loops): branch-free."""
     return int((fval + MAGIC) - MAGIC)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def fp16_round(f):
     """The float32 value of ``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))`` (IEEE half, round to nearest even)."""
     if f != f:
@@ -70,7 +76,7 @@ def fp16_round(f):
     return np.float32(math.copysign(r, np.float64(f)))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def shifted_levels(xt, mn, iscale, nmax, out, small):
     """``out[i, j] = clamp(nearest_int(iscale[j] * (xt[i, j] - mn[j])), 0, nmax)``; ``small``: all arguments bounded."""
     n, m = xt.shape
@@ -84,26 +90,95 @@ def shifted_levels(xt, mn, iscale, nmax, out, small):
                 out[i, j] = max(0, min(nmax, nearest_int(iscale[j] * (xt[i, j] - mn[j]))))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
+def requantize(x, shift, d, lo, hi, q, out):
+    """``out[k] = clamp(nearest_int((x[k] + shift) / d), lo, hi)`` (C's final pass with the stored scales); ``q`` is
+    float32 scratch of len(x). The quotients are bounded in practice, so the branch-free rounding runs unless one is
+    not (then ggml's exact nearest_int for all)."""
+    n = x.shape[0]
+    small = True
+    for k in range(n):
+        v = (x[k] + shift) / d
+        q[k] = v
+        small &= abs(v) <= NEAREST_INT_SAFE
+    if small:
+        for k in range(n):
+            out[k] = max(lo, min(hi, nearest_small(q[k])))
+    else:
+        for k in range(n):
+            out[k] = max(lo, min(hi, nearest_int(q[k])))
+
+
+@njit(cache=True, error_model="numpy")
 def qkx2_scratch(n, m):
     """Work arrays for :func:`make_qkx2_quants` on m sub-blocks of n weights."""
     return (np.empty((n, m), np.float32), np.empty((n, m), np.float32), np.empty((n, m), np.int32),
-            np.empty((n, m), np.int32), np.empty((14, m), np.float32), np.empty((2, m), np.uint8))
+            np.empty((n, m), np.float32), np.empty((16, m), np.float32), np.empty((2, m), np.uint8))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
+def _level_sums(xt, wt, mn, iscale, fnmax, small, Lf, sum_l, sum_l2, sum_xl):
+    """One candidate of make_qkx2_quants: ``Lf = clamp(nearest_int(iscale * (x - mn)), 0, nmax)`` (as float32, exact
+    integers) and C's three weighted sums over it, each sequential over i as in C; ``small``: all arguments bounded."""
+    n, m = xt.shape
+    for j in range(m):
+        sum_l[j] = F0
+        sum_l2[j] = F0
+        sum_xl[j] = F0
+    if small:  # the common case: branch-free rounding, one pass that vectorises across the sub-blocks j
+        for i in range(n):
+            for j in range(m):
+                fl = max(F0, min(fnmax, (iscale[j] * (xt[i, j] - mn[j]) + MAGIC) - MAGIC))
+                Lf[i, j] = fl
+                wl = wt[i, j] * fl
+                sum_l[j] += wl
+                sum_l2[j] += wl * fl
+                sum_xl[j] += wl * xt[i, j]
+    else:
+        nmax = int(fnmax)
+        for i in range(n):
+            for j in range(m):
+                fl = np.float32(max(0, min(nmax, nearest_int(iscale[j] * (xt[i, j] - mn[j])))))
+                Lf[i, j] = fl
+                wl = wt[i, j] * fl
+                sum_l[j] += wl
+                sum_l2[j] += wl * fl
+                sum_xl[j] += wl * xt[i, j]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _fit_error(xt, wt, Lf, scale, mn, use_mad, err):
+    """``err[j] = sum_i w * |scale*L + mn - x|`` (use_mad) or the squared form, sequential over i as in C."""
+    n, m = xt.shape
+    for j in range(m):
+        err[j] = F0
+    if use_mad:
+        for i in range(n):
+            for j in range(m):
+                err[j] += wt[i, j] * abs(scale[j] * Lf[i, j] + mn[j] - xt[i, j])
+    else:
+        for i in range(n):
+            for j in range(m):
+                diff = scale[j] * Lf[i, j] + mn[j] - xt[i, j]
+                err[j] += wt[i, j] * (diff * diff)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def make_qkx2_quants(scratch, nmax, rmin, rdelta, nstep, use_mad, scales, mins):
     """ggml's make_qkx2_quants (asymmetric scale and -min fit to levels 0..nmax) on m sub-blocks side by side.
 
     ``scratch`` comes from :func:`qkx2_scratch`; the caller fills ``xt``/``wt`` [n, m] (sub-block j is column j) and
     reads the levels from ``Lt`` [n, m]. Every sub-block follows C's sequence of float32 operations exactly (its own
     sequential sums, the in-place min update); running them side by side only lets the CPU overlap the independent
-    dependency chains. Writes ``scales[j]`` and ``mins[j]`` (C's return value and ``the_min``).
+    dependency chains (and vectorise them). Writes ``scales[j]`` and ``mins[j]`` (C's return value and ``the_min``).
+    Instead of copying the levels of each better candidate, C's ``L = Laux``, it remembers that candidate's ``iscale``
+    and ``min`` and recomputes its levels once at the end (the same rounding of the same float32 values).
     """
     xt, wt, Lt, Laux, st, flags = scratch
     n, m = xt.shape
     mn, mx, sum_w, sum_x, best, scale, iscale = st[0], st[1], st[2], st[3], st[4], st[5], st[6]
     sum_l, sum_l2, sum_xl, cur, tscale, tmin, xmin = st[7], st[8], st[9], st[10], st[11], st[12], st[13]
+    best_iscale, best_mn = st[14], st[15]  # the candidate whose levels are kept: recomputed once at the end
     live, ok = flags[0], flags[1]
     for j in range(m):
         mn[j] = xt[0, j]
@@ -127,56 +202,45 @@ def make_qkx2_quants(scratch, nmax, rmin, rdelta, nstep, use_mad, scales, mins):
         live[j] = mx[j] != mn[j]  # a flat sub-block keeps L = 0 and scale 0
         iscale[j] = fnmax / (mx[j] - mn[j]) if live[j] else F0
         scale[j] = F1 / iscale[j] if live[j] else F0
-        best[j] = F0
-    shifted_levels(xt, mn, iscale, nmax, Lt, True)  # mn <= min(x): arguments lie in [0, nmax]
-    for i in range(n):
-        for j in range(m):
-            diff = scale[j] * np.float32(Lt[i, j]) + mn[j] - xt[i, j]
-            diff = abs(diff) if use_mad else diff * diff
-            best[j] += wt[i, j] * diff
+    # mn <= min(x): arguments lie in [0, nmax]; the sums are not needed, only the levels (sum_* are scratch here)
+    _level_sums(xt, wt, mn, iscale, fnmax, True, Laux, sum_l, sum_l2, sum_xl)
+    _fit_error(xt, wt, Laux, scale, mn, use_mad, best)
+    for j in range(m):
+        best_iscale[j] = iscale[j]
+        best_mn[j] = mn[j]
     for step in range(nstep + 1 if nstep >= 1 else 0):
-        small = True
+        # per-sub-block bookkeeping without branches (selects), so these loops vectorise across the sub-blocks too
+        num = rmin + rdelta * np.float32(step) + fnmax
+        big = False
         for j in range(m):
-            if live[j]:
-                iscale[j] = (rmin + rdelta * np.float32(step) + fnmax) / (mx[j] - mn[j])
-                # |iscale * (x - mn)| is small unless an updated (fitted) min left the data range far behind
-                if not abs(iscale[j]) * max(abs(mx[j] - mn[j]), abs(xmin[j] - mn[j])) <= HALF_SAFE:
-                    small = False
-            sum_l[j] = F0
-            sum_l2[j] = F0
-            sum_xl[j] = F0
-            cur[j] = F0
-        shifted_levels(xt, mn, iscale, nmax, Laux, small)
-        for i in range(n):
-            for j in range(m):
-                w = wt[i, j]
-                fl = np.float32(Laux[i, j])
-                sum_l[j] += w * fl
-                sum_l2[j] += w * fl * fl
-                sum_xl[j] += w * fl * xt[i, j]
+            iscale[j] = num / (mx[j] - mn[j]) if live[j] else F0
+            # |iscale * (x - mn)| is small unless an updated (fitted) min left the data range far behind
+            big |= not abs(iscale[j]) * max(abs(mx[j] - mn[j]), abs(xmin[j] - mn[j])) <= HALF_SAFE
+        _level_sums(xt, wt, mn, iscale, fnmax, not big, Laux, sum_l, sum_l2, sum_xl)
         for j in range(m):
             D = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]
-            ok[j] = live[j] and D > F0
-            tscale[j] = F0
-            tmin[j] = F0
-            if ok[j]:
-                tscale[j] = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / D
-                tmin[j] = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / D
-                if tmin[j] > F0:
-                    tmin[j] = F0
-                    tscale[j] = sum_xl[j] / sum_l2[j]
-        for i in range(n):
-            for j in range(m):
-                diff = tscale[j] * np.float32(Laux[i, j]) + tmin[j] - xt[i, j]
-                diff = abs(diff) if use_mad else diff * diff
-                cur[j] += wt[i, j] * diff
+            this_scale = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / D
+            this_min = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / D
+            clamped = this_min > F0
+            this_scale = sum_xl[j] / sum_l2[j] if clamped else this_scale
+            this_min = F0 if clamped else this_min
+            okj = (live[j] != 0) & (D > F0)
+            ok[j] = okj
+            tscale[j] = this_scale if okj else F0
+            tmin[j] = this_min if okj else F0
+        _fit_error(xt, wt, Laux, tscale, tmin, use_mad, cur)
         for j in range(m):
-            if ok[j] and cur[j] < best[j]:
-                for i in range(n):
-                    Lt[i, j] = Laux[i, j]
-                best[j] = cur[j]
-                scale[j] = tscale[j]
-                mn[j] = tmin[j]  # later candidates use the updated min, as in C
+            better = (ok[j] != 0) & (cur[j] < best[j])
+            best_iscale[j] = iscale[j] if better else best_iscale[j]
+            best_mn[j] = mn[j] if better else best_mn[j]
+            best[j] = cur[j] if better else best[j]
+            scale[j] = tscale[j] if better else scale[j]
+            mn[j] = tmin[j] if better else mn[j]  # later candidates use the updated min, as in C
+    big = False
+    for j in range(m):
+        big |= not abs(best_iscale[j]) * max(abs(mx[j] - best_mn[j]), abs(xmin[j] - best_mn[j])) <= HALF_SAFE
+    small = not big
+    shifted_levels(xt, best_mn, best_iscale, nmax, Lt, small)
     for j in range(m):
         scales[j] = scale[j]
         mins[j] = -mn[j]
@@ -185,7 +249,7 @@ def make_qkx2_quants(scratch, nmax, rmin, rdelta, nstep, use_mad, scales, mins):
 N_QX_CANDIDATES = 19  # C's first iscale = -nmax/max, then -(nmax + 0.1*is)/max for is = -9..9, is != 0
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def make_qx_quants(x, L, nmax, w, wx, iscales, sumlx, suml2):
     """Symmetric scale fit (rmse_type 1, no importance weights); writes ``L`` (offset by nmax), returns the scale.
 
@@ -238,7 +302,7 @@ def make_qx_quants(x, L, nmax, w, wx, iscales, sumlx, suml2):
     return scale
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def make_q3_quants(x, L, nmax):
     """Symmetric fit with iterative per-weight refinement (do_rmse); writes ``L`` (offset by nmax), returns scale."""
     n = x.shape[0]
@@ -288,7 +352,10 @@ def make_q3_quants(x, L, nmax):
     return sumlx / suml2 if suml2 > F0 else F0
 
 
-@njit(cache=True, parallel=True)
+QKX_GROUP = 16  # super-blocks searched side by side (their 8 sub-blocks each are independent columns of one search)
+
+
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def qkx_blocks(x, nmax, rmin, rdelta, nstep):
     """Q4_K (nmax 15) / Q5_K (nmax 31) search for blocks ``x`` [nb, 256].
 
@@ -301,54 +368,63 @@ def qkx_blocks(x, nmax, rmin, rdelta, nstep):
     d_out = np.empty(nb, np.float32)
     dmin_out = np.empty(nb, np.float32)
     f63 = np.float32(63.0)
+    G = QKX_GROUP
     for c in prange((nb + CHUNK - 1) // CHUNK):
-        scratch = qkx2_scratch(32, 8)
-        xt, wt, Lt = scratch[0], scratch[1], scratch[2]
-        sum_x2 = np.empty(8, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        for i in range(c * CHUNK, min(nb, (c + 1) * CHUNK)):
-            for j in range(8):
+        full = qkx2_scratch(32, 8 * G)
+        last = qkx2_scratch(32, 8 * (min(nb, (c + 1) * CHUNK) - c * CHUNK) % (8 * G) or 8 * G)
+        sum_x2 = np.empty(8 * G, np.float32)
+        q = np.empty(32, np.float32)
+        all_scales = np.empty(8 * G, np.float32)
+        all_mins = np.empty(8 * G, np.float32)
+        for i0 in range(c * CHUNK, min(nb, (c + 1) * CHUNK), G):
+            g = min(G, min(nb, (c + 1) * CHUNK) - i0)
+            scratch = full if g == G else last
+            xt, wt, Lt = scratch[0], scratch[1], scratch[2]
+            m = 8 * g
+            for j in range(m):
                 sum_x2[j] = F0
-            for k in range(32):
-                for j in range(8):
-                    v = x[i, 32 * j + k]
-                    xt[k, j] = v
-                    sum_x2[j] += v * v
-            for j in range(8):
+            for b in range(g):
+                for k in range(32):
+                    for j in range(8):
+                        v = x[i0 + b, 32 * j + k]
+                        xt[k, 8 * b + j] = v
+                        sum_x2[8 * b + j] += v * v
+            for j in range(m):
                 av_x = np.float32(np.sqrt(sum_x2[j] / np.float32(32.0)))
                 for k in range(32):
                     wt[k, j] = av_x + abs(xt[k, j])
-            make_qkx2_quants(scratch, nmax, rmin, rdelta, nstep, False, scales, mins)
-            max_scale = F0
-            max_min = F0
-            for j in range(8):
-                for k in range(32):
-                    L[i, 32 * j + k] = Lt[k, j]
-                if scales[j] > max_scale:
-                    max_scale = scales[j]
-                if mins[j] > max_min:
-                    max_min = mins[j]
-            inv_scale = f63 / max_scale if max_scale > F0 else F0
-            inv_min = f63 / max_min if max_min > F0 else F0
-            for j in range(8):
-                ls[i, j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
-                lm[i, j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
-            d = fp16_round(max_scale / f63)
-            dmin = fp16_round(max_min / f63)
-            d_out[i] = d
-            dmin_out[i] = dmin
-            for j in range(8):
-                dj = d * np.float32(ls[i, j])
-                if dj == F0:
-                    continue
-                dm = dmin * np.float32(lm[i, j])
-                for k in range(32):
-                    L[i, 32 * j + k] = max(0, min(nmax, nearest_int((x[i, 32 * j + k] + dm) / dj)))
+            make_qkx2_quants(scratch, nmax, rmin, rdelta, nstep, False, all_scales[:m], all_mins[:m])
+            for b in range(g):
+                i = i0 + b
+                scales = all_scales[8 * b:8 * b + 8]
+                mins = all_mins[8 * b:8 * b + 8]
+                max_scale = F0
+                max_min = F0
+                for j in range(8):
+                    for k in range(32):
+                        L[i, 32 * j + k] = Lt[k, 8 * b + j]
+                    if scales[j] > max_scale:
+                        max_scale = scales[j]
+                    if mins[j] > max_min:
+                        max_min = mins[j]
+                inv_scale = f63 / max_scale if max_scale > F0 else F0
+                inv_min = f63 / max_min if max_min > F0 else F0
+                for j in range(8):
+                    ls[i, j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+                    lm[i, j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+                d = fp16_round(max_scale / f63)
+                dmin = fp16_round(max_min / f63)
+                d_out[i] = d
+                dmin_out[i] = dmin
+                for j in range(8):
+                    dj = d * np.float32(ls[i, j])
+                    if dj != F0:
+                        requantize(x[i, 32 * j:32 * j + 32], dmin * np.float32(lm[i, j]), dj, 0, nmax, q,
+                                   L[i, 32 * j:32 * j + 32])
     return L, d_out, dmin_out, ls, lm
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def q2_k_blocks(x):
     """Q2_K search for blocks ``x`` [nb, 256]: ``L`` (0..3), ``d``, ``dmin`` and the packed 4+4-bit ``scales`` [nb, 16]."""
     nb = x.shape[0]
@@ -406,7 +482,7 @@ def q2_k_blocks(x):
     return L, d_out, dmin_out, sc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def q3_k_blocks(x):
     """Q3_K search for blocks ``x`` [nb, 256]: ``L`` (0..7), ``d`` and the 6-bit biased scales ``sc`` [nb, 16]."""
     nb = x.shape[0]
@@ -447,7 +523,7 @@ def q3_k_blocks(x):
     return L, d_out, sc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def q6_k_blocks(x):
     """Q6_K search for blocks ``x`` [nb, 256]: ``L`` (0..63), ``d`` and the int8 scales (as uint8) ``sc`` [nb, 16]."""
     nb = x.shape[0]

@@ -168,7 +168,7 @@ class Q4_K(KQuant):
     nmax, rmin, rdelta, nstep = 15, np.float32(-1.0), np.float32(0.1), 20
 
     @classmethod
-    def search(cls, blocks: np.ndarray):
+    def search(cls, blocks: np.ndarray) -> tuple:
         return kquants.qkx_blocks(blocks, cls.nmax, cls.rmin, cls.rdelta, cls.nstep)
 
     @classmethod
@@ -295,8 +295,10 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray 
     if qtype not in K_QUANTS:
         return gguf_quants.quantize(data, qtype)
     blocks = np.ascontiguousarray(data).reshape(-1, QK_K)
-    with _KERNEL_LOCK:
-        out = K_QUANTS[qtype].quantize_blocks(blocks)
+    kind = K_QUANTS[qtype]
+    with _KERNEL_LOCK:  # the kernel only: the packing of one call overlaps the next call's kernel
+        found = kind.search(blocks)
+    out = kind.pack(*found)
     return out.reshape(*data.shape[:-1], data.shape[-1] // QK_K * type_size(qtype))
 
 
