@@ -37,3 +37,22 @@ def smollm2_ggufs(tmp_path_factory, smollm2):
     result = export_gguf(smollm2, tmp_path_factory.mktemp("smollm2-gguf"), ["F16", "Q8_0", "Q4_K_M"],
                          name="SmolLM2-135M-Instruct")
     return {q: paths[0] for q, paths in result.files.items()}
+
+
+@pytest.fixture(scope="session")
+def llama_tools():
+    """The folder holding llama.cpp's llama-quantize, llama-imatrix and llama-perplexity (test oracles), built once
+    from the vendored llama.cpp by tests/build_llama_tools.sh and cached (about 10 minutes the first time). A failed
+    build fails in CI (CI=true) and skips elsewhere."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parent / "build_llama_tools.sh"
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    folder = Path(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else None
+    if folder is None or not (folder / "llama-imatrix").is_file():
+        message = f"llama.cpp tools did not build: {(proc.stderr or proc.stdout).strip()[-500:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder

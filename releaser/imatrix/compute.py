@@ -1,0 +1,200 @@
+"""The importance matrix of a Hugging Face model folder, computed in torch as llama-imatrix computes it on the model's
+GGUF (tools/imatrix/imatrix.cpp): the text is tokenized once (BOS first when the tokenizer adds one), cut into
+``chunks`` chunks of ``ctx`` tokens (each chunk's first token replaced by BOS when the tokenizer adds one), each chunk
+run as its own sequence; for every weight matrix of the decoder blocks that becomes a GGUF tensor, the sum over
+tokens of each input column's squared activation, and the count of tokens summed. A mixture-of-experts tensor
+keeps one row of sums and one count per expert (the tokens routed to it); the router is a dense matrix of its own.
+``output.weight`` only with ``process_output`` (and only when the model has its own, untied lm_head).
+
+The model runs streamed in float32 (``releaser.quality.load.streamed``: one decoder layer's weights in memory at a
+time), on batches of whole chunks; inputs shared by several matrices (q/k/v, gate/up) are squared and summed once."""
+
+from __future__ import annotations
+
+import os
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..arch import architecture_for
+from ..checkpoint.config import check_unquantized
+from ..errors import ConfigError, ModelError
+from ..stage import Reporter
+from .file import Entry, Imatrix
+from .options import ImatrixOptions
+from .text import CalibrationText, load_calibration, token_ids
+
+PASS_TOKENS = 8192   # tokens per forward pass (whole chunks); each pass reads every layer's weights once
+
+
+@dataclass
+class ImatrixResult:
+    imatrix: Imatrix
+    text: CalibrationText
+    chunks: int
+    tokens: int           # tokens run through the model (chunks x ctx)
+    text_tokens: int      # tokens the whole text has
+    seconds: float
+
+    @property
+    def facts(self) -> dict:
+        return {"dataset": self.text.name, "dataset_sha256": self.text.sha256, "chunks": self.chunks,
+                "chunk_size": self.imatrix.chunk_size, "tokens": self.tokens, "text_tokens": self.text_tokens,
+                "conversations": self.text.conversations, "chat_template": self.text.templated,
+                "entries": len(self.imatrix.entries)}
+
+
+class _Sums:
+    """Per GGUF tensor: float64 sums [n_mat, n_cols] and int64 counts [n_mat]; squares of one input computed once."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, np.ndarray] = {}
+        self._last: tuple | None = None
+
+    def register(self, name: str, cols: int, n_mat: int = 1) -> None:
+        self.sums[name] = torch.zeros(n_mat, cols, dtype=torch.float64)
+        self.counts[name] = np.zeros(n_mat, dtype=np.int64)
+
+    def squares(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(sum over tokens of x**2 per column, tokens) of x [..., cols], cached for the next matrix reading x."""
+        if self._last is None or self._last[0] is not x:   # the cache holds x itself: its memory cannot be reused
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            self._last = (x, (flat * flat).sum(0).double(), flat.shape[0])   # float32 within a pass, float64 across
+        return self._last[1], self._last[2]
+
+    def add(self, name: str, x: torch.Tensor, row: int = 0) -> None:
+        s, n = self.squares(x)
+        self.sums[name][row] += s
+        self.counts[name][row] += n
+
+    def result(self) -> dict[str, Entry]:
+        return {n: Entry(self.sums[n].to(torch.float32).numpy(), self.counts[n].copy()) for n in self.sums}
+
+
+def _experts_forward(sums: _Sums, names: tuple[str, str, str]):
+    """The eager forward of transformers' fused experts module (``gate_up_proj`` [E, 2 ff, hidden], ``down_proj``
+    [E, hidden, ff]: Qwen3-MoE's), recording each expert's inputs: the tokens routed to it for gate and up, their
+    ``act(gate) * up`` for down."""
+    gate, up, down = names
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit[:, 0].tolist():
+            if e == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(mask[e])
+            state = hidden_states[token_idx]
+            sums.add(gate, state, e)
+            sums.add(up, state, e)
+            g, u = torch.nn.functional.linear(state, self.gate_up_proj[e]).chunk(2, dim=-1)
+            h = self.act_fn(g) * u
+            sums.add(down, h, e)
+            out = torch.nn.functional.linear(h, self.down_proj[e]) * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+    return forward
+
+
+def _instrument(model, family, config: dict, shapes: dict, sums: _Sums, process_output: bool, tied: bool,
+                reporter: Reporter) -> None:
+    """Hooks on every block matrix with a GGUF name (linear layers and routers, ``shapes`` giving the weights' HF
+    shapes: their input; fused experts: their forward) and, with ``process_output``, on the final norm (the input of
+    output.weight)."""
+    n_layer = config[family.num_layers_key]
+    table = family.gguf_name_map(n_layer)
+
+    def gguf_name(hf: str) -> str | None:
+        return table.get_name(hf, try_suffixes=(".weight", ".bias"))
+
+    experts = family.experts
+    for name, module in model.named_modules():
+        layer = family.layer_of(name + ".")
+        if layer is None:
+            continue
+        if experts is not None and name == f"{family.layer_prefix}{layer}.{experts.module}":
+            if not all(hasattr(module, a) for a in ("gate_up_proj", "down_proj", "act_fn", "num_experts")):
+                raise ModelError(f"the experts of {family.label} are not the fused module releaser imatrix knows "
+                                 f"({type(module).__name__}); this transformers version is not supported")
+            names = tuple(gguf_name(experts.stacked_name(family.layer_prefix, layer, lin)) for lin in experts.linears)
+            hidden, ff = config["hidden_size"], config[experts.ff_key]
+            for gname, cols in zip(names, (hidden, hidden, ff)):
+                sums.register(gname, cols, int(experts.count(config)))
+            module.forward = types.MethodType(_experts_forward(sums, names), module)
+            continue
+        shape = shapes.get(name + ".weight")
+        if shape is None or len(shape) != 2:   # norms are vectors; experts are handled above
+            continue
+        gname = gguf_name(name + ".weight")
+        if gname is None or not gname.startswith("blk."):
+            continue
+        sums.register(gname, int(shape[1]))
+        module.register_forward_pre_hook(lambda m, args, g=gname: sums.add(g, args[0]))
+    if process_output:
+        if tied:
+            reporter.warning("the model's output matrix is its token embedding (tied): there is no output.weight to "
+                             "collect (llama-imatrix --process-output collects none either)")
+        else:
+            sums.register("output.weight", config["hidden_size"])
+            model.model.norm.register_forward_hook(lambda m, args, out: sums.add("output.weight", out))
+
+
+def chunk_tokens(ids: list[int], ctx: int, chunks: int | None, bos: int | None, where: str) -> torch.Tensor:
+    """[n, ctx] chunks of ``ids`` as llama-imatrix cuts them (it needs at least two chunks' worth of tokens)."""
+    if len(ids) < 2 * ctx:
+        raise ConfigError(f"the calibration text {where} has {len(ids)} tokens; llama-imatrix needs at least "
+                          f"{2 * ctx} for a context of {ctx}: give a longer text or a smaller --ctx")
+    n = len(ids) // ctx if chunks is None else min(chunks, len(ids) // ctx)
+    tokens = torch.tensor(ids[: n * ctx], dtype=torch.long).view(n, ctx)
+    if bos is not None:
+        tokens[:, 0] = bos
+    return tokens
+
+
+def compute_imatrix(options: ImatrixOptions, model_dir: str | os.PathLike,
+                    reporter: Reporter | None = None) -> ImatrixResult:
+    """The importance matrix of ``model_dir`` on ``options.text`` (see the module docstring)."""
+    from ..awq.run import use_all_cores
+    from ..quality.load import FolderWeights, streamed
+    from ..quality.text import adds_bos
+    from ..tokenizer.model import load_tokenizer
+
+    reporter = reporter or Reporter()
+    model_dir = Path(model_dir)
+    start = time.perf_counter()
+    weights = FolderWeights(model_dir)
+    config = weights.config
+    check_unquantized(config, model_dir, "an importance matrix")
+    family = architecture_for(config, str(model_dir), stage="gguf")
+    tokenizer = load_tokenizer(model_dir, "the imatrix calibration")
+    text = load_calibration(options.text, tokenizer, options.parse_special)
+    if text.conversations and not text.templated:
+        reporter.warning(f"{model_dir.name} has no chat template: the calibration conversations are written as "
+                         "plain 'User:' / 'Assistant:' turns")
+    ids = token_ids(tokenizer, text)
+    tokens = chunk_tokens(ids, options.ctx, options.chunks, adds_bos(tokenizer), repr(text.name))
+    threads = use_all_cores()
+    sums = _Sums()
+    per_pass = max(1, PASS_TOKENS // options.ctx)
+    passes = -(-tokens.shape[0] // per_pass)
+    n_layer = config[family.num_layers_key]
+    reporter.message(f"imatrix of {model_dir.name} ({family.label}) on {tokens.shape[0]} chunks x {options.ctx} "
+                     f"tokens of {text.name} (cpu, {threads} thread{'s' if threads > 1 else ''})")
+    with weights, reporter.progress("imatrix", total=passes * n_layer) as advance:
+        model = streamed(weights, advance)
+        tied = family.tied(config, weights.names)
+        _instrument(model, family, config, weights.shapes(), sums, options.process_output, tied, reporter)
+        with torch.no_grad():
+            for at in range(0, tokens.shape[0], per_pass):
+                model.model(tokens[at: at + per_pass], use_cache=False)
+    imatrix = Imatrix(sums.result(), [text.name], int(tokens.shape[0]), options.ctx, [text.sha256])
+    return ImatrixResult(imatrix, text, int(tokens.shape[0]), int(tokens.numel()), len(ids),
+                         time.perf_counter() - start)
