@@ -11,9 +11,11 @@ time), on batches of whole chunks; inputs shared by several matrices (q/k/v, gat
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from .options import ImatrixOptions
 from .text import CalibrationText, load_calibration, token_ids
 
 PASS_TOKENS = 8192   # tokens per forward pass (whole chunks); each pass reads every layer's weights once
+ROWS = 512           # rows squared and summed at a time
 
 
 @dataclass
@@ -63,8 +66,12 @@ class _Sums:
     def squares(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(sum over tokens of x**2 per column, tokens) of x [..., cols], cached for the next matrix reading x."""
         if self._last is None or self._last[0] is not x:   # the cache holds x itself: its memory cannot be reused
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            self._last = (x, (flat * flat).sum(0).double(), flat.shape[0])   # float32 within a pass, float64 across
+            flat = x.detach().reshape(-1, x.shape[-1])
+            acc = torch.zeros(flat.shape[1], dtype=torch.float64)
+            for block in flat.split(ROWS):   # small temporaries stay in the cache (a whole-pass one: 5-50x slower)
+                block = block.float()
+                acc += (block * block).sum(0)   # float32 within a block, float64 across
+            self._last = (x, acc, flat.shape[0])
         return self._last[1], self._last[2]
 
     def add(self, name: str, x: torch.Tensor, row: int = 0) -> None:
@@ -147,6 +154,27 @@ def _instrument(model, family, config: dict, shapes: dict, sums: _Sums, process_
             model.model.norm.register_forward_hook(lambda m, args, out: sums.add("output.weight", out))
 
 
+@contextmanager
+def _heap_reuse():
+    """Large temporaries (a pass's activations, tens of MB) reused from glibc's heap instead of a fresh mapping each,
+    whose pages are faulted in and zeroed again on every allocation (above glibc's 32 MB dynamic limit that is every
+    time); the memory goes back to the system after."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:   # not glibc
+        libc = None
+    if libc is not None:
+        libc.mallopt(-3, 512 << 20)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)     # M_TRIM_THRESHOLD
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(-3, 32 << 20)    # the largest threshold glibc's own adjustment reaches
+            libc.mallopt(-1, 64 << 20)    # and its trim threshold
+            libc.malloc_trim(0)
+
+
 def chunk_tokens(ids: list[int], ctx: int, chunks: int | None, bos: int | None, where: str) -> torch.Tensor:
     """[n, ctx] chunks of ``ids`` as llama-imatrix cuts them (it needs at least two chunks' worth of tokens)."""
     if len(ids) < 2 * ctx:
@@ -188,7 +216,7 @@ def compute_imatrix(options: ImatrixOptions, model_dir: str | os.PathLike,
     n_layer = config[family.num_layers_key]
     reporter.message(f"imatrix of {model_dir.name} ({family.label}) on {tokens.shape[0]} chunks x {options.ctx} "
                      f"tokens of {text.name} (cpu, {threads} thread{'s' if threads > 1 else ''})")
-    with weights, reporter.progress("imatrix", total=passes * n_layer) as advance:
+    with weights, _heap_reuse(), reporter.progress("imatrix", total=passes * n_layer) as advance:
         model = streamed(weights, advance)
         tied = family.tied(config, weights.names)
         _instrument(model, family, config, weights.shapes(), sums, options.process_output, tied, reporter)
