@@ -13,7 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from releaser.errors import ConfigError, ModelError
+from releaser.errors import ConfigError, ModelError, OutputError
 from releaser.imatrix.compute import compute_imatrix
 from releaser.imatrix.file import SHA_KEY, Imatrix, check_model, merge, read, read_imatrix, write
 from releaser.imatrix.options import ImatrixOptions
@@ -145,11 +145,11 @@ def tiny_moe(tmp_path_factory, smollm2, llama_tools):
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(smollm2 / f, model / f)
     gguf = export_gguf(model, root, ["F32"], name="tiny-moe").files["F32"][0]
-    options = ImatrixOptions(chunks=6, ctx=64)
+    options = ImatrixOptions(chunks=6, ctx=64, process_output=True)   # untied: output.weight too
     result = compute_imatrix(options, model)
     (root / "text.txt").write_text(result.text.text + "\n", encoding="utf-8")
     llama_imatrix(llama_tools, "-m", gguf, "-f", "text.txt", "--chunks", 6, "-c", 64, "--parse-special", *F32_PATH,
-                  "-o", root / "llama.gguf", cwd=root)
+                  "--process-output", "-o", root / "llama.gguf", cwd=root)
     return {"model": model, "ours": result.imatrix, "llama": read(root / "llama.gguf"), "root": root}
 
 
@@ -159,10 +159,25 @@ def test_moe_per_expert_sums_and_counts_equal_llama_imatrix(tiny_moe):
     exps = ours.entries["blk.0.ffn_down_exps.weight"]
     assert exps.sums.shape == (4, 64) and exps.counts.sum() == 6 * 64 * 2   # every token to 2 of 4 experts
     assert ours.entries["blk.0.ffn_gate_inp.weight"].counts.tolist() == [6 * 64]   # the router: a dense matrix
+    assert ours.entries["output.weight"].counts.tolist() == [6 * 64]
     values = read_imatrix(tiny_moe["root"] / "llama.gguf")["blk.1.ffn_gate_exps.weight"]
     e = ref.entries["blk.1.ffn_gate_exps.weight"]
     assert values.shape == (4 * 64,)
     np.testing.assert_array_equal(values.reshape(4, 64), e.sums / e.counts.astype(np.float32)[:, None])
+
+
+def test_stage_writes_name_imatrix_gguf(tiny_moe, tmp_path):
+    """The stage: NAME-imatrix.gguf in the output folder (other files kept), the calibration text's hash in the facts."""
+    from releaser.imatrix.stage import run
+
+    (tmp_path / "other.txt").write_text("kept")
+    result = run(ImatrixOptions(chunks=3, ctx=64), tiny_moe["model"], tmp_path, name="Tiny")
+    assert [f.path for f in result.files] == ["Tiny-imatrix.gguf"] and (tmp_path / "other.txt").is_file()
+    written = read(tmp_path / "Tiny-imatrix.gguf")
+    assert written.sha256 == [result.facts["dataset_sha256"]] and result.facts["chunks"] == 3
+    assert result.facts["dataset"] == BUILTIN_NAME and result.facts["entries"] == len(written.entries)
+    with pytest.raises(OutputError, match="already exists"):
+        run(ImatrixOptions(chunks=3, ctx=64), tiny_moe["model"], tmp_path, name="Tiny")
 
 
 def test_moe_forward_is_unchanged_by_collecting(tiny_moe):
