@@ -289,3 +289,29 @@ def test_builtin_calibration_is_not_the_evaluation_text():
         text = held_out.read_text(encoding="utf-8")
         sentences = [s.strip() for s in text.replace("\n", " ").split(".") if len(s.strip()) > 40]
         assert not [s for s in sentences if s in content], held_out.name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gemma2", "phi3", "olmo2", "smollm3", "qwen3moe"])
+def test_every_family_covers_the_gguf_block_matrices(family, smollm2, tmp_path):
+    """For every family: one entry per 2-D (3-D: per expert) block tensor of the model's GGUF, with its width, under
+    the GGUF name (Phi-3's fused attn_qkv / ffn_up, Qwen3-MoE's ffn_*_exps and router); check_model accepts it."""
+    from releaser.checkpoint import CheckpointReader
+    from releaser.gguf.convert import Converter
+    from releaser_testing import tiny_family_model, tiny_model
+
+    model = tmp_path / family
+    if family == "llama":
+        tiny_model(model, vocab=49152)
+    else:
+        tiny_family_model(model, family)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(smollm2 / f, model / f)
+    result = compute_imatrix(ImatrixOptions(chunks=2, ctx=32), model)
+    with CheckpointReader(model) as reader:
+        plan = Converter(reader).plan
+    blocks = {p.name: ((p.shape[-1], p.shape[0]) if len(p.shape) == 3 else (p.shape[-1], 1))
+              for p in plan if p.name.startswith("blk.") and len(p.shape) >= 2}
+    got = {n: (e.cols, e.counts.size) for n, e in result.imatrix.entries.items()}
+    assert got == blocks
+    check_model(result.imatrix, blocks)
+    assert all(int(e.counts.sum()) > 0 for e in result.imatrix.entries.values())
