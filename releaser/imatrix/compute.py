@@ -7,14 +7,19 @@ keeps one row of sums and one count per expert (the tokens routed to it); the ro
 ``output.weight`` only with ``process_output`` (and only when the model has its own, untied lm_head).
 
 The model runs streamed in float32 (``releaser.quality.load.streamed``: one decoder layer's weights in memory at a
-time), on batches of whole chunks; inputs shared by several matrices (q/k/v, gate/up) are squared and summed once."""
+time), on batches of whole chunks: two models side by side take the next batch each, on half the cores each (as
+llama.cpp's threads take the next piece of work, a core shared with another process slows one model, not both), and
+each batch's sums are added to the total in batch order, so the bytes do not depend on the timing. Inputs shared by
+several matrices (q/k/v, gate/up) are squared and summed once."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +35,10 @@ from .file import Entry, Imatrix
 from .options import ImatrixOptions
 from .text import CalibrationText, load_calibration, token_ids
 
-PASS_TOKENS = 8192   # tokens per forward pass (whole chunks); each pass reads every layer's weights once
+PASS_TOKENS = 4096   # tokens per forward pass (whole chunks); each pass reads every layer's weights once
 ROWS = 512           # rows squared and summed at a time
+WORKERS = 2          # models running batches side by side, each on cores / WORKERS threads: no thread of one waits
+#                      at the other's barriers (one parallel pass loses most of a core to a busy neighbour)
 
 
 @dataclass
@@ -62,6 +69,22 @@ class _Sums:
     def register(self, name: str, cols: int, n_mat: int = 1) -> None:
         self.sums[name] = torch.zeros(n_mat, cols, dtype=torch.float64)
         self.counts[name] = np.zeros(n_mat, dtype=np.int64)
+
+    def take(self) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+        """The sums and counts so far; they start again from zero."""
+        out = (self.sums, self.counts)
+        self.sums = {n: torch.zeros_like(t) for n, t in out[0].items()}
+        self.counts = {n: np.zeros_like(c) for n, c in out[1].items()}
+        self._last = None
+        return out
+
+    def fold(self, sums: dict[str, torch.Tensor], counts: dict[str, np.ndarray]) -> None:
+        for n, t in sums.items():
+            if n in self.sums:
+                self.sums[n] += t
+                self.counts[n] += counts[n]
+            else:
+                self.sums[n], self.counts[n] = t.clone(), counts[n].copy()
 
     def squares(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(sum over tokens of x**2 per column, tokens) of x [..., cols], cached for the next matrix reading x."""
@@ -190,7 +213,6 @@ def chunk_tokens(ids: list[int], ctx: int, chunks: int | None, bos: int | None, 
 def compute_imatrix(options: ImatrixOptions, model_dir: str | os.PathLike,
                     reporter: Reporter | None = None) -> ImatrixResult:
     """The importance matrix of ``model_dir`` on ``options.text`` (see the module docstring)."""
-    from ..awq.run import use_all_cores
     from ..quality.load import FolderWeights, streamed
     from ..quality.text import adds_bos
     from ..tokenizer.model import load_tokenizer
@@ -209,20 +231,46 @@ def compute_imatrix(options: ImatrixOptions, model_dir: str | os.PathLike,
                          "plain 'User:' / 'Assistant:' turns")
     ids = token_ids(tokenizer, text)
     tokens = chunk_tokens(ids, options.ctx, options.chunks, adds_bos(tokenizer), repr(text.name))
-    threads = use_all_cores()
-    sums = _Sums()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_pass = max(1, PASS_TOKENS // options.ctx)
-    passes = -(-tokens.shape[0] // per_pass)
+    batches = [tokens[at: at + per_pass] for at in range(0, tokens.shape[0], per_pass)]
+    workers = max(1, min(WORKERS, cores, len(batches)))
+    torch.set_num_threads(max(1, cores // workers))
     n_layer = config[family.num_layers_key]
+    tied = family.tied(config, weights.names)
+    shapes = weights.shapes()
     reporter.message(f"imatrix of {model_dir.name} ({family.label}) on {tokens.shape[0]} chunks x {options.ctx} "
-                     f"tokens of {text.name} (cpu, {threads} thread{'s' if threads > 1 else ''})")
-    with weights, _heap_reuse(), reporter.progress("imatrix", total=passes * n_layer) as advance:
-        model = streamed(weights, advance)
-        tied = family.tied(config, weights.names)
-        _instrument(model, family, config, weights.shapes(), sums, options.process_output, tied, reporter)
-        with torch.no_grad():
-            for at in range(0, tokens.shape[0], per_pass):
-                model.model(tokens[at: at + per_pass], use_cache=False)
-    imatrix = Imatrix(sums.result(), [text.name], int(tokens.shape[0]), options.ctx, [text.sha256])
+                     f"tokens of {text.name} (cpu, {workers} x {torch.get_num_threads()} threads)")
+    total, done, lock = _Sums(), {}, threading.Lock()
+    order, folded = iter(range(len(batches))), [0]
+
+    def work(model, sums: _Sums) -> None:
+        """Run the next batch of chunks until none is left; each batch's sums are added to the total in batch order
+        (the same bytes whatever the timing)."""
+        while True:
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            with torch.no_grad():
+                model.model(batches[i], use_cache=False)
+            with lock:
+                done[i] = sums.take()
+                while folded[0] in done:
+                    total.fold(*done.pop(folded[0]))
+                    folded[0] += 1
+
+    with weights, _heap_reuse(), reporter.progress("imatrix", total=len(batches) * n_layer) as advance:
+        runners = []
+        for k in range(workers):   # built here: transformers' model construction is not thread-safe
+            sums = _Sums()
+            model = streamed(weights, advance)   # CheckpointReader.read is thread-safe
+            _instrument(model, family, config, shapes, sums, options.process_output, tied,
+                        reporter if k == 0 else Reporter())
+            runners.append((model, sums))
+        with ThreadPoolExecutor(workers) as pool:
+            for f in [pool.submit(work, *r) for r in runners]:
+                f.result()
+    imatrix = Imatrix(total.result(), [text.name], int(tokens.shape[0]), options.ctx, [text.sha256])
     return ImatrixResult(imatrix, text, int(tokens.shape[0]), int(tokens.numel()), len(ids),
                          time.perf_counter() - start)

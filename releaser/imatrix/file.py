@@ -242,8 +242,7 @@ def merge(files: Iterable[Imatrix], chunk_size: int | None = None) -> Imatrix:
             counts[name] += e.counts
         datasets += f.datasets
         shas += f.sha256 or [""] * len(f.datasets)
-    entries = {n: Entry(sums[n].reshape(counts[n].size if sums[n].size % counts[n].size == 0 else 1, -1), counts[n])
-               for n in sums}
+    entries = {n: Entry(sums[n].reshape(counts[n].size, -1), counts[n]) for n in sums}   # sizes checked above
     top = max((int(c.max()) for c in counts.values() if c.size), default=0)
     return Imatrix(entries, datasets, top // chunk_size, chunk_size, shas)
 
