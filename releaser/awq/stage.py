@@ -12,7 +12,7 @@ import torch
 
 from ..atomic import output_dir
 from ..checkpoint import CheckpointReader, CheckpointWriter, architecture_for
-from ..checkpoint.config import check_sizes
+from ..checkpoint.config import check_sizes, check_unquantized
 from ..errors import ModelError
 from ..stage import Reporter, StageResult, describe_files
 from .calib import calibration
@@ -68,9 +68,7 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
     start = time.perf_counter()
     reader = CheckpointReader(model_dir)
     config = reader.config
-    if isinstance(config.get("quantization_config"), dict):
-        raise ModelError(f"{model_dir} is already quantized ({config['quantization_config'].get('quant_method')}); "
-                         "give the unquantized model folder")
+    check_unquantized(config, model_dir, "AWQ")
     arch = architecture_for(config, str(model_dir))
     n_layers = check_sizes(reader, arch)[arch.num_layers_key]
     classes = family_classes(config, str(model_dir))

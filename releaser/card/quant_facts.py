@@ -53,6 +53,7 @@ class GGUFFile:
     quant_type: str          # from general.file_type, e.g. Q4_K_M, or a custom recipe's name (Q4_K_L)
     bits_per_weight: float   # tensor data bits / parameters
     good_for: str
+    imatrix: str | None = None   # made with an importance matrix: its calibration data (quantize.imatrix.dataset)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class GGUFFacts:
     files: list[GGUFFile]    # largest first
     recommended: GGUFFile
     prompt: PromptFacts
+    imatrix_file: str | None = None   # the importance matrix published beside the files (NAME.imatrix)
 
 
 @dataclass(frozen=True)
@@ -170,8 +172,9 @@ def gguf_facts(folder: Path) -> GGUFFacts:
         if recipe:   # a custom recipe: llama-quantize's mix with overrides (the arguments that make it)
             args = " ".join(_field(readers[0], "quantize.recipe.args") or [])
             quant, good = str(recipe), f"{quant} with `{args}`: {good[0].lower()}{good[1:]}"
+        imatrix = _field(readers[0], "quantize.imatrix.dataset") or _field(readers[0], "quantize.imatrix.file")
         files.append(GGUFFile(shards[0].name, [p.name for p in shards], sum(p.stat().st_size for p in shards),
-                              quant, n_bytes * 8 / n_params, good))
+                              quant, n_bytes * 8 / n_params, good, imatrix))
         first = first or (readers[0], shards[0], n_params)
     if first is None:
         raise ModelError(f"{folder} has no .gguf files")
@@ -187,7 +190,7 @@ def gguf_facts(folder: Path) -> GGUFFacts:
     meta = {k: _field(reader, f"general.{k}") for k in ("name", "license", "quantized_by")}
     return GGUFFacts("gguf", folder, meta["name"], meta["license"], _base_models(reader), meta["quantized_by"],
                      str(arch), n_params, int(ctx) if ctx is not None else None, files, pick,
-                     _gguf_prompt(reader, path))
+                     _gguf_prompt(reader, path), next((p.name for p in sorted(folder.glob("*.imatrix"))), None))
 
 
 def is_awq(config: dict) -> bool:

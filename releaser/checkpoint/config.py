@@ -78,3 +78,12 @@ def check_same_model(config: dict, other: dict, where: str, other_where: str, fi
         if config.get(key) != other.get(key):
             raise ModelError(f"{where} and {other_where} are not the same model ({key} {config.get(key)!r} vs "
                              f"{other.get(key)!r}); {fix}")
+
+
+def check_unquantized(config: dict, folder: str | os.PathLike, task: str) -> None:
+    """A one-line ModelError when ``config`` (of ``folder``) describes quantized weights: ``task`` (AWQ, an
+    importance matrix) starts from the unquantized model."""
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict):
+        raise ModelError(f"{folder} is already quantized ({qc.get('quant_method')}); {task} needs the unquantized "
+                         "model folder")

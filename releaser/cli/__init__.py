@@ -21,6 +21,7 @@ from ..atomic import release_all
 from ..awq.options import AWQOptions
 from ..errors import ReleaserError
 from ..gguf.options import GGUFOptions
+from ..imatrix.options import ImatrixOptions
 from ..merge.options import MergeOptions
 from ..publish.options import PublishOptions
 from ..quality.options import QualityOptions
@@ -443,6 +444,54 @@ def awq_eval_cmd(
               f"{ppl['unquantized']:.3f}, AWQ {ppl['awq']:.3f}, RTN {ppl['rtn']:.3f}; mean KLD AWQ {kld['awq']:.5f}, "
               f"RTN {kld['rtn']:.5f}; same top AWQ {top['awq']:.1%}, RTN {top['rtn']:.1%} -> "
               f"{awq_dir / 'awq_calibration.json'}", highlight=False)
+
+
+@app.command("imatrix")
+@friendly
+def imatrix_cmd(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="The unquantized Hugging Face model folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="The imatrix file, NAME-imatrix.gguf (llama.cpp's GGUF "
+                                "imatrix format; a name ending in .dat writes the legacy format)."),
+    text: str = option(ImatrixOptions, "text", "--text"),
+    ctx: int = option(ImatrixOptions, "ctx", "--ctx"),
+    chunks: int | None = option(ImatrixOptions, "chunks", "--chunks"),
+    process_output: bool = flag("--process-output", help=ImatrixOptions.help("process_output")),
+    parse_special: bool = flag("--parse-special", help=ImatrixOptions.help("parse_special")),
+    overwrite: bool = flag("--overwrite", help="Replace the output file if it exists."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Compute the importance matrix (llama-imatrix's) of a model folder in torch, for imatrix-weighted quants."""
+    from ..atomic import check_new
+    from ..imatrix.compute import compute_imatrix
+    from ..imatrix.file import write
+
+    options = ImatrixOptions.build(text=text, ctx=ctx, chunks=chunks, process_output=process_output,
+                                   parse_special=parse_special)
+    check_new(output.absolute(), overwrite, kind="file")   # before the model runs
+    result = compute_imatrix(options, model_dir, _reporter(quiet))
+    write(result.imatrix, output, overwrite=overwrite)
+    out.print(f"[green]imatrix[/] {len(result.imatrix.entries)} matrices, {result.chunks} chunks x {options.ctx} "
+              f"tokens of {result.text.name} (sha256 {result.text.sha256}), {result.seconds:.0f} s -> {output}",
+              highlight=False)
+
+
+@app.command("imatrix-merge")
+@friendly
+def imatrix_merge_cmd(
+    files: list[Path] = typer.Argument(..., metavar="FILE...", help="imatrix files (GGUF or legacy .dat) of one "
+                                       "model."),
+    output: Path = typer.Option(..., "--output", "-o", help="The merged file (.gguf; .dat: the legacy format)."),
+    chunk_size: int | None = typer.Option(None, "--chunk-size", min=1, help="Tokens per chunk of legacy inputs and "
+                                          "of the result (default: the first GGUF input's, else 512)."),
+    overwrite: bool = flag("--overwrite", help="Replace the output file if it exists."),
+) -> None:
+    """Add imatrix files (sums and counts) as llama-imatrix --in-file a --in-file b does."""
+    from ..imatrix.file import merge, read, write
+
+    merged = merge([read(f) for f in files], chunk_size)
+    write(merged, output, overwrite=overwrite)
+    out.print(f"[green]imatrix-merge[/] {len(files)} file(s), {len(merged.entries)} matrices, {merged.chunk_count} "
+              f"chunks -> {output}", highlight=False)
 
 
 @app.command("eval")

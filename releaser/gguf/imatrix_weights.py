@@ -4,11 +4,8 @@ quantizers (``src/llama-quant.cpp``), with the ``quantize.imatrix.*`` keys llama
 
 from __future__ import annotations
 
-import math
 import os
-import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -68,88 +65,18 @@ class Imatrix:
 
 
 def load_imatrix(path: str | os.PathLike) -> Imatrix:
-    """Read a llama.cpp importance matrix (GGUF, or the legacy ``.dat``) into the weights llama-quantize uses: GGUF
-    ``in_sum2`` / ``counts`` per expert (a count of 0 gives weights of 1); legacy sums / ncall."""
-    path = Path(path)
+    """Read a llama.cpp importance matrix (GGUF, or the legacy ``.dat``; :func:`releaser.imatrix.file.read`) into the
+    weights llama-quantize uses: GGUF ``in_sum2`` / ``counts`` per expert (a count of 0 gives weights of 1); legacy
+    sums / ncall."""
+    from ..errors import ModelError
+    from ..imatrix.file import read
+
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImatrixError(f"cannot read the imatrix {path}: {exc.strerror or exc}") from None
-    try:
-        entries, datasets, chunks = (_gguf if data[:4] == b"GGUF" else _legacy)(path, data)
-    except (ValueError, struct.error, UnicodeDecodeError, IndexError, KeyError) as exc:
-        raise ImatrixError(f"{path} is not a readable imatrix file ({exc}); give a file written by llama-imatrix or "
-                           "releaser imatrix") from None
+        matrix = read(path)
+    except ModelError as exc:
+        raise ImatrixError(f"{path} is not a readable imatrix file: {exc}") from None
+    entries = matrix.importance()
     for name, w in entries.items():
         if not np.isfinite(w).all():
             raise ImatrixError(f"imatrix {path}: the entry for {name} contains non-finite values; compute it again")
-    return Imatrix(os.fspath(path), entries, datasets, chunks)
-
-
-def _gguf(path: Path, data: bytes):
-    from .reader import GGUFFile
-
-    f = GGUFFile(path)
-    if not f.tensors:
-        raise ValueError("it holds no entries")
-    if not all(k in f.values for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")):
-        raise ValueError("imatrix.datasets, imatrix.chunk_count or imatrix.chunk_size is missing")
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    for name, t in f.tensors.items():
-        for suffix in (".in_sum2", ".counts"):
-            if name.endswith(suffix) and len(name) > len(suffix):
-                if t.ggml_type != 0:
-                    raise ValueError(f"{name} is not F32")
-                values = np.frombuffer(data, np.float32, t.n_elements, t.offset)
-                pairs.setdefault(name[: -len(suffix)], {})[suffix] = values
-    entries = {}
-    for name in sorted(pairs):
-        if len(pairs[name]) != 2:
-            raise ValueError(f"{name} has in_sum2 without counts or counts without in_sum2")
-        sums, counts = pairs[name][".in_sum2"], pairs[name][".counts"]
-        if counts.size == 0:
-            raise ValueError(f"{name}.counts is empty")
-        counts = np.array([math.floor(abs(c) + 0.5) * (1 if c >= 0 else -1) for c in counts.tolist()],
-                          np.float32)   # std::lround, then back to float
-        ne0 = sums.size // counts.size
-        w = np.zeros(sums.size, np.float32)
-        for j, c in enumerate(counts):
-            w[j * ne0:(j + 1) * ne0] = sums[j * ne0:(j + 1) * ne0] / c if c > 0 else np.float32(1.0)
-        entries[name] = w
-    datasets = f.values["imatrix.datasets"]
-    return entries, list(datasets) if isinstance(datasets, list) else [], int(f.values["imatrix.chunk_count"])
-
-
-def _legacy(path: Path, data: bytes):
-    pos = 0
-
-    def take(fmt: str):
-        nonlocal pos
-        vals = struct.unpack_from("<" + fmt, data, pos)
-        pos += struct.calcsize("<" + fmt)
-        return vals[0]
-
-    n_entries = take("i")
-    if n_entries < 1:
-        raise ValueError("it holds no entries")
-    entries = {}
-    for _ in range(n_entries):
-        n = take("i")
-        if n < 0 or pos + n > len(data):
-            raise ValueError("a name runs past the end of the file")
-        name = data[pos:pos + n].split(b"\0")[0].decode("utf-8")
-        pos += n
-        ncall, nval = take("i"), take("i")
-        if nval < 1 or pos + 4 * nval > len(data):
-            raise ValueError(f"the values of {name} run past the end of the file")
-        sums = np.frombuffer(data, np.float32, nval, pos)
-        pos += 4 * nval
-        entries[name] = sums / np.float32(ncall) if ncall > 0 else sums.copy()
-    chunks, datasets = 0, []
-    if pos + 4 <= len(data):   # the chunk count and dataset name are optional
-        chunks = take("i")
-        if pos + 4 <= len(data):
-            n = take("i")
-            if n > 0 and pos + n <= len(data):
-                datasets.append(data[pos:pos + n].split(b"\0")[0].decode("utf-8"))
-    return entries, datasets, chunks
+    return Imatrix(os.fspath(path), entries, matrix.datasets, matrix.chunk_count)

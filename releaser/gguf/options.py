@@ -20,8 +20,9 @@ class GGUFOptions(StageOptions):
     split_max_size: str | None = Field(None, description="Split files above this size, e.g. 48G.")
     pre_tokenizer: str | None = Field(None, description="llama.cpp BPE pre-tokenizer name "
                                          "(default: detected by llama.cpp's hash check).")
-    imatrix: str | None = Field(None, validate_default=True, description="Importance matrix file (llama-imatrix's GGUF or legacy .dat): "
-                                "quantize as llama-quantize --imatrix does (Q2_K_S needs one).")
+    imatrix: str | None = Field(None, validate_default=True, description="Importance matrix file (llama-imatrix's "
+                                "GGUF or legacy .dat; in a recipe also auto: computed once per release by the imatrix "
+                                "stage): quantize as llama-quantize --imatrix does (Q2_K_S needs one).")
     tensor_types: dict[str, str] = Field(default_factory=dict, description="REGEX=TYPE: tensors whose GGUF name "
                                          "matches take TYPE, in every quantized file (llama-quantize's --tensor-type).")
     output_type: str | None = Field(None, description="Type of output.weight in every file (llama-quantize's "
@@ -38,10 +39,10 @@ class GGUFOptions(StageOptions):
     def _imatrix(cls, value: Any) -> str | None:
         if value is False or value is None:   # `imatrix: false`: none
             return None
-        if not isinstance(value, str) or not value.strip() or value.strip() in ("true", "auto"):
-            raise ValueError(f"give the path of an importance matrix file (llama-imatrix's .gguf or .dat), or false; "
-                             f"got {value!r}")
-        return value
+        if not isinstance(value, str) or not value.strip() or value.strip() == "true":
+            raise ValueError(f"give the path of an importance matrix file (llama-imatrix's .gguf or .dat), auto (a "
+                             f"release computes it) or false; got {value!r}")
+        return value.strip() if value.strip() == "auto" else value
 
     @field_validator("quants", mode="before")
     @classmethod

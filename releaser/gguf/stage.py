@@ -6,8 +6,14 @@ import os
 from pathlib import Path
 
 from ..atomic import output_dir
+from ..reflink import copy_file
 from ..stage import Reporter, StageResult, describe_files
 from .options import GGUFOptions
+
+
+def imatrix_name(name: str) -> str:
+    """The importance matrix's file in the GGUF repo (not ``.gguf``: runtimes and cards list those as models)."""
+    return f"{name}.imatrix"
 
 
 def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
@@ -27,8 +33,8 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
         changed = []
         for f in kept.files:
             path = out / f.path
-            if "-of-" in path.name and "-00001-of-" not in path.name:
-                continue   # metadata lives in the first file of a split set
+            if path.suffix != ".gguf" or ("-of-" in path.name and "-00001-of-" not in path.name):
+                continue   # metadata lives in the first file of a split set; the imatrix has none
             if sync_tokenizer(path, Path(inputs)).changes:
                 changed.append(path.name)
         paths = [out / f.path for f in kept.files]
@@ -42,13 +48,24 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
 
     im = None
     if options.imatrix is not None:
-        im = load_imatrix(imatrix if imatrix is not None else options.imatrix)
-        im = im.__class__(options.imatrix, im.weights, im.datasets, im.chunk_count)
+        if options.imatrix == "auto" and imatrix is None:
+            from ..errors import ConfigError
+
+            raise ConfigError("gguf.imatrix auto is computed by a release; for one export run releaser imatrix first "
+                              "and pass its file")
+        source = Path(imatrix if imatrix is not None else options.imatrix)
+        im = load_imatrix(source)   # recorded as written in the recipe (auto: the file's name), not where it lies
+        im = im.__class__(source.name if options.imatrix == "auto" else options.imatrix, im.weights, im.datasets,
+                          im.chunk_count)
     with output_dir(out, overwrite=overwrite) as tmp:
         result = export_gguf(inputs, tmp, options.specs(), name, options.split_max_size, overwrite=True,
                              license=license, base_models=base_models, quantized_by=quantized_by,
                              pre_tokenizer=options.pre_tokenizer, model_card=False, imatrix=im, reporter=reporter)
+        if im is not None:   # published beside the files it made, as the popular uploaders do
+            copy_file(source, tmp / imatrix_name(name))
     paths = [out / p.name for ps in result.files.values() for p in ps]
+    if im is not None:
+        paths.append(out / imatrix_name(name))
     facts = {"tensor_types": result.tensor_types}
     if result.imatrix:
         facts["imatrix"] = result.imatrix

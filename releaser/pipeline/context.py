@@ -63,6 +63,10 @@ class Release:
         return self.work / self.recipe.quants.awq.split("/", 1)[1]
 
     @property
+    def imatrix_dir(self) -> Path:
+        return self.work / "imatrix"
+
+    @property
     def quality_report(self) -> Path:
         return self.work / "quality.json"
 

@@ -1,4 +1,4 @@
-"""The work folder's layout must not overlap: each repo folder, ``merged``, the ``dir:`` publish folder,
+"""The work folder's layout must not overlap: each repo folder, ``merged``, ``imatrix``, the ``dir:`` publish folder,
 ``release.json`` and ``quality.json`` is its own path, none inside another (the publish folder holds only its
 mirrors). Checked by ``releaser check`` and before ``releaser release`` writes anything."""
 
@@ -13,6 +13,7 @@ from .manifest import NAME as MANIFEST
 
 QUALITY = "quality.json"
 MERGED = "merged"
+IMATRIX = "imatrix"
 
 
 def outputs(recipe: Recipe, work: Path) -> list[tuple[str, Path]]:
@@ -28,6 +29,8 @@ def outputs(recipe: Recipe, work: Path) -> list[tuple[str, Path]]:
             paths.append((key, work / repo.split("/", 1)[1]))
     if recipe.merge is not None:
         paths.append((f"the merge's output {MERGED}", work / MERGED))
+    if recipe.gguf is not None and recipe.gguf.imatrix == "auto":
+        paths.append((f"the importance matrix folder {IMATRIX}", work / IMATRIX))
     paths.append((f"the manifest {MANIFEST}", work / MANIFEST))
     if recipe.quality is not False:
         paths.append((f"the quality report {QUALITY}", work / QUALITY))

@@ -220,7 +220,9 @@ def _validate(r: Release) -> dict[str, str]:
         detail["tokenizer"] = f"chat template {load_template(r.template()).name}"
     if r.recipe.gguf is not None:
         detail["gguf"] = ", ".join(q.name for q in r.recipe.gguf.specs())
-        if r.recipe.gguf.imatrix is not None:
+        if r.recipe.gguf.imatrix == "auto":
+            detail["gguf"] += " with an importance matrix computed by the imatrix stage"
+        elif r.recipe.gguf.imatrix is not None:
             from ..gguf.imatrix_weights import ImatrixError, load_imatrix
 
             path = r.local(r.recipe.gguf.imatrix)

@@ -141,21 +141,56 @@ GGUF_CODE = ("releaser.gguf", "releaser.arch", "releaser.checkpoint", "gguf", "n
 AWQ_CODE = ("releaser.awq", "releaser.arch", "releaser.checkpoint", "torch", "transformers")
 
 
+IMATRIX_CODE = ("releaser.imatrix", "releaser.quality", "releaser.arch", "releaser.checkpoint", "torch",
+                "transformers")
+
+
+def _imatrix_file(r: Release) -> Path | None:
+    """The importance matrix the GGUF files are made with: the recipe's file, or the imatrix stage's (auto)."""
+    imatrix = r.recipe.gguf.imatrix
+    if imatrix == "auto":
+        from ..imatrix.stage import file_name
+
+        return r.imatrix_dir / file_name(r.recipe.main_repo.split("/", 1)[1])
+    return r.local(imatrix) if imatrix is not None else None
+
+
+def _imatrix_depends(r: Release) -> dict:
+    """The calibration text is rendered through the model's chat template: the whole main folder counts."""
+    from ..imatrix.options import ImatrixOptions
+
+    return {"options": ImatrixOptions().model_dump(mode="json"), "model": _main_files(r, tokenizer=True),
+            "code": code_versions(IMATRIX_CODE)}
+
+
+def _imatrix_call(r: Release) -> Call:
+    from ..imatrix.options import ImatrixOptions
+
+    return ImatrixOptions(), r.main_dir, r.imatrix_dir, {"name": r.recipe.main_repo.split("/", 1)[1],
+                                                         "overwrite": True}
+
+
+def _imatrix_applies(r: Release) -> str | None:
+    if r.recipe.gguf is None or r.recipe.gguf.imatrix != "auto":
+        return "gguf.imatrix is not auto"
+    return None
+
+
 def _gguf_weights(r: Release) -> dict:
     """What the tensors depend on: everything in the main folder but the tokenizer files, the importance matrix (its
     bytes), and the code."""
-    imatrix = r.recipe.gguf.imatrix
+    imatrix = _imatrix_file(r)
     return {"options": r.recipe.gguf.model_dump(mode="json"), "license": r.recipe.license, "author": r.recipe.author,
             "name": r.recipe.main_repo, "model": _main_files(r, tokenizer=False), "code": code_versions(GGUF_CODE),
-            **({"imatrix": r.manifest.hash(r.local(imatrix))} if imatrix is not None else {})}
+            **({"imatrix": r.manifest.hash(imatrix)} if imatrix is not None else {})}
 
 
 def _gguf_call(r: Release) -> Call:
-    imatrix = r.recipe.gguf.imatrix
+    imatrix = _imatrix_file(r)
     return r.recipe.gguf, r.main_dir, r.gguf_dir, {
         "name": r.recipe.main_repo.split("/", 1)[1], "license": r.recipe.license, "base_models": [r.recipe.main_repo],
         "quantized_by": r.recipe.author, "kept": _kept(r, "gguf", r.gguf_dir, _gguf_weights), "overwrite": True,
-        **({"imatrix": str(r.local(imatrix))} if imatrix is not None else {})}
+        **({"imatrix": str(imatrix)} if imatrix is not None else {})}
 
 
 def _awq_options(r: Release):
@@ -276,6 +311,8 @@ STEPS = [
          ("releaser.tokenizer", "releaser.checkpoint", "tokenizers", "transformers")),
     Step("verify", _always, _verify_depends, lambda r: r.main_dir, "tokenizer.verify", _verify_call,
          ("releaser.tokenizer", "transformers")),
+    Step("imatrix", _imatrix_applies, _imatrix_depends, lambda r: r.imatrix_dir, "imatrix.stage", _imatrix_call,
+         IMATRIX_CODE),
     Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, "gguf.stage", _gguf_call,
          GGUF_CODE),
     Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, "awq.stage", _awq_call, AWQ_CODE),

@@ -23,6 +23,19 @@ class EvalText:
     sha256: str    # of the UTF-8 text
 
 
+def read_utf8(path: Path, what: str, fix: str) -> str:
+    """The UTF-8 text of the file ``path`` as it is (no newline translation); one-line ConfigErrors naming ``what``
+    (e.g. "evaluation text") and, for a missing file, ``fix``."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist; {fix}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+
+
 def load_text(spec: str | Path = "builtin") -> EvalText:
     """``builtin`` (the shipped public-domain text) or the path of a UTF-8 text file."""
     if str(spec) == "builtin":
@@ -30,14 +43,8 @@ def load_text(spec: str | Path = "builtin") -> EvalText:
     else:
         path = Path(spec)
         name = path.name
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"evaluation text {path} does not exist; give a UTF-8 text file or 'builtin'") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"evaluation text {path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read the evaluation text {path}: {exc.strerror or exc}") from None
+    text = read_utf8(path, "evaluation text", "give a UTF-8 text file or 'builtin'")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")   # universal newlines, as open() reads text
     if not text.strip():
         raise ConfigError(f"evaluation text {path} is empty")
     return EvalText(name, text, hashlib.sha256(text.encode()).hexdigest())

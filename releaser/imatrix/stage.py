@@ -1,0 +1,34 @@
+"""The ``imatrix`` stage: ``run(options, inputs, out, reporter) -> StageResult`` writes ``NAME-imatrix.gguf`` (the
+importance matrix of the model folder ``inputs``, see compute.py) into the folder ``out``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..atomic import output_files
+from ..stage import Reporter, StageResult, describe_files
+from .compute import compute_imatrix
+from .file import write
+from .options import ImatrixOptions
+
+
+def file_name(name: str) -> str:
+    return f"{name}-imatrix.gguf"
+
+
+def run(options: ImatrixOptions, inputs: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
+        *, name: str | None = None, overwrite: bool = False, describe=describe_files) -> StageResult:
+    """Compute the importance matrix of the model folder ``inputs`` and write it as ``out/NAME-imatrix.gguf`` (NAME:
+    ``name``, default the folder's name); other files in ``out`` are left alone. The facts name the calibration
+    text and its sha256 (for the manifest and the card)."""
+    inputs, out = Path(inputs), Path(out)
+    result = compute_imatrix(options, inputs, reporter)
+    target = file_name(name or inputs.name)
+    with output_files(out, overwrite=overwrite) as tmp:
+        write(result.imatrix, tmp / target)
+    summary = (f"imatrix of {inputs.name}: {len(result.imatrix.entries)} matrices, {result.chunks} chunks x "
+               f"{options.ctx} tokens of {result.text.name} (sha256 {result.text.sha256[:12]}), "
+               f"{result.seconds:.0f} s -> {out / target}")
+    return StageResult("imatrix", out, describe(out, [out / target]), summary,
+                       {**result.facts, "file": target, "seconds": round(result.seconds, 1)})
