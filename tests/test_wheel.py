@@ -24,6 +24,7 @@ def test_wheel_install_renders_a_card_and_a_chat_template(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "releaser/templates/cards/model.md.j2" in names and "releaser/templates/chat/chatml.jinja" in names
     assert "releaser/cli/__main__.py" in names and "releaser/arch/experts.py" in names   # subpackages too
+    assert "releaser/imatrix/data/chat_calibration.jsonl" in names   # package data
     assert not any("testing" in n for n in names)   # the fixtures (releaser_testing.py) are not installed
 
     venv = tmp_path / "venv"
