@@ -37,3 +37,20 @@ def smollm2_ggufs(tmp_path_factory, smollm2):
     result = export_gguf(smollm2, tmp_path_factory.mktemp("smollm2-gguf"), ["F16", "Q8_0", "Q4_K_M"],
                          name="SmolLM2-135M-Instruct")
     return {q: paths[0] for q, paths in result.files.items()}
+
+
+@pytest.fixture(scope="session")
+def llama_tools():
+    """Folder of llama.cpp's llama-quantize, llama-imatrix and llama-perplexity, built once from the vendored source
+    by tests/build_llama_tools.sh (cached). Outside CI a failed build skips; in CI it fails."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).with_name("build_llama_tools.sh")
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        message = f"building llama.cpp's tools failed: {proc.stderr[-2000:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(proc.stdout.strip().splitlines()[-1])
