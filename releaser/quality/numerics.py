@@ -48,29 +48,31 @@ def _div(a: float, b: torch.Tensor) -> torch.Tensor:
     return torch.full_like(b, a).div_(b)
 
 
+def _blocks(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as blocks of ``size`` values and each block's largest magnitude (exact)."""
+    blocks = x.reshape(*x.shape[:-1], -1, size)
+    low, high = torch.aminmax(blocks, dim=-1, keepdim=True)   # one pass: faster than abs().amax()
+    return blocks, torch.maximum(high, low.neg_())
+
+
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     """``x`` [..., n] (float32, n a multiple of 32) through ggml's ``quantize_row_q8_0`` (the AVX path) and back:
     per block of 32, d = max|x| / 127 stored as float16, q = round-half-even(x * (127 / max|x|))."""
-    blocks = x.reshape(*x.shape[:-1], -1, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax != 0, _div(127.0, amax), torch.zeros_like(amax))
-    q = torch.round(blocks * inv)
+    blocks, amax = _blocks(x, 32)
+    inv = torch.where(amax != 0, _div(127.0, amax), 0.0)
     d = (amax / 127.0).to(torch.float16).to(torch.float32)
-    return (q * d).reshape(x.shape)
+    return torch.mul(blocks, inv).round_().mul_(d).reshape(x.shape)
 
 
 def quantize_q8_k(x: torch.Tensor) -> torch.Tensor:
     """``x`` [..., n] (float32, n a multiple of 256) through ggml's ``quantize_row_q8_K_ref`` and back: per block of
-    256, the value of largest magnitude (the first one) ``m``, iscale = -127 / m, q = min(127, round-half-even(iscale *
-    x)), d = 1 / iscale (float32)."""
-    blocks = x.reshape(*x.shape[:-1], -1, 256)
-    at = blocks.abs().argmax(-1, keepdim=True)
-    m = blocks.gather(-1, at)
-    zero = m == 0
-    iscale = torch.where(zero, torch.zeros_like(m), _div(-127.0, torch.where(zero, torch.ones_like(m), m)))
-    q = torch.round(blocks * iscale).clamp_(max=127)
-    d = torch.where(zero, torch.zeros_like(m), _div(1.0, torch.where(zero, torch.ones_like(m), iscale)))
-    return (q * d).reshape(x.shape)
+    256, with m the value of largest magnitude, iscale = -127 / m, q = min(127, round-half-even(iscale * x)), d = 1 /
+    iscale (float32). Round-half-even is odd-symmetric, so q * d is the same for m and -m: m = max|x| here."""
+    blocks, amax = _blocks(x, 256)
+    zero = amax == 0
+    iscale = torch.where(zero, 0.0, _div(127.0, torch.where(zero, 1.0, amax)))
+    d = torch.where(zero, 0.0, _div(1.0, torch.where(zero, 1.0, iscale)))
+    return torch.mul(blocks, iscale).round_().mul_(d).reshape(x.shape)
 
 
 def quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -137,6 +139,7 @@ def emulate(model, weight_types: Mapping[str, str], kv_cache: str = "f16") -> No
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is model.get_input_embeddings().weight
     embedding = next((n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight), None)
+    last = _Last()
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, torch.nn.Linear):
@@ -145,12 +148,15 @@ def emulate(model, weight_types: Mapping[str, str], kv_cache: str = "f16") -> No
                 key = embedding
             formats = _formats(weight_types.get(key, "F32"))
             if formats != ("f32",):
-                module.register_forward_pre_hook(_quantizing(formats))
+                module.register_forward_pre_hook(_quantizing(formats, last))
             continue
         stacked = {p: _formats(weight_types[prefix + p]) for p, param in module.named_parameters(recurse=False)
                    if param.dim() == 3 and prefix + p in weight_types}
         if any(f != ("f32",) for f in stacked.values()):
             _quantize_experts(module, stacked)
+    model.register_forward_hook(lambda *a: last.entries.clear(), always_call=True)   # hold no activations after
+    if model.get_decoder() is not model:
+        model.get_decoder().register_forward_hook(lambda *a: last.entries.clear(), always_call=True)
     if kv_cache == "f16":
         _f16_kv_cache(model)
     elif kv_cache != "f32":
@@ -171,10 +177,26 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias, formats: tuple[str, ..
                      dim=-1)
 
 
-def _quantizing(formats: tuple[str, ...]) -> Callable:
+class _Last:
+    """The last input quantized to each format, and the result: q, k and v (gate and up) take the same input tensor,
+    quantized once for all of them."""
+
+    def __init__(self):
+        self.entries: dict[str, tuple] = {}
+
+    def __call__(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
+        got = self.entries.get(fmt)
+        if got is not None and got[0] is x and got[1] == x._version:
+            return got[2]
+        out = quantize(x, fmt)
+        self.entries[fmt] = (x, x._version, out)
+        return out
+
+
+def _quantizing(formats: tuple[str, ...], last: _Last) -> Callable:
     if len(set(formats)) == 1:
         def hook(module, args):
-            return (quantize(args[0], formats[0]), *args[1:])
+            return (last(args[0], formats[0]), *args[1:])
 
         return hook
 
