@@ -23,6 +23,7 @@ import torch
 
 from conftest import require
 
+from releaser.errors import ModelError
 from releaser.quality import QualityOptions, run_quality
 from releaser.quality.numerics import ACTIVATIONS, activation_format, quantize, quantize_q8_0, quantize_q8_k
 from releaser.quality.text import BUILTIN
@@ -77,7 +78,7 @@ def test_activation_formats():
     assert torch.equal(quantize(x, "f16"), x.half().float())
     with pytest.raises(ValueError, match="do not split into q8_k blocks"):
         quantize(torch.randn(2, 576), "q8_k")
-    with pytest.raises(ValueError, match="no llama.cpp CPU dot product"):
+    with pytest.raises(ModelError, match="no llama.cpp CPU dot product .* Q9_X; measure the file with numerics float32"):
         activation_format("Q9_X")
 
 
@@ -151,3 +152,11 @@ def test_figures_equal_llama_perplexity(ours, llama_figures):
         assert row["kld_mean"] == pytest.approx(ref["kld_mean"], rel=kld_rel), quant
         assert row["kld_p99"] == pytest.approx(ref["kld_p99"], rel=0.10), quant
         assert abs(row["same_top"] - ref["same_top"]) <= 0.015, quant
+
+
+def test_llama_cpp_backend_needs_llama_cpp_numerics():
+    from releaser.errors import ConfigError
+
+    assert QualityOptions().numerics == "llama.cpp"
+    with pytest.raises(ConfigError, match="llama.cpp backend computes with llama.cpp's own arithmetic"):
+        QualityOptions.build(backend="llama.cpp", numerics="float32")

@@ -40,7 +40,10 @@ def activation_format(ggml_type: str) -> str:
     try:
         return ACTIVATIONS[ggml_type]
     except KeyError:
-        raise ValueError(f"no llama.cpp CPU dot product known for weights of type {ggml_type}") from None
+        from ..errors import ModelError
+
+        raise ModelError(f"no llama.cpp CPU dot product known for weights of type {ggml_type}; measure the file with "
+                         "numerics float32") from None
 
 
 def _div(a: float, b: torch.Tensor) -> torch.Tensor:
