@@ -81,11 +81,11 @@ def main() -> None:
     for label, (_, name) in runs.items():
         report = json.loads((args.work / name).read_text())
         print(f"\n{label}: {report['chunks']} windows of {report['ctx']} tokens, {report['scored_tokens']} scored; "
-              f"unquantized PPL {report['model']['ppl']:.3f}")
-        print(f"  {'file':40s} {'PPL':>8s} {'mean KLD':>10s} {'99% KLD':>9s} {'same top':>9s} {'s':>6s}")
-        for row in report["artefacts"]:
+              f"unquantized PPL {report['model']['ppl']:.3f}; numerics {report.get('numerics', 'float32')}")
+        print(f"  {'file':40s} {'PPL':>8s} {'mean KLD':>10s} {'99% KLD':>9s} {'same top':>9s}")
+        for row in report["artefacts"]:   # per-file seconds are in the manifest, not the report
             print(f"  {row['file']:40s} {row['ppl']:8.3f} {row['kld_mean']:10.6f} {row['kld_p99']:9.5f} "
-                  f"{100 * row['same_top']:8.1f}% {row['seconds']:6.1f}")
+                  f"{100 * row['same_top']:8.1f}%")
         stop = report.get("stop_test")
         if stop:
             print(f"  stop test on {stop['file']}: {'passed' if stop['passed'] else 'FAILED'} {stop['text']!r}")

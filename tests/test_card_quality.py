@@ -30,7 +30,8 @@ def row(file, kind, quant, ppl, kld, same):
 
 REPORT = {
     "version": 1, "text": {"name": TEXT, "sha256": "0" * 64, "tokens": 7700}, "ctx": 512, "chunks": 8,
-    "scored_tokens": 2040, "model": {"path": "/out/model", "ppl": 25.9086, "tokens": 2040, "windows": 8},
+    "scored_tokens": 2040, "numerics": "llama.cpp",
+    "model": {"path": "/out/model", "ppl": 25.9086, "tokens": 2040, "windows": 8},
     "artefacts": [row("Tiny-Merge-F16.gguf", "gguf", "F16", 25.9100, 0.0000014, 0.9985),
                   row("Tiny-Merge-Q8_0.gguf", "gguf", "Q8_0", 26.0035, 0.0011420, 0.9819),
                   row("awq", "awq", "AWQ", 26.8812, 0.0310000, 0.9012)],
@@ -74,6 +75,10 @@ def test_gguf_table_has_the_figures(release, recipe):
     assert rows["Tiny-Merge-Q4_0.gguf"] == ("not measured",) * 3
     assert f"on {TEXT}, 8 windows of 512 tokens (2040 scored tokens" in text
     assert "perplexity 25.909" in text
+    assert "as llama.cpp on a CPU computes them" in text and "llama-perplexity --kl-divergence" in text
+    older = {k: v for k, v in REPORT.items() if k != "numerics"}   # a report from before `numerics`: float32
+    text = render_card(release["gguf"], recipe, quality=older)
+    assert "as dequantized weights and float32 activations compute them" in text, text
 
 
 def test_pick_guide_uses_the_figures(release, recipe):

@@ -93,7 +93,8 @@ def test_perplexity_equals_transformers(smollm2, report, windows):
             nll.append(torch.nn.functional.cross_entropy(logits[first:-1].double(), row[first + 1:],
                                                          reduction="none"))
     ref = float(torch.exp(torch.cat(nll).mean()))
-    assert report["model"]["ppl"] == pytest.approx(ref, rel=1e-5)
+    # keys and values are rounded to float16 as llama.cpp's flash attention takes them (numerics.py): 1e-5 of PPL
+    assert report["model"]["ppl"] == pytest.approx(ref, rel=1e-4)
 
 
 def _llama_cpp_logits(path: Path, windows) -> list[torch.Tensor]:
@@ -104,25 +105,30 @@ def _llama_cpp_logits(path: Path, windows) -> list[torch.Tensor]:
 
 
 def test_dequantized_logits_equal_llama_cpp(smollm2, smollm2_ggufs, windows):
-    """F16: llama.cpp rounds the activations to fp16 for F16 matmuls, so logits agree to 1e-3 of the largest logit
-    (the bound the GGUF export tests use). Q4_K_M: llama.cpp also quantizes the activations to 8 bits (Q8_K) for the
-    dot products, which the dequantized torch model does not; that disagreement must stay a small part of what is
-    measured: KLD(ours || llama.cpp) under a fifth of KLD(unquantized || ours) (measured: about a tenth), and the
-    same top token at >= 90% of the positions."""
+    """Our torch model of a GGUF, computing as llama.cpp's CPU backend does (numerics.py), against llama.cpp itself.
+    F16: activations rounded to float16 in both, logits agree to 2e-3 of the largest logit (float16 rounding of keys,
+    values and activations is a draw too, smaller: measured 1.2e-3). Q4_K_M: both quantize the activations to 8 bits, but which way an activation near a rounding boundary
+    goes differs between any two implementations, so the logits agree statistically: KLD(ours || llama.cpp) under a
+    fifth of KLD(unquantized || ours) (measured: about a tenth), the same top token at >= 90% of the positions."""
+    from releaser.quality.numerics import emulate
+
     needs_llama_cpp()
     config = ld.read_config(smollm2)
     base = ld.load(smollm2)
+    emulate(base, {})
     base_lp = [log_softmax_(torch.cat(list(w))) for w in ld.scored_logits(base, windows.first)(windows.tokens)]
     del base
     for quant in ("F16", "Q4_K_M"):
         art = ld.identify(smollm2_ggufs[quant])
-        model = ld.load(art, config)
+        with ld.open_weights(art, config) as weights:
+            model = ld.build(weights)
+            emulate(model, ld.weight_types(model, weights))
         ours = [torch.cat(list(w)) for w in ld.scored_logits(model, windows.first)(windows.tokens)]
         del model
         theirs = _llama_cpp_logits(art.path, windows)
         for o, t, b in zip(ours, theirs, base_lp):
             if quant == "F16":
-                assert (o - t).abs().max() / o.abs().max() < 1e-3
+                assert (o - t).abs().max() / o.abs().max() < 2e-3
             else:
                 lo, lt = log_softmax_(o.clone()), log_softmax_(t.clone())
                 assert kl_divergence(lo, lt).mean() < 0.2 * kl_divergence(b, lo).mean()
@@ -130,9 +136,11 @@ def test_dequantized_logits_equal_llama_cpp(smollm2, smollm2_ggufs, windows):
 
 
 def test_llama_cpp_backend_agrees(smollm2, smollm2_ggufs, report, tmp_path):
-    """The same report with llama.cpp running the GGUFs: the same windows and base figures. llama.cpp quantizes the
-    activations to 8 bits for quantized matmuls, which adds KLD of its own (measured on SmolLM2: +0.0023 for Q8_0,
-    +0.005 for Q4_K_M), so each file's KLD agrees within 25% plus 0.006, and same-top within 5 points."""
+    """The same report with llama.cpp running the GGUFs: the same windows and base figures, and the figures the torch
+    backend's emulation of llama.cpp's arithmetic gives, up to the draw of the 8-bit activation rounding (a different
+    draw in each implementation; on these 254 tokens it moves Q8_0's mean KLD by up to ~15%): KLD within 25%,
+    perplexity within 1%, same top within 3 points (the float32 figures before the emulation were 2-3x lower for
+    Q8_0)."""
     needs_llama_cpp()
     paths = [smollm2_ggufs["Q8_0"], smollm2_ggufs["Q4_K_M"]]
     other = run_quality(QualityOptions(ctx=CTX, chunks=CHUNKS, backend="llama.cpp", stop_test=False), smollm2, paths,
@@ -142,9 +150,9 @@ def test_llama_cpp_backend_agrees(smollm2, smollm2_ggufs, report, tmp_path):
     for row in other["artefacts"]:
         ref = ours[row["quant"]]
         assert row["backend"] == "llama.cpp"
-        assert abs(row["kld_mean"] - ref["kld_mean"]) <= 0.25 * ref["kld_mean"] + 0.006
-        assert abs(row["same_top"] - ref["same_top"]) <= 0.05
-        assert row["ppl"] == pytest.approx(ref["ppl"], rel=0.02)
+        assert row["kld_mean"] == pytest.approx(ref["kld_mean"], rel=0.25), row["quant"]
+        assert abs(row["same_top"] - ref["same_top"]) <= 0.03
+        assert row["ppl"] == pytest.approx(ref["ppl"], rel=0.01)
 
 
 def _zero_tensor(src: Path, dst: Path, name: str) -> Path:

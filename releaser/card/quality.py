@@ -36,6 +36,17 @@ class QualityFacts:
     scored_tokens: int
     base_ppl: float
     rows: dict[str, QualityRow]
+    numerics: str = "float32"   # the report's: "llama.cpp" (its CPU arithmetic) or "float32" (reports before it)
+
+    @property
+    def runtime(self) -> str:
+        """One phrase naming the arithmetic the GGUF figures describe."""
+        if self.numerics == "llama.cpp":
+            return ("llama.cpp on a CPU computes them (each matrix product's input quantized to 8 bits as its kernels "
+                    "do, attention keys and values in float16): the figures `llama-perplexity --kl-divergence` gives "
+                    "against an F32 GGUF of the unquantized model")
+        return ("dequantized weights and float32 activations compute them (the weights' own error; llama.cpp's "
+                "8-bit activations add to it)")
 
     @property
     def measured_on(self) -> str:
@@ -70,7 +81,8 @@ def quality_facts(report: dict | str | os.PathLike) -> QualityFacts:
                                       float(r["kld_mean"]), float(r["kld_p99"]), float(r["same_top"]))
                 for r in report["artefacts"]}
         return QualityFacts(str(report["text"]["name"]), int(report["ctx"]), int(report["chunks"]),
-                            int(report["scored_tokens"]), float(report["model"]["ppl"]), rows)
+                            int(report["scored_tokens"]), float(report["model"]["ppl"]), rows,
+                            str(report.get("numerics", "float32")))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{where} is not a releaser quality report (missing or bad {exc}); make it with "
                           "releaser eval -o FILE") from None

@@ -504,6 +504,7 @@ def eval_cmd(
     ctx: int = option(QualityOptions, "ctx", "--ctx"),
     chunks: int = option(QualityOptions, "chunks", "--chunks"),
     backend: str = option(QualityOptions, "backend", "--backend"),
+    numerics: str = option(QualityOptions, "numerics", "--numerics"),
     no_gate: bool = flag("--no-gate", help="Report broken quants instead of failing."),
     output: Path = typer.Option(Path("quality.json"), "--output", "-o", help="The JSON report (for releaser card "
                                 "--quality)."),
@@ -515,7 +516,8 @@ def eval_cmd(
 
     from ..quality import run_quality
 
-    options = QualityOptions.build(text=text, ctx=ctx, chunks=chunks, backend=backend, gate=not no_gate)
+    options = QualityOptions.build(text=text, ctx=ctx, chunks=chunks, backend=backend, numerics=numerics,
+                                   gate=not no_gate)
     result = run_quality(options, model_dir, artefacts, output, _reporter(quiet))
     report = result.facts
     table = Table(title=f"{report['text']['name']}: {report['chunks']} windows of {report['ctx']} tokens, "

@@ -1,6 +1,8 @@
 """Optional backend: run a GGUF with llama.cpp (llama-cpp-python's low-level API) instead of dequantizing it into a
-torch model. Quantized decode uses ``use_extra_bufts=False`` (the CPU repack/AMX path crashes on some hosts), an F32
-KV cache and no flash attention (both would add their own rounding)."""
+torch model, with the settings its users run (llama-perplexity's and llama-server's defaults: an F16 KV cache, flash
+attention "auto", on for CPU), so the figures are those the torch backend emulates (numerics.py). Quantized decode uses
+``use_extra_bufts=False`` (the CPU repack/AMX path crashes on some hosts; the repacked kernels quantize the
+activations to the same values)."""
 
 from __future__ import annotations
 
@@ -66,8 +68,8 @@ def scored_logits(path: Path, ctx: int, first: int, rows: int = 64):
     cparams = lc.llama_context_default_params()
     cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = ctx
     cparams.n_threads = cparams.n_threads_batch = os.cpu_count() or 1
-    cparams.type_k = cparams.type_v = lc.GGML_TYPE_F32
-    cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cparams.type_k = cparams.type_v = lc.GGML_TYPE_F16
+    cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_AUTO
     context = lc.llama_init_from_model(model, cparams)
     if not context:
         lc.llama_model_free(model)

@@ -90,6 +90,10 @@ class Weights(ABC):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """name -> shape of every tensor of ``names`` (read from headers, no tensor data)."""
 
+    def types(self) -> dict[str, str]:
+        """name -> ggml type name (Q4_K, F16, ...) of the tensors stored in a GGUF; none for float weights."""
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -159,6 +163,12 @@ class GGUFWeights(Weights):
 
     def shapes(self):
         return {hf: tuple(reader.tensors[name].shape) for hf, (reader, name) in self._where.items()}
+
+    def types(self):
+        import gguf
+
+        return {hf: gguf.GGMLQuantizationType(reader.tensors[name].ggml_type).name
+                for hf, (reader, name) in self._where.items()}
 
 
 def _hf_tensor_names(config: dict) -> list[str]:
@@ -298,6 +308,17 @@ class _Composed(Weights):
         inner = self.inner.shapes()
         return {n: self.recipes[n].shape if n in self.recipes else inner[n] for n in self.names}
 
+    def types(self):
+        """A built tensor's type is its sources': one type when they agree, else (a concatenation of differently
+        typed parts, e.g. gate and up) the parts' types joined by "+", in order."""
+        inner = self.inner.types()
+        out = {n: t for n, t in inner.items() if n in self.names}
+        for name, recipe in self.recipes.items():
+            parts = [inner[s] for s in recipe.sources if s in inner]
+            if parts and len(parts) == len(recipe.sources):
+                out[name] = parts[0] if len(set(parts)) == 1 or recipe.stack else "+".join(parts)
+        return out
+
     def load(self, names):
         for name in names:
             recipe = self.recipes.get(name)
@@ -312,6 +333,11 @@ def _fit(model, weights: Weights) -> Weights:
     if architecture_for(weights.config).experts is None:
         return weights
     return _Composed(weights, [n for n, _ in model.named_parameters()])
+
+
+def weight_types(model, weights: Weights) -> dict[str, str]:
+    """ggml type of each of ``model``'s parameters that ``weights`` stores in a GGUF (see ``Weights.types``)."""
+    return _fit(model, weights).types()
 
 
 def _check_names(model, weights: Weights) -> dict[str, torch.nn.Parameter]:

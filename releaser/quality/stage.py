@@ -207,7 +207,8 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
                     run = stack.enter_context(llamacpp.scored_logits(art.parts[0], windows.ctx, windows.first))
                 else:
                     weights = stack.enter_context(ld.open_weights(art, base_config))
-                    run = _streamed(weights, windows, reporter, f"quality: {art.label}", stack)[1]
+                    run = _streamed(weights, windows, reporter, f"quality: {art.label}", stack,
+                                    numerics=options.numerics)[1]
                     advance = _no_advance
                 try:
                     figures = score_against(run, windows, base.store, base.figures.ppl, advance)
@@ -243,6 +244,7 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
         "version": REPORT_VERSION,
         "text": {"name": text.name, "sha256": text.sha256, "tokens": windows.text_tokens},
         "ctx": windows.ctx, "chunks": windows.count, "scored_tokens": base.figures.tokens,
+        "numerics": options.numerics,
         "model": {"path": _shown(model_dir, out_path.parent), **base.figures.to_dict()},
         "artefacts": rows,
         "stop_test": stop,
@@ -279,7 +281,8 @@ def _base_pass(model_dir: Path, windows: Windows, n_artefacts: int, options: Qua
         weights = stack.enter_context(ld.open_weights(model_dir))
         budget = options.time_budget
         passes = 1 + ld.forward_passes(windows.count - 1, windows.ctx) if budget else None   # window 0 alone first
-        model, run = _streamed(weights, windows, reporter, "quality: unquantized model", stack, passes)
+        model, run = _streamed(weights, windows, reporter, "quality: unquantized model", stack, passes,
+                               options.numerics)
         if budget:
             t0 = time.perf_counter()
             first = list(next(iter(run(windows.tokens[:1]))))
@@ -306,13 +309,18 @@ def _no_advance(n=1, description=None) -> None:
 
 
 def _streamed(weights: ld.Weights, windows: Windows, reporter: Reporter, label: str, stack: ExitStack,
-              passes: int | None = None):
+              passes: int | None = None, numerics: str = "float32"):
     """The streamed model of ``weights`` and its scored logits, with a progress bar (in ``stack``) counting the
-    decoder layers run: ``passes`` forward passes (by default those that ``windows`` take) over every layer."""
+    decoder layers run: ``passes`` forward passes (by default those that ``windows`` take) over every layer. With
+    ``numerics="llama.cpp"`` the model computes as llama.cpp's CPU backend does (see numerics.py)."""
     passes = ld.forward_passes(windows.count, windows.ctx) if passes is None else passes
     layers = int(weights.config.get("num_hidden_layers") or 0)
     advance = stack.enter_context(reporter.progress(label, total=passes * layers or None))
     model = ld.streamed(weights, advance)
+    if numerics == "llama.cpp":
+        from .numerics import emulate
+
+        emulate(model, ld.weight_types(model, weights))
     return model, ld.scored_logits(model, windows.first)
 
 

@@ -52,9 +52,10 @@ def load_text(spec: str | Path = "builtin") -> EvalText:
 
 @dataclass(frozen=True)
 class Windows:
-    """``tokens`` [n, ctx]: consecutive, non-overlapping windows of the tokenized text (llama.cpp: chunk i is tokens
-    [i*ctx, (i+1)*ctx), its first token replaced by BOS when the tokenizer adds one). Only the second half of each
-    window is scored: the logits at positions first..ctx-2 predict the tokens first+1..ctx-1."""
+    """``tokens`` [n, ctx]: consecutive, non-overlapping windows of the tokenized text as llama.cpp's perplexity tool
+    cuts them: the text is tokenized with BOS in front when the tokenizer adds one, chunk i is tokens [i*ctx,
+    (i+1)*ctx) of that, its first token replaced by BOS. Only the second half of each window is scored: the logits at
+    positions first..ctx-2 predict the tokens first+1..ctx-1."""
 
     tokens: torch.Tensor
     ctx: int
@@ -96,13 +97,14 @@ def make_windows(tokenizer, text: EvalText, ctx: int, chunks: int) -> Windows:
     """The first ``chunks`` windows of ``ctx`` tokens (fewer when the text is shorter; an error when not one fits)."""
     if ctx < 8:
         raise ConfigError(f"context size {ctx} is too small; use at least 8 tokens (llama.cpp's default is 512)")
-    ids = tokenize(tokenizer, text.text)
+    text_ids = tokenize(tokenizer, text.text)
+    bos = adds_bos(tokenizer)
+    ids = text_ids if bos is None else [bos, *text_ids]   # llama.cpp: common_tokenize(text, add_special=true)
     n = min(chunks, len(ids) // ctx)
     if n < 1:
-        raise ConfigError(f"the evaluation text {text.name!r} has {len(ids)} tokens, fewer than one window of {ctx}; "
-                          "use a longer text or a smaller --ctx")
+        raise ConfigError(f"the evaluation text {text.name!r} has {len(text_ids)} tokens, fewer than one window of "
+                          f"{ctx}; use a longer text or a smaller --ctx")
     tokens = torch.tensor(ids[: n * ctx], dtype=torch.long).view(n, ctx)
-    bos = adds_bos(tokenizer)
     if bos is not None:
         tokens[:, 0] = bos
-    return Windows(tokens, ctx, len(ids))
+    return Windows(tokens, ctx, len(text_ids))
