@@ -28,8 +28,9 @@ from .kquants import (CHUNK, F0, GROUP_MAX_EPS, N_QX_CANDIDATES, ONE_TENTH, QK_K
                       nearest_small, qkx2_scratch)
 
 # make_qkx3_quants with weights is make_qkx2_quants: the same function, compiled here once and called (not inlined
-# into every kernel: numba's compile time, not the run time, is what inlining costs)
-make_qkx2_quants = njit(cache=True)(kquants.make_qkx2_quants.py_func)
+# into every kernel: numba's compile time, not the run time, is what inlining costs), with its error model (a zero
+# determinant gives inf, masked after; Python's would raise)
+make_qkx2_quants = njit(cache=True, error_model="numpy")(kquants.make_qkx2_quants.py_func)
 
 RMIN = np.float32(-0.9)   # make_qkx3_quants' search: rmin -0.9, rdelta 0.05, 37 steps (every weighted asymmetric type)
 RDELTA = np.float32(0.05)
