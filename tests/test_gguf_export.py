@@ -164,3 +164,81 @@ def test_sentencepiece_style_vocab(tmp_path):
     types = reader.get_field("tokenizer.ggml.token_type").contents()
     assert len(reader.get_field("tokenizer.ggml.scores").contents()) == len(tokens) == n_vocab
     assert types[tokens.index("<0x41>")] == gguf.TokenType.BYTE and types[tokens.index("<s>")] == gguf.TokenType.CONTROL
+
+
+TOOL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                 "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _stop_folder(path, smollm2, eos_ids, **sampling):
+    model = make_model(path, smollm2, layers=1)
+    (model / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos_ids,
+                                                              **sampling}))
+    (model / "additional_chat_templates").mkdir()
+    (model / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_TEMPLATE)
+    return model
+
+
+def _read_back(path) -> dict:
+    """What llama.cpp reads: its end-of-generation ids among the first 20, the sampling keys, both templates."""
+    import llama_cpp
+
+    with o.load(path, vocab_only=True) as m:
+        vocab = llama_cpp.llama_model_get_vocab(m)
+        return {"eog": [i for i in range(20) if llama_cpp.llama_vocab_is_eog(vocab, i)],
+                "sampling": {k: o.meta(m, f"general.sampling.{k}") for k in ("temp", "top_k", "top_p", "min_p",
+                                                                              "penalty_repeat")},
+                "template": llama_cpp.llama_model_chat_template(m, None).decode(),
+                "tool_use": (llama_cpp.llama_model_chat_template(m, b"tool_use") or b"").decode(),
+                "add_bos": o.meta(m, "tokenizer.ggml.add_bos_token"), "eom": o.meta(m, "tokenizer.ggml.eom_token_id")}
+
+
+def test_stop_ids_sampling_and_templates_read_back(tmp_path, smollm2):
+    """Every id generation_config.json declares a stop is end-of-generation in llama.cpp (<file_sep> through the eom
+    slot: llama.cpp does not know its text), the sampling defaults the folder states are general.sampling.* (with
+    repetition_penalty as penalty_repeat, as the vendored converter writes it) and both chat templates are there."""
+    from releaser.errors import ModelError
+    from releaser.gguf.fix import sync_tokenizer
+    from releaser.gguf.reader import GGUFFile
+    from releaser.gguf.stops import llama_eog_ids
+
+    model = _stop_folder(tmp_path / "m", smollm2, [2, 5], temperature=0.6, top_p=0.9, top_k=20,
+                         repetition_penalty=1.1, do_sample=True)
+    f16 = export_gguf(model, tmp_path / "out", ["F16"], name="Stops").files["F16"][0]
+    got = _read_back(f16)
+    # <|endoftext|> and <|im_end|> by their text, <reponame> as llama.cpp's FIM repo token
+    assert got["eog"] == [0, 2, 4, 5] and got["eom"] == "5"
+    assert got["sampling"] == {"temp": "0.600000", "top_k": "20", "top_p": "0.900000", "min_p": None,
+                               "penalty_repeat": "1.100000"}
+    assert got["template"] == (smollm2 / "chat_template.jinja").read_text() and got["tool_use"] == TOOL_TEMPLATE
+    assert got["add_bos"] == "false"
+    values = GGUFFile(f16).values   # releaser's copy of llama.cpp's rule (FIM tokens left out) agrees with llama.cpp
+    special = {k: values.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")}
+    assert sorted(i for i in llama_eog_ids(values["tokenizer.ggml.tokens"], special) if i < 20) == [0, 2, 5]
+
+    ref = o.convert_hf(model, tmp_path / "ref.gguf", "f16")   # llama.cpp's converter: the same keys it writes
+    ours, theirs = o.keys(f16, "general.sampling."), o.keys(ref, "general.sampling.")
+    assert ours == theirs and len(ours) == 4
+    ours, theirs = o.keys(f16, "tokenizer."), o.keys(ref, "tokenizer.")
+    # ours adds eot (the eos is an end-of-turn token), eom (a declared stop llama.cpp would not stop on) and
+    # add_eos false (what the tokenizer does; the converter leaves it out, which llama.cpp reads as false too)
+    assert {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)} == {
+        "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id", "tokenizer.ggml.add_eos_token"}
+    assert ours["tokenizer.ggml.add_eos_token"] is False and "tokenizer.ggml.add_eos_token" not in theirs
+
+    # a tokenizer-only re-release rewrites the stops and sampling keys in place
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.3}))
+    changes = sync_tokenizer(f16, model).changes
+    assert set(changes) == {"tokenizer.ggml.eom_token_id", "general.sampling.temp", "general.sampling.top_k",
+                            "general.sampling.top_p", "general.sampling.penalty_repeat"}
+    got = _read_back(f16)
+    assert got["eog"] == [0, 2, 4] and got["eom"] is None
+    assert got["sampling"] == {"temp": "0.300000", "top_k": None, "top_p": None, "min_p": None,
+                               "penalty_repeat": None}
+    assert sync_tokenizer(f16, model).changes == {}
+
+    # more declared stops than llama.cpp has slots for: refused in one line, naming them
+    bad = _stop_folder(tmp_path / "bad", smollm2, [2, 5, 10])
+    with pytest.raises(ModelError, match=r"declares stop token\(s\) '<issue_closed>' that llama.cpp cannot stop on"):
+        export_gguf(bad, tmp_path / "bad-out", ["F16"], name="Bad")

@@ -29,6 +29,7 @@ from .imatrix_weights import Imatrix, ImatrixError, load_imatrix
 from .mixes import DEFAULT_TYPE, NEEDS_IMATRIX, UNQUANTIZED, QuantSpec, file_type, quant_specs, requires_imatrix, \
     tensor_types
 from .quants import WEIGHTED_TYPES
+from .stops import SAMPLING, SAMPLING_PREFIX, sampling_values
 from .vocab import TokenizerInfo, add_tokenizer
 
 
@@ -126,6 +127,9 @@ def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_mod
                              "repo_url": f"https://huggingface.co/{b}"} for b in base_models]
     if quantized_by:
         meta.quantized_by = quantized_by
+    sampling = sampling_values(conv.reader.folder)   # as the vendored gguf-py reads generation_config.json
+    for _, key, _ in SAMPLING:
+        setattr(meta, "sampling_" + key.removeprefix(SAMPLING_PREFIX), sampling.get(key, (None,))[0])
     w.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(w)
     conv.add_hparams(w)

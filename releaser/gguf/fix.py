@@ -16,6 +16,7 @@ from ..checkpoint.config import read_config
 from ..errors import ConfigError, ModelError, OutputError
 from ..tokenizer.templates import check_renders
 from .reader import open_gguf
+from .stops import SAMPLING_PREFIX, sampling_values
 from .vocab import END_OF_TURN
 
 
@@ -91,8 +92,9 @@ def fix_gguf(path, *, chat_template: str | None = None, eos: str | None = None, 
 
 
 def sync_tokenizer(path, model_dir: str | os.PathLike) -> FixResult:
-    """Make every ``tokenizer.*`` key of the GGUF ``path`` (the first file of a split set) what an export of
-    ``model_dir`` would write (vocabulary, special token ids, add_bos/add_eos, chat template), in place; tensor bytes
+    """Make every ``tokenizer.*`` and ``general.sampling.*`` key of the GGUF ``path`` (the first file of a split set)
+    what an export of ``model_dir`` would write (vocabulary, special token ids, end-of-generation ids, add_bos/add_eos,
+    chat templates, sampling defaults from generation_config.json), in place; tensor bytes
     are copied unchanged. Used to re-release a tokenizer fix without requantizing."""
     from .vocab import add_tokenizer
 
@@ -108,7 +110,8 @@ def sync_tokenizer(path, model_dir: str | os.PathLike) -> FixResult:
     add_tokenizer(template, Path(model_dir), config, _value(pre) if pre is not None else None)
     new = {key: (val.value, val.type, val.sub_type) for key, val in template.kv_data[0].items()
            if key.startswith("tokenizer.")}
-    drop = {key for key in reader.fields if key.startswith("tokenizer.") and key not in new}
+    new |= {key: (value, vtype, None) for key, (value, vtype) in sampling_values(model_dir).items()}
+    drop = {key for key in reader.fields if key.startswith(("tokenizer.", SAMPLING_PREFIX)) and key not in new}
     return _apply(reader, path, path, new, drop)
 
 

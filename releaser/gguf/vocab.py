@@ -16,6 +16,7 @@ from ..checkpoint.config import read_json
 from ..errors import ConfigError, ModelError
 from . import spm
 from .pretok import CHKTXT, PRE_TOKENIZERS
+from .stops import declared_stop_ids, extra_eog
 
 # Tokens that end a chat turn; when the tokenizer's eos is one of them it is also written as eot.
 END_OF_TURN = {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eot|>", "<|end_of_turn|>", "<|return|>"}
@@ -29,6 +30,7 @@ class TokenizerInfo:
     bos: str | None
     eos: str | None
     chat_template: bool
+    stop_ids: tuple[int, ...] = ()   # every id the folder declares as a stop (each one end-of-generation in llama.cpp)
 
 
 def _auto_tokenizer(folder: Path):
@@ -189,7 +191,15 @@ def add_tokenizer(w: gguf.GGUFWriter, folder: Path, config: dict, pre: str | Non
     eos = tokenizer.eos_token
     if eos in END_OF_TURN and tokenizer.eos_token_id is not None:
         special.special_token_ids["eot"] = tokenizer.eos_token_id
+    stops = declared_stop_ids(folder, tokenizer.eos_token_id)
+    added, left = extra_eog(tokens, {k: special.special_token_ids.get(k) for k in ("eos", "eot", "eom")}, stops)
+    if left:
+        raise ModelError(f"{folder} declares stop token(s) {', '.join(repr(tokens[i]) for i in left)} that llama.cpp "
+                         "cannot stop on (it keeps eos, eot and eom and a fixed list of token texts, all in use): "
+                         "drop them from generation_config.json's eos_token_id or set tokenizer.eos")
+    special.special_token_ids.update(added)
     special.add_to_gguf(w, quiet=True)
     if source == "tokenizer.model" and space_prefix is not None:
         w.add_add_space_prefix(space_prefix)
-    return TokenizerInfo(model, pre, len(tokens), tokenizer.bos_token, eos, special.chat_template is not None)
+    return TokenizerInfo(model, pre, len(tokens), tokenizer.bos_token, eos, special.chat_template is not None,
+                         tuple(stops))

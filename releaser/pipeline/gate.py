@@ -1,8 +1,8 @@
 """The verification gate, run before anything is published: every check runs, and a failure lists them all.
 
 - the main folder: the doctor (with the stop test) is clean against the recipe's template;
-- each GGUF: it parses, its eos (and eot, when set) is the main folder's end-of-turn token, and its chat template
-  equals the main folder's;
+- each GGUF: it parses, its eos is the main folder's end-of-turn token, llama.cpp ends generation on every id the
+  main folder's generation_config.json declares, and its chat template equals the main folder's;
 - the quality report, when the quality stage ran: every artefact passed its KLD limit and the stop test;
 - each card: no placeholder, valid Hub metadata (the card renderer's own check);
 - every artefact: size and sha256 equal the manifest's (read again from disk here for ``merged`` and the quality
@@ -18,8 +18,10 @@ from .context import Release
 def _gguf_checks(r: Release, eos: str | None, template: str | None) -> list[str]:
     from ..errors import ModelError
     from ..gguf.reader import GGUFFile
+    from ..gguf.stops import declared_stop_ids, llama_eog_ids
 
     problems = []
+    stops = declared_stop_ids(r.main_dir)
     for path in sorted(r.gguf_dir.glob("*.gguf")):
         if "-of-" in path.name and "-00001-of-" not in path.name:
             continue
@@ -29,14 +31,22 @@ def _gguf_checks(r: Release, eos: str | None, template: str | None) -> list[str]
             problems.append(str(exc))
             continue
         tokens = field("tokenizer.ggml.tokens") or []
-        for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
-            tid = field(key)
-            if tid is None and key.endswith("eot_token_id"):
-                continue
-            text = tokens[tid] if tid is not None and tid < len(tokens) else None
-            if text != eos:
-                problems.append(f"{path.name}: {key} is {tid} ({text!r}), the main folder's end-of-turn token is "
-                                f"{eos!r}")
+        tid = field("tokenizer.ggml.eos_token_id")
+        text = tokens[tid] if tid is not None and tid < len(tokens) else None
+        if text != eos:
+            problems.append(f"{path.name}: tokenizer.ggml.eos_token_id is {tid} ({text!r}), the main folder's "
+                            f"end-of-turn token is {eos!r}")
+        special = {k: field(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")}
+        for key in ("eot", "eom"):   # a stale slot would stop on a token the main folder no longer declares
+            if special[key] is not None and special[key] not in stops:
+                tid = special[key]
+                problems.append(f"{path.name}: tokenizer.ggml.{key}_token_id is {tid} "
+                                f"({tokens[tid] if tid < len(tokens) else None!r}), which the main folder does not "
+                                "declare a stop")
+        eog = llama_eog_ids(tokens, special)
+        if missing := [i for i in stops if i < len(tokens) and i not in eog]:
+            problems.append(f"{path.name}: llama.cpp does not stop on {', '.join(repr(tokens[i]) for i in missing)}, "
+                            "which the main folder's generation_config.json lists in eos_token_id")
         if field("tokenizer.chat_template") != template:
             problems.append(f"{path.name}: its chat template differs from the main folder's")
     return problems
