@@ -24,6 +24,7 @@ from .merge.options import MergeOptions
 from .options import check_repo_id, repo_id_problem
 from .publish.options import PublishSection
 from .quality.options import QualityOptions
+from .runtimes.options import RuntimesOptions
 from .tokenizer.options import TokenizerOptions
 
 _check_repo_id = check_repo_id
@@ -62,6 +63,7 @@ class Recipe(_Strict):
     model: str | None = None                # ... or an existing model folder to release (re-upload fixed weights)
     tokenizer: TokenizerOptions | None = None
     gguf: GGUFOptions | None = None
+    runtimes: RuntimesOptions = Field(default_factory=RuntimesOptions)   # the GGUF repo's runtime files
     awq: AWQOptions | None = None           # the -AWQ repo (4-bit AutoAWQ GEMM); left out: no AWQ release
     quality: QualityOptions | typing.Literal[False] = Field(default_factory=QualityOptions)   # false: not measured
     card: CardOptions = Field(default_factory=CardOptions)

@@ -26,7 +26,7 @@ def findings_table(findings: list[Finding], title: str) -> Table:
 
 def run_doctor(model_dir: Path, template: str | None, as_json: bool, out: Console) -> int:
     """Print the doctor's findings; the exit code is 1 when there is an error-level finding."""
-    report: DoctorReport = diagnose(model_dir, template)
+    report: DoctorReport = diagnose(model_dir, template, runtimes=True)
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
     else:
@@ -41,7 +41,8 @@ def run_doctor(model_dir: Path, template: str | None, as_json: bool, out: Consol
         _print_family(model_dir, out)
         verdict = "[green]clean[/]" if report.clean else "[bold red]problems found[/]"
         out.print(f"{verdict}: {errors} error(s), {warnings} warning(s); eos {report.eos_token!r}, "
-                  f"turns end with {report.end_of_turn}, generation eos ids {report.generation_eos}", highlight=False)
+                  f"turns end with {report.end_of_turn}, generation eos ids {report.generation_eos}; llama.cpp's "
+                  f"built-in template: {report.llama_cpp or 'not checked'}", highlight=False)
     return 0 if report.clean else 1
 
 

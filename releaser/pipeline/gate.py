@@ -79,7 +79,7 @@ def check_release(r: Release) -> None:
     quality = r.manifest.stage("quality")
     if quality is not None and not quality["facts"].get("gate", {}).get("passed", True):
         problems += [f"quality: {f}" for f in quality["facts"]["gate"]["failures"]]
-    for stage in ("merge", "tokenizer", "gguf", "awq", "quality", "cards"):
+    for stage in ("merge", "tokenizer", "gguf", "runtimes", "awq", "quality", "cards"):
         entry = r.manifest.stage(stage)
         if entry is None:
             continue

@@ -216,6 +216,31 @@ def _awq_call(r: Release) -> Call:
                                                     "overwrite": True}
 
 
+# -- runtimes: Ollama's and LM Studio's files in the GGUF repo folder -----------------------------------------------------
+def _runtimes_applies(r: Release) -> str | None:
+    if r.recipe.gguf is None:
+        return "the recipe has no gguf: section"
+    if r.recipe.quants.gguf not in r.repo_folders():
+        return "no GGUF repo in this run (gguf left out and never made)"
+    if not r.recipe.runtimes.files:
+        return "runtimes: ollama and lmstudio are off"
+    return None
+
+
+def _runtimes_depends(r: Release) -> dict:
+    t = r.recipe.tokenizer
+    return {"options": r.recipe.runtimes.model_dump(mode="json"), "repos": [r.recipe.main_repo, r.recipe.quants.gguf],
+            "system_prompt": t.system_prompt if t else None, "tokenizer": _main_files(r, tokenizer=True),
+            "gguf": _files(r, "gguf")}
+
+
+def _runtimes_call(r: Release) -> Call:
+    t = r.recipe.tokenizer
+    return r.recipe.runtimes, (r.main_dir, r.gguf_dir), r.gguf_dir, {
+        "main_repo": r.recipe.main_repo, "gguf_repo": r.recipe.quants.gguf,
+        "system_prompt": t.system_prompt if t else None}
+
+
 # -- quality: PPL and KLD of every artefact against the main folder ----------------------------------------------------
 def _artefacts(r: Release) -> list[Path]:
     """The first file of each GGUF type (a split set is read from its first shard) and the AWQ folder."""
@@ -254,7 +279,7 @@ def _card_depends(r: Release) -> dict:
     recipe = r.recipe.model_dump(mode="json", exclude={"merge", "gguf", "awq", "quality", "tokenizer", "publish"})
     template = _card_template(r)
     return {"recipe": recipe, "template": template.read_text(encoding="utf-8") if template else None,
-            "folders": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "awq", "quality")}}
+            "folders": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "runtimes", "awq", "quality")}}
 
 
 def _card_call(r: Release) -> Call:
@@ -284,7 +309,7 @@ def _publish_applies(r: Release) -> str | None:
 def _publish_depends(r: Release) -> dict:
     return {"options": r.recipe.publish.model_dump(mode="json"), "push": r.push, "version": r.recipe.version,
             "notes": [c for rel in r.recipe.releases[:1] for c in rel.changes],
-            "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "awq", "cards")}}
+            "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "runtimes", "awq", "cards")}}
 
 
 def _publish_root(r: Release) -> Path:
@@ -315,6 +340,8 @@ STEPS = [
          IMATRIX_CODE),
     Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, "gguf.stage", _gguf_call,
          GGUF_CODE),
+    Step("runtimes", _runtimes_applies, _runtimes_depends, lambda r: r.gguf_dir, "runtimes.stage", _runtimes_call,
+         ("releaser.runtimes", "releaser.gguf", "releaser.card", "pyyaml")),
     Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, "awq.stage", _awq_call, AWQ_CODE),
     Step("quality", _quality_applies, _quality_depends, lambda r: r.work, "quality.stage", _quality_call,
          ("releaser.quality", "releaser.arch", "releaser.awq", "releaser.gguf", "torch", "transformers",

@@ -25,6 +25,7 @@ class DoctorReport:
     end_of_turn: list[str] = field(default_factory=list)
     generation_eos: list[int] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    llama_cpp: str | None = None         # template conformance with llama.cpp's built-in formatter (``runtimes``)
 
     @property
     def clean(self) -> bool:
@@ -33,7 +34,7 @@ class DoctorReport:
     def to_dict(self) -> dict:
         return {"model_dir": str(self.model_dir), "template": self.template, "clean": self.clean,
                 "eos_token": self.eos_token, "end_of_turn": self.end_of_turn, "generation_eos": self.generation_eos,
-                "findings": [f.to_dict() for f in self.findings]}
+                "llama_cpp": self.llama_cpp, "findings": [f.to_dict() for f in self.findings]}
 
 
 def model_template(tokenizer) -> str | None:
@@ -90,9 +91,25 @@ def _emitted_ids(model: ModelFolder, text: str) -> list[int]:
     return sorted({i for i in ids if i in model.tokenizer.added_tokens_decoder})
 
 
+def _llama_cpp_finding(tok, source: str) -> tuple[str, Finding | None]:
+    """How llama.cpp's built-in chat formatter renders the template (releaser.runtimes.conformance); a warning when
+    it renders otherwise or knows no such format (the card then tells llama.cpp users to pass --jinja)."""
+    from ..runtimes.conformance import check_template
+
+    result = check_template(source, tok.bos_token or "", tok.eos_token or "")
+    if not result.needs_jinja:
+        return result.status, None
+    return result.status, Finding("llamacpp-template", "llama.cpp's built-in chat formatter (llama-cli, --no-jinja, "
+                                  "llama_chat_apply_template) does not render this template as transformers does",
+                                  result.detail, "run llama.cpp with --jinja (llama-server's default) so it uses the "
+                                  "model's own template; the GGUF card says so", WARNING)
+
+
 def diagnose(model_dir: str | Path | ModelFolder, template: str | Path | ChatTemplate | None = None, *,
-             tensors: dict | None = None) -> DoctorReport:
+             tensors: dict | None = None, runtimes: bool = False) -> DoctorReport:
     """Check a model folder; ``template`` (a built-in name, a .jinja path) is the chat format it should have.
+    ``runtimes``: also compare the chat template with llama.cpp's built-in formatter (needs llama-cpp-python;
+    ``report.llama_cpp`` is the result).
 
     ``model_dir`` may be an opened :class:`ModelFolder` (a planned result held in memory) and ``tensors`` embedding
     tensors that replace the checkpoint's (a planned resize), so a fix can be checked before it is written."""
@@ -147,6 +164,10 @@ def diagnose(model_dir: str | Path | ModelFolder, template: str | Path | ChatTem
         if differs:
             add(Finding("template-differs", f"the model's chat template renders differently from {spec.name}",
                         "same conversation, different text", "switch to it", WARNING))
+    if runtimes:
+        report.llama_cpp, finding = _llama_cpp_finding(tok, source)
+        if finding is not None:
+            add(finding)
     emitted = _emitted_ids(model, stop.text)
     if not spec:
         report.findings += _token_findings(model, tok.convert_ids_to_tokens(emitted))

@@ -1,0 +1,158 @@
+"""releaser.runtimes: Ollama's params/system, LM Studio's model.yaml and the llama-server models.ini stanza, each
+checked against its format's documented keys and types, from one source (the main folder's stops and sampling)."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from releaser.gguf import export_gguf
+from releaser.runtimes.files import models_ini, runtime_facts
+from releaser.runtimes.options import RuntimesOptions
+from releaser.runtimes.stage import run
+from releaser_testing import tiny_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+# https://github.com/ollama/ollama/blob/main/docs/modelfile.mdx#valid-parameters-and-values (name -> value type)
+OLLAMA_PARAMETERS = {"num_ctx": int, "repeat_last_n": int, "repeat_penalty": float, "temperature": float,
+                     "seed": int, "stop": str, "num_predict": int, "draft_num_predict": int, "top_k": int,
+                     "top_p": float, "min_p": float}
+# https://lmstudio.ai/docs/app/modelyaml and https://github.com/modelyaml/modelyaml (Draft 1.0)
+MODELYAML_KEYS = {"model", "base", "metadataOverrides", "config", "customFields", "suggestions"}
+MODELYAML_METADATA = {"domain", "architectures", "compatibilityTypes", "paramsStrings", "minMemoryUsageBytes",
+                      "contextLengths", "trainedForToolUse", "vision", "reasoning"}
+# LM Studio's inference-time keys: plain values, and those taking {checked, value}
+LMSTUDIO_PLAIN = {"llm.prediction.temperature": float, "llm.prediction.topKSampling": int,
+                  "llm.prediction.stopStrings": list}
+LMSTUDIO_CHECKED = {"llm.prediction.topPSampling", "llm.prediction.minPSampling", "llm.prediction.repeatPenalty"}
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory, smollm2):
+    """A main folder declaring two stops (<|im_end|>, <file_sep>) and four sampling defaults, and its GGUF folder."""
+    root = tmp_path_factory.mktemp("runtimes")
+    main = tiny_model(root / "main", "llama", layers=1, hidden=64, intermediate=128, heads=2, kv_heads=1,
+                      vocab=49152)
+    for f in TOKENIZER_FILES:
+        shutil.copy(smollm2 / f, main / f)
+    (main / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 1, "eos_token_id": [2, 5], "temperature": 0.6, "top_k": 20, "top_p": 0.9,
+        "repetition_penalty": 1.1, "do_sample": True}))
+    gguf = export_gguf(main, root / "gguf", ["Q8_0", "F16"], name="Tiny").out_dir
+    return main, gguf
+
+
+def test_files_follow_their_documented_formats(release, tmp_path):
+    main, gguf = release
+    out = tmp_path / "repo"
+    shutil.copytree(gguf, out)
+    result = run(RuntimesOptions(), (main, out), out, main_repo="alice/Tiny", gguf_repo="alice/Tiny-GGUF",
+                 system_prompt="You are terse.")
+    assert sorted(f.path for f in result.files) == ["model.yaml", "params", "system"]
+
+    params = json.loads((out / "params").read_text())
+    assert set(params) <= set(OLLAMA_PARAMETERS)
+    for key, value in params.items():
+        kind = OLLAMA_PARAMETERS[key]
+        if key == "stop":
+            assert isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            assert isinstance(value, kind) and not isinstance(value, bool), (key, value)
+    assert params == {"stop": ["<|im_end|>", "<file_sep>"], "temperature": 0.6, "top_k": 20, "top_p": 0.9,
+                      "repeat_penalty": 1.1}
+    assert (out / "system").read_text() == "You are terse.\n"
+
+    data = yaml.safe_load((out / "model.yaml").read_text())
+    assert set(data) <= MODELYAML_KEYS and {"model", "base"} <= set(data)
+    assert re.fullmatch(r"[^/]+/[^/]+", data["model"]) and data["model"] == "alice/tiny"
+    assert data["base"] == [{"key": "alice/tiny-gguf",
+                             "sources": [{"type": "huggingface", "user": "alice", "repo": "Tiny-GGUF"}]}]
+    meta = data["metadataOverrides"]
+    assert set(meta) <= MODELYAML_METADATA
+    assert meta["domain"] == "llm" and meta["architectures"] == ["llama"] and meta["compatibilityTypes"] == ["gguf"]
+    assert meta["minMemoryUsageBytes"] == (gguf / "Tiny-Q8_0.gguf").stat().st_size   # the smaller file
+    fields = {f["key"]: f["value"] for f in data["config"]["operation"]["fields"]}
+    assert set(fields) <= set(LMSTUDIO_PLAIN) | LMSTUDIO_CHECKED
+    for key, value in fields.items():
+        if key in LMSTUDIO_CHECKED:
+            assert set(value) == {"checked", "value"} and value["checked"] is True
+        else:
+            assert isinstance(value, LMSTUDIO_PLAIN[key])
+    assert fields["llm.prediction.stopStrings"] == params["stop"]
+    assert fields["llm.prediction.repeatPenalty"]["value"] == 1.1 and fields["llm.prediction.topKSampling"] == 20
+
+    # options turned off remove the files they made; nothing else in the folder is touched
+    before = {p.name for p in out.iterdir()}
+    result = run(RuntimesOptions(lmstudio=False), (main, out), out, main_repo="alice/Tiny",
+                 gguf_repo="alice/Tiny-GGUF")
+    assert [f.path for f in result.files] == ["params"]
+    assert {p.name for p in out.iterdir()} == before - {"model.yaml", "system"}
+    assert RuntimesOptions.model_validate(False).files is False
+
+
+def _llama_server_options() -> set[str]:
+    """llama-server's option names (long and short, without dashes) from the vendored llama.cpp's common/arg.cpp,
+    plus the preset-only keys tools/server/README.md documents."""
+    sdist = Path(os.environ.get("RELEASER_LLAMA_CPP_SDIST", Path.home() / ".cache/releaser/llama-cpp-sdist"))
+    extracted = sdist / "src/llama_cpp_python-0.3.36/vendor/llama.cpp/common/arg.cpp"
+    if extracted.is_file():
+        text = extracted.read_text()
+    elif (sdist / "llama_cpp_python-0.3.36.tar.gz").is_file():
+        with tarfile.open(sdist / "llama_cpp_python-0.3.36.tar.gz") as tar:
+            text = tar.extractfile("llama_cpp_python-0.3.36/vendor/llama.cpp/common/arg.cpp").read().decode()
+    else:
+        message = "the llama-cpp-python 0.3.36 sdist is missing: run tests/run.sh once"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return set(re.findall(r'"--?([a-z][a-z0-9-]*)"', text)) | {"load-on-startup", "stop-timeout"}
+
+
+def test_models_ini_stanza_uses_llama_server_options(release):
+    main, gguf = release
+    facts = runtime_facts(main, gguf)
+    text = models_ini(facts, "alice/Tiny-GGUF", "Q8_0")
+    assert text.startswith("version = 1\n")   # a key before any section: configparser reads the rest
+    ini = configparser.ConfigParser()
+    ini.read_string(text.removeprefix("version = 1\n"))
+    assert ini.sections() == ["Tiny-GGUF-Q8_0"]
+    section = dict(ini["Tiny-GGUF-Q8_0"])
+    assert set(section) <= _llama_server_options(), set(section) - _llama_server_options()
+    assert section == {"hf-repo": "alice/Tiny-GGUF:Q8_0", "temp": "0.6", "top-k": "20", "top-p": "0.9",
+                       "repeat-penalty": "1.1"}
+
+
+def test_template_conformance_flags_what_llama_cpp_renders_otherwise(release, tmp_path):
+    """ChatML renders the same through llama.cpp's built-in formatter; a template it does not know (Alpaca) and one it
+    renders otherwise (Llama 2: spaces around the turns) are flagged, and the doctor reports it as a warning."""
+    from conftest import require
+    from releaser.runtimes.conformance import DIFFERS, SAME, UNKNOWN, check_template
+    from releaser.tokenizer.doctor import diagnose
+    from releaser.tokenizer.templates import load_template
+
+    require("llama_cpp")
+    chatml = check_template(load_template("chatml").source, "<|im_start|>", "<|im_end|>")
+    assert chatml.status == SAME and chatml.builtin == chatml.jinja and chatml.jinja.endswith(
+        "<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n")
+    assert check_template(load_template("alpaca").source, "<s>", "</s>").status == UNKNOWN
+    llama2 = check_template(load_template("llama2").source, "<s>", "</s>")
+    assert llama2.status == DIFFERS and "Jinja" in llama2.detail and llama2.needs_jinja
+
+    main, _ = release
+    report = diagnose(main, runtimes=True)
+    assert report.llama_cpp == SAME and "llamacpp-template" not in {f.code for f in report.findings}
+    other = shutil.copytree(main, tmp_path / "alpaca")
+    (other / "chat_template.jinja").write_text(load_template("alpaca").source)
+    report = diagnose(other, runtimes=True)
+    finding = next(f for f in report.findings if f.code == "llamacpp-template")
+    assert report.llama_cpp == UNKNOWN and finding.severity == "warning" and "--jinja" in finding.fix
+    assert "llamacpp-template" not in {f.code for f in diagnose(other).findings}   # only when asked
