@@ -47,7 +47,7 @@ def release(tmp_path_factory, smollm2):
     (main / "generation_config.json").write_text(json.dumps({
         "bos_token_id": 1, "eos_token_id": [2, 5], "temperature": 0.6, "top_k": 20, "top_p": 0.9,
         "repetition_penalty": 1.1, "do_sample": True}))
-    gguf = export_gguf(main, root / "gguf", ["Q8_0", "F16"], name="Tiny").out_dir
+    gguf = export_gguf(main, root / "gguf", ["Q8_0", "Q4_K_M"], name="Tiny", tags=["chat"], languages=["en"]).out_dir
     return main, gguf
 
 
@@ -79,7 +79,7 @@ def test_files_follow_their_documented_formats(release, tmp_path):
     meta = data["metadataOverrides"]
     assert set(meta) <= MODELYAML_METADATA
     assert meta["domain"] == "llm" and meta["architectures"] == ["llama"] and meta["compatibilityTypes"] == ["gguf"]
-    assert meta["minMemoryUsageBytes"] == (gguf / "Tiny-Q8_0.gguf").stat().st_size   # the smaller file
+    assert meta["minMemoryUsageBytes"] == min(p.stat().st_size for p in gguf.glob("*.gguf"))   # the smallest file
     fields = {f["key"]: f["value"] for f in data["config"]["operation"]["fields"]}
     assert set(fields) <= set(LMSTUDIO_PLAIN) | LMSTUDIO_CHECKED
     for key, value in fields.items():
@@ -120,7 +120,7 @@ def _llama_server_options() -> set[str]:
 def test_models_ini_stanza_uses_llama_server_options(release):
     main, gguf = release
     facts = runtime_facts(main, gguf)
-    text = models_ini(facts, "alice/Tiny-GGUF", "Q8_0")
+    text = models_ini(facts.sampling, "alice/Tiny-GGUF", "Q8_0")
     assert text.startswith("version = 1\n")   # a key before any section: configparser reads the rest
     ini = configparser.ConfigParser()
     ini.read_string(text.removeprefix("version = 1\n"))
@@ -156,3 +156,29 @@ def test_template_conformance_flags_what_llama_cpp_renders_otherwise(release, tm
     finding = next(f for f in report.findings if f.code == "llamacpp-template")
     assert report.llama_cpp == UNKNOWN and finding.severity == "warning" and "--jinja" in finding.fix
     assert "llamacpp-template" not in {f.code for f in diagnose(other).findings}   # only when asked
+
+
+def test_gguf_card_tells_each_runtime_what_to_do(release, tmp_path):
+    """The GGUF card: llama.cpp CLI and server with a curl example, the models.ini stanza, one-file download, Ollama
+    (and its params file), LM Studio, memory scaled to the files, and why Q4_K_M's bits per weight are high (64- and 128-wide
+    rows fall back from K-quants); the files carry the recipe's tags and languages."""
+    from releaser.card.render import write_card
+    from releaser.gguf.reader import GGUFFile
+    from releaser.recipe import Recipe
+
+    main, gguf = release
+    out = shutil.copytree(gguf, tmp_path / "Tiny-GGUF")
+    run(RuntimesOptions(), (main, out), out, main_repo="alice/Tiny", gguf_repo="alice/Tiny-GGUF")
+    recipe = Recipe(name="alice/Tiny", description="A tiny model.", gguf={"quants": ["Q8_0", "Q4_K_M"]})
+    card = write_card(out, out / "README.md", recipe, None, overwrite=True).path.read_text()
+    for text in ("llama-server -hf alice/Tiny-GGUF:Q4_K_M", "curl http://localhost:8080/v1/chat/completions",
+                 "hf-repo = alice/Tiny-GGUF:Q4_K_M", "temp = 0.6", "llama-server --models-preset models.ini",
+                 'hf download alice/Tiny-GGUF --include "Tiny-Q4_K_M.gguf"', "Ollama reads this repo's `params` file",
+                 "lms get alice/Tiny-GGUF", "`temp` 0.6", "per 4096 tokens of context",
+                 "9 of 9 weight tensors fall back (6 to Q5_0, 3 to Q8_0): their rows are 64 or 128 wide"):
+        assert text in card, text
+    values = GGUFFile(gguf / "Tiny-Q4_K_M.gguf").values
+    assert values["general.tags"] == ["chat"] and values["general.languages"] == ["en"]
+    recipe = Recipe(name="alice/Tiny", description="A tiny model.", gguf={"quants": ["Q8_0"]}, runtimes=False)
+    card = write_card(out, out / "README.md", recipe, None, overwrite=True).path.read_text()
+    assert "models.ini" not in card

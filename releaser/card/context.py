@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..recipe import Recipe
@@ -106,6 +107,17 @@ def _quality(facts: Facts, quality: QualityFacts | None) -> dict[str, Any] | Non
             "near_original": near, "near_original_kld": NEAR_ORIGINAL_KLD}
 
 
+def _models_ini(facts: Facts, recipe: Recipe | None, repo: str | None) -> str | None:
+    """The llama-server models.ini stanza of a GGUF card (recipe ``runtimes.llama_server``, a published repo)."""
+    if facts.kind != "gguf" or repo is None or (recipe and not recipe.runtimes.llama_server):
+        return None
+    from ..runtimes.files import GGUF_SAMPLING, models_ini
+
+    sampling = {name: float(facts.sampling[key]) if "." in facts.sampling[key] else int(facts.sampling[key])
+                for key, name in GGUF_SAMPLING.items() if key in facts.sampling}
+    return models_ini(sampling, repo, facts.recommended.quant_type)
+
+
 def card_context(facts: Facts, recipe: Recipe | None, quality: QualityFacts | None = None) -> dict[str, Any]:
     """The variables a card template sees (documented in templates/cards/README.md)."""
     from huggingface_hub import ModelCardData
@@ -129,4 +141,5 @@ def card_context(facts: Facts, recipe: Recipe | None, quality: QualityFacts | No
         "sections": list(recipe.sections) if recipe else [],
         "releases": list(recipe.releases) if recipe else [],
         "quality": _quality(facts, quality),           # measured figures (None without a quality report)
+        "models_ini": _models_ini(facts, recipe, repo),   # llama-server preset stanza (GGUF cards)
     }

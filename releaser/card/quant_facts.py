@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint import CheckpointReader
 from ..errors import ModelError
 from .facts import architecture_of, hf_prompt_facts, read_json, weights_size
+from ..runtimes.files import FILES as RUNTIME_FILES
 from .prompt import PromptFacts, jinja_renderer, prompt_facts, template_errors
 
 SPLIT = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
@@ -54,6 +56,8 @@ class GGUFFile:
     bits_per_weight: float   # tensor data bits / parameters
     good_for: str
     imatrix: str | None = None   # made with an importance matrix: its calibration data (quantize.imatrix.dataset)
+    types: dict[str, int] = field(default_factory=dict)   # ggml type -> number of tensors stored as it
+    fallback: str | None = None  # why its bits per weight exceed the type's: tensors llama.cpp stores otherwise
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,10 @@ class GGUFFacts:
     recommended: GGUFFile
     prompt: PromptFacts
     imatrix_file: str | None = None   # the importance matrix published beside the files (NAME.imatrix)
+    kv_cache_4k: int | None = None    # bytes of llama.cpp's F16 KV cache for a 4096-token context
+    sampling: dict[str, str] = field(default_factory=dict)   # general.sampling.* (short key -> value as text)
+    runtime_files: list[str] = field(default_factory=list)   # params, system, model.yaml in the folder
+    llama_cpp: object | None = None   # releaser.runtimes.conformance.Conformance of the chat template
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,74 @@ def _gguf_prompt(reader, path: Path) -> PromptFacts:
         return prompt_facts(render, [token("tokenizer.ggml.eot_token_id") or eos, eos], bos if add_bos else None)
 
 
+K_BLOCK = 256
+FALLBACK_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16", "BF16"}
+
+
+def _types(readers, quant: str) -> tuple[dict[str, int], str | None]:
+    """Tensors per ggml type, and for a K-quant file the tensors llama.cpp stores in a legacy type because their
+    rows are not a multiple of 256 (llama-quantize's fallback), as one sentence."""
+    import gguf
+
+    names, fallback, widths, quantized = Counter(), Counter(), set(), 0
+    for reader in readers:
+        for t in reader.tensors.values():
+            name = gguf.GGMLQuantizationType(t.ggml_type).name
+            names[name] += 1
+            if len(t.shape) < 2 or name == "F32":
+                continue
+            quantized += 1
+            if t.shape[-1] % K_BLOCK and name in FALLBACK_TYPES:
+                fallback[name] += 1
+                widths.add(t.shape[-1])
+    if not fallback or "_K" not in quant:   # a K-quant mix (Q4_K_M, ...): its legacy-typed tensors are fallbacks
+        return dict(names.most_common()), None
+    parts = ", ".join(f"{n} to {t}" for t, n in fallback.most_common())
+    rows = " or ".join(str(w) for w in sorted(widths))
+    return dict(names.most_common()), (f"{sum(fallback.values())} of {quantized} weight tensors fall back ({parts}): "
+                                       f"their rows are {rows} wide, not a multiple of the {K_BLOCK} that K-quants "
+                                       "need")
+
+
+def _kv_cache(reader, arch: str, context: int = 4096) -> int | None:
+    """llama.cpp's F16 KV cache for ``context`` tokens: layers x (K + V width) x 2 bytes."""
+    layers, heads = _field(reader, f"{arch}.block_count"), _field(reader, f"{arch}.attention.head_count")
+    kv_heads = _field(reader, f"{arch}.attention.head_count_kv") or heads
+    embd = _field(reader, f"{arch}.embedding_length")
+    if not (layers and heads and embd):
+        return None
+    kv_heads = max(kv_heads) if isinstance(kv_heads, list) else kv_heads
+    k = _field(reader, f"{arch}.attention.key_length") or embd // heads
+    v = _field(reader, f"{arch}.attention.value_length") or embd // heads
+    return int(layers) * int(kv_heads) * (int(k) + int(v)) * 2 * context
+
+
+def _sampling(reader) -> dict[str, str]:
+    from ..gguf.stops import SAMPLING_PREFIX
+
+    out = {}
+    for key, value in reader.values.items():
+        if key.startswith(SAMPLING_PREFIX):
+            out[key.removeprefix(SAMPLING_PREFIX)] = f"{value:.6g}" if isinstance(value, float) else str(value)
+    return out
+
+
+def _conformance(reader):
+    """How llama.cpp's built-in chat formatter renders the file's template (None: no template)."""
+    from ..runtimes.conformance import check_template
+
+    template = _field(reader, "tokenizer.chat_template")
+    if not template:
+        return None
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+
+    def token(key: str) -> str:
+        i = _field(reader, key)
+        return tokens[int(i)] if i is not None and int(i) < len(tokens) else ""
+
+    return check_template(template, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"))
+
+
 def _base_models(reader) -> list[str]:
     count = int(_field(reader, "general.base_model.count") or 0)
     urls = [_field(reader, f"general.base_model.{i}.repo_url") for i in range(count)]
@@ -173,8 +249,9 @@ def gguf_facts(folder: Path) -> GGUFFacts:
             args = " ".join(_field(readers[0], "quantize.recipe.args") or [])
             quant, good = str(recipe), f"{quant} with `{args}`: {good[0].lower()}{good[1:]}"
         imatrix = _field(readers[0], "quantize.imatrix.dataset") or _field(readers[0], "quantize.imatrix.file")
+        types, fallback = _types(readers, _quant_type(readers[0], shards[0]))
         files.append(GGUFFile(shards[0].name, [p.name for p in shards], sum(p.stat().st_size for p in shards),
-                              quant, n_bytes * 8 / n_params, good, imatrix))
+                              quant, n_bytes * 8 / n_params, good, imatrix, types, fallback))
         first = first or (readers[0], shards[0], n_params)
     if first is None:
         raise ModelError(f"{folder} has no .gguf files")
@@ -190,7 +267,9 @@ def gguf_facts(folder: Path) -> GGUFFacts:
     meta = {k: _field(reader, f"general.{k}") for k in ("name", "license", "quantized_by")}
     return GGUFFacts("gguf", folder, meta["name"], meta["license"], _base_models(reader), meta["quantized_by"],
                      str(arch), n_params, int(ctx) if ctx is not None else None, files, pick,
-                     _gguf_prompt(reader, path), next((p.name for p in sorted(folder.glob("*.imatrix"))), None))
+                     _gguf_prompt(reader, path), next((p.name for p in sorted(folder.glob("*.imatrix"))), None),
+                     _kv_cache(reader, str(arch)), _sampling(reader),
+                     [n for n in RUNTIME_FILES if (folder / n).is_file()], _conformance(reader))
 
 
 def is_awq(config: dict) -> bool:

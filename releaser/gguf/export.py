@@ -110,7 +110,7 @@ def _without_model_card() -> Iterator[None]:
 
 
 def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_models, quantized_by, pre,
-              model_card: bool) -> tuple[gguf.GGUFWriter, TokenizerInfo]:
+              model_card: bool, languages=None) -> tuple[gguf.GGUFWriter, TokenizerInfo]:
     """A writer-less template holding every key the output files share (general.*, hyper-parameters, tokenizer)."""
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[conv.gguf_arch])
     with nullcontext() if model_card else _without_model_card():
@@ -122,6 +122,8 @@ def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_mod
         meta.license = license
     if tags:
         meta.tags = list(dict.fromkeys([*(meta.tags or []), *tags]))
+    if languages:
+        meta.languages = list(dict.fromkeys([*(meta.languages or []), *languages]))
     if base_models:
         meta.base_models = [{"name": b.split("/")[-1], "organization": b.split("/")[0] if "/" in b else None,
                              "repo_url": f"https://huggingface.co/{b}"} for b in base_models]
@@ -139,7 +141,7 @@ def _metadata(conv: Converter, name: str, *, license: str | None, tags, base_mod
 
 
 def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None, split_max_size=None, *,
-                overwrite: bool = False, license: str | None = None, tags=None, base_models=None,
+                overwrite: bool = False, license: str | None = None, tags=None, languages=None, base_models=None,
                 quantized_by: str | None = None, pre_tokenizer: str | None = None, workers: int | None = None,
                 model_card: bool = True, imatrix: str | os.PathLike | Imatrix | None = None,
                 reporter: Reporter | None = None) -> GGUFResult:
@@ -175,7 +177,8 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
         with _quantizing(conv, types, workers or os.cpu_count() or 1, reporter, weights) as tensors:
             # the tensors are being read and quantized meanwhile (the tokenizer takes a second or two)
             template, tok = _metadata(conv, name, license=license, tags=tags, base_models=base_models,
-                                      quantized_by=quantized_by, pre=pre_tokenizer, model_card=model_card)
+                                      quantized_by=quantized_by, pre=pre_tokenizer, model_card=model_card,
+                                      languages=languages)
             with output_files(out_dir, overwrite=overwrite) as tmp:
                 writers, packed = {}, {}
                 for q, spec in specs.items():

@@ -17,7 +17,8 @@ def imatrix_name(name: str) -> str:
 
 
 def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
-        *, name: str, license: str | None = None, base_models: list[str] | None = None,
+        *, name: str, license: str | None = None, base_models: list[str] | None = None, tags: list[str] | None = None,
+        languages: list[str] | None = None,
         quantized_by: str | None = None, kept: StageResult | None = None, overwrite: bool = False,
         imatrix: str | os.PathLike | None = None, describe=describe_files) -> StageResult:
     """The GGUF files ``{name}-{TYPE}.gguf`` of the model folder ``inputs`` in ``out`` (no README: the cards stage
@@ -59,7 +60,8 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
                           im.chunk_count)
     with output_dir(out, overwrite=overwrite) as tmp:
         result = export_gguf(inputs, tmp, options.specs(), name, options.split_max_size, overwrite=True,
-                             license=license, base_models=base_models, quantized_by=quantized_by,
+                             license=license, tags=tags, languages=languages, base_models=base_models,
+                             quantized_by=quantized_by,
                              pre_tokenizer=options.pre_tokenizer, model_card=False, imatrix=im, reporter=reporter)
         if im is not None:   # published beside the files it made, as the popular uploaders do
             copy_file(source, tmp / imatrix_name(name))

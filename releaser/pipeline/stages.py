@@ -181,6 +181,7 @@ def _gguf_weights(r: Release) -> dict:
     bytes), and the code."""
     imatrix = _imatrix_file(r)
     return {"options": r.recipe.gguf.model_dump(mode="json"), "license": r.recipe.license, "author": r.recipe.author,
+            "tags": list(r.recipe.tags), "language": list(r.recipe.language),
             "name": r.recipe.main_repo, "model": _main_files(r, tokenizer=False), "code": code_versions(GGUF_CODE),
             **({"imatrix": r.manifest.hash(imatrix)} if imatrix is not None else {})}
 
@@ -189,6 +190,7 @@ def _gguf_call(r: Release) -> Call:
     imatrix = _imatrix_file(r)
     return r.recipe.gguf, r.main_dir, r.gguf_dir, {
         "name": r.recipe.main_repo.split("/", 1)[1], "license": r.recipe.license, "base_models": [r.recipe.main_repo],
+        "tags": list(r.recipe.tags) or None, "languages": list(r.recipe.language) or None,
         "quantized_by": r.recipe.author, "kept": _kept(r, "gguf", r.gguf_dir, _gguf_weights), "overwrite": True,
         **({"imatrix": str(imatrix)} if imatrix is not None else {})}
 
@@ -347,7 +349,8 @@ STEPS = [
          ("releaser.quality", "releaser.arch", "releaser.awq", "releaser.gguf", "torch", "transformers",
           "llama_cpp_python")),
     Step("cards", _always, _card_depends, lambda r: r.work, "card.stage", _card_call,
-         ("releaser.card", "releaser.gguf", "releaser.templates", "jinja2", "huggingface_hub")),
+         ("releaser.card", "releaser.gguf", "releaser.runtimes", "releaser.templates", "jinja2", "huggingface_hub",
+          "llama_cpp_python")),
     Step("publish", _publish_applies, _publish_depends, _publish_root, "publish.stage", _publish_call,
          ("releaser.publish", "huggingface_hub"), before=_gate),
 ]

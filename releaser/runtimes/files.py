@@ -121,13 +121,19 @@ def lmstudio_model_yaml(facts: RuntimeFacts, main_repo: str, gguf_repo: str) -> 
     return head + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def models_ini(facts: RuntimeFacts, gguf_repo: str, quant: str) -> str:
-    """A llama-server ``--models-preset`` file with one model, the GGUF repo's ``quant`` file, and the sampling
-    defaults the folder states (llama-server also reads them from the file's ``general.sampling.*`` keys)."""
+# general.sampling.* short key -> generation_config.json key (the card reads the defaults back from a GGUF)
+GGUF_SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                 "penalty_repeat": "repetition_penalty"}
+
+
+def models_ini(sampling: dict[str, float | int], gguf_repo: str, quant: str) -> str:
+    """A llama-server ``--models-preset`` file with one model, the GGUF repo's ``quant`` file, and the ``sampling``
+    defaults (generation_config.json names) the folder states (llama-server also reads them from the file's
+    ``general.sampling.*`` keys)."""
     lines = ["version = 1", "", f"[{gguf_repo.split('/', 1)[1]}-{quant}]", f"hf-repo = {gguf_repo}:{quant}"]
     for name, _, option, *_ in SAMPLING:
-        if name in facts.sampling:
-            lines.append(f"{option} = {facts.sampling[name]}")
+        if name in sampling:
+            lines.append(f"{option} = {sampling[name]}")
     return "\n".join(lines) + "\n"
 
 
