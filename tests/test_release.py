@@ -41,7 +41,9 @@ def test_release_folders_mirror_the_repos(demo):
     main, quants, awq = work / NAME, work / f"{NAME}-GGUF", work / f"{NAME}-AWQ"
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "generation_config.json"} <= \
         {p.name for p in main.iterdir()}
-    assert sorted(p.name for p in quants.iterdir()) == ["README.md", f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q8_0.gguf"]
+    assert sorted(p.name for p in quants.iterdir()) == ["README.md", f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q8_0.gguf",
+                                                         "model.yaml", "params"]   # the runtime files (issue 23)
+    assert json.loads((quants / "params").read_text())["stop"] == ["<|im_end|>"]
     assert {"model.safetensors", "config.json", "awq_calibration.json", "tokenizer.json", "chat_template.jinja",
             "README.md"} <= {p.name for p in awq.iterdir()}
     assert json.loads((awq / "config.json").read_text())["quantization_config"]["version"] == "gemm"
@@ -130,6 +132,7 @@ def test_re_release_of_a_tokenizer_fix_touches_no_weights(demo, tmp_path):
     assert repos == {f"{NAME}/chat_template.jinja", f"{NAME}/README.md", f"{NAME}-GGUF/README.md",
                      f"{NAME}-GGUF/{NAME}-Q4_K_M.gguf", f"{NAME}-GGUF/{NAME}-Q8_0.gguf",
                      f"{NAME}-AWQ/chat_template.jinja", f"{NAME}-AWQ/README.md", "quality.json"}, repos
+    assert (copy / f"{NAME}-GGUF" / "system").read_text() == "You are a careful assistant.\n"   # Ollama's, new
     m = _manifest(copy)
     assert m["stages"]["gguf"]["facts"]["metadata_only"] is True
     assert m["stages"]["awq"]["facts"]["metadata_only"] is True   # AWQ tensors linked, not requantized
