@@ -252,3 +252,68 @@ def test_mlx_refuses_a_quantized_input(w4a16, tmp_path):
     with pytest.raises(ReleaserError) as exc:
         quantize_folder(MLXOptions(), w4a16[1], tmp_path / "x")
     assert "\n" not in str(exc.value)
+
+
+# -------------------------------------------------------------------------------------------------------- release
+
+
+def test_release_writes_measures_cards_and_publishes_every_format(tmp_path):
+    """A recipe with awq.formats [autoawq, compressed-tensors] and mlx: the -AWQ, -W4A16 and -MLX-4bit folders, each
+    measured (W4A16's figures are AWQ's: the same weights), carded, gated and published; the main card's table lists
+    every version with its figures; a second run does nothing."""
+    from releaser.pipeline.run import run_release
+
+    model = _model(tmp_path, "qwen3")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""name: alice/Tiny-Formats
+description: Tiny model released in every format.
+license: mit
+model: {model}
+awq: {{samples: 8, seqlen: 64, formats: [autoawq, compressed-tensors]}}
+mlx: {{group_size: 32}}
+quality: {{ctx: 64, chunks: 2, stop_test: false}}
+""")
+    work = tmp_path / "work"
+    result = run_release(recipe, work)
+    ran = [s.name for s in result.stages if s.status == "ran"] if hasattr(result, "stages") else None
+    m = json.loads((work / "release.json").read_text())
+    assert {"awq", "w4a16", "mlx", "quality", "cards", "publish"} <= set(m["stages"]), (ran, sorted(m["stages"]))
+    report = json.loads((work / "quality.json").read_text())
+    rows = {r["file"]: r for r in report["artefacts"]}
+    assert sorted(rows) == ["Tiny-Formats-AWQ", "Tiny-Formats-MLX-4bit", "Tiny-Formats-W4A16"]
+    awq, ct, mlx = (rows[f"Tiny-Formats-{k}"] for k in ("AWQ", "W4A16", "MLX-4bit"))
+    assert ct["kld_mean"] == awq["kld_mean"] and ct["ppl"] == awq["ppl"] and ct["quant"] == "W4A16"
+    assert mlx["quant"] == "MLX-4bit" and 0 < mlx["kld_mean"] < 0.3 and report["gate"]["passed"]
+    main_card = (work / "Tiny-Formats" / "README.md").read_text()
+    for repo in ("alice/Tiny-Formats-AWQ", "alice/Tiny-Formats-W4A16", "alice/Tiny-Formats-MLX-4bit"):
+        assert f"[{repo}](https://huggingface.co/{repo})" in main_card
+    for row in (awq, mlx):
+        assert f"{row['ppl']:.3f}" in main_card
+    ct_card = (work / "Tiny-Formats-W4A16" / "README.md").read_text()
+    assert "vllm serve alice/Tiny-Formats-W4A16" in ct_card and "CompressedTensorsConfig(dequantize=True)" in ct_card
+    assert "library_name: transformers" in ct_card and "compressed-tensors" in ct_card
+    mlx_card = (work / "Tiny-Formats-MLX-4bit" / "README.md").read_text()
+    assert "mlx_lm.generate --model alice/Tiny-Formats-MLX-4bit" in mlx_card and "library_name: mlx" in mlx_card
+    for repo in ("Tiny-Formats-W4A16", "Tiny-Formats-MLX-4bit"):
+        published = work / "published" / "alice" / repo
+        assert (published / "README.md").read_bytes() == (work / repo / "README.md").read_bytes()
+    before = (work / "release.json").read_bytes()
+    run_release(recipe, work)
+    after = json.loads((work / "release.json").read_text())
+    assert {k: v["files"] for k, v in after["stages"].items()} == \
+        {k: v["files"] for k, v in json.loads(before)["stages"].items()}
+
+
+def test_gate_refuses_a_format_folder_whose_tokenizer_differs(tmp_path):
+    from releaser.errors import GateError
+    from releaser.pipeline.run import run_release
+
+    model = _model(tmp_path, "qwen3")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: alice/Tiny-Gate\ndescription: d.\nmodel: {model}\nmlx: {{}}\nquality: false\n")
+    work = tmp_path / "work"
+    run_release(recipe, work, skip=["publish"])
+    config = work / "Tiny-Gate-MLX-4bit" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("}", ', "x": 1}', 1))
+    with pytest.raises(GateError, match="Tiny-Gate-MLX-4bit: tokenizer_config.json differs from the main folder's"):
+        run_release(recipe, work, only=["publish"])

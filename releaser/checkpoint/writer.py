@@ -90,7 +90,8 @@ class CheckpointWriter:
         data = tensor.detach().cpu().contiguous()
         if data.numel():
             try:
-                st.write_at(fd, data.view(torch.uint8).reshape(-1).numpy().data, offset)
+                st.write_at(fd, data.reshape(-1).view(torch.uint8).numpy().data, offset)   # flat first: a [N, 1]
+                #                                                                       view keeps stride N
                 self._sync.written(fd)   # made durable in the background: the commit's fsync waits less
             except OSError as exc:
                 raise _os_error(exc, self.out_dir) from exc
