@@ -163,7 +163,8 @@ def card_context(facts: Facts, recipe: Recipe | None, quality: QualityFacts | No
         "w4a16_repo": recipe.quants.w4a16 if recipe else None,
         "mlx_repo": recipe.quants.mlx if recipe else None,
         "versions": _versions(recipe, quality),        # the "Available versions" table (main repo first)
-        "versions_report": quality,                    # the quality report the versions' figures are from (or none)
+        # the quality report the versions' figures are from (none without one, or when it measured none of them)
+        "versions_report": quality if any(v["row"] for v in _versions(recipe, quality)) else None,
         "sections": list(recipe.sections) if recipe else [],
         "releases": list(recipe.releases) if recipe else [],
         "quality": _quality(facts, quality),           # measured figures (None without a quality report)
