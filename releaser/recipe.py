@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .awq.options import AWQOptions
 from .card.options import CardOptions, Section
 from .errors import ConfigError
+from .formats.options import AUTOAWQ, COMPRESSED_TENSORS, MLXOptions
 from .gguf.options import GGUFOptions
 from .merge.options import MergeOptions
 from .options import check_repo_id, repo_id_problem
@@ -47,8 +48,10 @@ class QuantRepos(_Strict):
 
     gguf: str | None = None
     awq: str | None = None
+    w4a16: str | None = None
+    mlx: str | None = None
 
-    _ids = field_validator("gguf", "awq")(_check_repo_id)
+    _ids = field_validator("gguf", "awq", "w4a16", "mlx")(_check_repo_id)
 
 
 class Recipe(_Strict):
@@ -64,7 +67,8 @@ class Recipe(_Strict):
     tokenizer: TokenizerOptions | None = None
     gguf: GGUFOptions | None = None
     runtimes: RuntimesOptions = Field(default_factory=RuntimesOptions)   # the GGUF repo's runtime files
-    awq: AWQOptions | None = None           # the -AWQ repo (4-bit AutoAWQ GEMM); left out: no AWQ release
+    awq: AWQOptions | None = None           # the -AWQ repo (4-bit AutoAWQ GEMM) and/or -W4A16 (awq.formats)
+    mlx: MLXOptions | None = None           # the -MLX-4bit repo (MLX affine); left out: no MLX release
     quality: QualityOptions | typing.Literal[False] = Field(default_factory=QualityOptions)   # false: not measured
     card: CardOptions = Field(default_factory=CardOptions)
     releases: list[Release] = Field(default_factory=list)
@@ -78,8 +82,9 @@ class Recipe(_Strict):
             object.__setattr__(self, "author", self.name.split("/", 1)[0])
         if self.version is None:
             object.__setattr__(self, "version", self.releases[0].version if self.releases else "1.0")
-        for section, derived in (("gguf", f"{self.name}-GGUF"), ("awq", f"{self.name}-AWQ")):
-            if getattr(self, section) is not None and getattr(self.publish.repos, section) is None:
+        derived_ids = self._derived()
+        for section, derived in derived_ids.items():
+            if derived is not None and getattr(self.publish.repos, section) is None:
                 problem = repo_id_problem(derived)
                 if problem:
                     raise ValueError(f"name: the {section} repo id made from it, {derived!r}, is not valid ({problem});"
@@ -95,13 +100,23 @@ class Recipe(_Strict):
     def sections(self) -> list[Section]:
         return list(self.card.sections)
 
+    def _derived(self) -> dict[str, str | None]:
+        """The quant repo ids made from the name for what the recipe makes (None: not made). W4A16 is the scheme name
+        llm-compressor (whose output format compressed-tensors is) and vLLM's docs give 4-bit weights with 16-bit
+        activations, and what its users search for; MLX repos say MLX and the bits, as mlx-community's do."""
+        formats = self.awq.formats if self.awq is not None else []
+        return {"gguf": f"{self.name}-GGUF" if self.gguf is not None else None,
+                "awq": f"{self.name}-AWQ" if AUTOAWQ in formats else None,
+                "w4a16": f"{self.name}-W4A16" if COMPRESSED_TENSORS in formats else None,
+                "mlx": f"{self.name}-MLX-{self.mlx.bits}bit" if self.mlx is not None else None}
+
     @property
     def quants(self) -> QuantRepos:
-        """The quant repos to link: given in publish.repos, or named NAME-GGUF / NAME-AWQ when the recipe makes them."""
+        """The quant repos to link: given in publish.repos, or named NAME-GGUF, NAME-AWQ, NAME-W4A16, NAME-MLX-4bit
+        when the recipe makes them."""
         repos = self.publish.repos
-        gguf = repos.gguf or (f"{self.name}-GGUF" if self.gguf is not None else None)
-        awq = repos.awq or (f"{self.name}-AWQ" if self.awq is not None else None)
-        return QuantRepos(gguf=gguf, awq=awq)
+        made = self._derived()
+        return QuantRepos(**{k: getattr(repos, k) or v for k, v in made.items()})
 
     @property
     def main_repo(self) -> str:

@@ -133,3 +133,43 @@ def test_chat_generation_stops_at_end_of_turn(smollm2, smol_awq):
     new = out[0, prompt["input_ids"].shape[1]:].tolist()
     assert tok.convert_tokens_to_ids("<|im_end|>") in new, tok.decode(new)
     assert "Paris" in tok.decode(new)
+
+
+def test_w4a16_in_transformers_answers_and_stops_at_end_of_turn(smol_awq, tmp_path):
+    """The AWQ pass as compressed-tensors W4A16, loaded by transformers + compressed-tensors (CPU, dequantized):
+    greedy chat generation ends the turn and answers."""
+    require("compressed_tensors")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+
+    from releaser.formats.w4a16 import convert
+
+    out = tmp_path / "smollm2-W4A16"
+    convert(smol_awq[0], out)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True),
+                                                 dtype=torch.float32).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        new = model.generate(**prompt, max_new_tokens=48, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    assert tok.convert_tokens_to_ids("<|im_end|>") in new, tok.decode(new)
+    assert "Paris" in tok.decode(new)
+
+
+def test_mlx_lm_generation_answers_and_stops_at_end_of_turn(smollm2, tmp_path):
+    """SmolLM2 as MLX 4-bit g64, loaded and run greedily by mlx-lm itself: it answers and stops at <|im_end|>."""
+    require("mlx_lm")
+    from mlx_lm import load, stream_generate
+
+    from releaser.formats.mlx import quantize_folder
+    from releaser.formats.options import MLXOptions
+
+    out = tmp_path / "smollm2-MLX-4bit"
+    quantize_folder(MLXOptions(), smollm2, out)
+    model, tok = load(str(out))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True)
+    steps = list(stream_generate(model, tok, prompt=prompt, max_tokens=64))   # greedy: the default sampler
+    text = "".join(s.text for s in steps)
+    assert steps[-1].finish_reason == "stop" and steps[-1].token == tok.convert_tokens_to_ids("<|im_end|>"), text
+    assert "Paris" in text, text

@@ -51,7 +51,7 @@ def test_only_names_an_unknown_stage(model, tmp_path):
     recipe.write_text(BASE + f"model: {model}\n")
     code, output = _run("release", recipe, "-o", tmp_path / "work", "--only", "gguf,quantise")
     assert code != 0
-    assert "--only: unknown stage 'quantise'; the stages are merge, tokenizer, verify, imatrix, gguf, runtimes, awq, quality, cards, publish" in \
+    assert "--only: unknown stage 'quantise'; the stages are merge, tokenizer, verify, imatrix, gguf, runtimes, awq, w4a16, mlx, quality, cards, publish" in \
         _one_line_error(output)
     assert not (tmp_path / "work").exists()
 

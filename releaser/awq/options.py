@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ..formats.options import AWQFormat
+
 from ..stage import StageOptions
 
 BUILTIN = "builtin"
@@ -23,8 +25,18 @@ class AWQOptions(StageOptions):
     samples: int = Field(128, gt=0, description="Calibration samples (texts of at most seqlen tokens).")
     seqlen: int = Field(512, gt=0, description="Tokens per calibration row.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the search runs: auto, cpu or cuda.")
+    formats: list[AWQFormat] = Field(["autoawq"], min_length=1, description="Serializations of the one AWQ pass to "
+                                     "release: autoawq (AutoAWQ GEMM, the NAME-AWQ repo) and/or compressed-tensors "
+                                     "(pack-quantized W4A16 for vLLM and SGLang, the NAME-W4A16 repo).")
     search_tokens: int | None = Field(None, gt=0, description="Calibration tokens the scale-search loss is measured "
                                       f"on (default: all on GPU, {CPU_SEARCH_TOKENS} on CPU); x-means use all tokens.")
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"formats {v} names a format twice; list each once")
+        return v
 
     @field_validator("bits")
     @classmethod

@@ -8,9 +8,10 @@ from typing import Any
 from ..recipe import Recipe
 from .facts import ModelFacts
 from .quality import NEAR_ORIGINAL_KLD, QualityFacts
-from .quant_facts import AWQFacts, GGUFFacts
+from .quant_facts import PREFERRED, AWQFacts, GGUFFacts, MLXFacts, W4A16Facts
 
-Facts = ModelFacts | GGUFFacts | AWQFacts
+Facts = ModelFacts | GGUFFacts | AWQFacts | W4A16Facts | MLXFacts
+TITLE_SUFFIX = {"model": "", "gguf": " GGUF", "awq": " AWQ", "w4a16": " W4A16", "mlx": " MLX"}
 
 
 def human_size(n: int) -> str:
@@ -45,11 +46,14 @@ def _front_matter(facts: Facts, recipe: Recipe | None) -> dict[str, Any]:
         meta["license"] = _license(facts, recipe)
     if recipe and recipe.language:
         meta["language"] = list(recipe.language)
-    meta["library_name"] = "gguf" if facts.kind == "gguf" else "transformers"
+    meta["library_name"] = {"gguf": "gguf", "mlx": "mlx"}.get(facts.kind, "transformers")
     meta["pipeline_tag"] = "text-generation"
+    bits = f"{getattr(facts, 'bits', 0)}-bit"
     tags = {"model": ["merge", "mergekit"] if getattr(facts, "merge", None) else [],
             "gguf": ["gguf", "quantized"],
-            "awq": ["awq", f"{getattr(facts, 'bits', 0)}-bit", "quantized"]}[facts.kind]
+            "awq": ["awq", bits, "quantized"],
+            "w4a16": ["compressed-tensors", "w4a16", "awq", bits, "quantized"],
+            "mlx": ["mlx", bits, "quantized"]}[facts.kind]
     meta["tags"] = list(dict.fromkeys(tags + (list(recipe.tags) if recipe else [])))
     if facts.kind == "model":
         base = facts.merge.hub_models if facts.merge else []
@@ -71,6 +75,10 @@ def _description(facts: Facts, title: str) -> str:
         return f"GGUF files of {title} for llama.cpp, Ollama and other GGUF runtimes."
     if facts.kind == "awq":
         return f"{facts.bits}-bit AWQ quantization of {title} for vLLM and transformers."
+    if facts.kind == "w4a16":
+        return f"{facts.bits}-bit AWQ weights of {title} in the compressed-tensors format, for vLLM and SGLang."
+    if facts.kind == "mlx":
+        return f"{facts.bits}-bit MLX quantization of {title} for Apple silicon (mlx-lm)."
     if facts.merge:
         return (f"A merge of {len(facts.merge.models) + bool(facts.merge.base_model)} models with the "
                 f"{facts.merge.method.pretty_name} method.")
@@ -81,7 +89,8 @@ def _default_title(facts: Facts) -> str:
     if facts.kind == "gguf" and facts.name:
         return facts.name
     name = facts.folder.resolve().name
-    suffix = {"gguf": "-GGUF", "awq": "-AWQ"}.get(facts.kind, "")
+    suffix = {"gguf": "-GGUF", "awq": "-AWQ", "w4a16": "-W4A16", "mlx": f"-MLX-{getattr(facts, 'bits', 4)}BIT"}
+    suffix = suffix.get(facts.kind, "")
     return name[: -len(suffix)] if suffix and name.upper().endswith(suffix) else name
 
 
@@ -95,8 +104,8 @@ def _quality(facts: Facts, quality: QualityFacts | None) -> dict[str, Any] | Non
     """Measured figures for a quant card: per GGUF file (and the pick guide's near-original choice), or the AWQ row."""
     if quality is None or facts.kind == "model":
         return None
-    if facts.kind == "awq":
-        row = quality.awq_row(facts.folder)
+    if facts.kind in ("awq", "w4a16", "mlx"):
+        row = quality.folder_row(facts.folder, facts.kind)
         return {"report": quality, "row": row} if row else None
     files = {f.name: quality.for_file(f.name) for f in facts.files}
     if not any(files.values()):
@@ -118,18 +127,42 @@ def _models_ini(facts: Facts, recipe: Recipe | None, repo: str | None) -> str | 
     return models_ini(sampling, repo, facts.recommended.quant_type)
 
 
+FORMAT_OF = {"model": "original weights (safetensors)", "gguf": "GGUF for llama.cpp, Ollama and LM Studio",
+             "awq": "AWQ (AutoAWQ GEMM) for vLLM and transformers",
+             "w4a16": "W4A16 (compressed-tensors) for vLLM, SGLang and transformers",
+             "mlx": "MLX for Apple silicon (mlx-lm, LM Studio)"}
+
+
+def _versions(recipe: Recipe | None, quality: QualityFacts | None) -> list[dict[str, Any]]:
+    """The "Available versions" rows: each repo of the release with its format and, from the quality report, the
+    figures of what it holds (a GGUF repo: its recommended type's file) on the same text."""
+    if recipe is None:
+        return []
+    rows = []
+    repos = [("model", recipe.name), *((k, v) for k, v in recipe.quants.model_dump().items() if v)]
+    for kind, repo in repos:
+        row = None
+        if quality is not None and kind == "gguf":
+            by_quant = {r.quant: r for r in quality.rows.values() if r.kind == "gguf"}
+            row = next((by_quant[q] for q in PREFERRED if q in by_quant), None)
+        elif quality is not None and kind != "model":
+            row = quality.rows.get(repo.split("/", 1)[1])
+        rows.append({"repo": repo, "kind": kind, "format": FORMAT_OF[kind], "row": row})
+    return rows
+
+
 def card_context(facts: Facts, recipe: Recipe | None, quality: QualityFacts | None = None) -> dict[str, Any]:
     """The variables a card template sees (documented in templates/cards/README.md)."""
     from huggingface_hub import ModelCardData
 
     meta = _front_matter(facts, recipe)
     base_title = recipe.title if recipe else _default_title(facts)
-    repo = {"model": recipe.name, "gguf": recipe.quants.gguf, "awq": recipe.quants.awq}[facts.kind] if recipe else None
+    repo = (recipe.name if facts.kind == "model" else getattr(recipe.quants, facts.kind)) if recipe else None
     return {
         "front_matter": ModelCardData(**meta).to_yaml(),
         "meta": meta,
         "facts": facts,
-        "title": base_title + {"model": "", "gguf": " GGUF", "awq": " AWQ"}[facts.kind],
+        "title": base_title + TITLE_SUFFIX[facts.kind],
         "base_title": base_title,
         "description": recipe.description if recipe else _description(facts, base_title),
         "license": _license(facts, recipe),
@@ -138,6 +171,11 @@ def card_context(facts: Facts, recipe: Recipe | None, quality: QualityFacts | No
         "main_repo": _main_repo(facts, recipe),
         "gguf_repo": recipe.quants.gguf if recipe else None,
         "awq_repo": recipe.quants.awq if recipe else None,
+        "w4a16_repo": recipe.quants.w4a16 if recipe else None,
+        "mlx_repo": recipe.quants.mlx if recipe else None,
+        "versions": _versions(recipe, quality),        # the "Available versions" table (main repo first)
+        # the quality report the versions' figures are from (none without one, or when it measured none of them)
+        "versions_report": quality if any(v["row"] for v in _versions(recipe, quality)) else None,
         "sections": list(recipe.sections) if recipe else [],
         "releases": list(recipe.releases) if recipe else [],
         "quality": _quality(facts, quality),           # measured figures (None without a quality report)

@@ -15,13 +15,15 @@ NEAR_ORIGINAL_KLD = 0.01   # the pick guide's "near-original" mean-KLD bound
 
 @dataclass(frozen=True)
 class QualityRow:
-    file: str            # GGUF file name or AWQ folder name, as in the report
-    kind: str            # gguf | awq
+    file: str            # GGUF file name or AWQ / W4A16 / MLX folder name, as in the report
+    kind: str            # gguf | awq | w4a16 | mlx
     ppl: float
     ppl_ratio: float
     kld_mean: float
     kld_p99: float
     same_top: float      # fraction 0..1
+    quant: str = ""      # the artefact's type: Q4_K_M, AWQ, W4A16, MLX-4bit, ...
+    size: int = 0        # bytes of weights
 
     @property
     def same_top_pct(self) -> str:
@@ -56,13 +58,16 @@ class QualityFacts:
     def for_file(self, name: str) -> QualityRow | None:
         return self.rows.get(name)
 
-    def awq_row(self, folder: Path) -> QualityRow | None:
-        """The report's row for an AWQ folder: by folder name, else the only AWQ row."""
+    def folder_row(self, folder: Path, kind: str = "awq") -> QualityRow | None:
+        """The report's row for a quantized folder (AWQ, W4A16, MLX): by folder name, else the only row of its kind."""
         row = self.rows.get(Path(folder).resolve().name)
         if row is not None:
             return row
-        awq = [r for r in self.rows.values() if r.kind == "awq"]
-        return awq[0] if len(awq) == 1 else None
+        rows = [r for r in self.rows.values() if r.kind == kind]
+        return rows[0] if len(rows) == 1 else None
+
+    def awq_row(self, folder: Path) -> QualityRow | None:
+        return self.folder_row(folder, "awq")
 
 
 def quality_facts(report: dict | str | os.PathLike) -> QualityFacts:
@@ -78,7 +83,8 @@ def quality_facts(report: dict | str | os.PathLike) -> QualityFacts:
             raise ConfigError(f"quality report {where} is not readable JSON ({exc})") from None
     try:
         rows = {r["file"]: QualityRow(str(r["file"]), str(r["kind"]), float(r["ppl"]), float(r["ppl_ratio"]),
-                                      float(r["kld_mean"]), float(r["kld_p99"]), float(r["same_top"]))
+                                      float(r["kld_mean"]), float(r["kld_p99"]), float(r["same_top"]),
+                                      str(r.get("quant", "")), int(r.get("size", 0)))
                 for r in report["artefacts"]}
         return QualityFacts(str(report["text"]["name"]), int(report["ctx"]), int(report["chunks"]),
                             int(report["scored_tokens"]), float(report["model"]["ppl"]), rows,

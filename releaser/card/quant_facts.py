@@ -1,4 +1,5 @@
-"""Facts about quantized folders for their cards: GGUF files (read with gguf-py) and AWQ checkpoints."""
+"""Facts about quantized folders for their cards: GGUF files (read with gguf-py), AWQ, compressed-tensors W4A16 and
+MLX checkpoints."""
 
 from __future__ import annotations
 
@@ -306,3 +307,71 @@ def awq_facts(folder: Path) -> AWQFacts:
     return AWQFacts("awq", folder, architecture_of(reader.config, folder), params, bits, int(qc["group_size"]),
                     bool(qc["zero_point"]), str(qc["version"]).upper(), weights_size(reader), _calibration(folder),
                     hf_prompt_facts(folder))
+
+
+@dataclass(frozen=True)
+class W4A16Facts:
+    kind: str                # "w4a16"
+    folder: Path
+    architecture: str
+    parameters: int
+    bits: int
+    group_size: int
+    symmetric: bool
+    ignore: list[str]        # modules kept unquantized (lm_head, MoE routers)
+    weights_size: int
+    calibration: CalibrationFacts | None   # the AWQ pass's (awq_calibration.json, copied with the codes)
+    prompt: PromptFacts
+
+
+@dataclass(frozen=True)
+class MLXFacts:
+    kind: str                # "mlx"
+    folder: Path
+    architecture: str
+    parameters: int
+    bits: int
+    group_size: int
+    weights_size: int
+    prompt: PromptFacts
+
+
+def _parameters(reader: CheckpointReader, packed: dict[str, int], skip: tuple[str, ...]) -> int:
+    """Parameter count of a folder whose packed tensors (suffix -> values per stored element) hold several."""
+    total = 0
+    for name, info in reader.tensors.items():
+        if name.endswith(skip):
+            continue
+        per = next((n for suffix, n in packed.items() if name.endswith(suffix) and n), 1)
+        total += math.prod(info.shape) * per
+    return total
+
+
+def w4a16_facts(folder: Path) -> W4A16Facts:
+    reader = CheckpointReader(folder)
+    qc = reader.config["quantization_config"]
+    groups = list((qc.get("config_groups") or {}).values())
+    if len(groups) != 1 or not isinstance(groups[0].get("weights"), dict):
+        raise ModelError(f"{folder / 'config.json'}: quantization_config needs one config group with weights")
+    w = groups[0]["weights"]
+    if not any(n.endswith(".weight_packed") for n in reader.tensors):
+        raise ModelError(f"{folder} has a compressed-tensors quantization_config but no .weight_packed tensors")
+    params = _parameters(reader, {".weight_packed": 32 // int(w["num_bits"])},
+                         (".weight_scale", ".weight_shape", ".weight_zero_point"))
+    return W4A16Facts("w4a16", folder, architecture_of(reader.config, folder), params, int(w["num_bits"]),
+                      int(w["group_size"]), bool(w.get("symmetric", True)), list(qc.get("ignore") or []),
+                      weights_size(reader), _calibration(folder), hf_prompt_facts(folder))
+
+
+def mlx_facts(folder: Path) -> MLXFacts:
+    reader = CheckpointReader(folder)
+    q = reader.config["quantization"]
+    bits = int(q["bits"])
+    quantized = {n.removesuffix(".scales") + ".weight" for n in reader.tensors if n.endswith(".scales")}
+    params = 0
+    for name, info in reader.tensors.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        params += math.prod(info.shape) * (32 // bits if name in quantized else 1)
+    return MLXFacts("mlx", folder, architecture_of(reader.config, folder), params, bits, int(q["group_size"]),
+                    weights_size(reader), hf_prompt_facts(folder))

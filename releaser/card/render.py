@@ -20,9 +20,10 @@ from ..resources import templates_dir
 from .context import Facts, card_context, human_count, human_size
 from .facts import model_facts
 from .quality import quality_facts
-from .quant_facts import awq_facts, gguf_facts, is_awq
+from .quant_facts import awq_facts, gguf_facts, mlx_facts, w4a16_facts
 
-TEMPLATE_FOR = {"model": "model.md.j2", "gguf": "gguf.md.j2", "awq": "awq.md.j2"}
+TEMPLATE_FOR = {"model": "model.md.j2", "gguf": "gguf.md.j2", "awq": "awq.md.j2", "w4a16": "w4a16.md.j2",
+                "mlx": "mlx.md.j2"}
 
 
 class CardError(ReleaserError):
@@ -32,22 +33,24 @@ class CardError(ReleaserError):
 @dataclass(frozen=True)
 class CardResult:
     path: Path
-    kind: str        # model | gguf | awq
+    kind: str        # model | gguf | awq | w4a16 | mlx
     template: Path
     bytes: int
 
 
 def gather_facts(model_dir: str | os.PathLike) -> Facts:
-    """Read what a card states from a model folder: HF (merged or not), GGUF or AWQ."""
+    """Read what a card states from a model folder: HF (merged or not), GGUF, AWQ, W4A16 or MLX."""
     folder = Path(model_dir)
     check_folder(folder)
     if any(folder.glob("*.gguf")):
         return gguf_facts(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} has neither config.json nor .gguf files; is it a model folder?")
-    if is_awq(read_config(folder)):
-        return awq_facts(folder)
-    return model_facts(folder)
+    from ..quality.load import folder_kind
+
+    kind = folder_kind(read_config(folder))
+    read = {"awq": awq_facts, "w4a16": w4a16_facts, "mlx": mlx_facts}.get(kind[0] if kind else "")
+    return read(folder) if read else model_facts(folder)
 
 
 def _environment(search: list[Path]) -> jinja2.Environment:

@@ -32,7 +32,7 @@ class CheckpointWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], *,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False):
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, metadata: dict | None = None):
         self.out_dir = Path(out_dir).absolute()
         self._state = "open"
         self._lock = threading.Lock()
@@ -58,7 +58,7 @@ class CheckpointWriter:
         self.tmp_dir = self._pending_dir.tmp
         try:
             for fname, shard in zip(self.files, shards):
-                header, offsets = st.layout([(a, b, tuple(c)) for a, b, c in shard])
+                header, offsets = st.layout([(a, b, tuple(c)) for a, b, c in shard], metadata)
                 fd = os.open(self.tmp_dir / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds.append(fd)
                 end = len(header) + sum(st.TensorInfo(a, b, tuple(c), "").nbytes for a, b, c in shard)
@@ -90,7 +90,8 @@ class CheckpointWriter:
         data = tensor.detach().cpu().contiguous()
         if data.numel():
             try:
-                st.write_at(fd, data.view(torch.uint8).reshape(-1).numpy().data, offset)
+                st.write_at(fd, data.reshape(-1).view(torch.uint8).numpy().data, offset)   # flat first: a [N, 1]
+                #                                                                       view keeps stride N
                 self._sync.written(fd)   # made durable in the background: the commit's fsync waits less
             except OSError as exc:
                 raise _os_error(exc, self.out_dir) from exc

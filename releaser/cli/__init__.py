@@ -498,8 +498,8 @@ def imatrix_merge_cmd(
 @friendly
 def eval_cmd(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="The unquantized Hugging Face model folder."),
-    artefacts: list[Path] = typer.Argument(..., metavar="ARTEFACT...", help="GGUF files and/or AWQ folders made "
-                                           "from MODEL_DIR."),
+    artefacts: list[Path] = typer.Argument(..., metavar="ARTEFACT...", help="GGUF files and/or AWQ, W4A16 or "
+                                           "MLX folders made from MODEL_DIR."),
     text: str = option(QualityOptions, "text", "--text"),
     ctx: int = option(QualityOptions, "ctx", "--ctx"),
     chunks: int = option(QualityOptions, "chunks", "--chunks"),

@@ -41,7 +41,7 @@ def release_repos(release_dir: Path, recipe_path: Path | None, repo: str | None)
             facts = {"version": latest.version,
                      "description": "\n".join(f"- {change}" for change in latest.changes)}
         if repo is None:
-            for repo_id in (recipe.name, recipe.quants.gguf, recipe.quants.awq):
+            for repo_id in (recipe.name, *recipe.quants.model_dump().values()):
                 if repo_id is None:
                     continue
                 folder = release_dir / repo_id.split("/", 1)[1]

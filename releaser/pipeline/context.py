@@ -60,7 +60,17 @@ class Release:
 
     @property
     def awq_dir(self) -> Path:
-        return self.work / self.recipe.quants.awq.split("/", 1)[1]
+        """The AWQ folder: the -AWQ repo's, or (AutoAWQ not released, only other formats of it) NAME-AWQ all the
+        same, the W4A16 folder's source."""
+        return self.work / (self.recipe.quants.awq or f"{self.recipe.main_repo}-AWQ").split("/", 1)[1]
+
+    @property
+    def w4a16_dir(self) -> Path:
+        return self.work / self.recipe.quants.w4a16.split("/", 1)[1]
+
+    @property
+    def mlx_dir(self) -> Path:
+        return self.work / self.recipe.quants.mlx.split("/", 1)[1]
 
     @property
     def imatrix_dir(self) -> Path:
@@ -79,8 +89,13 @@ class Release:
         repos = {self.recipe.main_repo: self.main_dir}
         if self.recipe.gguf is not None and self._made("gguf"):
             repos[self.recipe.quants.gguf] = self.gguf_dir
-        if self.recipe.awq is not None and self._made("awq"):
-            repos[self.recipe.quants.awq] = self.awq_dir
+        quants = self.recipe.quants
+        if quants.awq is not None and self._made("awq"):
+            repos[quants.awq] = self.awq_dir
+        if quants.w4a16 is not None and self._made("w4a16"):
+            repos[quants.w4a16] = self.w4a16_dir
+        if quants.mlx is not None and self._made("mlx"):
+            repos[quants.mlx] = self.mlx_dir
         return repos
 
     def _made(self, stage: str) -> bool:

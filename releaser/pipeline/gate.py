@@ -52,6 +52,39 @@ def _gguf_checks(r: Release, eos: str | None, template: str | None) -> list[str]
     return problems
 
 
+def _side_file_checks(r: Release) -> list[str]:
+    """Each safetensors quant folder (AWQ, W4A16, MLX) carries the main folder's tokenizer and generation files,
+    byte for byte (its chat template and end-of-turn tokens are the main folder's), and its config.json says how its
+    weights are quantized, as its loaders read it."""
+    from ..checkpoint.config import read_config
+    from ..errors import ReleaserError
+    from ..formats.common import SIDE_FILES
+    from ..quality.load import folder_kind
+
+    problems = []
+    made = set(r.repo_folders().values())
+    q = r.recipe.quants
+    for stage, repo, folder_of in (("awq", q.awq, "awq_dir"), ("w4a16", q.w4a16, "w4a16_dir"),
+                                   ("mlx", q.mlx, "mlx_dir")):
+        folder = getattr(r, folder_of) if repo else None
+        if folder is None or folder not in made:
+            continue
+        for name in SIDE_FILES:
+            ours, theirs = r.main_dir / name, folder / name
+            if ours.is_file() != theirs.is_file() or (ours.is_file() and ours.read_bytes() != theirs.read_bytes()):
+                problems.append(f"{folder.name}: {name} differs from the main folder's (rebuild it with --only "
+                                f"{stage} --force)")
+        try:
+            kind = folder_kind(read_config(folder))
+        except ReleaserError as exc:
+            problems.append(f"{folder.name}: {exc}")
+            continue
+        if kind is None or kind[0] != stage:
+            problems.append(f"{folder.name}/config.json does not describe {stage} weights (rebuild it with --only "
+                            f"{stage} --force)")
+    return problems
+
+
 def _main_tokenizer(r: Release) -> tuple[str | None, str | None]:
     from ..tokenizer.model import ModelFolder
 
@@ -79,7 +112,8 @@ def check_release(r: Release) -> None:
     quality = r.manifest.stage("quality")
     if quality is not None and not quality["facts"].get("gate", {}).get("passed", True):
         problems += [f"quality: {f}" for f in quality["facts"]["gate"]["failures"]]
-    for stage in ("merge", "tokenizer", "gguf", "runtimes", "awq", "quality", "cards"):
+    problems += _side_file_checks(r)
+    for stage in ("merge", "tokenizer", "gguf", "runtimes", "awq", "w4a16", "mlx", "quality", "cards"):
         entry = r.manifest.stage(stage)
         if entry is None:
             continue

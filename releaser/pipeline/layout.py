@@ -21,12 +21,15 @@ def outputs(recipe: Recipe, work: Path) -> list[tuple[str, Path]]:
     paths = [("name" if not recipe.publish.repos.main else "publish.repos.main",
               work / recipe.main_repo.split("/", 1)[1])]
     quants = recipe.quants
-    for section in ("gguf", "awq"):
+    suffix = {"gguf": "-GGUF", "awq": "-AWQ", "w4a16": "-W4A16", "mlx": "-MLX-...bit"}
+    for section in ("gguf", "awq", "w4a16", "mlx"):
         repo = getattr(quants, section)
-        if getattr(recipe, section) is not None and repo:
+        if repo:
             own = getattr(recipe.publish.repos, section)
-            key = f"publish.repos.{section}" if own else f"name (+ -{section.upper()})"
+            key = f"publish.repos.{section}" if own else f"name (+ {suffix[section]})"
             paths.append((key, work / repo.split("/", 1)[1]))
+    if recipe.awq is not None and quants.awq is None:   # AutoAWQ not released: its folder is the W4A16's source
+        paths.append(("the AWQ folder (name + -AWQ)", work / f"{recipe.main_repo}-AWQ".split("/", 1)[1]))
     if recipe.merge is not None:
         paths.append((f"the merge's output {MERGED}", work / MERGED))
     if recipe.gguf is not None and recipe.gguf.imatrix == "auto":

@@ -240,6 +240,10 @@ def _validate(r: Release) -> dict[str, str]:
             raise ConfigError(f"awq.calibration: {r.local(a.calibration)} does not exist; give a .txt or .jsonl file "
                               "or builtin")
         detail["awq"] = f"{a.bits}-bit g{a.group_size}, {a.samples} samples of {a.calibration}"
+        if a.formats != ["autoawq"]:
+            detail["awq"] += f", written as {' and '.join(a.formats)}"
+    if r.recipe.mlx is not None:
+        detail["mlx"] = f"MLX affine {r.recipe.mlx.bits}-bit g{r.recipe.mlx.group_size}"
     if r.recipe.quality is not False:
         q = r.recipe.quality
         if q.text != "builtin" and not r.local(q.text).is_file():

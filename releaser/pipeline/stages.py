@@ -208,7 +208,7 @@ def _awq_weights(r: Release) -> dict:
     code."""
     options = _awq_options(r)
     calib = Path(options.calibration)
-    return {"options": r.recipe.awq.model_dump(mode="json", exclude={"device"}),
+    return {"options": r.recipe.awq.model_dump(mode="json", exclude={"device", "formats"}),
             "calibration": r.manifest.hash(calib) if calib.is_file() else options.calibration,
             "model": _main_files(r, tokenizer=False), "code": code_versions(AWQ_CODE)}
 
@@ -243,19 +243,57 @@ def _runtimes_call(r: Release) -> Call:
         "system_prompt": t.system_prompt if t else None}
 
 
+# -- w4a16 and mlx: more formats of the same release ------------------------------------------------------------------
+W4A16_CODE = ("releaser.formats", "releaser.awq.pack", "releaser.checkpoint")
+MLX_CODE = ("releaser.formats", "releaser.awq.pack", "releaser.arch", "releaser.checkpoint", "torch")
+
+
+def _w4a16_applies(r: Release) -> str | None:
+    return None if r.recipe.quants.w4a16 is not None else "awq.formats has no compressed-tensors"
+
+
+def _w4a16_depends(r: Release) -> dict:
+    """A repack of the AWQ folder: its files (codes, tokenizer files and all) and the code."""
+    return {"awq": {f["path"]: f["sha256"] for f in _files(r, "awq")}, "code": code_versions(W4A16_CODE)}
+
+
+def _w4a16_call(r: Release) -> Call:
+    from ..formats.options import W4A16Options
+
+    return W4A16Options(), r.awq_dir, r.w4a16_dir, {"overwrite": True}
+
+
+def _mlx_depends(r: Release) -> dict:
+    """Rounded from the main folder (every file: the tokenizer files are copied beside the weights; a run takes
+    seconds), with the options and the code."""
+    return {"options": r.recipe.mlx.model_dump(mode="json"), "main": {f["path"]: f["sha256"]
+                                                                      for f in _files(r, "tokenizer")},
+            "code": code_versions(MLX_CODE)}
+
+
+def _mlx_call(r: Release) -> Call:
+    return r.recipe.mlx, r.main_dir, r.mlx_dir, {"overwrite": True}
+
+
 # -- quality: PPL and KLD of every artefact against the main folder ----------------------------------------------------
+QUANT_STAGES = ("gguf", "awq", "w4a16", "mlx")
+
+
 def _artefacts(r: Release) -> list[Path]:
-    """The first file of each GGUF type (a split set is read from its first shard) and the AWQ folder."""
+    """The first file of each GGUF type (a split set is read from its first shard) and the AWQ, W4A16 and MLX
+    folders released."""
     files = [r.gguf_dir / f["path"] for f in _files(r, "gguf")
              if "-of-" not in f["path"] or "-00001-of-" in f["path"]]
-    return sorted(files) + ([r.awq_dir] if r.recipe.awq is not None else [])
+    q = r.recipe.quants
+    folders = [d for repo, d in ((q.awq, "awq_dir"), (q.w4a16, "w4a16_dir"), (q.mlx, "mlx_dir")) if repo]
+    return sorted(files) + [getattr(r, d) for d in folders]
 
 
 def _quality_applies(r: Release) -> str | None:
     if r.recipe.quality is False:
         return "quality: false in the recipe"
     if len(r.repo_folders()) == 1:
-        return "no quantized artefacts (no gguf: or awq: section, or left out)"
+        return "no quantized artefacts (no gguf:, awq: or mlx: section, or left out)"
     return None
 
 
@@ -263,7 +301,7 @@ def _quality_depends(r: Release) -> dict:
     q = r.recipe.quality
     text = r.local(q.text) if q.text != "builtin" else None
     return {"options": q.model_dump(mode="json"), "text": r.manifest.hash(text) if text and text.is_file() else q.text,
-            "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "awq")}}
+            "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", *QUANT_STAGES)}}
 
 
 def _quality_call(r: Release) -> Call:
@@ -278,10 +316,11 @@ def _card_template(r: Release) -> Path | None:
 
 
 def _card_depends(r: Release) -> dict:
-    recipe = r.recipe.model_dump(mode="json", exclude={"merge", "gguf", "awq", "quality", "tokenizer", "publish"})
+    recipe = r.recipe.model_dump(mode="json", exclude={"merge", "gguf", "awq", "mlx", "quality", "tokenizer",
+                                                       "publish"})
     template = _card_template(r)
     return {"recipe": recipe, "template": template.read_text(encoding="utf-8") if template else None,
-            "folders": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "runtimes", "awq", "quality")}}
+            "folders": {stage: _files(r, stage) for stage in ("tokenizer", *QUANT_STAGES, "runtimes", "quality")}}
 
 
 def _card_call(r: Release) -> Call:
@@ -311,7 +350,7 @@ def _publish_applies(r: Release) -> str | None:
 def _publish_depends(r: Release) -> dict:
     return {"options": r.recipe.publish.model_dump(mode="json"), "push": r.push, "version": r.recipe.version,
             "notes": [c for rel in r.recipe.releases[:1] for c in rel.changes],
-            "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", "gguf", "runtimes", "awq", "cards")}}
+            "artefacts": {stage: _files(r, stage) for stage in ("tokenizer", *QUANT_STAGES, "runtimes", "cards")}}
 
 
 def _publish_root(r: Release) -> Path:
@@ -345,9 +384,11 @@ STEPS = [
     Step("runtimes", _runtimes_applies, _runtimes_depends, lambda r: r.gguf_dir, "runtimes.stage", _runtimes_call,
          ("releaser.runtimes", "releaser.gguf", "releaser.card", "pyyaml")),
     Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, "awq.stage", _awq_call, AWQ_CODE),
+    Step("w4a16", _w4a16_applies, _w4a16_depends, lambda r: r.w4a16_dir, "formats.w4a16", _w4a16_call, W4A16_CODE),
+    Step("mlx", _needs("mlx"), _mlx_depends, lambda r: r.mlx_dir, "formats.mlx", _mlx_call, MLX_CODE),
     Step("quality", _quality_applies, _quality_depends, lambda r: r.work, "quality.stage", _quality_call,
-         ("releaser.quality", "releaser.arch", "releaser.awq", "releaser.gguf", "torch", "transformers",
-          "llama_cpp_python")),
+         ("releaser.quality", "releaser.arch", "releaser.awq", "releaser.gguf", "releaser.formats", "torch",
+          "transformers", "llama_cpp_python")),
     Step("cards", _always, _card_depends, lambda r: r.work, "card.stage", _card_call,
          ("releaser.card", "releaser.gguf", "releaser.runtimes", "releaser.templates", "jinja2", "huggingface_hub",
           "llama_cpp_python")),

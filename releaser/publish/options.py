@@ -16,13 +16,15 @@ class PublishError(ReleaserError):
 
 
 class Repos(StageOptions):
-    """Hub repo ids of the release (defaults: NAME, NAME-GGUF, NAME-AWQ)."""
+    """Hub repo ids of the release (defaults: NAME, NAME-GGUF, NAME-AWQ, NAME-W4A16, NAME-MLX-4bit)."""
 
     main: str | None = None
     gguf: str | None = None
     awq: str | None = None
+    w4a16: str | None = None
+    mlx: str | None = None
 
-    _ids = field_validator("main", "gguf", "awq")(check_repo_id)
+    _ids = field_validator("main", "gguf", "awq", "w4a16", "mlx")(check_repo_id)
 
 
 class PublishOptions(StageOptions):

@@ -1,5 +1,5 @@
-"""Measured quality of quantized artefacts: perplexity and KL divergence of each GGUF file and AWQ folder against the
-unquantized model (llama.cpp's definitions), a JSON report for the cards, and a gate that stops broken quants."""
+"""Measured quality of quantized artefacts: perplexity and KL divergence of each GGUF file and AWQ, W4A16 or MLX
+folder against the unquantized model (llama.cpp's definitions), a JSON report for the cards, and a gate that stops broken quants."""
 
 from .gate import QualityGateError
 from .options import QualityOptions

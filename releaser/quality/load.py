@@ -24,9 +24,10 @@ SPLIT = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 @dataclass(frozen=True)
 class Artefact:
-    path: Path      # the .gguf file (first part of a split set) or the AWQ folder
-    kind: str       # "gguf" | "awq" | "rtn" (the unquantized folder ``path`` rounded to nearest, AWQ's baseline)
-    quant: str      # GGUF file type (Q4_K_M, F16, ...), "AWQ" for an AWQ folder, "RTN"
+    path: Path      # the .gguf file (first part of a split set) or the AWQ, W4A16 or MLX folder
+    kind: str       # "gguf" | "awq" | "w4a16" | "mlx" | "rtn" (the unquantized folder ``path`` rounded to nearest,
+    #                 AWQ's baseline)
+    quant: str      # GGUF file type (Q4_K_M, F16, ...), "AWQ", "W4A16", "MLX-4bit" (bits), "RTN"
     label: str      # what tables show: the file or folder name
     group_size: int = 0   # "rtn": the group size
 
@@ -44,8 +45,23 @@ class Artefact:
         return parts
 
 
+def folder_kind(config: dict) -> tuple[str, str] | None:
+    """(kind, quant) of a quantized Hugging Face folder's config.json: AutoAWQ GEMM, compressed-tensors
+    pack-quantized W4A16, MLX affine; None for anything else."""
+    qc = config.get("quantization_config")
+    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
+    if method == "awq":
+        return "awq", "AWQ"
+    if method == "compressed-tensors" and qc.get("format") == "pack-quantized":
+        return "w4a16", "W4A16"
+    mlx = config.get("quantization")
+    if isinstance(mlx, dict) and mlx.get("mode", "affine") == "affine" and {"bits", "group_size"} <= set(mlx):
+        return "mlx", f"MLX-{mlx['bits']}bit"
+    return None
+
+
 def identify(path: str | os.PathLike | Artefact) -> Artefact:
-    """What an artefact path is: a GGUF file (with its file type) or an AWQ folder."""
+    """What an artefact path is: a GGUF file (with its file type) or an AWQ, W4A16 or MLX folder."""
     import gguf
 
     if isinstance(path, Artefact):
@@ -61,14 +77,14 @@ def identify(path: str | os.PathLike | Artefact) -> Artefact:
             raise ModelError(f"{path} has an unknown general.file_type {ftype}") from None
         return Artefact(path, "gguf", quant, path.name)
     if path.is_dir():
-        qc = read_config(path).get("quantization_config") or {}
-        if str(qc.get("quant_method", "")).lower() == "awq":
-            return Artefact(path, "awq", "AWQ", path.name)
-        raise ModelError(f"{path} is not an AWQ folder (config.json has no awq quantization_config); "
-                         "evaluate GGUF files or AWQ folders")
+        kind = folder_kind(read_config(path))
+        if kind is not None:
+            return Artefact(path, kind[0], kind[1], path.name)
+        raise ModelError(f"{path} is not a quantized folder releaser reads (config.json has no AWQ, compressed-tensors "
+                         "pack-quantized or MLX quantization); evaluate GGUF files or AWQ, W4A16 or MLX folders")
     if not path.exists():
         raise ModelError(f"artefact {path} does not exist")
-    raise ModelError(f"{path} is neither a .gguf file nor an AWQ folder")
+    raise ModelError(f"{path} is neither a .gguf file nor a quantized model folder")
 
 
 # ---------------------------------------------------------------------------------------------------- weights
@@ -233,6 +249,95 @@ class AWQWeights(FolderWeights):
         return out
 
 
+class W4A16Weights(FolderWeights):
+    """A compressed-tensors pack-quantized folder: each ``weight_packed`` linear dequantized (releaser.formats.w4a16),
+    the other tensors converted."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        qc = self.config["quantization_config"]
+        groups = list((qc.get("config_groups") or {}).values())
+        weights = [g.get("weights") or {} for g in groups]
+        if len(weights) != 1 or weights[0].get("num_bits") != 4 or weights[0].get("type") != "int" \
+                or weights[0].get("strategy") != "group":
+            raise ModelError(f"{folder}: only one config group of 4-bit int group-wise weights is supported")
+        self.group_size = int(weights[0]["group_size"])
+        self.symmetric = bool(weights[0].get("symmetric", True))
+        parts = (".weight_scale", ".weight_shape", ".weight_zero_point")
+        self.names = []
+        for name in self.reader.tensors:
+            if name.endswith(".weight_packed"):
+                self.names.append(name.removesuffix("_packed"))
+            elif not name.endswith(parts):
+                self.names.append(name)
+
+    def load(self, names):
+        from ..formats.w4a16 import dequantize_w4a16
+
+        read = self.reader.read
+        for name in names:
+            base = name.removesuffix(".weight")
+            if base + ".weight_packed" in self.reader:
+                zp = None if self.symmetric else read(base + ".weight_zero_point")
+                yield name, dequantize_w4a16(read(base + ".weight_packed"), read(base + ".weight_scale"),
+                                             read(base + ".weight_shape").tolist(), zp, self.group_size)
+            else:
+                yield name, read(name).to(torch.float32)
+
+    def shapes(self):
+        out = {}
+        for name in self.names:
+            base = name.removesuffix(".weight")
+            if base + ".weight_packed" in self.reader:
+                out[name] = tuple(int(x) for x in self.reader.read(base + ".weight_shape").tolist())
+            else:
+                out[name] = tuple(self.reader.tensors[name].shape)
+        return out
+
+
+class MLXWeights(FolderWeights):
+    """An MLX affine folder: each quantized matrix (``.weight`` beside ``.scales`` and ``.biases``) dequantized in
+    float32 (releaser.formats.mlx), the other tensors converted; stacked experts (``switch_mlp``) under the stacked
+    expert names (``mlp.experts.{linear}.weight``)."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        q = self.config["quantization"]
+        self.bits, self.group_size = int(q["bits"]), int(q["group_size"])
+        family = architecture_for(self.config)
+        self._source: dict[str, str] = {}
+        for name in self.reader.tensors:
+            if name.endswith((".scales", ".biases")):
+                continue
+            hf = name
+            if family.experts is not None and ".switch_mlp." in name:
+                hf = name.replace(".switch_mlp.", "." + family.experts.module.rsplit(".", 1)[-1] + ".")
+            self._source[hf] = name
+        self.names = list(self._source)
+
+    def load(self, names):
+        from ..formats.mlx import dequantize_mlx
+
+        read = self.reader.read
+        for name in names:
+            src = self._source[name]
+            base = src.removesuffix(".weight")
+            if base + ".scales" in self.reader:
+                yield name, dequantize_mlx(read(src), read(base + ".scales"), read(base + ".biases"), self.bits,
+                                           self.group_size)
+            else:
+                yield name, read(src).to(torch.float32)
+
+    def shapes(self):
+        out = {}
+        for name, src in self._source.items():
+            shape = tuple(self.reader.tensors[src].shape)
+            if src.removesuffix(".weight") + ".scales" in self.reader:
+                shape = (*shape[:-1], shape[-1] * 32 // self.bits)
+            out[name] = shape
+        return out
+
+
 class RTNWeights(FolderWeights):
     """An unquantized folder as an AWQ folder of it would be without AWQ's search: every linear AWQ quantizes rounded
     to nearest (4-bit groups with zero points and float16 scales, no scaling or clipping: ``releaser.awq.quantize``),
@@ -262,14 +367,14 @@ class RTNWeights(FolderWeights):
 
 def open_weights(artefact: Artefact | Path, base_config: dict | None = None) -> Weights:
     """The weights of an unquantized model folder (a Path), a GGUF (read with the unquantized model's config), an
-    AWQ folder (with its own) or the round-to-nearest baseline of a folder."""
+    AWQ, W4A16 or MLX folder (with its own) or the round-to-nearest baseline of a folder."""
     if not isinstance(artefact, Artefact):
         return FolderWeights(Path(artefact))
     if artefact.kind == "gguf":
         return GGUFWeights(artefact, base_config)
     if artefact.kind == "rtn":
         return RTNWeights(artefact.path, artefact.group_size)
-    return AWQWeights(artefact.path)
+    return {"awq": AWQWeights, "w4a16": W4A16Weights, "mlx": MLXWeights}[artefact.kind](artefact.path)
 
 
 # ---------------------------------------------------------------------------------------------------- models

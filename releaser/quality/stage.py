@@ -148,7 +148,7 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
     if not model_dir.is_dir():
         raise ModelError(f"model folder {model_dir} does not exist")
     if not artefacts:
-        raise ConfigError("no artefacts to evaluate; give GGUF files or AWQ folders")
+        raise ConfigError("no artefacts to evaluate; give GGUF files or AWQ, W4A16 or MLX folders")
     if options.backend == "llama.cpp":
         from . import llamacpp
         llamacpp._llama()  # a clear error now rather than after the unquantized pass
