@@ -16,11 +16,11 @@ DEFAULT_MAX_KLD = {
     "Q8_0": 0.02,
     "Q6_K": 0.05,
     "Q5_K_M": 0.1, "Q5_K_S": 0.1, "Q5_1": 0.1, "Q5_0": 0.1,
-    "Q4_K_M": 0.2, "Q4_K_S": 0.25, "Q4_1": 0.3, "Q4_0": 0.3, "AWQ": 0.3,
+    "Q4_K_M": 0.2, "Q4_K_S": 0.25, "Q4_1": 0.3, "Q4_0": 0.3, "AWQ": 0.3, "IQ4_XS": 0.3, "IQ4_NL": 0.3,
     "Q3_K_L": 0.5, "Q3_K_M": 0.6, "Q3_K_S": 0.8,
     "Q2_K": 1.5,
 }
-FALLBACK_MAX_KLD = 1.5   # types without a limit of their own (I-quants, ternary): only a broken file trips it
+FALLBACK_MAX_KLD = 1.5   # types without a limit of their own (lower I-quants, ternary): only a broken file trips it
 
 # The artefact the stop test runs on: the first of these types present, else the AWQ folder, else the smallest file
 STOP_TEST_TYPES = ["Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0"]
