@@ -93,7 +93,7 @@ def test_files_equal_llama_quantize(model, llama_tools, with_imatrix):
 
         # the checkout's template (an editable install may map releaser.templates to another checkout)
         card = render_card(out, template=Path(__file__).parents[1] / "templates" / "cards" / "gguf.md.j2")
-        assert "| tiny-IQ4_XS.gguf | IQ4_XS |" in card and "close to Q4_K_S quality at a smaller size" in card, card
+        assert "| tiny-IQ4_XS.gguf | IQ4_XS |" in card and "smaller than Q4_K_S; best made with an importance matrix" in card, card
         assert "IQ4_XS and IQ4_NL are I-quants: each weight is an index into a fixed table" in card, card
 
 

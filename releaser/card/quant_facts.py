@@ -36,7 +36,7 @@ GOOD_FOR = {
     "Q3_K_S": "Low quality; for machines with little memory",
     "Q2_K": "Very low quality; only when nothing larger fits",
     "Q2_K_S": "Very low quality, smaller than Q2_K (made with an importance matrix); only when nothing larger fits",
-    "IQ4_XS": "I-quant, close to Q4_K_S quality at a smaller size",
+    "IQ4_XS": "I-quant, smaller than Q4_K_S; best made with an importance matrix",
     "IQ4_NL": "I-quant with 32-weight blocks, a little larger than IQ4_XS; prefer IQ4_XS",
     "IQ4": "I-quant, similar quality to Q4_K_S at a smaller size; best on GPU",
     "IQ3": "I-quant, low quality but usable; best on GPU",

@@ -16,7 +16,8 @@ DEFAULT_MAX_KLD = {
     "Q8_0": 0.02,
     "Q6_K": 0.05,
     "Q5_K_M": 0.1, "Q5_K_S": 0.1, "Q5_1": 0.1, "Q5_0": 0.1,
-    "Q4_K_M": 0.2, "Q4_K_S": 0.25, "Q4_1": 0.3, "Q4_0": 0.3, "AWQ": 0.3, "IQ4_XS": 0.3, "IQ4_NL": 0.3,
+    "Q4_K_M": 0.2, "Q4_K_S": 0.25, "Q4_1": 0.3, "Q4_0": 0.3, "AWQ": 0.3,
+    "IQ4_XS": 0.6, "IQ4_NL": 0.6,   # SmolLM2: 0.19 without an imatrix (its 576-wide rows take IQ4_NL), 0.09 with one
     "Q3_K_L": 0.5, "Q3_K_M": 0.6, "Q3_K_S": 0.8,
     "Q2_K": 1.5,
 }
