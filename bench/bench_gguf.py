@@ -1,5 +1,6 @@
-"""Benchmark `releaser gguf` (HF -> Q4_K_M in one pass) against llama.cpp's convert_hf_to_gguf.py (F16) followed by
-llama_model_quantize (Q4_K_M), both as whole processes under /usr/bin/time -v, in the same run.
+"""Benchmark `releaser gguf` (HF -> Q4_K_M in one pass; `--quant IQ4_XS` another type) against llama.cpp's
+convert_hf_to_gguf.py (F16) followed by llama_model_quantize (2 threads), both as whole processes under
+/usr/bin/time -v, in the same run.
 
 Case 1: SmolLM2-135M-Instruct (the float32 test fixture). Case 2: a synthetic ~0.9B Llama (bf16 safetensors, hidden
 2048, 16 layers, SmolLM2's tokenizer). Case 3: a synthetic ~0.5B Qwen3 (Qwen3-0.6B's shape: hidden 1024, 28 layers,
@@ -28,7 +29,7 @@ QUANTIZE = """
 import ctypes, sys, llama_cpp
 llama_cpp.llama_backend_init()
 p = llama_cpp.llama_model_quantize_default_params()
-p.ftype, p.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2
+p.ftype, p.nthread = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3]), 2
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
 """
 LARGE = dict(layers=16, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=49152)
@@ -73,21 +74,21 @@ def qwen3_model(cache: Path, smollm2: Path) -> Path:
     return path
 
 
-def bench(label: str, model: Path, llama_cpp_dir: Path, work: Path) -> dict:
+def bench(label: str, model: Path, llama_cpp_dir: Path, work: Path, quant: str = "Q4_K_M") -> dict:
     out = work / label
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    ours, ours_rss = timed([str(BIN / "releaser"), "gguf", str(model), "-o", str(out / "ours"), "--quant", "Q4_K_M",
+    ours, ours_rss = timed([str(BIN / "releaser"), "gguf", str(model), "-o", str(out / "ours"), "--quant", quant,
                             "--name", "bench", "--quiet"])
     env = dict(os.environ, PYTHONPATH=str(llama_cpp_dir / "gguf-py"))
     f16 = out / "ref-F16.gguf"
     conv, conv_rss = timed([sys.executable, str(llama_cpp_dir / "convert_hf_to_gguf.py"), str(model), "--outtype", "f16",
                             "--outfile", str(f16)], env)
-    quant, quant_rss = timed([sys.executable, "-c", QUANTIZE, str(f16), str(out / "ref-Q4_K_M.gguf")])
-    row = dict(model=label, ours_s=ours, ours_rss_gb=ours_rss, llama_cpp_s=conv + quant, convert_s=conv,
-               quantize_s=quant, llama_cpp_rss_gb=max(conv_rss, quant_rss), f16_gb=f16.stat().st_size / 1e9,
-               ours_gb=(out / "ours" / "bench-Q4_K_M.gguf").stat().st_size / 1e9,
-               ref_gb=(out / "ref-Q4_K_M.gguf").stat().st_size / 1e9)
+    quant_s, quant_rss = timed([sys.executable, "-c", QUANTIZE, str(f16), str(out / f"ref-{quant}.gguf"), quant])
+    ours_file, ref_file = out / "ours" / f"bench-{quant}.gguf", out / f"ref-{quant}.gguf"
+    row = dict(model=label, ours_s=ours, ours_rss_gb=ours_rss, llama_cpp_s=conv + quant_s, convert_s=conv,
+               quantize_s=quant_s, llama_cpp_rss_gb=max(conv_rss, quant_rss), f16_gb=f16.stat().st_size / 1e9,
+               ours_gb=ours_file.stat().st_size / 1e9, ref_gb=ref_file.stat().st_size / 1e9)
     shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--llama-cpp", type=Path, required=True, help="vendor/llama.cpp folder of the llama-cpp-python sdist")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--skip-large", action="store_true", help="only the SmolLM2 case")
+    ap.add_argument("--quant", default="Q4_K_M", help="the llama-quantize type both make (e.g. IQ4_XS)")
     ap.add_argument("--only", default=None, help="only the cases whose label starts with this (SmolLM2, Llama, Qwen3)")
     args = ap.parse_args()
     from releaser_testing import cache_dir, smollm2_dir
@@ -109,11 +111,12 @@ def main() -> None:
         cases.append(("Qwen3-0.5B synthetic (bf16)", qwen3_model(cache_dir(), smollm2)))
     if args.only:
         cases = [c for c in cases if c[0].startswith(args.only)]
-    print("| model | releaser HF->Q4_K_M | llama.cpp convert F16 + quantize | ratio | releaser peak RSS | "
-          "llama.cpp peak RSS | F16 size | Q4_K_M size (ours / llama.cpp) |")
+    q = args.quant
+    print(f"| model | releaser HF->{q} | llama.cpp convert F16 + quantize | ratio | releaser peak RSS | "
+          f"llama.cpp peak RSS | F16 size | {q} size (ours / llama.cpp) |")
     print("|---|---|---|---|---|---|---|---|")
     for label, model in cases:
-        r = bench(label.split()[0], model, args.llama_cpp, work)
+        r = bench(label.split()[0], model, args.llama_cpp, work, q)
         print(f"| {label} | {r['ours_s']:.1f} s | {r['llama_cpp_s']:.1f} s ({r['convert_s']:.1f} + {r['quantize_s']:.1f}) "
               f"| {r['ours_s'] / r['llama_cpp_s']:.2f}x | {r['ours_rss_gb']:.2f} GB | {r['llama_cpp_rss_gb']:.2f} GB "
               f"| {r['f16_gb']:.2f} GB | {r['ours_gb']:.3f} / {r['ref_gb']:.3f} GB |", flush=True)

@@ -1,11 +1,12 @@
-"""Benchmark releaser's K-quant quantizers against llama.cpp's ``llama_model_quantize`` on the same float32 matrix.
+"""Benchmark releaser's K-quant and I-quant quantizers against llama.cpp's ``llama_model_quantize`` on the same
+float32 matrix.
 
-For each K type the same [rows, cols] float32 matrix (Student-t, like LLM weights) is quantized by
+For each type the same [rows, cols] float32 matrix (Student-t, like LLM weights) is quantized by
 ``releaser.gguf.quants.quantize`` in memory, and by llama.cpp (llama-cpp-python, in process, ``pure`` mix, 2 threads)
 from a one-tensor F32 GGUF to a GGUF file. Both outputs are compared byte for byte. llama.cpp's time includes reading
 the F32 file and writing the result (from/to the page cache), so the ratio slightly favours releaser.
 
-    python bench/bench_quants.py [--rows 4096] [--cols 4096] [--repeat 3] [--types Q2_K,Q3_K,Q4_K,Q5_K,Q6_K]
+    python bench/bench_quants.py [--rows 4096] [--cols 4096] [--repeat 3] [--types Q2_K,Q3_K,...,IQ4_NL,IQ4_XS]
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 
 from releaser.gguf import quants
 
-# the llama-quantize mix whose default (``pure``) type is the K type
-FTYPE_FOR = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K"}
+# the llama-quantize mix whose default (``pure``) type is the type
+FTYPE_FOR = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
+             "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS"}
 
 
 def write_one_tensor_gguf(path: Path, data: np.ndarray) -> None:

@@ -39,6 +39,8 @@ GOOD_FOR = {
     "Q3_K_S": "Low quality; for machines with little memory",
     "Q2_K": "Very low quality; only when nothing larger fits",
     "Q2_K_S": "Very low quality, smaller than Q2_K (made with an importance matrix); only when nothing larger fits",
+    "IQ4_XS": "I-quant, smaller than Q4_K_S; best made with an importance matrix",
+    "IQ4_NL": "I-quant with 32-weight blocks, a little larger than IQ4_XS; prefer IQ4_XS",
     "IQ4": "I-quant, similar quality to Q4_K_S at a smaller size; best on GPU",
     "IQ3": "I-quant, low quality but usable; best on GPU",
     "IQ2": "I-quant, very low quality; best on GPU",
@@ -105,7 +107,7 @@ class AWQFacts:
 
 
 def good_for(quant: str) -> str:
-    for key in (quant, quant[:3], quant[:2]):
+    for key in (quant, quant[:3], quant[:2]):   # an exact name, then IQ4..IQ1 and TQ
         if key in GOOD_FOR:
             return GOOD_FOR[key]
     raise ModelError(f"no description for GGUF quant type {quant}; add it to GOOD_FOR in {__name__}")

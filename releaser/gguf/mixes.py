@@ -23,13 +23,14 @@ DEFAULT_TYPE: dict[str, T] = {
     "Q4_0": T.Q4_0, "Q4_1": T.Q4_1, "Q5_0": T.Q5_0, "Q5_1": T.Q5_1,
     "Q2_K": T.Q2_K, "Q2_K_S": T.Q2_K, "Q3_K_S": T.Q3_K, "Q3_K_M": T.Q3_K, "Q3_K_L": T.Q3_K,
     "Q4_K_S": T.Q4_K, "Q4_K_M": T.Q4_K, "Q5_K_S": T.Q5_K, "Q5_K_M": T.Q5_K, "Q6_K": T.Q6_K,
+    "IQ4_NL": T.IQ4_NL, "IQ4_XS": T.IQ4_XS,
 }
 QUANT_NAMES = list(DEFAULT_TYPE)
-FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL}
 UNQUANTIZED = (T.F32, T.F16, T.BF16)
 # the tensor types an override may name (ggml's names, any case, as llama-quantize reads them)
 TENSOR_TYPES = {t.name: t for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K,
-                                    T.Q4_K, T.Q5_K, T.Q6_K)}
+                                    T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)}
 
 
 def tensor_type(name: str, what: str) -> T:
@@ -220,6 +221,8 @@ class _Mix:
                 new = T.Q5_K
             elif q in ("Q4_K_M", "Q5_K_M") and _more_bits(self.i_attention_wv, self.n_attention_wv):
                 new = T.Q6_K
+            elif q in ("IQ4_NL", "IQ4_XS") and s.n_head // s.n_head_kv >= 4:
+                new = T.Q5_K
             elif q == "Q4_K_S" and self.i_attention_wv < 4:
                 new = T.Q5_K
             if s.is_70b and new in (T.Q3_K, T.Q4_K):
@@ -245,13 +248,15 @@ class _Mix:
                 new = T.Q5_K
             elif q in ("Q4_K_M", "Q5_K_M") and _more_bits(i, n):
                 new = T.Q6_K
+            elif q in ("IQ4_NL", "IQ4_XS") and not self.has_imatrix and i < n // 8:
+                new = T.Q5_K
             elif q == "Q4_K_S" and i < n // 8:
                 new = T.Q5_K
             elif q in ("Q4_0", "Q5_0") and self.has_imatrix and i < n // 8:   # guards the first ffn_down layers
                 new = T.Q4_1 if q == "Q4_0" else T.Q5_1
         elif "attn_output.weight" in name:
             if s.n_expert == 8:
-                new = T.Q5_K if q in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else new
+                new = T.Q5_K if q in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS") else new
             else:
                 new = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(q, new)
         return new

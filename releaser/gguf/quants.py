@@ -14,6 +14,9 @@
 * With importance ``weights`` (an imatrix entry), the K-quants and Q4_0/Q4_1/Q5_0/Q5_1 take llama.cpp's weighted
   search instead (:mod:`releaser.gguf.kquants_imatrix`: its classes subclass these and reuse their packing); Q8_0 and
   the float types ignore the weights, as llama.cpp does.
+* IQ4_NL and IQ4_XS (4-bit indices into llama.cpp's non-linear ``kvalues_iq4nl``) are our port of
+  ``quantize_iq4_nl`` / ``quantize_iq4_xs``, with or without weights: one numba kernel each
+  (:mod:`releaser.gguf.iquants`), then the packing of :class:`IQuant`'s classes.
 
 ``dequantize(raw, qtype)`` delegates to ``gguf.quants.dequantize`` for every type.
 """
@@ -28,7 +31,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from releaser.errors import ConfigError, ModelError
-from releaser.gguf import kquants
+from releaser.gguf import iquants, kquants
 
 QT = GGMLQuantizationType
 QK_K = kquants.QK_K
@@ -202,11 +205,70 @@ class Q6_K(KQuant):
         return np.concatenate([ql, qh.reshape(-1, 64), sc, _f16_bytes(d)], axis=1)
 
 
+class IQuant(ABC):
+    """An I-quant type: ``quantize_rows`` maps float32 rows [R, C] to their bytes [R, C / block * type_size]: the
+    numba kernel's search (:mod:`releaser.gguf.iquants`; with importance weights ``qw`` [n, C] and the weight row of
+    each data row ``widx``, or without: ``qw`` None), then ``pack`` of what it returns."""
+
+    qtype: GGMLQuantizationType
+
+    @staticmethod
+    @abstractmethod
+    def search(rows, qw, widx, weighted) -> tuple: ...
+
+    @classmethod
+    @abstractmethod
+    def pack(cls, *levels) -> np.ndarray: ...
+
+    @classmethod
+    def quantize_rows(cls, rows: np.ndarray, qw: np.ndarray | None = None, widx: np.ndarray | None = None
+                      ) -> np.ndarray:
+        weighted = qw is not None
+        if not weighted:   # one numba signature: a dummy weight row, never read
+            qw, widx = np.zeros((1, rows.shape[1]), np.float32), np.zeros(rows.shape[0], np.int64)
+        with _KERNEL_LOCK:
+            found = cls.search(rows, qw, widx, weighted)
+        return cls.pack(*found).reshape(rows.shape[0], -1)
+
+
+def _pack_iq4_levels(L: np.ndarray) -> np.ndarray:
+    """[nb, 32k] level indices 0..15 -> [nb, 16k]: byte 16i+j holds L[32i+j] | L[32i+16+j] << 4."""
+    L = L.reshape(L.shape[0], -1, 2, 16)
+    return (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(L.shape[0], -1)
+
+
+class IQ4_NL(IQuant):
+    """32-weight blocks: the fp16 scale, then 16 bytes of 4-bit indices into kvalues_iq4nl."""
+
+    qtype = QT.IQ4_NL
+    search = staticmethod(iquants.iq4_nl_rows)
+
+    @classmethod
+    def pack(cls, L, d) -> np.ndarray:
+        return np.concatenate([_f16_bytes(d), _pack_iq4_levels(L)], axis=1)
+
+
+class IQ4_XS(IQuant):
+    """256-weight super-blocks: the fp16 scale, the high 2 bits of the eight 6-bit block scales (uint16), their low 4
+    bits (4 bytes), then 128 bytes of 4-bit indices into kvalues_iq4nl."""
+
+    qtype = QT.IQ4_XS
+    search = staticmethod(iquants.iq4_xs_rows)
+
+    @classmethod
+    def pack(cls, L, d, ls) -> np.ndarray:
+        high = (ls >> 4).astype(np.uint16) << (2 * np.arange(8, dtype=np.uint16))
+        scales_h = np.bitwise_or.reduce(high, axis=1).astype("<u2").view(np.uint8).reshape(-1, 2)
+        scales_l = (ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4)
+        return np.concatenate([_f16_bytes(d), scales_h, scales_l, _pack_iq4_levels(L)], axis=1)
+
+
 K_QUANTS: dict[GGMLQuantizationType, type[KQuant]] = {c.qtype: c for c in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
 LEGACY_FIXED: dict[GGMLQuantizationType, type[LegacyQuant]] = {c.qtype: c for c in (Q4_0, Q4_1, Q5_0, Q5_1)}
-SUPPORTED_TYPES = (*GGUF_PY_TYPES, *K_QUANTS)
+I_QUANTS: dict[GGMLQuantizationType, type[IQuant]] = {c.qtype: c for c in (IQ4_NL, IQ4_XS)}
+SUPPORTED_TYPES = (*GGUF_PY_TYPES, *K_QUANTS, *I_QUANTS)
 #: Types whose llama.cpp quantizer takes importance weights (an imatrix); the others ignore them (Q8_0, floats).
-WEIGHTED_TYPES = (*K_QUANTS, *LEGACY_FIXED)
+WEIGHTED_TYPES = (*K_QUANTS, *LEGACY_FIXED, *I_QUANTS)
 
 
 def _check_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
@@ -282,6 +344,11 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray 
         return gguf_quants.quantize(data, qtype)
     if not np.isfinite(data).all():
         raise QuantizeError(f"cannot quantize to {qtype.name}: the tensor contains NaN or infinite values")
+    if qtype in I_QUANTS:
+        rows = np.ascontiguousarray(data).reshape(-1, data.shape[-1])
+        qw, widx = _weight_rows(data, weights, qtype) if weights is not None else (None, None)
+        out = I_QUANTS[qtype].quantize_rows(rows, qw, widx)
+        return out.reshape(*data.shape[:-1], data.shape[-1] // block_size(qtype) * type_size(qtype))
     if weights is not None and qtype in WEIGHTED_TYPES:
         from . import kquants_imatrix
 

@@ -19,10 +19,11 @@ DEFAULT_MAX_KLD = {
     "Q4_K_M": 0.2, "Q4_K_S": 0.25, "Q4_1": 0.3, "Q4_0": 0.3, "AWQ": 0.3, "W4A16": 0.3,
     "MLX-4bit": 1.0,   # mlx-lm's recipe rounds the embedding and (tied) output head to 4 bits too: 0.42 on SmolLM2
     "MLX-8bit": 0.02,
+    "IQ4_XS": 0.6, "IQ4_NL": 0.6,   # SmolLM2: 0.19 without an imatrix (its 576-wide rows take IQ4_NL), 0.09 with one
     "Q3_K_L": 0.5, "Q3_K_M": 0.6, "Q3_K_S": 0.8,
     "Q2_K": 1.5,
 }
-FALLBACK_MAX_KLD = 1.5   # types without a limit of their own (I-quants, ternary): only a broken file trips it
+FALLBACK_MAX_KLD = 1.5   # types without a limit of their own (lower I-quants, ternary): only a broken file trips it
 
 # The artefact the stop test runs on: the first of these types present, else the AWQ folder, else the smallest file
 STOP_TEST_TYPES = ["Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0"]
