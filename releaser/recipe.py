@@ -21,6 +21,7 @@ from .card.options import CardOptions, Section
 from .errors import ConfigError
 from .formats.options import AUTOAWQ, COMPRESSED_TENSORS, MLXOptions
 from .gguf.options import GGUFOptions
+from .imatrix.options import ImatrixOptions
 from .merge.options import MergeOptions
 from .options import check_repo_id, repo_id_problem
 from .publish.options import PublishSection
@@ -66,6 +67,7 @@ class Recipe(_Strict):
     model: str | None = None                # ... or an existing model folder to release (re-upload fixed weights)
     tokenizer: TokenizerOptions | None = None
     gguf: GGUFOptions | None = None
+    imatrix: ImatrixOptions | None = None   # how gguf.imatrix auto is computed (text, ctx, chunks)
     runtimes: RuntimesOptions = Field(default_factory=RuntimesOptions)   # the GGUF repo's runtime files
     awq: AWQOptions | None = None           # the -AWQ repo (4-bit AutoAWQ GEMM) and/or -W4A16 (awq.formats)
     mlx: MLXOptions | None = None           # the -MLX-4bit repo (MLX affine); left out: no MLX release
@@ -82,6 +84,9 @@ class Recipe(_Strict):
             object.__setattr__(self, "author", self.name.split("/", 1)[0])
         if self.version is None:
             object.__setattr__(self, "version", self.releases[0].version if self.releases else "1.0")
+        if self.imatrix is not None and (self.gguf is None or self.gguf.imatrix != "auto"):
+            raise ValueError("imatrix: says how the release computes its importance matrix, which it does only for "
+                             "gguf: {imatrix: auto}; set that, or drop the imatrix: section")
         derived_ids = self._derived()
         for section, derived in derived_ids.items():
             if derived is not None and getattr(self.publish.repos, section) is None:

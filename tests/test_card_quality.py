@@ -67,12 +67,12 @@ def test_golden_cards_with_quality(release, recipe):
 
 def test_gguf_table_has_the_figures(release, recipe):
     text = render_card(release["gguf"], recipe, quality=REPORT)
-    assert "| File | Quant type | Size | Bits per weight | PPL | KLD | Same top | Good for |" in text
+    assert "| File | Quant type | Size | Bits per weight | PPL | Mean KLD | 99% KLD | Same top | Good for |" in text
     rows = {m[0]: m[1:] for m in re.findall(r"(?m)^\| \[(\S+\.gguf)\]\(\S+\) \| \w+ \| [^|]+ \| [\d.]+ \| "
-                                            r"([^|]+) \| ([^|]+) \| ([^|]+) \|", text)}
-    assert rows["Tiny-Merge-F16.gguf"] == ("25.910", "1.4e-06", "99.9%")
-    assert rows["Tiny-Merge-Q8_0.gguf"] == ("26.003", "0.0011", "98.2%")
-    assert rows["Tiny-Merge-Q4_0.gguf"] == ("not measured",) * 3
+                                            r"([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", text)}
+    assert rows["Tiny-Merge-F16.gguf"] == ("25.910", "1.4e-06", "7.0e-06", "99.9%")
+    assert rows["Tiny-Merge-Q8_0.gguf"] == ("26.003", "0.0011", "0.0057", "98.2%")
+    assert rows["Tiny-Merge-Q4_0.gguf"] == ("not measured",) * 4
     assert f"on {TEXT}, 8 windows of 512 tokens (2040 scored tokens" in text
     assert "perplexity 25.909" in text
     assert "as llama.cpp on a CPU computes them" in text and "llama-perplexity --kl-divergence" in text
@@ -119,4 +119,4 @@ def test_card_cli_quality_option(release, tmp_path):
     out = tmp_path / "README.md"
     res = CliRunner().invoke(app, ["card", str(release["gguf"]), "--quality", str(release["report"]), "-o", str(out)])
     assert res.exit_code == 0, res.output
-    assert "| PPL | KLD | Same top |" in out.read_text()
+    assert "| PPL | Mean KLD | 99% KLD | Same top |" in out.read_text()

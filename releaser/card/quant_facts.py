@@ -248,7 +248,12 @@ def gguf_facts(folder: Path) -> GGUFFacts:
         quant = _quant_type(readers[0], shards[0])
         good = good_for(quant)
         recipe = _field(readers[0], "quantize.recipe.name")
-        if recipe:   # a custom recipe: llama-quantize's mix with overrides (the arguments that make it)
+        target = _field(readers[0], "quantize.recipe.target")
+        if recipe and target:   # a searched recipe: every tensor's type in the args (too many to show)
+            rules = len(_field(readers[0], "quantize.recipe.args") or []) // 2
+            quant, good = str(recipe), (f"a type per tensor chosen for {target} by measured sensitivity ({rules} "
+                                        f"`--tensor-type` rules on {quant}, listed in the file's quantize.recipe.args)")
+        elif recipe:   # a custom recipe: llama-quantize's mix with overrides (the arguments that make it)
             args = " ".join(_field(readers[0], "quantize.recipe.args") or [])
             quant, good = str(recipe), f"{quant} with `{args}`: {good[0].lower()}{good[1:]}"
         imatrix = _field(readers[0], "quantize.imatrix.dataset") or _field(readers[0], "quantize.imatrix.file")

@@ -159,6 +159,9 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
     """
     start = time.perf_counter()
     specs = {s.name: s for s in quant_specs(quants)}
+    if searched := [q for q, s in specs.items() if s.searched]:
+        raise ConfigError(f"GGUF quant {searched[0]} has a target: search its recipe first "
+                          "(releaser.gguf.search.search_recipe; the gguf stage does)")
     base = {q: s.base for q, s in specs.items()}
     reporter = reporter or Reporter()
     if imatrix is None and (need := [q for q in specs if base[q] in NEEDS_IMATRIX]):
@@ -254,14 +257,17 @@ def _imatrix_weights(im: Imatrix, conv: Converter, types: dict[str, list[T]], ba
 
 
 RECIPE_NAME, RECIPE_BASE, RECIPE_ARGS = "quantize.recipe.name", "quantize.recipe.base", "quantize.recipe.args"
+RECIPE_TARGET = "quantize.recipe.target"
 
 
 def _add_recipe(w: gguf.GGUFWriter, spec: QuantSpec) -> None:
-    """A custom recipe's name, base type and the llama-quantize arguments that reproduce the file (a default one
-    writes nothing: its bytes stay llama.cpp's)."""
+    """A custom recipe's name, base type, the target it was searched for, and the llama-quantize arguments that
+    reproduce the file (a default one writes nothing: its bytes stay llama.cpp's)."""
     if not spec.is_default:
         w.add_string(RECIPE_NAME, spec.name)
         w.add_string(RECIPE_BASE, spec.base)
+        if spec.target is not None:
+            w.add_string(RECIPE_TARGET, str(spec.target))
         w.add_array(RECIPE_ARGS, spec.quantize_args())
 
 

@@ -45,7 +45,8 @@ def tensor_type(name: str, what: str) -> T:
 class QuantSpec:
     """One GGUF file's recipe: llama-quantize's ``base`` mix with its overrides, written as ``{stem}-{name}.gguf``.
     ``tensor_types``: (regex, type) pairs in order, the first whose regex is found in a tensor's GGUF name (lower
-    case, as llama-quantize lowers it) wins."""
+    case, as llama-quantize lowers it) wins. ``target``: a recipe to search (``releaser.gguf.search``): the search
+    returns this spec with every quantized tensor in ``tensor_types`` (and ``base``, when it was not given, set)."""
 
     name: str
     base: str
@@ -53,10 +54,16 @@ class QuantSpec:
     output_type: str | None = None
     embedding_type: str | None = None
     pure: bool = False
+    target: object = None   # releaser.gguf.search.Target
 
     @property
     def is_default(self) -> bool:
-        return not (self.tensor_types or self.output_type or self.embedding_type or self.pure)
+        return not (self.tensor_types or self.output_type or self.embedding_type or self.pure or self.target)
+
+    @property
+    def searched(self) -> bool:
+        """A target recipe whose types are not chosen yet."""
+        return self.target is not None and not self.tensor_types
 
     def quantize_args(self) -> list[str]:
         """The llama-quantize arguments that make the same file from an F32 GGUF (before ``in out TYPE``)."""
@@ -82,6 +89,9 @@ def quant_spec(entry, defaults: dict | None = None) -> QuantSpec:
             raise ConfigError(f"GGUF quant {entry!r} needs a name (the file name part, e.g. Q4_K_L)")
     else:
         raise ConfigError(f"GGUF quant {entry!r}: give a type name such as Q4_K_M or a mapping with name and base")
+    target = fields.pop("target", None)
+    if target is not None:
+        return _target_spec(name, fields, target, defaults)
     base = str(fields.pop("base", name)).strip().upper()
     if base not in DEFAULT_TYPE:
         raise ConfigError(f"GGUF quant {name}: unknown base type {base}; valid types: {', '.join(QUANT_NAMES)}")
@@ -90,7 +100,7 @@ def quant_spec(entry, defaults: dict | None = None) -> QuantSpec:
     unknown = set(fields) - {"tensor_types", "output_type", "embedding_type", "pure"}
     if unknown:
         raise ConfigError(f"GGUF quant {name}: unknown field {sorted(unknown)[0]!r}; the fields are name, base, "
-                          "tensor_types, output_type, embedding_type and pure")
+                          "tensor_types, output_type, embedding_type and pure (or name, target and base)")
     merged = {**defaults, **{k: v for k, v in fields.items() if v is not None}}
     pairs = merged.get("tensor_types") or {}
     if isinstance(pairs, dict):
@@ -111,6 +121,32 @@ def quant_spec(entry, defaults: dict | None = None) -> QuantSpec:
         raise ConfigError(f"GGUF quant {name}: a custom recipe cannot take a llama.cpp type's name; choose another")
     return QuantSpec(name, base, tuple(checked), out and tensor_type(out, f"GGUF quant {name}, output_type").name,
                      emb and tensor_type(emb, f"GGUF quant {name}, embedding_type").name, bool(merged.get("pure")))
+def _target_spec(name: str, fields: dict, target, defaults: dict) -> QuantSpec:
+    """A recipe to search: a name of its own, an optional base (the file type it is labelled with) and no overrides
+    (the search names every tensor's type)."""
+    from .search import parse_target
+
+    base = str(fields.pop("base", "") or "").strip().upper()
+    if base and (base not in DEFAULT_TYPE or DEFAULT_TYPE[base] in UNQUANTIZED):
+        raise ConfigError(f"GGUF quant {name}: base {base} is not a quantized type; valid bases: "
+                          f"{', '.join(q for q in QUANT_NAMES if DEFAULT_TYPE[q] not in UNQUANTIZED)}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError(f"GGUF quant name {name!r}: use letters, digits, '_', '.' and '-' (it is part of a file name)")
+    if name in DEFAULT_TYPE:
+        raise ConfigError(f"GGUF quant {name}: a searched recipe cannot take a llama.cpp type's name; choose another "
+                          "(e.g. Q4_K_R)")
+    overrides = [k for k in ("tensor_types", "output_type", "embedding_type", "pure")
+                 if fields.get(k) or defaults.get(k)]
+    unknown = set(fields) - {"tensor_types", "output_type", "embedding_type", "pure"}
+    if unknown:
+        raise ConfigError(f"GGUF quant {name}: unknown field {sorted(unknown)[0]!r}; a searched recipe has name, target "
+                          "and base")
+    if overrides:
+        raise ConfigError(f"GGUF quant {name} searches every tensor's type for its target, so {overrides[0]} cannot "
+                          "apply to it; drop one or the other")
+    return QuantSpec(name, base, target=parse_target(target, name))
+
+
 #: Mixes llama-quantize refuses to make without an importance matrix (tensor_requires_imatrix, for the types we have).
 NEEDS_IMATRIX = ("Q2_K_S",)
 

@@ -16,7 +16,8 @@ class GGUFOptions(StageOptions):
     quants: list[str | dict[str, Any]] = Field(
         default_factory=lambda: ["Q4_K_M"], description="GGUF types, e.g. [Q8_0, Q4_K_M]; a custom recipe is a mapping "
         "{name: Q4_K_L, base: Q4_K_M, output_type: Q8_0, embedding_type: Q8_0, tensor_types: {REGEX: TYPE}, pure}, "
-        "written as {Name}-{name}.gguf.")
+        "written as {Name}-{name}.gguf; a searched recipe is {name: Q4_K_R, target: {bpw: 4.9} | {size: 2.1G} | "
+        "{kld: 0.03}}: a type per tensor chosen by measured sensitivity (needs imatrix).")
     split_max_size: str | None = Field(None, description="Split files above this size, e.g. 48G.")
     pre_tokenizer: str | None = Field(None, description="llama.cpp BPE pre-tokenizer name "
                                          "(default: detected by llama.cpp's hash check).")
@@ -67,6 +68,10 @@ class GGUFOptions(StageOptions):
         bases = [q if isinstance(q, str) else str(q.get("base", q.get("name", ""))).upper() if isinstance(q, dict)
                  else "" for q in info.data.get("quants", [])]
         need = [b for b in bases if b in NEEDS_IMATRIX]
+        searched = [str(q.get("name")) for q in info.data.get("quants", []) if isinstance(q, dict) and "target" in q]
+        if searched and value is None:
+            raise ValueError(f"{searched[0]} searches a recipe, which needs an importance matrix (its errors are "
+                             "weighted by it and its files made with it): set imatrix to auto or a file")
         if need and value is None:
             raise ValueError(f"{', '.join(need)} needs an importance matrix (llama-quantize refuses it without one): "
                              "give one, or use Q2_K")

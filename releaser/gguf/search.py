@@ -9,8 +9,8 @@ and ``alpha`` is measured once per tensor group (a role such as attn_v in one th
 embeddings, the output): the KL divergence of the model's next-token distribution when only that group is quantized
 to a 4-bit type, divided by the group's error at that type. The measurement runs the unquantized model in float32 on
 the importance matrix's calibration conversations (never the quality stage's evaluation text), each probe from the
-first layer it changes. The types: per tensor, those whose block fits its rows (the K-quants, Q8_0 and the legacy
-32-wide ones); the choice is a greedy walk up each tensor's lower convex hull of (bytes, predicted KLD), best KLD
+first layer it changes. The types: per tensor, those whose block fits its rows (the K-quants, IQ4_XS, Q8_0, IQ4_NL
+and the legacy 32-wide ones); the choice is a greedy walk up each tensor's lower convex hull of (bytes, predicted KLD), best KLD
 saved per byte first, which is the optimum of the relaxed problem and within one upgrade of the exact knapsack.
 """
 
@@ -31,7 +31,7 @@ from ..stage import Reporter
 from .imatrix_weights import Imatrix
 from .mixes import QuantSpec, allows_quantization
 
-CANDIDATES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
+CANDIDATES = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.IQ4_NL, T.Q5_0, T.Q5_1)
 PROBES = (T.Q4_K, T.Q4_0)   # the type a group is measured at: the first its rows take
 SAMPLE_ROWS = 128           # rows per tensor the error estimate quantizes
 BANDS = 3                   # layer groups per role
@@ -39,7 +39,7 @@ CTX, CHUNKS, FIRST = 512, 2, 128   # calibration windows for the probes; positio
 SIGNIFICANT = 3             # digits the measured sensitivities are rounded to (thread timing changes the last bits)
 # the mix a searched file is labelled with (general.file_type): the one whose base type holds the most weights
 LABEL = {T.Q2_K: "Q2_K", T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.Q6_K: "Q6_K", T.Q8_0: "Q8_0",
-         T.Q4_0: "Q4_0", T.Q4_1: "Q4_1", T.Q5_0: "Q5_0", T.Q5_1: "Q5_1"}
+         T.Q4_0: "Q4_0", T.Q4_1: "Q4_1", T.Q5_0: "Q5_0", T.Q5_1: "Q5_1", T.IQ4_XS: "IQ4_XS", T.IQ4_NL: "IQ4_NL"}
 TARGETS = ("bpw", "size", "kld")
 
 
@@ -108,21 +108,31 @@ def _group(name: str, n_layer: int) -> str:
 
 def _errors(conv, tensors, imatrix: Imatrix, reporter: Reporter) -> dict[str, dict[T, float]]:
     """Per tensor, per candidate type its rows take: the importance-weighted squared error, estimated from
-    SAMPLE_ROWS evenly spaced rows and scaled to all rows."""
+    SAMPLE_ROWS evenly spaced rows and scaled to all rows. The samples of tensors of one width (and with or without
+    importance weights, which change the quantizer) are quantized together, one call per type."""
     from .quants import dequantize, quantize
 
-    out = {}
-    with reporter.progress("recipe search: quantization errors", len(tensors)) as advance:
+    batches: dict[tuple, list] = defaultdict(list)
+    with reporter.progress("recipe search: sampling rows", len(tensors)) as advance:
         for p in tensors:
             data = conv.read(p).reshape(-1, p.shape[-1])
             rows = np.unique(np.linspace(0, data.shape[0] - 1, min(SAMPLE_ROWS, data.shape[0])).astype(np.int64))
-            x = np.ascontiguousarray(data[rows])
-            del data
             w = imatrix.for_tensor(p.name, p.shape)
-            col = np.ones(p.shape[-1], np.float64) if w is None else np.asarray(w, np.float64)
-            scale = math.prod(p.shape[:-1]) / len(rows)
-            out[p.name] = {q: float((((x - dequantize(quantize(x, q, w), q).reshape(x.shape)) ** 2) @ col).sum()
-                                    * scale) for q in CANDIDATES if p.shape[-1] % GGML_QUANT_SIZES[q][0] == 0}
+            batches[(p.shape[-1], len(rows), w is None)].append((p, np.ascontiguousarray(data[rows]), w))
+            del data
+            advance(1)
+    out: dict[str, dict[T, float]] = {p.name: {} for p in tensors}
+    work = [(key, q) for key in batches for q in CANDIDATES if key[0] % GGML_QUANT_SIZES[q][0] == 0]
+    with reporter.progress("recipe search: quantization errors", len(work)) as advance:
+        for (width, n_rows, unweighted), q in work:
+            items = batches[(width, n_rows, unweighted)]
+            x = np.stack([x for _, x, _ in items])
+            w = None if unweighted else np.stack([w for _, _, w in items])
+            d = dequantize(quantize(x, q, w), q).reshape(x.shape)
+            col = np.ones((len(items), width)) if w is None else w.astype(np.float64)
+            per_tensor = np.einsum("trc,tc->t", (x - d).astype(np.float64) ** 2, col)
+            for (p, _, _), e in zip(items, per_tensor):
+                out[p.name][q] = float(e) * math.prod(p.shape[:-1]) / n_rows
             advance(1)
     return out
 
@@ -158,7 +168,15 @@ class _Probe:
         finally:
             for h in hooks:
                 h.remove()
-        self.reference = self._log_probs(self.final)
+        # KLD(ref || q) per position = sum p log p - sum p log q over the entries above the floor (as the quality
+        # stage counts them): the first sum and the masked p are computed once
+        from ..quality.metrics import LOG_PROB_FLOOR
+
+        ref = self._log_probs(self.final)
+        above = ref > LOG_PROB_FLOOR
+        self.p = torch.where(above, ref.exp(), 0.0)
+        self.entropy = (self.p.double() * torch.where(above, ref, 0.0).double()).sum(-1)
+        del ref, above
 
     def _log_probs(self, hidden):
         torch = self.torch
@@ -172,9 +190,8 @@ class _Probe:
     def kld(self, start: int | None) -> float:
         """Mean KLD against the reference with the model's current weights, run from decoder layer ``start`` (-1:
         from the tokens; None: only the output head, on the reference's final hidden states)."""
-        from ..quality.metrics import kl_divergence
-
-        with self.torch.no_grad():
+        torch = self.torch
+        with torch.no_grad():
             if start is None:
                 hidden = self.final
             elif start < 0:
@@ -186,7 +203,8 @@ class _Probe:
                     out = self.layers[i](hidden, *rest, **kwargs)
                     hidden = out[0] if isinstance(out, tuple) else out
                 hidden = self.norm(hidden)
-            return float(kl_divergence(self.reference, self._log_probs(hidden)).mean())
+            cross = torch.sum(self.p * self._log_probs(hidden), dim=-1, dtype=torch.float64)
+            return float((self.entropy - cross).mean())
 
 
 def _calibration(model_dir):
@@ -264,7 +282,6 @@ def choose(options: dict[str, list[tuple[int, float, T]]], target: Target, fixed
     """The type of each tensor (``options``: name -> (bytes, predicted KLD, type) per candidate) for ``target``;
     ``fixed_bytes``: tensor data not searched (norms, ...); ``params``: every tensor's values (for bpw)."""
     hulls = {n: _hull(o) for n, o in options.items()}
-    chosen = {n: 0 for n in hulls}
     low = fixed_bytes + sum(h[0][0] for h in hulls.values())
     kld_low = sum(h[-1][1] for h in hulls.values())
     if target.kind == "kld" and kld_low > target.value:
@@ -277,20 +294,27 @@ def choose(options: dict[str, list[tuple[int, float, T]]], target: Target, fixed
     steps = sorted(((h[k][1] - h[k + 1][1]) / (h[k + 1][0] - h[k][0]), n, k)
                    for n, h in hulls.items() for k in range(len(h) - 1))
     steps.reverse()   # most KLD saved per byte first; a tensor's steps come in order (the hull is convex)
+    pick = {n: h[0] for n, h in hulls.items()}
     used, kld, blocked = low, sum(h[0][1] for h in hulls.values()), set()
     for _, n, k in steps:
         if target.kind == "kld" and kld <= target.value:
             break
-        if n in blocked or chosen[n] != k:
+        if n in blocked or pick[n] is not hulls[n][k]:
             blocked.add(n)
             continue
-        h = hulls[n]
-        cost = h[k + 1][0] - h[k][0]
-        if budget is not None and used + cost > budget:
+        new = hulls[n][k + 1]
+        if budget is not None and used + new[0] - pick[n][0] > budget:
             blocked.add(n)   # its later steps need this one
             continue
-        chosen[n], used, kld = k + 1, used + cost, kld - (h[k][1] - h[k + 1][1])
-    return {n: hulls[n][k][2] for n, k in chosen.items()}
+        used, kld, pick[n] = used + new[0] - pick[n][0], kld - (pick[n][1] - new[1]), new
+    while budget is not None:   # what is left of the budget: the best move of one tensor that still fits
+        moves = [(pick[n][1] - o[1], n, o) for n, opts in options.items() for o in opts
+                 if o[1] < pick[n][1] and used + o[0] - pick[n][0] <= budget]
+        if not moves:
+            break
+        _, n, o = max(moves, key=lambda m: (m[0], m[1]))
+        used, pick[n] = used + o[0] - pick[n][0], o
+    return {n: o[2] for n, o in pick.items()}
 
 
 def _patterns(types: dict[str, T], n_layer: int) -> tuple[tuple[str, str], ...]:
@@ -303,7 +327,7 @@ def _patterns(types: dict[str, T], n_layer: int) -> tuple[tuple[str, str], ...]:
         if parts[0] == "blk":
             by_role[".".join(parts[2:])][q].append(int(parts[1]))
         else:
-            singles.append((f"^{re.escape(name)}$", q.name.lower()))
+            singles.append((f"^{re.escape(name)}$", q.name))
     out = []
     for role, per_type in by_role.items():
         role_rx = re.escape(role)
@@ -311,7 +335,7 @@ def _patterns(types: dict[str, T], n_layer: int) -> tuple[tuple[str, str], ...]:
             layers = sorted(layers)
             every = len(per_type) == 1 and layers == list(range(n_layer))
             which = r"\d+" if every else (f"({'|'.join(map(str, layers))})" if len(layers) > 1 else str(layers[0]))
-            out.append((f"^blk\\.{which}\\.{role_rx}$", q.name.lower()))
+            out.append((f"^blk\\.{which}\\.{role_rx}$", q.name))
     return tuple(singles + out)
 
 

@@ -58,8 +58,17 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
         im = load_imatrix(source)   # recorded as written in the recipe (auto: the file's name), not where it lies
         im = im.__class__(source.name if options.imatrix == "auto" else options.imatrix, im.weights, im.datasets,
                           im.chunk_count)
+    specs, searches = options.specs(), {}
+    for i, spec in enumerate(specs):
+        if spec.searched:   # the options checked there is an imatrix
+            from .search import search_recipe
+
+            found = search_recipe(inputs, spec, im, reporter)
+            specs[i], searches[spec.name] = found.spec, found.facts()
+            reporter.message(f"{spec.name}: {found.bits_per_weight:.2f} bpw, predicted mean KLD "
+                             f"{found.predicted_kld:.4f} ({found.seconds:.0f} s search)")
     with output_dir(out, overwrite=overwrite) as tmp:
-        result = export_gguf(inputs, tmp, options.specs(), name, options.split_max_size, overwrite=True,
+        result = export_gguf(inputs, tmp, specs, name, options.split_max_size, overwrite=True,
                              license=license, tags=tags, languages=languages, base_models=base_models,
                              quantized_by=quantized_by,
                              pre_tokenizer=options.pre_tokenizer, model_card=False, imatrix=im, reporter=reporter)
@@ -71,5 +80,7 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
     facts = {"tensor_types": result.tensor_types}
     if result.imatrix:
         facts["imatrix"] = result.imatrix
+    if searches:
+        facts["search"] = searches
     return StageResult("gguf", out, describe(out, paths), f"{len(paths)} GGUF file(s): {', '.join(result.files)}",
                        facts)

@@ -138,6 +138,7 @@ def _kept(r: Release, stage: str, folder: Path, weights: Callable[[Release], dic
 
 
 GGUF_CODE = ("releaser.gguf", "releaser.arch", "releaser.checkpoint", "gguf", "numpy", "numba")
+SEARCH_CODE = ("releaser.quality", "releaser.imatrix", "torch", "transformers")   # a recipe search's measurement
 AWQ_CODE = ("releaser.awq", "releaser.arch", "releaser.checkpoint", "torch", "transformers")
 
 
@@ -155,19 +156,31 @@ def _imatrix_file(r: Release) -> Path | None:
     return r.local(imatrix) if imatrix is not None else None
 
 
-def _imatrix_depends(r: Release) -> dict:
-    """The calibration text is rendered through the model's chat template: the whole main folder counts."""
-    from ..imatrix.options import ImatrixOptions
+def _imatrix_options(r: Release):
+    """The recipe's imatrix: section (its text file relative to the recipe), or the defaults."""
+    from ..imatrix.options import BUILTIN, ImatrixOptions
 
-    return {"options": ImatrixOptions().model_dump(mode="json"), "model": _main_files(r, tokenizer=True),
+    options = r.recipe.imatrix or ImatrixOptions()
+    if options.text != BUILTIN:
+        options = options.model_copy(update={"text": str(r.local(options.text))})
+    return options
+
+
+def _imatrix_depends(r: Release) -> dict:
+    """The calibration text is rendered through the model's chat template: the whole main folder counts (and a
+    text file of the recipe's, by its bytes)."""
+    from ..imatrix.options import BUILTIN
+
+    options = _imatrix_options(r)
+    text = Path(options.text)
+    return {"options": (r.recipe.imatrix or options).model_dump(mode="json"), "model": _main_files(r, tokenizer=True),
+            "text": r.manifest.hash(text) if options.text != BUILTIN and text.is_file() else None,
             "code": code_versions(IMATRIX_CODE)}
 
 
 def _imatrix_call(r: Release) -> Call:
-    from ..imatrix.options import ImatrixOptions
-
-    return ImatrixOptions(), r.main_dir, r.imatrix_dir, {"name": r.recipe.main_repo.split("/", 1)[1],
-                                                         "overwrite": True}
+    return _imatrix_options(r), r.main_dir, r.imatrix_dir, {"name": r.recipe.main_repo.split("/", 1)[1],
+                                                           "overwrite": True}
 
 
 def _imatrix_applies(r: Release) -> str | None:
@@ -182,7 +195,8 @@ def _gguf_weights(r: Release) -> dict:
     imatrix = _imatrix_file(r)
     return {"options": r.recipe.gguf.model_dump(mode="json"), "license": r.recipe.license, "author": r.recipe.author,
             "tags": list(r.recipe.tags), "language": list(r.recipe.language),
-            "name": r.recipe.main_repo, "model": _main_files(r, tokenizer=False), "code": code_versions(GGUF_CODE),
+            "name": r.recipe.main_repo, "model": _main_files(r, tokenizer=False),
+            "code": code_versions(GGUF_CODE + (SEARCH_CODE if any(s.target for s in r.recipe.gguf.specs()) else ())),
             **({"imatrix": r.manifest.hash(imatrix)} if imatrix is not None else {})}
 
 
