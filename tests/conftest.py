@@ -21,6 +21,27 @@ def require(module: str):
     return pytest.importorskip(module)
 
 
+# folders of session fixtures (tmp_path_factory.mktemp names): kept for the whole session
+SESSION_DIRS = ("smollm2-gguf", "families", "awq", "demo-release")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_folders(request, tmp_path_factory):
+    """The folders a module's fixtures made (tmp_path_factory.mktemp) are removed when the module ends, unless one of
+    its tests failed; a passing test's tmp_path goes when it ends (pyproject: tmp_path_retention_policy). A session
+    kept all of them, several GB, and filled a CI machine's disk."""
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed != failed:
+        return
+    for path in set(base.iterdir()) - before:
+        if path.is_dir() and not path.is_symlink() and path.name.rstrip("0123456789") not in SESSION_DIRS:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """Path of a cached float32 HF folder of SmolLM2-135M-Instruct (read-only: copy it before changing anything)."""
