@@ -68,8 +68,9 @@ class GGUFOptions(StageOptions):
                  else "" for q in info.data.get("quants", [])]
         need = [b for b in bases if b in NEEDS_IMATRIX]
         if need and value is None:
+            instead = " or ".join(dict.fromkeys(NEEDS_IMATRIX[b] for b in need))
             raise ValueError(f"{', '.join(need)} needs an importance matrix (llama-quantize refuses it without one): "
-                             "give one, or use Q2_K")
+                             f"give one, or use {instead}")
         return value
 
     @model_validator(mode="after")
