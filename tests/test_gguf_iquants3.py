@@ -90,6 +90,16 @@ def test_files_equal_llama_quantize(model, llama_tools, with_imatrix):
         assert types["blk.3.ffn_up.weight"] == types["blk.3.attn_q.weight"] == (
             "IQ3_XXS" if quant == "IQ3_XS" else "IQ3_S")
         assert types["blk.0.ffn_up.weight"] == types["blk.7.ffn_gate.weight"] == "IQ3_S"   # IQ3_XS: outer layers
+    if not with_imatrix:   # the card's rows and its pick guide name the IQ3 files
+        from pathlib import Path
+
+        from releaser.card import render_card
+
+        # the checkout's template (an editable install may map releaser.templates to another checkout)
+        card = render_card(root / "ours-False", template=Path(__file__).parents[1] / "templates" / "cards" /
+                           "gguf.md.j2")
+        assert "| tiny-IQ3_M.gguf | IQ3_M |" in card and "| tiny-IQ3_S.gguf | IQ3_S |" in card, card
+        assert "IQ3_M, IQ3_S are 3-bit I-quants: each group of 4 weights is an index into a fixed grid" in card, card
 
 
 @pytest.mark.slow
