@@ -6,7 +6,7 @@ For each type the same [rows, cols] float32 matrix (Student-t, like LLM weights)
 from a one-tensor F32 GGUF to a GGUF file. Both outputs are compared byte for byte. llama.cpp's time includes reading
 the F32 file and writing the result (from/to the page cache), so the ratio slightly favours releaser.
 
-    python bench/bench_quants.py [--rows 4096] [--cols 4096] [--repeat 3] [--types Q2_K,Q3_K,...,IQ4_NL,IQ4_XS]
+    python bench/bench_quants.py [--rows 4096] [--cols 4096] [--repeat 3] [--types Q2_K,Q3_K,...,IQ4_XS,IQ3_S,IQ3_XXS]
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from releaser.gguf import quants
 
 # the llama-quantize mix whose default (``pure``) type is the type
 FTYPE_FOR = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
-             "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS"}
+             "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS"}
 
 
 def write_one_tensor_gguf(path: Path, data: np.ndarray) -> None:
-    """A one-layer llama GGUF whose only weight is ``token_embd.weight`` (enough for llama_model_quantize)."""
+    """A one-layer llama GGUF whose only weight is ``token_embd.weight`` (enough for llama_model_quantize; IQ3_XXS, which
+    it refuses without an imatrix elsewhere, is allowed for the token embeddings)."""
     writer = gguf.GGUFWriter(str(path), "llama")
     hidden = data.shape[1]
     writer.add_context_length(256)

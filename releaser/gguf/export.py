@@ -165,8 +165,9 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
     base = {q: s.base for q, s in specs.items()}
     reporter = reporter or Reporter()
     if imatrix is None and (need := [q for q in specs if base[q] in NEEDS_IMATRIX]):
+        instead = " or ".join(dict.fromkeys(NEEDS_IMATRIX[base[q]] for q in need))
         raise ConfigError(f"{', '.join(need)} needs an importance matrix (llama-quantize refuses it without one): "
-                          "pass --imatrix FILE (gguf.imatrix in a recipe) or choose Q2_K")
+                          f"pass --imatrix FILE (gguf.imatrix in a recipe) or choose {instead}")
     im = load_imatrix(imatrix) if imatrix is not None and not isinstance(imatrix, Imatrix) else imatrix
     split_bytes = parse_size(split_max_size) if split_max_size else 0
     out_dir = Path(out_dir).absolute()
@@ -175,6 +176,12 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
         descs = [p.desc for p in conv.plan]
         types = {q: tensor_types(descs, spec, conv.shape, has_imatrix=im is not None and _quantized(spec.base))
                  for q, spec in specs.items()}
+        if im is None and (need := [(q, d.name, t) for q, ts in types.items() for d, t in zip(descs, ts)
+                                    if requires_imatrix(base[q], d.name, t)]):
+            q, tensor, t = need[0]
+            raise ConfigError(f"{q} stores {tensor} as {t.name}, which needs an importance matrix (llama-quantize "
+                              "refuses it without one): pass --imatrix FILE (gguf.imatrix in a recipe) or choose "
+                              "another type for it")
         weights = _imatrix_weights(im, conv, types, base, reporter) if im is not None else {}
         name = name or _default_name(conv)
         with _quantizing(conv, types, workers or os.cpu_count() or 1, reporter, weights) as tensors:

@@ -18,7 +18,8 @@ from .quants import WEIGHTED_TYPES, quantize as _quantize
 
 CHUNK_ELEMENTS = 1 << 21  # rows per task ~ 2M weights: enough tasks to keep every core busy
 K_CHUNK_ELEMENTS = 1 << 23  # K-quant calls: 8M weights (32k blocks for numba's parallel loop)
-K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)   # numba kernels with or without weights
+K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ3_XXS)   # numba kernels, with or
+# without weights
 
 
 def _numba(qtype: T, weights) -> bool:   # numba-parallel kernels: one call at a time, in large chunks
@@ -57,11 +58,11 @@ def collect(futures: list) -> np.ndarray:
 
 
 def _dispatchers(qtypes, weighted: bool = False) -> list:
-    from . import iquants, kquants
+    from . import iquants, iquants3, kquants
 
     by_type = {T.Q2_K: kquants.q2_k_blocks, T.Q3_K: kquants.q3_k_blocks, T.Q4_K: kquants.qkx_blocks,
                T.Q5_K: kquants.qkx_blocks, T.Q6_K: kquants.q6_k_blocks, T.IQ4_NL: iquants.iq4_nl_rows,
-               T.IQ4_XS: iquants.iq4_xs_rows}
+               T.IQ4_XS: iquants.iq4_xs_rows, T.IQ3_S: iquants3.iq3_rows, T.IQ3_XXS: iquants3.iq3_rows}
     found = [f for t in qtypes if (f := by_type.get(t)) is not None]
     if weighted:
         from . import kquants_imatrix as kw

@@ -23,14 +23,16 @@ DEFAULT_TYPE: dict[str, T] = {
     "Q4_0": T.Q4_0, "Q4_1": T.Q4_1, "Q5_0": T.Q5_0, "Q5_1": T.Q5_1,
     "Q2_K": T.Q2_K, "Q2_K_S": T.Q2_K, "Q3_K_S": T.Q3_K, "Q3_K_M": T.Q3_K, "Q3_K_L": T.Q3_K,
     "Q4_K_S": T.Q4_K, "Q4_K_M": T.Q4_K, "Q5_K_S": T.Q5_K, "Q5_K_M": T.Q5_K, "Q6_K": T.Q6_K,
-    "IQ4_NL": T.IQ4_NL, "IQ4_XS": T.IQ4_XS,
+    "IQ4_NL": T.IQ4_NL, "IQ4_XS": T.IQ4_XS, "IQ3_XS": T.IQ3_S, "IQ3_S": T.IQ3_S, "IQ3_M": T.IQ3_S,
 }
 QUANT_NAMES = list(DEFAULT_TYPE)
-FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL}
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
+            T.IQ3_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL}
 UNQUANTIZED = (T.F32, T.F16, T.BF16)
 # the tensor types an override may name (ggml's names, any case, as llama-quantize reads them)
 TENSOR_TYPES = {t.name: t for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K,
-                                    T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)}
+                                    T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
+                                    T.IQ3_S, T.IQ3_XXS)}
 
 
 def tensor_type(name: str, what: str) -> T:
@@ -147,8 +149,11 @@ def _target_spec(name: str, fields: dict, target, defaults: dict) -> QuantSpec:
     return QuantSpec(name, base, target=parse_target(target, name))
 
 
-#: Mixes llama-quantize refuses to make without an importance matrix (tensor_requires_imatrix, for the types we have).
-NEEDS_IMATRIX = ("Q2_K_S",)
+#: Mixes llama-quantize refuses to make without an importance matrix (tensor_requires_imatrix, for the types we have),
+#: each with the nearest mix that needs none.
+NEEDS_IMATRIX = {"Q2_K_S": "Q2_K", "IQ3_XS": "IQ3_S"}
+#: Tensor types llama-quantize refuses to write without importance weights (but for the token embeddings and output).
+IMATRIX_TYPES = (T.IQ3_XXS,)
 
 
 def file_type(quant: str) -> LlamaFileType:
@@ -225,9 +230,9 @@ def _fallback(t: TensorDesc, qtype: T) -> T:
 
 
 def requires_imatrix(quant: str, name: str, qtype: T) -> bool:
-    """llama.cpp's tensor_requires_imatrix for our types: the Q2_K tensors of a Q2_K_S file, but the token embeddings
-    and the output."""
-    return quant in NEEDS_IMATRIX and qtype == T.Q2_K and name not in (
+    """llama.cpp's tensor_requires_imatrix for our types: IQ3_XXS tensors and the Q2_K tensors of a Q2_K_S file, but
+    the token embeddings and the output."""
+    return (qtype in IMATRIX_TYPES or (quant == "Q2_K_S" and qtype == T.Q2_K)) and name not in (
         "token_embd.weight", "per_layer_token_embd.weight", "output.weight")
 
 
@@ -236,20 +241,35 @@ class _Mix:
         self.quant, self.shape, self.has_imatrix = quant, shape, has_imatrix
         self.tied = not any(t.name == "output.weight" for t in tensors)
         self.n_attention_wv = sum(_is_attn_v(t.name) for t in tensors)
-        self.i_attention_wv = self.i_ffn_down = 0   # counted as llama.cpp counts them: overridden tensors are not
+        # counted as llama.cpp counts them: overridden tensors are not
+        self.i_attention_wv = self.i_ffn_down = self.i_ffn_gate = self.i_ffn_up = 0
+
+    def _layer_info(self, name: str, counter: str) -> tuple[int, int]:
+        """llama.cpp's layer_info: the name's block with experts (not in order), else the category's counter."""
+        i = getattr(self, counter)
+        setattr(self, counter, i + 1)
+        return (_layer(name) if self.shape.n_expert > 1 else i), self.shape.n_layer
 
     def pick(self, t: TensorDesc, new: T) -> T:  # llama_tensor_get_type_impl for the ftypes above
         q, s, name = self.quant, self.shape, t.name
         if name == "output.weight" or (self.tied and name == "token_embd.weight"):
             if t.ne0 % GGML_QUANT_SIZES[new][0] != 0:
                 return T.Q8_0
+            if q == "IQ3_XXS":
+                return T.Q5_K
             return new if new == T.Q8_0 else T.Q6_K
         if name == "token_embd.weight":
-            return new
+            return T.IQ3_S if q == "IQ3_XXS" else new
         if _is_attn_v(name):
             if q == "Q2_K":
                 new = T.Q4_K if s.n_head // s.n_head_kv >= 4 else T.Q3_K
             elif q == "Q2_K_S" and s.n_head // s.n_head_kv >= 4:
+                new = T.Q4_K
+            elif q == "IQ3_XXS":
+                new = T.Q4_K if s.n_head // s.n_head_kv >= 4 else T.IQ3_XXS if self.has_imatrix else T.IQ3_S
+            elif q in ("IQ3_XS", "IQ3_S") and s.n_head // s.n_head_kv >= 4:
+                new = T.Q4_K
+            elif q == "IQ3_M":
                 new = T.Q4_K
             elif q == "Q3_K_M":
                 new = T.Q5_K if self.i_attention_wv < 2 else T.Q4_K
@@ -269,17 +289,35 @@ class _Mix:
         elif "attn_k.weight" in name:
             if s.n_expert == 8:
                 new = T.Q8_0
+            elif q in ("IQ3_XS", "IQ3_XXS"):
+                new = T.IQ3_XXS if q == "IQ3_XS" else T.IQ2_S
+        elif "attn_q.weight" in name:
+            if q in ("IQ3_XS", "IQ3_XXS"):
+                new = T.IQ3_XXS if q == "IQ3_XS" else T.IQ2_S
+        elif "attn_output.weight" in name:
+            if s.n_expert == 8:
+                new = T.Q5_K if q in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS", "IQ3_XS",
+                                      "IQ3_XXS", "IQ3_S", "IQ3_M") else new
+            else:
+                new = {"Q2_K": T.Q3_K, "IQ3_XXS": T.IQ3_S, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K,
+                       "IQ3_M": T.Q4_K}.get(q, new)
+        elif "ffn_up" in name or "ffn_gate" in name:
+            i, n = self._layer_info(name, "i_ffn_up" if "ffn_up" in name else "i_ffn_gate")
+            if q == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+                new = T.IQ3_XXS
         elif "ffn_down" in name:
-            # llama.cpp's layer_info: the name's block with experts (not in order), else its ffn_down counter
-            i, n = (_layer(name) if s.n_expert > 1 else self.i_ffn_down), s.n_layer
-            self.i_ffn_down += 1
+            i, n = self._layer_info(name, "i_ffn_down")
             if q == "Q2_K":
                 new = T.Q3_K
             elif q == "Q2_K_S":
                 if i < n // 8:
                     new = T.Q4_K
+            elif q == "IQ3_XXS" and not self.has_imatrix:
+                new = T.Q4_K if i < n // 8 else T.Q3_K
             elif q == "Q3_K_M":
                 new = T.Q5_K if i < n // 16 else T.Q4_K
+            elif q == "IQ3_M" and (i < n // 8 or (s.n_expert == 8 and _more_bits(i, n))):
+                new = T.Q4_K
             elif q == "Q3_K_L":
                 new = T.Q5_K
             elif q in ("Q4_K_M", "Q5_K_M") and _more_bits(i, n):
@@ -290,11 +328,6 @@ class _Mix:
                 new = T.Q5_K
             elif q in ("Q4_0", "Q5_0") and self.has_imatrix and i < n // 8:   # guards the first ffn_down layers
                 new = T.Q4_1 if q == "Q4_0" else T.Q5_1
-        elif "attn_output.weight" in name:
-            if s.n_expert == 8:
-                new = T.Q5_K if q in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS") else new
-            else:
-                new = {"Q2_K": T.Q3_K, "Q3_K_M": T.Q4_K, "Q3_K_L": T.Q5_K}.get(q, new)
         return new
 
 

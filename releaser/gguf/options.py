@@ -73,8 +73,9 @@ class GGUFOptions(StageOptions):
             raise ValueError(f"{searched[0]} searches a recipe, which needs an importance matrix (its errors are "
                              "weighted by it and its files made with it): set imatrix to auto or a file")
         if need and value is None:
+            instead = " or ".join(dict.fromkeys(NEEDS_IMATRIX[b] for b in need))
             raise ValueError(f"{', '.join(need)} needs an importance matrix (llama-quantize refuses it without one): "
-                             "give one, or use Q2_K")
+                             f"give one, or use {instead}")
         return value
 
     @model_validator(mode="after")

@@ -16,7 +16,9 @@
   the float types ignore the weights, as llama.cpp does.
 * IQ4_NL and IQ4_XS (4-bit indices into llama.cpp's non-linear ``kvalues_iq4nl``) are our port of
   ``quantize_iq4_nl`` / ``quantize_iq4_xs``, with or without weights: one numba kernel each
-  (:mod:`releaser.gguf.iquants`), then the packing of :class:`IQuant`'s classes.
+  (:mod:`releaser.gguf.iquants`), then the packing of :class:`IQuant`'s classes. IQ3_S and IQ3_XXS (indices into
+  grids of 4 magnitudes, signs apart) are our port of ``quantize_iq3_s`` / ``quantize_iq3_xxs``
+  (:mod:`releaser.gguf.iquants3`).
 
 ``dequantize(raw, qtype)`` delegates to ``gguf.quants.dequantize`` for every type.
 """
@@ -31,7 +33,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from releaser.errors import ConfigError, ModelError
-from releaser.gguf import iquants, kquants
+from releaser.gguf import iquants, iquants3, kquants
 
 QT = GGMLQuantizationType
 QK_K = kquants.QK_K
@@ -263,9 +265,52 @@ class IQ4_XS(IQuant):
         return np.concatenate([_f16_bytes(d), scales_h, scales_l, _pack_iq4_levels(L)], axis=1)
 
 
+class _IQ3(IQuant):
+    """IQ3_S and IQ3_XXS: one kernel (:func:`releaser.gguf.iquants3.iq3_rows`), ``xxs`` picks the type."""
+
+    xxs = False
+
+    @classmethod
+    def search(cls, rows, qw, widx, weighted) -> tuple:
+        return iquants3.iq3_rows(rows, qw, widx, weighted, cls.xxs)
+
+
+class IQ3_S(_IQ3):
+    """256-weight super-blocks: the fp16 scale, the low 8 bits of 64 indices into the 512-point grid (4 magnitudes
+    each), their 9th bits (8 bytes), 32 bytes of signs, then the eight 4-bit block scales (4 bytes). C skips an
+    all-zero 32-weight block without moving its ``qs`` and ``signs`` pointers: the next blocks' indices and signs are
+    written in its place (its 9th bits are not: ``qh`` is indexed by block)."""
+
+    qtype = QT.IQ3_S
+
+    @classmethod
+    def pack(cls, d, gi, signs, ls, searched) -> np.ndarray:
+        order = np.argsort(~searched, axis=1, kind="stable")   # the searched blocks first, in order
+        kept = np.take_along_axis(searched, order, axis=1)[:, :, None]
+        qs = np.where(kept, np.take_along_axis(gi, order[:, :, None], axis=1), 0).astype(np.uint8)   # low 8 bits
+        sg = np.where(kept, np.take_along_axis(signs, order[:, :, None], axis=1), 0)
+        qh = np.bitwise_or.reduce((gi >> 8).astype(np.uint8) << np.arange(8, dtype=np.uint8), axis=2)
+        scales = ls[:, 0::2] | (ls[:, 1::2] << 4)
+        return np.concatenate([_f16_bytes(d), qs.reshape(-1, 64), qh, sg.reshape(-1, 32), scales], axis=1)
+
+
+class IQ3_XXS(_IQ3):
+    """256-weight super-blocks: the fp16 scale, 64 indices into the 256-point grid, then per 32-weight block a uint32
+    of four 7-bit sign groups and the 4-bit block scale in its top bits."""
+
+    qtype, xxs = QT.IQ3_XXS, True
+
+    @classmethod
+    def pack(cls, d, gi, signs, ls, searched) -> np.ndarray:
+        s = signs.astype(np.uint32)
+        words = s[:, :, 0] | (s[:, :, 1] << 7) | (s[:, :, 2] << 14) | (s[:, :, 3] << 21) | (ls.astype(np.uint32) << 28)
+        return np.concatenate([_f16_bytes(d), gi.astype(np.uint8).reshape(-1, 64),
+                               words.astype("<u4").view(np.uint8)], axis=1)
+
+
 K_QUANTS: dict[GGMLQuantizationType, type[KQuant]] = {c.qtype: c for c in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
 LEGACY_FIXED: dict[GGMLQuantizationType, type[LegacyQuant]] = {c.qtype: c for c in (Q4_0, Q4_1, Q5_0, Q5_1)}
-I_QUANTS: dict[GGMLQuantizationType, type[IQuant]] = {c.qtype: c for c in (IQ4_NL, IQ4_XS)}
+I_QUANTS: dict[GGMLQuantizationType, type[IQuant]] = {c.qtype: c for c in (IQ4_NL, IQ4_XS, IQ3_S, IQ3_XXS)}
 SUPPORTED_TYPES = (*GGUF_PY_TYPES, *K_QUANTS, *I_QUANTS)
 #: Types whose llama.cpp quantizer takes importance weights (an imatrix); the others ignore them (Q8_0, floats).
 WEIGHTED_TYPES = (*K_QUANTS, *LEGACY_FIXED, *I_QUANTS)

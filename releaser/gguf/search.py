@@ -9,8 +9,8 @@ and ``alpha`` is measured once per tensor group (a role such as attn_v in one th
 embeddings, the output): the KL divergence of the model's next-token distribution when only that group is quantized
 to a 4-bit type, divided by the group's error at that type. The measurement runs the unquantized model in float32 on
 the importance matrix's calibration conversations (never the quality stage's evaluation text), each probe from the
-first layer it changes. The types: per tensor, those whose block fits its rows (the K-quants, IQ4_XS, Q8_0, IQ4_NL
-and the legacy 32-wide ones); the choice is a greedy walk up each tensor's lower convex hull of (bytes, predicted KLD), best KLD
+first layer it changes. The types: per tensor, those whose block fits its rows (the K-quants, IQ3_XXS, IQ3_S, IQ4_XS,
+Q8_0, IQ4_NL and the legacy 32-wide ones); the choice is a greedy walk up each tensor's lower convex hull of (bytes, predicted KLD), best KLD
 saved per byte first, which is the optimum of the relaxed problem and within one upgrade of the exact knapsack.
 """
 
@@ -31,7 +31,7 @@ from ..stage import Reporter
 from .imatrix_weights import Imatrix
 from .mixes import QuantSpec, allows_quantization
 
-CANDIDATES = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.IQ4_NL, T.Q5_0, T.Q5_1)
+CANDIDATES = (T.Q2_K, T.IQ3_XXS, T.Q3_K, T.IQ3_S, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.IQ4_NL, T.Q5_0, T.Q5_1)
 PROBES = (T.Q4_K, T.Q4_0)   # the type a group is measured at: the first its rows take
 SAMPLE_ROWS = 128           # rows per tensor the error estimate quantizes
 BANDS = 3                   # layer groups per role
@@ -39,7 +39,8 @@ CTX, CHUNKS, FIRST = 512, 2, 128   # calibration windows for the probes; positio
 SIGNIFICANT = 3             # digits the measured sensitivities are rounded to (thread timing changes the last bits)
 # the mix a searched file is labelled with (general.file_type): the one whose base type holds the most weights
 LABEL = {T.Q2_K: "Q2_K", T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.Q6_K: "Q6_K", T.Q8_0: "Q8_0",
-         T.Q4_0: "Q4_0", T.Q4_1: "Q4_1", T.Q5_0: "Q5_0", T.Q5_1: "Q5_1", T.IQ4_XS: "IQ4_XS", T.IQ4_NL: "IQ4_NL"}
+         T.Q4_0: "Q4_0", T.Q4_1: "Q4_1", T.Q5_0: "Q5_0", T.Q5_1: "Q5_1", T.IQ4_XS: "IQ4_XS", T.IQ4_NL: "IQ4_NL",
+         T.IQ3_S: "IQ3_S", T.IQ3_XXS: "IQ3_XS"}
 TARGETS = ("bpw", "size", "kld")
 
 

@@ -22,6 +22,9 @@ DEFAULT_MAX_KLD = {
     "IQ4_XS": 0.6, "IQ4_NL": 0.6,   # SmolLM2: 0.19 without an imatrix (its 576-wide rows take IQ4_NL), 0.09 with one
     "Q3_K_L": 0.5, "Q3_K_M": 0.6, "Q3_K_S": 0.8,
     "Q2_K": 1.5,
+    # SmolLM2 without an imatrix: IQ3_S 0.75 (Q3_K_S 0.38, same size), IQ3_M 0.63; with one: 0.14, 0.12 (IQ3_XS as IQ3_S:
+    # its IQ3_XXS tensors are 576 wide and fall back to IQ4_NL)
+    "IQ3_M": 1.5, "IQ3_S": 1.5, "IQ3_XS": 1.0,
 }
 FALLBACK_MAX_KLD = 1.5   # types without a limit of their own (lower I-quants, ternary): only a broken file trips it
 
