@@ -26,7 +26,7 @@ from .options import check_repo_id, repo_id_problem
 from .publish.options import PublishSection
 from .quality.options import QualityOptions
 from .runtimes.options import RuntimesOptions
-from .tokenizer.options import TokenizerOptions
+from .tokenizer.options import StopAuditOptions, TokenizerOptions
 
 _check_repo_id = check_repo_id
 
@@ -65,6 +65,7 @@ class Recipe(_Strict):
     merge: MergeOptions | None = None       # a mergekit config (inline or config: PATH) ...
     model: str | None = None                # ... or an existing model folder to release (re-upload fixed weights)
     tokenizer: TokenizerOptions | None = None
+    stop_audit: StopAuditOptions | typing.Literal[False] = Field(default_factory=StopAuditOptions)   # false: none
     gguf: GGUFOptions | None = None
     runtimes: RuntimesOptions = Field(default_factory=RuntimesOptions)   # the GGUF repo's runtime files
     awq: AWQOptions | None = None           # the -AWQ repo (4-bit AutoAWQ GEMM) and/or -W4A16 (awq.formats)

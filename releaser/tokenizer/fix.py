@@ -40,6 +40,7 @@ class FixSpec:
     system_prompt: str | None = None      # default system message for conversations without one
     overwrite: bool = False
     link: bool = False                    # hard-link unchanged files into out_dir (only for releaser's own output)
+    stops: tuple[str, ...] = ()           # more tokens that end generation (generation_config's eos list)
 
 
 @dataclass
@@ -187,10 +188,16 @@ def _weight_edits(model: ModelFolder, size: int, ids: list[int]) -> tuple[dict, 
     return edits, sorted(repaired), resized
 
 
-def _stop_ids(model: ModelFolder, tpl: ChatTemplate, eos: str) -> list[int]:
-    """generation_config's eos list: the end-of-turn id, single-token stop strings, then the old eos ids."""
+def _stop_ids(model: ModelFolder, tpl: ChatTemplate, eos: str, stops=()) -> list[int]:
+    """generation_config's eos list: the end-of-turn id, single-token stop strings, the ``stops`` asked for, then the
+    old eos ids."""
     old = model.config.get("eos_token_id")
     ids = [model.token_id(s) for s in tpl.stop_strings(eos)]
+    for text in stops:
+        if model.token_id(text) is None:
+            raise ConfigError(f"tokenizer.eos: {text!r} is not a token of the vocabulary, so generation cannot stop "
+                              "on it; list tokens the model emits (the stop audit names them)")
+        ids.append(model.token_id(text))
     ids += [*(old if isinstance(old, list) else [old]), *model.generation_eos]
     return [i for i in dict.fromkeys(ids) if i is not None]
 
@@ -254,7 +261,7 @@ def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
                           "template or choose another") from None
     if tok.bos_token_id is not None and tok(text)["input_ids"][:2] == [tok.bos_token_id] * 2:
         tok.add_bos_token = False
-    eos_ids = _stop_ids(model, tpl, eos)
+    eos_ids = _stop_ids(model, tpl, eos, spec.stops)
     files = _save_tokenizer(tok, src, control)
     config = dict(model.config, eos_token_id=eos_id, pad_token_id=tok.pad_token_id)
     generation = dict(model.generation or {"bos_token_id": tok.bos_token_id}, eos_token_id=eos_ids,
