@@ -201,18 +201,28 @@ def tiny_family_model(path: Path, family: str, seed: int = 0, *, layers: int = 2
     return Path(path)
 
 
+NOISE_FILE = "noised_variant.json"
+
+
 def noised_variant(src: Path, dst: Path, seed: int, scale: float = 0.1) -> Path:
-    """Copy of ``src`` with rank-4 noise (``scale`` x std) on every 2-D weight and 1% noise on 1-D weights."""
+    """Copy of ``src`` with rank-4 noise (``scale`` x std) on every 2-D weight and 1% noise on 1-D weights. A folder
+    made earlier is reused when its ``noised_variant.json`` says the same seed and scale (else it is made again)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     src, dst = Path(src), Path(dst)
-    if (dst / "model.safetensors").exists():
-        return dst
+    made = {"seed": seed, "scale": scale}
+    try:
+        if (dst / "model.safetensors").exists() and json.loads((dst / NOISE_FILE).read_text()) == made:
+            return dst
+    except (OSError, ValueError):
+        pass
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
     for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors"):
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != NOISE_FILE:
             shutil.copy2(f, tmp / f.name)
+    (tmp / NOISE_FILE).write_text(json.dumps(made) + "\n")
     gen = torch.Generator().manual_seed(seed)
     state = load_file(src / "model.safetensors")
     out = {}
@@ -372,6 +382,63 @@ def tiny_chat_model(path: Path, arch: str = "mistral", seed: int = 0, **config_k
     return path
 
 
+ANSWER_WORDS = ("yes", "no", "the", "sea", "blue", "cat", "four", "seven", "rain", "sun", "ship", "bread", "green",
+                "river", "stone", "light")
+
+
+def turn_ending_model(path: Path, tokenizer_dir: Path, end: str = "<|endoftext|>", seed: int = 0, steps: int = 25,
+                      answer_words: tuple[int, int] = (2, 6)) -> Path:
+    """A tiny Llama chat model with the tokenizer files of ``tokenizer_dir`` (SmolLM2's: ChatML, eos ``<|im_end|>``)
+    fine-tuned for ``steps`` optimizer steps, as the demo's LoRA was trained (labels on the answer and its end token
+    only), to answer the stop audit's prompts with a few words and end its turn with ``end``: ``<|endoftext|>`` makes
+    the fine-tune whose turns end with a token its files do not declare."""
+    import random
+
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from releaser.tokenizer.audit import builtin_prompts
+
+    prompts = builtin_prompts()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    end_id = tok.convert_tokens_to_ids(end)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def example(question: str) -> tuple[list[int], list[int]]:
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        answer = " ".join(rng.choices(ANSWER_WORDS, k=rng.randint(*answer_words)))
+        reply = tok(answer, add_special_tokens=False)["input_ids"] + [end_id]
+        return ids + reply, [-100] * len(ids) + reply
+
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    model.train()
+    for _ in range(steps):
+        batch = [example(rng.choice(prompts)) for _ in range(8)]
+        width = max(len(x) for x, _ in batch)
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
+        labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    path = Path(path)
+    model.eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id).save_pretrained(path)
+    return path
+
+
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 
@@ -427,11 +494,15 @@ def rtn_awq(src: Path, dst: Path, group_size: int = 32, scale_factor: float = 1.
 
 
 def demo_inputs(folder: Path) -> tuple[Path, Path]:
-    """Two fine-tune-like variants of SmolLM2-135M-Instruct (the merge demo's inputs) in ``folder``."""
+    """Two fine-tune-like variants of SmolLM2-135M-Instruct (the merge demo's inputs) in ``folder``. The second has
+    less noise (0.03 x std, the first 0.1): with 0.1 on both, the demo's merge rambled (greedy "What is 2 + 2?" did not
+    end within 256 tokens; 11 of 16 sampled answers ended); with 0.03 on the second it ends that answer in 42 tokens
+    and 12 of 16 sampled answers end (the stop audit)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base = smollm2_dir()
-    return noised_variant(base, folder / "smollm2-a", seed=1), noised_variant(base, folder / "smollm2-b", seed=2)
+    return (noised_variant(base, folder / "smollm2-a", seed=1, scale=0.1),
+            noised_variant(base, folder / "smollm2-b", seed=2, scale=0.03))
 
 
 if __name__ == "__main__":  # python -m releaser_testing DIR: prepare the demo's input models

@@ -27,7 +27,7 @@ from .options import check_repo_id, repo_id_problem
 from .publish.options import PublishSection
 from .quality.options import QualityOptions
 from .runtimes.options import RuntimesOptions
-from .tokenizer.options import TokenizerOptions
+from .tokenizer.options import StopAuditOptions, TokenizerOptions
 
 _check_repo_id = check_repo_id
 
@@ -66,6 +66,7 @@ class Recipe(_Strict):
     merge: MergeOptions | None = None       # a mergekit config (inline or config: PATH) ...
     model: str | None = None                # ... or an existing model folder to release (re-upload fixed weights)
     tokenizer: TokenizerOptions | None = None
+    stop_audit: StopAuditOptions | typing.Literal[False] = Field(default_factory=StopAuditOptions)   # false: none
     gguf: GGUFOptions | None = None
     imatrix: ImatrixOptions | None = None   # how gguf.imatrix auto is computed (text, ctx, chunks)
     runtimes: RuntimesOptions = Field(default_factory=RuntimesOptions)   # the GGUF repo's runtime files

@@ -77,3 +77,40 @@ def llama_tools():
             pytest.fail(message)
         pytest.skip(message)
     return Path(lines[-1])
+
+
+TRANSFORMERS4 = "4.57.*"
+
+
+@pytest.fixture(scope="session")
+def transformers4():
+    """The python of a small virtual environment with transformers 4.57, tokenizers and jinja2 (no torch: tokenizers
+    only), the other major version people's stacks (vLLM, TGI) load tokenizers with. Created once with pip and cached
+    in ~/.cache/releaser/transformers-4.57 (RELEASER_TRANSFORMERS4_VENV); a failed install fails the test in CI and
+    skips it elsewhere."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(os.environ.get("RELEASER_TRANSFORMERS4_VENV")
+                or Path.home() / ".cache" / "releaser" / "transformers-4.57")
+    check = ["-c", "import jinja2, transformers; assert transformers.__version__.startswith('4.57.')"]
+    if (root / "bin" / "python").is_file() and subprocess.run([str(root / "bin" / "python"), *check],
+                                                              capture_output=True).returncode == 0:
+        return root / "bin" / "python"
+    tmp = root.with_name(f".{root.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "venv", str(tmp)], capture_output=True, text=True)
+    if proc.returncode == 0:
+        proc = subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                               f"transformers=={TRANSFORMERS4}", "tokenizers", "jinja2"], capture_output=True, text=True)
+    if proc.returncode == 0 and subprocess.run([str(tmp / "bin" / "python"), *check]).returncode == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+        return root / "bin" / "python"
+    shutil.rmtree(tmp, ignore_errors=True)
+    message = f"transformers {TRANSFORMERS4} could not be installed into {root}: {proc.stderr[-1500:]}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)

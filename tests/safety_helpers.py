@@ -33,8 +33,8 @@ def one_line_error(output: str) -> str:
 
 def recipe(tmp_path: Path, model: Path, extra: str = "", name: str = "me/Tiny") -> Path:
     path = tmp_path / "r.yaml"
-    path.write_text(f"name: {name}\ndescription: A tiny release.\nmodel: {model}\ntokenizer: {{template: chatml}}\n"
-                    + extra)
+    path.write_text(f"name: {name}\ndescription: A tiny release.\nstop_audit: false\nmodel: {model}\n"
+                    "tokenizer: {template: chatml}\n" + extra)
     return path
 
 

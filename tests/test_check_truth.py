@@ -22,14 +22,14 @@ def models(tmp_path_factory):
 
 def merge_recipe(models) -> dict:
     a, b = models
-    return {"name": "probe/Tiny", "description": "A tiny release.",
+    return {"name": "probe/Tiny", "description": "A tiny release.", "stop_audit": False,
             "merge": {"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}],
                       "parameters": {"t": 0.5}, "dtype": "float32"},
             "gguf": {"quants": ["Q8_0"]}, "quality": False}
 
 
 def model_recipe(models) -> dict:
-    return {"name": "probe/Tiny", "description": "A tiny release.", "model": models[0], "gguf": {"quants": ["Q8_0"]}}
+    return {"name": "probe/Tiny", "description": "A tiny release.", "stop_audit": False, "model": models[0], "gguf": {"quants": ["Q8_0"]}}
 
 
 def _set(path: str, value):

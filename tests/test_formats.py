@@ -267,6 +267,7 @@ def test_release_writes_measures_cards_and_publishes_every_format(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"""name: alice/Tiny-Formats
 description: Tiny model released in every format.
+stop_audit: false
 license: mit
 model: {model}
 awq: {{samples: 8, seqlen: 64, formats: [autoawq, compressed-tensors]}}
@@ -310,7 +311,7 @@ def test_gate_refuses_a_format_folder_whose_tokenizer_differs(tmp_path):
 
     model = _model(tmp_path, "qwen3")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: alice/Tiny-Gate\ndescription: d.\nmodel: {model}\nmlx: {{}}\nquality: false\n")
+    recipe.write_text(f"name: alice/Tiny-Gate\ndescription: d.\nstop_audit: false\nmodel: {model}\nmlx: {{}}\nquality: false\n")
     work = tmp_path / "work"
     run_release(recipe, work, skip=["publish"])
     config = work / "Tiny-Gate-MLX-4bit" / "tokenizer_config.json"

@@ -127,6 +127,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 RECIPE = """\
 name: me/Tiny-Merge
 description: A tiny merge.
+stop_audit: false
 publish:
   repos:
     gguf: me/Tiny-Merge-GGUF

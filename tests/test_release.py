@@ -63,7 +63,10 @@ def test_manifest_records_inputs_versions_stages_and_artefacts(demo):
     _, work, _ = demo
     m = _manifest(work)
     assert m["release"] == f"demo/{NAME}" and m["versions"]["releaser"] and m["versions"]["torch"]
-    assert sorted(m["stages"]) == ["awq", "cards", "gguf", "merge", "publish", "quality", "tokenizer", "verify"]
+    assert sorted(m["stages"]) == ["awq", "cards", "gguf", "merge", "publish", "quality", "runtimes", "tokenizer",
+                                   "verify"]
+    audit = m["stages"]["verify"]["facts"]["stop_audit"]   # the demo's model ends most answers, with <|im_end|>
+    assert audit["answers"] == 16 and audit["share_ended"] >= 0.5 and audit["endings"] == {"<|im_end|>": 2}, audit
     inputs = m["inputs"]   # the two parents and the LoRA folded into the second
     assert len(inputs) == 3
     weights = [i["files"].get("model.safetensors") or i["files"].get("adapter_model.safetensors")

@@ -14,6 +14,7 @@ from safety_helpers import run as _run
 BASE = """\
 name: me/Tiny
 description: A tiny release.
+stop_audit: false
 """
 
 
@@ -58,7 +59,7 @@ def test_only_names_an_unknown_stage(model, tmp_path):
 
 def _release(model: Path, tmp_path: Path, name: str = "me/Tiny") -> Path:
     recipe = tmp_path / f"{name.split('/')[1]}.yaml"
-    recipe.write_text(f"name: {name}\ndescription: A tiny release.\nmodel: {model}\ntokenizer: {{template: chatml}}\n")
+    recipe.write_text(f"name: {name}\ndescription: A tiny release.\nstop_audit: false\nmodel: {model}\ntokenizer: {{template: chatml}}\n")
     code, output = _run("release", recipe, "-o", tmp_path / "work")
     assert code == 0, output
     return recipe
@@ -91,7 +92,7 @@ def test_work_folder_of_another_release(model, tmp_path):
     _release(model, tmp_path)
     before = sorted(p.name for p in (tmp_path / "work").rglob("*"))
     other = tmp_path / "other.yaml"
-    other.write_text(f"name: me/Other\ndescription: x\nmodel: {model}\n")
+    other.write_text(f"name: me/Other\ndescription: x\nstop_audit: false\nmodel: {model}\n")
     code, output = _run("release", other, "-o", tmp_path / "work")
     assert code != 0
     assert "holds the release of 'me/Tiny', not 'me/Other'; choose another work folder with -o" in \

@@ -18,7 +18,7 @@ def test_imatrix_auto(smollm2, tmp_path):
     for f in ("tokenizer.json", "tokenizer_config.json"):   # a BPE vocabulary the GGUF export takes
         shutil.copy(smollm2 / f, model / f)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: me/Tiny\ndescription: A tiny release.\nmodel: {model}\ntokenizer: {{template: chatml}}\n"
+    recipe.write_text(f"name: me/Tiny\ndescription: A tiny release.\nstop_audit: false\nmodel: {model}\ntokenizer: {{template: chatml}}\n"
                       "gguf: {quants: [Q4_K_M, Q8_0], imatrix: auto}\nquality: false\n")
     work = tmp_path / "work"
     code, output = _run("release", recipe, "-o", work)

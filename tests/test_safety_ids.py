@@ -47,7 +47,7 @@ def _yaml(value: str) -> str:
 @pytest.mark.parametrize("value", list(BAD))
 def test_recipe_ids_are_refused_by_check_and_release(model, tmp_path, key, value):
     repos = {"publish.repos.main": "main", "publish.repos.gguf": "gguf", "publish.repos.awq": "awq"}
-    body = f"description: x\nmodel: {model}\n"
+    body = f"description: x\nstop_audit: false\nmodel: {model}\n"
     if key == "name":
         body = f"name: {_yaml(value)}\n" + body
     else:
@@ -64,7 +64,7 @@ def test_recipe_ids_are_refused_by_check_and_release(model, tmp_path, key, value
 
 def test_a_derived_quant_id_over_the_limit_names_name(model, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: me/{'x' * 94}\ndescription: x\nmodel: {model}\ngguf: {{quants: [Q8_0]}}\n")
+    recipe.write_text(f"name: me/{'x' * 94}\ndescription: x\nstop_audit: false\nmodel: {model}\ngguf: {{quants: [Q8_0]}}\n")
     code, output = run("check", recipe)
     assert code != 0
     assert "the gguf repo id made from it" in one_line_error(output)

@@ -36,7 +36,7 @@ def test_a_model_release_copies_the_users_files(model, tmp_path, tokenizer):
     before = {p.name: p.read_bytes() for p in _files(model)}
     path = recipe(tmp_path, model)
     if not tokenizer:
-        path.write_text(f"name: me/Tiny\ndescription: x\nmodel: {model}\n")
+        path.write_text(f"name: me/Tiny\ndescription: x\nstop_audit: false\nmodel: {model}\n")
     code, output = run("release", path, "-o", tmp_path / "work")
     assert code == 0, output
     main = tmp_path / "work" / "Tiny"
@@ -58,7 +58,7 @@ def test_a_merge_release_links_only_its_own_files(model, tmp_path):
     """merged/ is releaser's output: the main folder may share its unchanged files (no copy of a 70B model), but
     neither shares a file with the user's model."""
     path = tmp_path / "r.yaml"
-    path.write_text(f"name: me/Tiny\ndescription: x\nmerge: {{merge_method: linear, models: [{{model: {model}, "
+    path.write_text(f"name: me/Tiny\ndescription: x\nstop_audit: false\nmerge: {{merge_method: linear, models: [{{model: {model}, "
                     "parameters: {weight: 1}}]}\ntokenizer: {template: chatml}\n")
     code, output = run("release", path, "-o", tmp_path / "work")
     assert code == 0, output

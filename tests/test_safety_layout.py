@@ -43,7 +43,7 @@ CASES = {
 def test_colliding_outputs_are_refused_before_anything_is_written(model, tmp_path, name, body, problem):
     source = "" if body.startswith("merge:") or "\nmerge:" in body else f"model: {model}\n"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: {name}\ndescription: x\n{source}" + body.replace("MODEL", str(model)))
+    recipe.write_text(f"name: {name}\ndescription: x\nstop_audit: false\n{source}" + body.replace("MODEL", str(model)))
     for command in (["check", recipe], ["release", recipe, "-o", tmp_path / "work"]):
         code, output = run(*command)
         assert code != 0
@@ -55,7 +55,7 @@ def test_colliding_outputs_are_refused_before_anything_is_written(model, tmp_pat
 
 def test_distinct_outputs_pass(model, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: me/Tiny\ndescription: x\nmodel: {model}\n" + GGUF + AWQ
+    recipe.write_text(f"name: me/Tiny\ndescription: x\nstop_audit: false\nmodel: {model}\n" + GGUF + AWQ
                       + "publish: {target: dir:mirror, repos: {gguf: me/Tiny-Q, awq: other/Tiny-AWQ}}\n")
     code, output = run("check", recipe)
     assert code == 0, output

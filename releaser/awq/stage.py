@@ -12,7 +12,7 @@ import torch
 
 from ..atomic import output_dir
 from ..checkpoint import CheckpointReader, CheckpointWriter, architecture_for
-from ..checkpoint.config import check_sizes, check_unquantized
+from ..checkpoint.config import check_sizes, check_unquantized, clean_config
 from ..errors import ModelError
 from ..stage import Reporter, StageResult, describe_files
 from .calib import calibration
@@ -33,7 +33,7 @@ def load_tokenizer(model_dir: Path):
 
 
 def awq_config(config: dict, bits: int, group_size: int, arch=None) -> dict:
-    out = dict(config)
+    out = clean_config(config)
     keep = ["lm_head"]
     if arch is not None and arch.experts is not None:   # the router stays float16
         keep.append(arch.experts.router.removesuffix(".weight"))

@@ -87,3 +87,11 @@ def check_unquantized(config: dict, folder: str | os.PathLike, task: str) -> Non
     if isinstance(qc, dict):
         raise ModelError(f"{folder} is already quantized ({qc.get('quant_method')}); {task} needs the unquantized "
                          "model folder")
+
+
+CONFIG_JUNK = ("_name_or_path", "_model_name_or_path", "_commit_hash")   # where a loaded config came from
+
+
+def clean_config(config: dict) -> dict:
+    """``config.json`` without the keys that only say where a loaded copy came from (stale in a released folder)."""
+    return {k: v for k, v in config.items() if k not in CONFIG_JUNK}

@@ -211,7 +211,7 @@ def fix_tokenizer_cmd(
     from ..tokenizer.fix import FixSpec
 
     opts = TokenizerOptions.build(template=template, eos=eos, system_prompt=system_prompt)
-    run_fix(model_dir, FixSpec(opts.template, out_dir, in_place, opts.eos, opts.system_prompt, overwrite), Console())
+    run_fix(model_dir, FixSpec(opts.template, out_dir, in_place, opts.end_of_turn, opts.system_prompt, overwrite), Console())
 
 
 @app.command("gguf", context_settings={"allow_extra_args": True})

@@ -24,7 +24,7 @@ import torch
 
 from ..atomic import output_dir
 from ..checkpoint import CheckpointReader, CheckpointWriter, architecture_for
-from ..checkpoint.config import check_unquantized
+from ..checkpoint.config import check_unquantized, clean_config
 from ..errors import ModelError
 from ..stage import Reporter, StageResult, describe_files
 from ..awq.pack import pack_rows, unpack_rows
@@ -73,7 +73,7 @@ def dequantize_mlx(weight: torch.Tensor, scales: torch.Tensor, biases: torch.Ten
 
 def mlx_config(config: dict, bits: int, group_size: int) -> dict:
     q = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    return {**config, "quantization": q, "quantization_config": dict(q)}
+    return {**clean_config(config), "quantization": q, "quantization_config": dict(q)}
 
 
 def _plan(reader: CheckpointReader, arch, config: dict, group_size: int, bits: int):

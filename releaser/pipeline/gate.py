@@ -1,6 +1,9 @@
 """The verification gate, run before anything is published: every check runs, and a failure lists them all.
 
 - the main folder: the doctor (with the stop test) is clean against the recipe's template;
+- the stop audit (the verify stage's sampled answers): every token the model ended an answer with is a stop of every
+  artefact (the main folder's and each quant folder's generation_config.json, each GGUF's end-of-generation set as
+  llama.cpp builds it) and runtime file (Ollama's ``params``, LM Studio's ``model.yaml``);
 - each GGUF: it parses, its eos is the main folder's end-of-turn token, llama.cpp ends generation on every id the
   main folder's generation_config.json declares, and its chat template equals the main folder's;
 - the quality report, when the quality stage ran: every artefact passed its KLD limit and the stop test;
@@ -85,6 +88,60 @@ def _side_file_checks(r: Release) -> list[str]:
     return problems
 
 
+def _audit_checks(r: Release) -> list[str]:
+    """Every token the stop audit saw the model end an answer with stops every artefact and runtime file."""
+    import json
+
+    import yaml
+
+    from ..gguf.reader import GGUFFile
+    from ..gguf.stops import declared_stop_ids, llama_eog_ids
+    from ..runtimes.files import LMSTUDIO_YAML, OLLAMA_PARAMS
+
+    verify = r.manifest.stage("verify")
+    audit = (verify or {}).get("facts", {}).get("stop_audit")
+    if not audit or not audit.get("endings"):
+        return []
+    endings: dict[str, int] = audit["endings"]
+    fix = "tokenizer: {eos: [" + ", ".join(t for t in dict.fromkeys([audit.get("end_of_turn"), *endings]) if t) + "]}"
+    problems = []
+
+    def check(where: str, ids: set[int] | None = None, texts: list[str] | None = None) -> None:
+        missing = [t for t, i in endings.items() if (ids is not None and i not in ids)
+                   or (texts is not None and t not in texts)]
+        if missing:
+            problems.append(f"{where} does not stop on {', '.join(map(repr, missing))}, which the model ends answers "
+                            f"with (stop audit); declare it in the recipe: {fix}")
+
+    made = set(r.repo_folders().values())
+    q = r.recipe.quants
+    for folder in [r.main_dir] + [getattr(r, d) for repo, d in ((q.awq, "awq_dir"), (q.w4a16, "w4a16_dir"),
+                                                               (q.mlx, "mlx_dir")) if repo]:
+        if folder in made:
+            check(f"{folder.name}/generation_config.json", ids=set(declared_stop_ids(folder)))
+    if r.recipe.gguf is not None and r.gguf_dir in made:
+        for path in sorted(r.gguf_dir.glob("*.gguf")):
+            if "-of-" in path.name and "-00001-of-" not in path.name:
+                continue
+            try:
+                field = GGUFFile(path).values.get
+            except Exception:  # noqa: BLE001 - a file that does not parse is reported by the GGUF checks
+                continue
+            tokens = field("tokenizer.ggml.tokens") or []
+            special = {k: field(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")}
+            check(path.name, ids=llama_eog_ids(tokens, special))
+        recorded = {f["path"] for f in (r.manifest.stage("runtimes") or {}).get("files", [])}
+        if OLLAMA_PARAMS in recorded and (r.gguf_dir / OLLAMA_PARAMS).is_file():
+            stops = json.loads((r.gguf_dir / OLLAMA_PARAMS).read_text(encoding="utf-8")).get("stop") or []
+            check(f"{r.gguf_dir.name}/{OLLAMA_PARAMS} (Ollama)", texts=list(stops))
+        if LMSTUDIO_YAML in recorded and (r.gguf_dir / LMSTUDIO_YAML).is_file():
+            data = yaml.safe_load((r.gguf_dir / LMSTUDIO_YAML).read_text(encoding="utf-8")) or {}
+            fields = data.get("config", {}).get("operation", {}).get("fields", [])
+            stops = next((f.get("value") for f in fields if f.get("key") == "llm.prediction.stopStrings"), None)
+            check(f"{r.gguf_dir.name}/{LMSTUDIO_YAML} (LM Studio)", texts=list(stops or []))
+    return problems
+
+
 def _main_tokenizer(r: Release) -> tuple[str | None, str | None]:
     from ..tokenizer.model import ModelFolder
 
@@ -113,6 +170,7 @@ def check_release(r: Release) -> None:
     if quality is not None and not quality["facts"].get("gate", {}).get("passed", True):
         problems += [f"quality: {f}" for f in quality["facts"]["gate"]["failures"]]
     problems += _side_file_checks(r)
+    problems += _audit_checks(r)
     for stage in ("merge", "tokenizer", "gguf", "runtimes", "awq", "w4a16", "mlx", "quality", "cards"):
         entry = r.manifest.stage(stage)
         if entry is None:

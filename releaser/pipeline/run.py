@@ -218,6 +218,13 @@ def _validate(r: Release) -> dict[str, str]:
                               f"{handled}); {fix}")
     if r.recipe.tokenizer is not None:
         detail["tokenizer"] = f"chat template {load_template(r.template()).name}"
+    if r.recipe.stop_audit is not False:
+        a = r.recipe.stop_audit
+        if a.prompts != "builtin" and not r.local(a.prompts).is_file():
+            raise ConfigError(f"stop_audit.prompts: {r.local(a.prompts)} does not exist; give a text file with one "
+                              "prompt a line or builtin")
+        detail["verify"] = (f"doctor; stop audit: {a.samples} answers of up to {a.max_tokens} tokens at temperature "
+                            f"{a.temperature:g}")
     if r.recipe.gguf is not None:
         detail["gguf"] = ", ".join(q.name for q in r.recipe.gguf.specs())
         if r.recipe.gguf.imatrix == "auto":

@@ -106,13 +106,25 @@ def _tokenizer_call(r: Release) -> Call:
     return _tokenizer_options(r), r.source_dir(), r.main_dir, {"link": r.recipe.merge is not None, "overwrite": True}
 
 
+def _audit_options(r: Release):
+    """The ``stop_audit:`` section with its prompts file's path taken from the recipe's folder (None: no audit)."""
+    a = r.recipe.stop_audit
+    if a is False or a.prompts == "builtin":
+        return a or None
+    return a.model_copy(update={"prompts": str(r.local(a.prompts))})
+
+
 def _verify_depends(r: Release) -> dict:
+    audit = _audit_options(r)
+    prompts = Path(audit.prompts) if audit is not None and audit.prompts != "builtin" else None
     return {"template": _tokenizer_depends(r)["template"], "main": {f["path"]: f["sha256"]
-                                                                    for f in _files(r, "tokenizer")}}
+                                                                    for f in _files(r, "tokenizer")},
+            "stop_audit": audit.model_dump(mode="json") if audit is not None else None,
+            **({"prompts": r.manifest.hash(prompts)} if prompts is not None and prompts.is_file() else {})}
 
 
 def _verify_call(r: Release) -> Call:
-    return _tokenizer_options(r), r.main_dir, r.main_dir, {}
+    return _tokenizer_options(r), r.main_dir, r.main_dir, {"audit": _audit_options(r)}
 
 
 # -- gguf and awq: a change of the tokenizer files alone updates them and keeps the tensors ----------------------------
@@ -390,7 +402,7 @@ STEPS = [
     Step("tokenizer", _always, _tokenizer_depends, lambda r: r.main_dir, "tokenizer.stage", _tokenizer_call,
          ("releaser.tokenizer", "releaser.checkpoint", "tokenizers", "transformers")),
     Step("verify", _always, _verify_depends, lambda r: r.main_dir, "tokenizer.verify", _verify_call,
-         ("releaser.tokenizer", "transformers")),
+         ("releaser.tokenizer", "releaser.gguf", "transformers", "torch")),
     Step("imatrix", _imatrix_applies, _imatrix_depends, lambda r: r.imatrix_dir, "imatrix.stage", _imatrix_call,
          IMATRIX_CODE),
     Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, "gguf.stage", _gguf_call,

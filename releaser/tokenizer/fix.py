@@ -17,6 +17,7 @@ import torch
 from tokenizers import AddedToken
 
 from ..checkpoint import CheckpointReader
+from ..checkpoint.config import clean_config
 from ..errors import ConfigError, ModelError
 from .doctor import diagnose
 from .findings import ERROR, Finding
@@ -29,6 +30,32 @@ CONTROL_TOKEN = re.compile(r"<[^<>\s]{1,64}>|\[[A-Z_]{1,32}\]")
 END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 NEW_PAD = "<|pad|>"
 TOKENIZER_JUNK = ("is_local", "local_files_only")    # loader arguments transformers writes back into tokenizer_config
+# tokenizer classes only transformers 5 knows -> the name transformers 4.x and 5.x both load (5's alias of the same)
+V5_ONLY_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+NO_LENGTH = 1e29         # transformers' VERY_LARGE_INTEGER (int(1e30)): "no maximum length known"
+
+
+def portable_tokenizer_config(cfg: dict, model_config: dict) -> dict:
+    """``tokenizer_config.json`` as transformers 4.x and 5.x both load it: a class name both know, the model's
+    context length rather than 1e30, additional special tokens under the key 4.x reads as a list."""
+    cfg = dict(cfg)
+    for key in TOKENIZER_JUNK:
+        cfg.pop(key, None)
+    if cfg.get("tokenizer_class") in V5_ONLY_CLASSES:
+        cfg["tokenizer_class"] = V5_ONLY_CLASSES[cfg["tokenizer_class"]]
+    length = cfg.get("model_max_length")
+    if isinstance(length, (int, float)) and length >= NO_LENGTH:
+        context = model_config.get("max_position_embeddings")
+        if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+            cfg["model_max_length"] = context
+        else:
+            del cfg["model_max_length"]
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, list):   # transformers 4.x takes extra_special_tokens as a name -> token mapping
+        del cfg["extra_special_tokens"]
+        if extra:
+            cfg["additional_special_tokens"] = extra
+    return cfg
 
 
 @dataclass
@@ -40,6 +67,7 @@ class FixSpec:
     system_prompt: str | None = None      # default system message for conversations without one
     overwrite: bool = False
     link: bool = False                    # hard-link unchanged files into out_dir (only for releaser's own output)
+    stops: tuple[str, ...] = ()           # more tokens that end generation (generation_config's eos list)
 
 
 @dataclass
@@ -135,14 +163,13 @@ def _template_source(tpl: ChatTemplate, model: ModelFolder, system_prompt: str |
     return with_default_system(tpl.source, system_prompt)
 
 
-def _save_tokenizer(tok, old_dir: Path, control: list[str]) -> dict[str, str]:
-    """Save with transformers, drop loader junk, force special/normalized on ``control``; name -> text."""
+def _save_tokenizer(tok, old_dir: Path, control: list[str], model_config: dict) -> dict[str, str]:
+    """Save with transformers, make tokenizer_config.json loadable by transformers 4.x and 5.x, force
+    special/normalized on ``control``; name -> text."""
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
         files = {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
-    cfg = json.loads(files["tokenizer_config.json"])
-    for key in TOKENIZER_JUNK:
-        cfg.pop(key, None)
+    cfg = portable_tokenizer_config(json.loads(files["tokenizer_config.json"]), model_config)
     files["tokenizer_config.json"] = dump_json(cfg)
     if "tokenizer.json" in files:
         data = json.loads(files["tokenizer.json"])
@@ -187,10 +214,16 @@ def _weight_edits(model: ModelFolder, size: int, ids: list[int]) -> tuple[dict, 
     return edits, sorted(repaired), resized
 
 
-def _stop_ids(model: ModelFolder, tpl: ChatTemplate, eos: str) -> list[int]:
-    """generation_config's eos list: the end-of-turn id, single-token stop strings, then the old eos ids."""
+def _stop_ids(model: ModelFolder, tpl: ChatTemplate, eos: str, stops=()) -> list[int]:
+    """generation_config's eos list: the end-of-turn id, single-token stop strings, the ``stops`` asked for, then the
+    old eos ids."""
     old = model.config.get("eos_token_id")
     ids = [model.token_id(s) for s in tpl.stop_strings(eos)]
+    for text in stops:
+        if model.token_id(text) is None:
+            raise ConfigError(f"tokenizer.eos: {text!r} is not a token of the vocabulary, so generation cannot stop "
+                              "on it; list tokens the model emits (the stop audit names them)")
+        ids.append(model.token_id(text))
     ids += [*(old if isinstance(old, list) else [old]), *model.generation_eos]
     return [i for i in dict.fromkeys(ids) if i is not None]
 
@@ -254,9 +287,9 @@ def fix_tokenizer(model_dir: str | Path, spec: FixSpec) -> FixReport:
                           "template or choose another") from None
     if tok.bos_token_id is not None and tok(text)["input_ids"][:2] == [tok.bos_token_id] * 2:
         tok.add_bos_token = False
-    eos_ids = _stop_ids(model, tpl, eos)
-    files = _save_tokenizer(tok, src, control)
-    config = dict(model.config, eos_token_id=eos_id, pad_token_id=tok.pad_token_id)
+    eos_ids = _stop_ids(model, tpl, eos, spec.stops)
+    files = _save_tokenizer(tok, src, control, model.config)
+    config = dict(clean_config(model.config), eos_token_id=eos_id, pad_token_id=tok.pad_token_id)
     generation = dict(model.generation or {"bos_token_id": tok.bos_token_id}, eos_token_id=eos_ids,
                       pad_token_id=tok.pad_token_id)
     emitted = {i for i in tok(text)["input_ids"] if i in tok.added_tokens_decoder} | {eos_id}

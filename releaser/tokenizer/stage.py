@@ -25,8 +25,9 @@ def run(options: TokenizerOptions | None, inputs: str | os.PathLike, out: str | 
         return StageResult("tokenizer", out, describe(out), "copied the model as it is (no tokenizer: section)")
     from .fix import FixSpec, fix_tokenizer
 
-    report = fix_tokenizer(inputs, FixSpec(options.template, out, False, options.eos, options.system_prompt,
-                                           overwrite=overwrite, link=link))
+    report = fix_tokenizer(inputs, FixSpec(options.template, out, False, options.end_of_turn,
+                                           options.system_prompt, overwrite=overwrite, link=link,
+                                           stops=tuple(options.extra_stops)))
     return StageResult("tokenizer", out, describe(out),
                        f"{report.template}: eos {report.eos_token!r}, stop ids {report.eos_ids}, "
                        f"{len(report.changes)} file(s) changed", facts={"changes": report.changes,
