@@ -58,8 +58,8 @@ def test_searched_recipe_in_a_release(smollm2, tmp_path, llama_tools):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2 / f, model / f)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: me/Tiny\ndescription: A tiny release.\nmodel: {model}\ntokenizer: {{template: chatml}}\n"
-                      "imatrix: {chunks: 2, ctx: 64}\n"
+    recipe.write_text(f"name: me/Tiny\ndescription: A tiny release.\nstop_audit: false\nmodel: {model}\n"
+                      "tokenizer: {template: chatml}\nimatrix: {chunks: 2, ctx: 64}\n"
                       "gguf: {quants: [Q4_K_M, {name: Q4_K_R, target: {bpw: 5.5}}], imatrix: auto}\nquality: false\n")
     work = tmp_path / "work"
     code, output = _run("release", recipe, "-o", work)

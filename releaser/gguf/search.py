@@ -29,7 +29,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from ..errors import ConfigError
 from ..stage import Reporter
 from .imatrix_weights import Imatrix
-from .mixes import QuantSpec, allows_quantization
+from .mixes import QuantSpec, allows_quantization, tensor_types
 
 CANDIDATES = (T.Q2_K, T.IQ3_XXS, T.Q3_K, T.IQ3_S, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.IQ4_NL, T.Q5_0, T.Q5_1)
 PROBES = (T.Q4_K, T.Q4_0)   # the type a group is measured at: the first its rows take
@@ -83,12 +83,14 @@ class SearchResult:
     seconds: float
     counts: dict[str, int] = field(default_factory=dict)   # type -> tensors
     errors_seconds: float = 0.0     # of ``seconds``: the quantization errors (the rest: the sensitivities)
+    reference: dict = field(default_factory=dict)   # llama.cpp's mix of the base's name: its bpw and predicted KLD
 
     def facts(self) -> dict:
         return {"target": str(self.target), "bits_per_weight": round(self.bits_per_weight, 4),
                 "tensor_bytes": self.tensor_bytes, "predicted_kld": round(self.predicted_kld, 6),
                 "types": self.counts, "sensitivity": {g: round(k, 6) for g, k in self.sensitivity.items()},
-                "seconds": round(self.seconds, 1), "errors_seconds": round(self.errors_seconds, 1)}
+                "seconds": round(self.seconds, 1), "errors_seconds": round(self.errors_seconds, 1),
+                "reference": self.reference}
 
 
 def _nbytes(shape, qtype: T) -> int:
@@ -382,8 +384,16 @@ def search_recipe(model_dir: str | os.PathLike, spec: QuantSpec, imatrix: Imatri
         weight[q] += math.prod(shapes[n])
     base = spec.base or LABEL[max(weight, key=weight.get)]
     found = replace(spec, base=base, tensor_types=_patterns(types, conv.n_layer))
+    # llama.cpp's own mix of that name, predicted the same way (tensors it gives a type the search has no error for,
+    # such as F16, count at no KLD)
+    mix = dict(zip((p.name for p in conv.plan), tensor_types([p.desc for p in conv.plan], base, conv.shape, True)))
+    reference = {"quant": base, "bits_per_weight": round(sum(_nbytes(p.shape, mix[p.name]) for p in conv.plan) * 8
+                                                         / params, 4),
+                 "predicted_kld": round(sum(alpha[_group(n, conv.n_layer)] * errors[n].get(mix[n], 0.0)
+                                            for n in types), 6)}
     counts = defaultdict(int)
     for q in types.values():
         counts[q.name] += 1
     return SearchResult(found, target, {n: q.name for n, q in types.items()}, tensor_bytes, tensor_bytes * 8 / params,
-                        predicted, measured, time.perf_counter() - start, dict(sorted(counts.items())), errors_s)
+                        predicted, measured, time.perf_counter() - start, dict(sorted(counts.items())), errors_s,
+                        reference)

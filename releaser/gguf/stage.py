@@ -58,6 +58,7 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
         im = load_imatrix(source)   # recorded as written in the recipe (auto: the file's name), not where it lies
         im = im.__class__(source.name if options.imatrix == "auto" else options.imatrix, im.weights, im.datasets,
                           im.chunk_count)
+    reporter = reporter or Reporter()
     specs, searches = options.specs(), {}
     for i, spec in enumerate(specs):
         if spec.searched:   # the options checked there is an imatrix
