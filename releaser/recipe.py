@@ -82,6 +82,13 @@ class Recipe(_Strict):
             object.__setattr__(self, "author", self.name.split("/", 1)[0])
         if self.version is None:
             object.__setattr__(self, "version", self.releases[0].version if self.releases else "1.0")
+        if self.mlx is not None and self.mlx.source == "awq":
+            if self.awq is None:
+                raise ValueError("mlx.source awq repacks the AWQ pass's codes, and the recipe has no awq: section; "
+                                 "add one (awq: {} for the defaults) or set mlx.source rtn")
+            if self.mlx.bits != 4:
+                raise ValueError(f"mlx.source awq gives 4-bit weights, and mlx.bits is {self.mlx.bits}; set bits 4 "
+                                 "or source rtn")
         derived_ids = self._derived()
         for section, derived in derived_ids.items():
             if derived is not None and getattr(self.publish.repos, section) is None:
@@ -117,6 +124,17 @@ class Recipe(_Strict):
         repos = self.publish.repos
         made = self._derived()
         return QuantRepos(**{k: getattr(repos, k) or v for k, v in made.items()})
+
+    @property
+    def mlx_source(self) -> str | None:
+        """Where the MLX weights come from: "awq" (the AWQ pass's codes) or "rtn" (MLX's rounding of the main
+        folder); None without an mlx: section."""
+        m = self.mlx
+        if m is None:
+            return None
+        if m.source == "auto":
+            return "awq" if self.awq is not None and m.bits == 4 else "rtn"
+        return m.source
 
     @property
     def main_repo(self) -> str:

@@ -264,15 +264,19 @@ def _w4a16_call(r: Release) -> Call:
 
 
 def _mlx_depends(r: Release) -> dict:
-    """Rounded from the main folder (every file: the tokenizer files are copied beside the weights; a run takes
-    seconds), with the options and the code."""
-    return {"options": r.recipe.mlx.model_dump(mode="json"), "main": {f["path"]: f["sha256"]
-                                                                      for f in _files(r, "tokenizer")},
-            "code": code_versions(MLX_CODE)}
+    """Repacked from the AWQ folder or rounded from the main folder (every file of it: the tokenizer files are
+    copied beside the weights; a run takes seconds), with the options and the code."""
+    options = r.recipe.mlx.model_dump(mode="json")
+    if r.recipe.mlx_source == "awq":
+        source = {"awq": {f["path"]: f["sha256"] for f in _files(r, "awq")}}
+    else:
+        source = {"main": {f["path"]: f["sha256"] for f in _files(r, "tokenizer")}}
+    return {"options": {**options, "source": r.recipe.mlx_source}, **source, "code": code_versions(MLX_CODE)}
 
 
 def _mlx_call(r: Release) -> Call:
-    return r.recipe.mlx, r.main_dir, r.mlx_dir, {"overwrite": True}
+    source = r.awq_dir if r.recipe.mlx_source == "awq" else r.main_dir
+    return r.recipe.mlx, source, r.mlx_dir, {"overwrite": True}
 
 
 # -- quality: PPL and KLD of every artefact against the main folder ----------------------------------------------------
