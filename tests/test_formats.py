@@ -440,3 +440,24 @@ def test_recipe_mlx_source_auto_is_awq_with_an_awq_pass_and_awq_needs_one():
         with pytest.raises((ReleaserError, ValueError)) as exc:
             Recipe(**base, mlx=mlx, **({"awq": awq} if awq is not None else {}))
         assert words in str(exc.value)
+
+
+def test_awq_left_out_leaves_out_what_is_made_of_it(tmp_path):
+    """--skip awq on a fresh work folder: W4A16 and MLX from the AWQ codes are not applicable (no folder to make them
+    of), not a missing-folder error; MLX rounded by MLX still runs."""
+    from releaser.pipeline.run import run_release
+
+    model = _model(tmp_path, "qwen3")
+    recipe = tmp_path / "r.yaml"
+    text = f"name: alice/Tiny-Skip\ndescription: d.\nmodel: {model}\nquality: false\n" \
+           "awq: {samples: 8, seqlen: 64, formats: [autoawq, compressed-tensors]}\n"
+    recipe.write_text(text + "mlx: {group_size: 32}\n")
+    result = run_release(recipe, tmp_path / "w1", skip=["awq", "publish"])
+    status = {s.name: (s.status, s.reason) for s in result.stages}
+    assert status["w4a16"] == status["mlx"] == ("not applicable", "no AWQ folder in this run (awq left out and never "
+                                                                  "made)"), status
+    assert not (tmp_path / "w1" / "Tiny-Skip-MLX-4bit").exists()
+    recipe.write_text(text + "mlx: {group_size: 32, source: rtn}\n")
+    result = run_release(recipe, tmp_path / "w2", skip=["awq", "publish"])
+    assert {s.name: s.status for s in result.stages}["mlx"] == "ran"
+    assert (tmp_path / "w2" / "Tiny-Skip-MLX-4bit" / "README.md").is_file()

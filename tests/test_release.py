@@ -142,7 +142,7 @@ def test_re_release_of_a_tokenizer_fix_touches_no_weights(demo, tmp_path):
     changed = {k for k in before if before[k] != after.get(k)}
     repos = {k for k in changed if not k.startswith("published/")}
     assert repos == {f"{NAME}/chat_template.jinja", f"{NAME}/README.md", f"{NAME}-GGUF/README.md",
-                     f"{NAME}-GGUF/{NAME}-Q4_K_M.gguf", f"{NAME}-GGUF/{NAME}-Q8_0.gguf",
+                     f"{NAME}-GGUF/{NAME}-Q4_K_M.gguf", f"{NAME}-GGUF/{NAME}-Q8_0.gguf", f"{NAME}-GGUF/model.yaml",
                      f"{NAME}-AWQ/chat_template.jinja", f"{NAME}-AWQ/README.md", f"{NAME}-W4A16/chat_template.jinja",
                      f"{NAME}-W4A16/README.md", f"{NAME}-MLX-4bit/chat_template.jinja", f"{NAME}-MLX-4bit/README.md",
                      "quality.json"}, repos
