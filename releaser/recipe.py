@@ -88,6 +88,13 @@ class Recipe(_Strict):
         if self.imatrix is not None and (self.gguf is None or self.gguf.imatrix != "auto"):
             raise ValueError("imatrix: says how the release computes its importance matrix, which it does only for "
                              "gguf: {imatrix: auto}; set that, or drop the imatrix: section")
+        if self.mlx is not None and self.mlx.source == "awq":
+            if self.awq is None:
+                raise ValueError("mlx.source awq repacks the AWQ pass's codes, and the recipe has no awq: section; "
+                                 "add one (awq: {} for the defaults) or set mlx.source rtn")
+            if self.mlx.bits != 4:
+                raise ValueError(f"mlx.source awq gives 4-bit weights, and mlx.bits is {self.mlx.bits}; set bits 4 "
+                                 "or source rtn")
         derived_ids = self._derived()
         for section, derived in derived_ids.items():
             if derived is not None and getattr(self.publish.repos, section) is None:
@@ -123,6 +130,17 @@ class Recipe(_Strict):
         repos = self.publish.repos
         made = self._derived()
         return QuantRepos(**{k: getattr(repos, k) or v for k, v in made.items()})
+
+    @property
+    def mlx_source(self) -> str | None:
+        """Where the MLX weights come from: "awq" (the AWQ pass's codes) or "rtn" (MLX's rounding of the main
+        folder); None without an mlx: section."""
+        m = self.mlx
+        if m is None:
+            return None
+        if m.source == "auto":
+            return "awq" if self.awq is not None and m.bits == 4 else "rtn"
+        return m.source
 
     @property
     def main_repo(self) -> str:

@@ -153,7 +153,7 @@ def mlx_folders(tmp_path_factory):
     for fam in MLX_FAMILIES:
         model = _model(root, fam, "bfloat16")
         ours = root / f"{fam}-MLX-4bit"
-        quantize_folder(MLXOptions(), model, ours)
+        quantize_folder(MLXOptions(embedding_bits=4), model, ours)   # mlx_lm.convert -q's recipe
         ref = root / f"{fam}-mlx-lm"
         mlx_convert(str(model), mlx_path=str(ref), quantize=True, q_group_size=64, q_bits=4)
         out[fam] = (model, ours, ref)
@@ -244,14 +244,81 @@ def test_mlx_of_an_moe_stacks_the_experts_and_keeps_the_router(tmp_path):
     torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-4)
 
 
-def test_mlx_refuses_a_quantized_input(w4a16, tmp_path):
+def test_mlx_refuses_a_w4a16_input_and_8_bits_of_an_awq_folder(w4a16, tmp_path):
     from releaser.errors import ReleaserError
     from releaser.formats.mlx import quantize_folder
     from releaser.formats.options import MLXOptions
 
-    with pytest.raises(ReleaserError) as exc:
-        quantize_folder(MLXOptions(), w4a16[1], tmp_path / "x")
-    assert "\n" not in str(exc.value)
+    for folder, options in ((w4a16[2], MLXOptions()), (w4a16[1], MLXOptions(bits=8))):
+        with pytest.raises(ReleaserError) as exc:
+            quantize_folder(options, folder, tmp_path / "x")
+        assert "\n" not in str(exc.value) and not (tmp_path / "x").exists()
+    assert "bits 4" in str(exc.value)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3moe"])
+def test_mlx_of_an_awq_folder_is_the_awq_weights_as_mlx_lm_reads_them(tmp_path, family):
+    """MLX from the AWQ pass (source awq): every linear's weight, scales and biases equal what mlx-lm's own AutoAWQ
+    loader makes of the AWQ folder, the norms are the AWQ folder's (they carry its scales), the embedding is rounded
+    to 8 bits (config.json's per-layer entry says so, mlx-lm follows it), and mlx-lm's logits equal our dequantized
+    model's."""
+    mx = require("mlx.core")
+    from mlx.utils import tree_flatten
+    from mlx_lm import load as mlx_load
+
+    from releaser.awq.pack import dequantize
+    from releaser.formats.mlx import dequantize_mlx, quantize_folder
+    from releaser.formats.options import MLXOptions
+    from releaser.quality.load import Artefact, load
+
+    model = _model(tmp_path, family, "float32")
+    if family == "qwen3moe":
+        cfg = json.loads((model / "config.json").read_text())
+        cfg.update(num_experts=4, rope_theta=cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+        (model / "config.json").write_text(json.dumps(cfg))
+    awq = rtn_awq(model, tmp_path / "tiny-AWQ", group_size=32)
+    out = tmp_path / "tiny-MLX-4bit"
+    result = quantize_folder(MLXOptions(), awq, out)
+    assert result.facts["source"] == "awq" and result.facts["embedding_bits"] == 8
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    ours = mx.load(str(out / "model.safetensors"))
+    awq_t = mx.load(str(awq / "model.safetensors"))
+    eight = {"group_size": 64, "bits": 8, "mode": "affine"}
+    assert "lm_head.weight" in awq_t and ours["lm_head.weight"].dtype == mx.uint32   # untied: the head is 8-bit too
+    assert q == {"group_size": 32, "bits": 4, "mode": "affine", "model.embed_tokens": eight, "lm_head": eight}
+    t = lambda a: torch.from_numpy(np.array(a.astype(mx.float32)))   # noqa: E731
+    linears = [n.removesuffix(".scales") for n in ours if n.endswith(".scales") and ".layers." in n]
+    assert len(linears) >= 14
+    for base in linears:   # each linear (each expert of a stacked switch_mlp) is the AWQ folder's, repacked
+        experts = ours[base + ".scales"].ndim == 3
+        for e in range(4 if experts else 1):
+            src = base.replace(".switch_mlp.", f".experts.{e}.") if experts else base
+            w = dequantize(*(torch.from_numpy(np.array(awq_t[src + p])) for p in (".qweight", ".qzeros", ".scales")),
+                           32)
+            mine = dequantize_mlx(*(torch.from_numpy(np.array(ours[base + p][e] if experts else ours[base + p]))
+                                    for p in (".weight", ".scales", ".biases")), 4, 32)
+            torch.testing.assert_close(mine, w, rtol=0, atol=1e-3)
+    if family == "qwen3":   # mlx-lm's own AutoAWQ reader makes the same tensors of the AWQ folder
+        theirs_model, _ = mlx_load(str(awq))
+        theirs = dict(tree_flatten(theirs_model.parameters()))
+        for base in linears:
+            for part in (".weight", ".scales", ".biases"):
+                assert ours[base + part].dtype == theirs[base + part].dtype, base + part
+                assert mx.array_equal(ours[base + part], theirs[base + part]).item(), base + part
+    for name, a in ours.items():
+        if "norm" in name:
+            assert mx.array_equal(a, awq_t[name]).item(), name
+    emb = dequantize_mlx(*(torch.from_numpy(np.array(ours["model.embed_tokens" + p])) for p in
+                           (".weight", ".scales", ".biases")), 8, 64)
+    torch.testing.assert_close(emb, t(awq_t["model.embed_tokens.weight"]), rtol=0, atol=4e-3)
+    mlx_model, _ = mlx_load(str(out))
+    params = dict(tree_flatten(mlx_model.parameters()))
+    assert params["model.embed_tokens.weight"].shape == (256, 64 * 8 // 32)
+    mlx_model.set_dtype(mx.float32)
+    mine_model = load(Artefact(out, "mlx", "MLX-4bit", out.name))
+    with torch.no_grad():
+        mine = mine_model(torch.tensor(IDS)).logits[0]
+    torch.testing.assert_close(t(mlx_model(mx.array(IDS)))[0], mine, rtol=0, atol=1e-4)
 
 
 # -------------------------------------------------------------------------------------------------------- release
@@ -285,6 +352,9 @@ quality: {{ctx: 64, chunks: 2, stop_test: false}}
     awq, ct, mlx = (rows[f"Tiny-Formats-{k}"] for k in ("AWQ", "W4A16", "MLX-4bit"))
     assert ct["kld_mean"] == awq["kld_mean"] and ct["ppl"] == awq["ppl"] and ct["quant"] == "W4A16"
     assert mlx["quant"] == "MLX-4bit" and 0 < mlx["kld_mean"] < 0.3 and report["gate"]["passed"]
+    # MLX from the AWQ pass (mlx.source auto with an awq: section): its calibration facts travel with the codes
+    assert (work / "Tiny-Formats-MLX-4bit" / "awq_calibration.json").read_bytes() == \
+        (work / "Tiny-Formats-AWQ" / "awq_calibration.json").read_bytes()
     main_card = (work / "Tiny-Formats" / "README.md").read_text()
     for repo in ("alice/Tiny-Formats-AWQ", "alice/Tiny-Formats-W4A16", "alice/Tiny-Formats-MLX-4bit"):
         assert f"[{repo}](https://huggingface.co/{repo})" in main_card
@@ -295,6 +365,7 @@ quality: {{ctx: 64, chunks: 2, stop_test: false}}
     assert "library_name: transformers" in ct_card and "compressed-tensors" in ct_card
     mlx_card = (work / "Tiny-Formats-MLX-4bit" / "README.md").read_text()
     assert "mlx_lm.generate --model alice/Tiny-Formats-MLX-4bit" in mlx_card and "library_name: mlx" in mlx_card
+    assert "the codes of an AWQ pass" in mlx_card and "| Embedding and output head | 8-bit |" in mlx_card
     for repo in ("Tiny-Formats-W4A16", "Tiny-Formats-MLX-4bit"):
         published = work / "published" / "alice" / repo
         assert (published / "README.md").read_bytes() == (work / repo / "README.md").read_bytes()
@@ -318,3 +389,76 @@ def test_gate_refuses_a_format_folder_whose_tokenizer_differs(tmp_path):
     config.write_text(config.read_text().replace("}", ', "x": 1}', 1))
     with pytest.raises(GateError, match="Tiny-Gate-MLX-4bit: tokenizer_config.json differs from the main folder's"):
         run_release(recipe, work, only=["publish"])
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_w4a16_and_mlx_write_folders_and_say_so_in_one_line(w4a16, tmp_path):
+    """`releaser w4a16 AWQ_DIR -o OUT` and `releaser mlx MODEL_DIR -o OUT` (of the unquantized folder with the
+    flags, of the AWQ folder with the defaults): a summary line each; bad input is one line and no folder."""
+    from typer.testing import CliRunner
+
+    from releaser.cli import app
+
+    model, awq, _, _ = w4a16
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])   # noqa: E731
+    r = run("w4a16", awq, "-o", tmp_path / "ct", "-q")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("w4a16 W4A16 (compressed-tensors pack-quantized, g32)") and "linears" in r.output
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["format"] == \
+        "pack-quantized"
+    r = run("mlx", model, "-o", tmp_path / "rtn", "--bits", "8", "--group-size", "32", "--embedding-bits", "16", "-q")
+    assert r.exit_code == 0, r.output
+    assert "MLX 8-bit g32 of" in r.output and "rounded by MLX" in r.output
+    q = json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization"]
+    assert q == {"group_size": 32, "bits": 8, "mode": "affine"}   # embedding and head kept in float: no entry
+    r = run("mlx", awq, "-o", tmp_path / "awq", "-q")
+    assert r.exit_code == 0, r.output
+    assert "MLX 4-bit g32 of tiny-AWQ (AWQ codes repacked)" in r.output
+    for args, words in ((("mlx", awq, "-o", tmp_path / "x", "--bits", "8"), "bits 4"),
+                        (("mlx", model, "-o", tmp_path / "x", "--group-size", "48"), "--group-size: Input should be 32, 64 or 128"),
+                        (("w4a16", model, "-o", tmp_path / "x"), "not an AWQ checkpoint"),
+                        (("mlx", tmp_path / "ct", "-o", tmp_path / "x"), "already quantized")):
+        r = run(*args)
+        assert r.exit_code != 0 and words in r.output, (args, r.output)
+        assert r.output.startswith("error:") and r.output.count("\n") == 1, r.output
+        assert not (tmp_path / "x").exists()
+
+
+def test_recipe_mlx_source_auto_is_awq_with_an_awq_pass_and_awq_needs_one():
+    from releaser.errors import ReleaserError
+    from releaser.recipe import Recipe
+
+    base = {"name": "a/B", "description": "d", "model": "m"}
+    assert Recipe(**base, mlx={}).mlx_source == "rtn"
+    assert Recipe(**base, mlx={}, awq={}).mlx_source == "awq"
+    assert Recipe(**base, mlx={"bits": 8}, awq={}).mlx_source == "rtn"
+    assert Recipe(**base, mlx={"source": "rtn"}, awq={}).mlx_source == "rtn"
+    assert Recipe(**base).mlx_source is None
+    for mlx, awq, words in (({"source": "awq"}, None, "no awq: section"),
+                            ({"source": "awq", "bits": 8}, {}, "set bits 4")):
+        with pytest.raises((ReleaserError, ValueError)) as exc:
+            Recipe(**base, mlx=mlx, **({"awq": awq} if awq is not None else {}))
+        assert words in str(exc.value)
+
+
+def test_awq_left_out_leaves_out_what_is_made_of_it(tmp_path):
+    """--skip awq on a fresh work folder: W4A16 and MLX from the AWQ codes are not applicable (no folder to make them
+    of), not a missing-folder error; MLX rounded by MLX still runs."""
+    from releaser.pipeline.run import run_release
+
+    model = _model(tmp_path, "qwen3")
+    recipe = tmp_path / "r.yaml"
+    text = f"name: alice/Tiny-Skip\ndescription: d.\nmodel: {model}\nquality: false\n" \
+           "awq: {samples: 8, seqlen: 64, formats: [autoawq, compressed-tensors]}\n"
+    recipe.write_text(text + "mlx: {group_size: 32}\n")
+    result = run_release(recipe, tmp_path / "w1", skip=["awq", "publish"])
+    status = {s.name: (s.status, s.reason) for s in result.stages}
+    assert status["w4a16"] == status["mlx"] == ("not applicable", "no AWQ folder in this run (awq left out and never "
+                                                                  "made)"), status
+    assert not (tmp_path / "w1" / "Tiny-Skip-MLX-4bit").exists()
+    recipe.write_text(text + "mlx: {group_size: 32, source: rtn}\n")
+    result = run_release(recipe, tmp_path / "w2", skip=["awq", "publish"])
+    assert {s.name: s.status for s in result.stages}["mlx"] == "ran"
+    assert (tmp_path / "w2" / "Tiny-Skip-MLX-4bit" / "README.md").is_file()

@@ -47,13 +47,19 @@ def test_release_folders_mirror_the_repos(demo):
     assert {"model.safetensors", "config.json", "awq_calibration.json", "tokenizer.json", "chat_template.jinja",
             "README.md"} <= {p.name for p in awq.iterdir()}
     assert json.loads((awq / "config.json").read_text())["quantization_config"]["version"] == "gemm"
+    ct, mlx = work / f"{NAME}-W4A16", work / f"{NAME}-MLX-4bit"   # the same AWQ codes in two more formats
+    assert json.loads((ct / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    q = json.loads((mlx / "config.json").read_text())["quantization"]
+    assert q["bits"] == 4 and q["group_size"] == 64 and q["model.embed_tokens"]["bits"] == 8
+    assert (mlx / "awq_calibration.json").read_bytes() == (awq / "awq_calibration.json").read_bytes()
     for name in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):   # the fixed tokenizer
-        assert (awq / name).read_bytes() == (main / name).read_bytes(), name
-    for folder in (quants, awq):
+        for folder in (awq, ct, mlx):
+            assert (folder / name).read_bytes() == (main / name).read_bytes(), (folder.name, name)
+    for folder in (quants, awq, ct, mlx):
         card = (folder / "README.md").read_text()
         assert "base_model_relation: quantized" in card and "quantized_by: demo" in card and "apache-2.0" in card
     # the published mirror (dir: target) equals the repo folders byte for byte
-    for repo in (NAME, f"{NAME}-GGUF", f"{NAME}-AWQ"):
+    for repo in (NAME, f"{NAME}-GGUF", f"{NAME}-AWQ", f"{NAME}-W4A16", f"{NAME}-MLX-4bit"):
         assert hashes(work / "published" / "demo" / repo) == hashes(work / repo)
     # nothing temporary is left anywhere
     assert not [p for p in work.rglob("*") if ".releaser-" in p.name]
@@ -63,8 +69,8 @@ def test_manifest_records_inputs_versions_stages_and_artefacts(demo):
     _, work, _ = demo
     m = _manifest(work)
     assert m["release"] == f"demo/{NAME}" and m["versions"]["releaser"] and m["versions"]["torch"]
-    assert sorted(m["stages"]) == ["awq", "cards", "gguf", "merge", "publish", "quality", "runtimes", "tokenizer",
-                                   "verify"]
+    assert sorted(m["stages"]) == ["awq", "cards", "gguf", "merge", "mlx", "publish", "quality", "runtimes",
+                                   "tokenizer", "verify", "w4a16"]
     audit = m["stages"]["verify"]["facts"]["stop_audit"]   # the demo's model ends most answers, with <|im_end|>
     assert audit["answers"] == 16 and audit["share_ended"] >= 0.5 and audit["endings"] == {"<|im_end|>": 2}, audit
     inputs = m["inputs"]   # the two parents and the LoRA folded into the second
@@ -82,14 +88,14 @@ def test_manifest_records_inputs_versions_stages_and_artefacts(demo):
 
 def test_quality_is_measured_recorded_and_in_the_cards(demo):
     """Every quant of the release is measured against the main folder; the figures are in the manifest, in
-    quality.json and in the GGUF and AWQ cards."""
+    quality.json and in the GGUF, AWQ and MLX cards;"""
     _, work, _ = demo
     m = _manifest(work)
     report = json.loads((work / "quality.json").read_text())
     assert {k: v for k, v in m["stages"]["quality"]["facts"].items() if k != "seconds"} == report
     assert m["stages"]["quality"]["facts"]["seconds"]["total"] > 0   # run times: in the manifest, not the report
     rows = {r["quant"]: r for r in report["artefacts"]}
-    assert sorted(rows) == ["AWQ", "Q4_K_M", "Q8_0"]
+    assert sorted(rows) == ["AWQ", "MLX-4bit", "Q4_K_M", "Q8_0", "W4A16"]
     assert report["model"]["path"] == NAME   # relative to the work folder: the bytes do not depend on where it is
     assert 0 < rows["Q8_0"]["kld_mean"] < rows["Q4_K_M"]["kld_mean"] < 0.2
     assert 0 < rows["AWQ"]["kld_mean"] < 0.3 and report["gate"]["passed"] and report["stop_test"]["passed"]
@@ -98,6 +104,11 @@ def test_quality_is_measured_recorded_and_in_the_cards(demo):
     assert f"{q4['ppl']:.3f}" in gguf_card and f"{q4['kld_mean']:.4f}" in gguf_card
     awq_card = (work / f"{NAME}-AWQ" / "README.md").read_text()
     assert f"{rows['AWQ']['ppl']:.3f}" in awq_card and "King James" in awq_card
+    # W4A16 is the AWQ weights; MLX the AWQ codes with an 8-bit embedding/head: about AWQ's figures, well in its gate
+    assert rows["W4A16"]["kld_mean"] == rows["AWQ"]["kld_mean"]
+    assert 0 < rows["MLX-4bit"]["kld_mean"] < 1.5 * rows["AWQ"]["kld_mean"] < rows["MLX-4bit"]["max_kld"]
+    mlx_card = (work / f"{NAME}-MLX-4bit" / "README.md").read_text()
+    assert f"{rows['MLX-4bit']['ppl']:.3f}" in mlx_card and "the codes of an AWQ pass" in mlx_card
 
 
 def test_second_run_is_a_fast_no_op(demo, tmp_path):
@@ -133,8 +144,10 @@ def test_re_release_of_a_tokenizer_fix_touches_no_weights(demo, tmp_path):
     changed = {k for k in before if before[k] != after.get(k)}
     repos = {k for k in changed if not k.startswith("published/")}
     assert repos == {f"{NAME}/chat_template.jinja", f"{NAME}/README.md", f"{NAME}-GGUF/README.md",
-                     f"{NAME}-GGUF/{NAME}-Q4_K_M.gguf", f"{NAME}-GGUF/{NAME}-Q8_0.gguf",
-                     f"{NAME}-AWQ/chat_template.jinja", f"{NAME}-AWQ/README.md", "quality.json"}, repos
+                     f"{NAME}-GGUF/{NAME}-Q4_K_M.gguf", f"{NAME}-GGUF/{NAME}-Q8_0.gguf", f"{NAME}-GGUF/model.yaml",
+                     f"{NAME}-AWQ/chat_template.jinja", f"{NAME}-AWQ/README.md", f"{NAME}-W4A16/chat_template.jinja",
+                     f"{NAME}-W4A16/README.md", f"{NAME}-MLX-4bit/chat_template.jinja", f"{NAME}-MLX-4bit/README.md",
+                     "quality.json"}, repos
     assert (copy / f"{NAME}-GGUF" / "system").read_text() == "You are a careful assistant.\n"   # Ollama's, new
     m = _manifest(copy)
     assert m["stages"]["gguf"]["facts"]["metadata_only"] is True

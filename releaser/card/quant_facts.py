@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import CheckpointReader
+from ..checkpoint import CheckpointReader, architecture_for
 from ..errors import ModelError
 from .facts import architecture_of, hf_prompt_facts, read_json, weights_size
 from ..runtimes.files import FILES as RUNTIME_FILES
@@ -344,6 +344,8 @@ class MLXFacts:
     group_size: int
     weights_size: int
     prompt: PromptFacts
+    embedding_bits: int | None = None         # the token embedding's (and head's) bits; None: kept in float
+    calibration: CalibrationFacts | None = None   # the AWQ pass's, when the codes are its (awq_calibration.json)
 
 
 def _parameters(reader: CheckpointReader, packed: dict[str, int], skip: tuple[str, ...]) -> int:
@@ -375,13 +377,18 @@ def w4a16_facts(folder: Path) -> W4A16Facts:
 
 def mlx_facts(folder: Path) -> MLXFacts:
     reader = CheckpointReader(folder)
+    from ..formats.mlx import layer_quantization
+
     q = reader.config["quantization"]
     bits = int(q["bits"])
-    quantized = {n.removesuffix(".scales") + ".weight" for n in reader.tensors if n.endswith(".scales")}
+    quantized = {n.removesuffix(".scales") for n in reader.tensors if n.endswith(".scales")}
     params = 0
     for name, info in reader.tensors.items():
         if name.endswith((".scales", ".biases")):
             continue
-        params += math.prod(info.shape) * (32 // bits if name in quantized else 1)
+        base = name.removesuffix(".weight")
+        params += math.prod(info.shape) * (32 // layer_quantization(q, base)[0] if base in quantized else 1)
+    embed = architecture_for(reader.config, str(folder)).embed.removesuffix(".weight")
+    embedding_bits = layer_quantization(q, embed)[0] if embed in quantized else None
     return MLXFacts("mlx", folder, architecture_of(reader.config, folder), params, bits, int(q["group_size"]),
-                    weights_size(reader), hf_prompt_facts(folder))
+                    weights_size(reader), hf_prompt_facts(folder), embedding_bits, _calibration(folder))

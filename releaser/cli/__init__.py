@@ -20,6 +20,7 @@ from rich.markup import escape
 from ..atomic import release_all
 from ..awq.options import AWQOptions
 from ..errors import ReleaserError
+from ..formats.options import MLXOptions
 from ..gguf.options import GGUFOptions
 from ..imatrix.options import ImatrixOptions
 from ..merge.options import MergeOptions
@@ -422,6 +423,43 @@ def awq_cmd(
                                device=device, search_tokens=search_tokens)
     result = run_awq(options, model_dir, out_dir, _reporter(quiet), overwrite=overwrite)
     out.print(f"[green]awq[/] {result.summary} ({len(result.files)} files, {_human(result.bytes)})", highlight=False)
+
+
+@app.command("w4a16")
+@friendly
+def w4a16_cmd(
+    awq_dir: Path = typer.Argument(..., metavar="AWQ_DIR", help="An AWQ GEMM folder (releaser awq's)."),
+    out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the W4A16 checkpoint (written atomically)."),
+    overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Write an AWQ folder's codes, zero points and scales as compressed-tensors pack-quantized W4A16 (vLLM, SGLang,
+    transformers + compressed-tensors): a repack, no rounding."""
+    from ..formats.w4a16 import convert
+
+    result = convert(awq_dir, out_dir, _reporter(quiet), overwrite=overwrite)
+    out.print(f"[green]w4a16[/] {result.summary} ({len(result.files)} files, {_human(result.bytes)})", highlight=False)
+
+
+@app.command("mlx")
+@friendly
+def mlx_cmd(
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="An unquantized Hugging Face model folder "
+                                     "(rounded as mlx_lm.convert -q rounds) or an AWQ GEMM folder (its 4-bit codes "
+                                     "repacked, its group size kept)."),
+    out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the MLX checkpoint (written atomically)."),
+    bits: int = option(MLXOptions, "bits", "--bits"),
+    group_size: int = option(MLXOptions, "group_size", "--group-size"),
+    embedding_bits: int = option(MLXOptions, "embedding_bits", "--embedding-bits"),
+    overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Write an MLX affine-quantized folder (mlx-lm's layout and config) of a model folder or of an AWQ folder."""
+    from ..formats.mlx import quantize_folder
+
+    options = MLXOptions.build(bits=bits, group_size=group_size, embedding_bits=embedding_bits)
+    result = quantize_folder(options, model_dir, out_dir, _reporter(quiet), overwrite=overwrite)
+    out.print(f"[green]mlx[/] {result.summary} ({len(result.files)} files, {_human(result.bytes)})", highlight=False)
 
 
 @app.command("awq-eval")

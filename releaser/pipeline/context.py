@@ -92,9 +92,10 @@ class Release:
         quants = self.recipe.quants
         if quants.awq is not None and self._made("awq"):
             repos[quants.awq] = self.awq_dir
-        if quants.w4a16 is not None and self._made("w4a16"):
+        awq = self._made("awq")   # W4A16, and MLX from the AWQ codes, are made of the AWQ folder
+        if quants.w4a16 is not None and self._made("w4a16") and awq:
             repos[quants.w4a16] = self.w4a16_dir
-        if quants.mlx is not None and self._made("mlx"):
+        if quants.mlx is not None and self._made("mlx") and (awq or self.recipe.mlx_source != "awq"):
             repos[quants.mlx] = self.mlx_dir
         return repos
 

@@ -250,7 +250,10 @@ def _validate(r: Release) -> dict[str, str]:
         if a.formats != ["autoawq"]:
             detail["awq"] += f", written as {' and '.join(a.formats)}"
     if r.recipe.mlx is not None:
-        detail["mlx"] = f"MLX affine {r.recipe.mlx.bits}-bit g{r.recipe.mlx.group_size}"
+        m = r.recipe.mlx
+        head = "in float" if m.embedding_bits == 16 else f"{m.embedding_bits}-bit"
+        detail["mlx"] = ("MLX affine 4-bit from the AWQ pass's codes" if r.recipe.mlx_source == "awq" else
+                         f"MLX affine {m.bits}-bit g{m.group_size}") + f", embedding and head {head}"
     if r.recipe.quality is not False:
         q = r.recipe.quality
         if q.text != "builtin" and not r.local(q.text).is_file():

@@ -274,8 +274,19 @@ W4A16_CODE = ("releaser.formats", "releaser.awq.pack", "releaser.checkpoint")
 MLX_CODE = ("releaser.formats", "releaser.awq.pack", "releaser.arch", "releaser.checkpoint", "torch")
 
 
+AWQ_LEFT_OUT = "no AWQ folder in this run (awq left out and never made)"
+
+
 def _w4a16_applies(r: Release) -> str | None:
-    return None if r.recipe.quants.w4a16 is not None else "awq.formats has no compressed-tensors"
+    if r.recipe.quants.w4a16 is None:
+        return "awq.formats has no compressed-tensors"
+    return None if r._made("awq") else AWQ_LEFT_OUT
+
+
+def _mlx_applies(r: Release) -> str | None:
+    if r.recipe.mlx is None:
+        return "the recipe has no mlx: section"
+    return AWQ_LEFT_OUT if r.recipe.mlx_source == "awq" and not r._made("awq") else None
 
 
 def _w4a16_depends(r: Release) -> dict:
@@ -290,15 +301,19 @@ def _w4a16_call(r: Release) -> Call:
 
 
 def _mlx_depends(r: Release) -> dict:
-    """Rounded from the main folder (every file: the tokenizer files are copied beside the weights; a run takes
-    seconds), with the options and the code."""
-    return {"options": r.recipe.mlx.model_dump(mode="json"), "main": {f["path"]: f["sha256"]
-                                                                      for f in _files(r, "tokenizer")},
-            "code": code_versions(MLX_CODE)}
+    """Repacked from the AWQ folder or rounded from the main folder (every file of it: the tokenizer files are
+    copied beside the weights; a run takes seconds), with the options and the code."""
+    options = r.recipe.mlx.model_dump(mode="json")
+    if r.recipe.mlx_source == "awq":
+        source = {"awq": {f["path"]: f["sha256"] for f in _files(r, "awq")}}
+    else:
+        source = {"main": {f["path"]: f["sha256"] for f in _files(r, "tokenizer")}}
+    return {"options": {**options, "source": r.recipe.mlx_source}, **source, "code": code_versions(MLX_CODE)}
 
 
 def _mlx_call(r: Release) -> Call:
-    return r.recipe.mlx, r.main_dir, r.mlx_dir, {"overwrite": True}
+    source = r.awq_dir if r.recipe.mlx_source == "awq" else r.main_dir
+    return r.recipe.mlx, source, r.mlx_dir, {"overwrite": True}
 
 
 # -- quality: PPL and KLD of every artefact against the main folder ----------------------------------------------------
@@ -411,7 +426,7 @@ STEPS = [
          ("releaser.runtimes", "releaser.gguf", "releaser.card", "pyyaml")),
     Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, "awq.stage", _awq_call, AWQ_CODE),
     Step("w4a16", _w4a16_applies, _w4a16_depends, lambda r: r.w4a16_dir, "formats.w4a16", _w4a16_call, W4A16_CODE),
-    Step("mlx", _needs("mlx"), _mlx_depends, lambda r: r.mlx_dir, "formats.mlx", _mlx_call, MLX_CODE),
+    Step("mlx", _mlx_applies, _mlx_depends, lambda r: r.mlx_dir, "formats.mlx", _mlx_call, MLX_CODE),
     Step("quality", _quality_applies, _quality_depends, lambda r: r.work, "quality.stage", _quality_call,
          ("releaser.quality", "releaser.arch", "releaser.awq", "releaser.gguf", "releaser.formats", "torch",
           "transformers", "llama_cpp_python")),

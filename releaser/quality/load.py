@@ -302,8 +302,7 @@ class MLXWeights(FolderWeights):
 
     def __init__(self, folder: Path):
         super().__init__(folder)
-        q = self.config["quantization"]
-        self.bits, self.group_size = int(q["bits"]), int(q["group_size"])
+        self.quantization = self.config["quantization"]
         family = architecture_for(self.config)
         self._source: dict[str, str] = {}
         for name in self.reader.tensors:
@@ -315,6 +314,11 @@ class MLXWeights(FolderWeights):
             self._source[hf] = name
         self.names = list(self._source)
 
+    def _layer(self, base: str) -> tuple[int, int]:
+        from ..formats.mlx import layer_quantization
+
+        return layer_quantization(self.quantization, base)
+
     def load(self, names):
         from ..formats.mlx import dequantize_mlx
 
@@ -323,8 +327,8 @@ class MLXWeights(FolderWeights):
             src = self._source[name]
             base = src.removesuffix(".weight")
             if base + ".scales" in self.reader:
-                yield name, dequantize_mlx(read(src), read(base + ".scales"), read(base + ".biases"), self.bits,
-                                           self.group_size)
+                yield name, dequantize_mlx(read(src), read(base + ".scales"), read(base + ".biases"),
+                                           *self._layer(base))
             else:
                 yield name, read(src).to(torch.float32)
 
@@ -332,8 +336,9 @@ class MLXWeights(FolderWeights):
         out = {}
         for name, src in self._source.items():
             shape = tuple(self.reader.tensors[src].shape)
-            if src.removesuffix(".weight") + ".scales" in self.reader:
-                shape = (*shape[:-1], shape[-1] * 32 // self.bits)
+            base = src.removesuffix(".weight")
+            if base + ".scales" in self.reader:
+                shape = (*shape[:-1], shape[-1] * 32 // self._layer(base)[0])
             out[name] = shape
         return out
 
