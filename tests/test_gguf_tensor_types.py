@@ -89,6 +89,15 @@ def test_bad_recipes_are_one_line(entry, message):
     assert "\n" not in str(e.value)
 
 
+def test_pattern_matching_no_tensor_is_one_line(models, tmp_path):
+    model, _ = models[False]
+    spec = quant_spec({"name": "Q4_K_X", "base": "Q4_K_M", "tensor_types": {"attn_v": "q8_0", "mlp.down": "q6_k"}})
+    with pytest.raises(ConfigError, match=r"GGUF quant Q4_K_X: tensor type pattern 'mlp.down' matches no tensor of "
+                                          r"this model \(GGUF names such as blk\.0\.\w+\.weight\); fix the pattern$"):
+        export_gguf(model, tmp_path, [spec], name="tiny")
+    assert not any(tmp_path.iterdir())
+
+
 def test_card_names_the_recipe(models, tmp_path):
     """The GGUF card lists a custom recipe under its own name with the llama-quantize arguments that remake it."""
     from releaser.card import render_card

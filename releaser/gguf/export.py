@@ -26,8 +26,8 @@ from ..stage import Reporter
 from . import kernels
 from .convert import Converter
 from .imatrix_weights import Imatrix, ImatrixError, load_imatrix
-from .mixes import DEFAULT_TYPE, NEEDS_IMATRIX, UNQUANTIZED, QuantSpec, file_type, quant_specs, requires_imatrix, \
-    tensor_types
+from .mixes import DEFAULT_TYPE, NEEDS_IMATRIX, UNQUANTIZED, QuantSpec, allows_quantization, file_type, quant_specs, \
+    requires_imatrix, tensor_types
 from .quants import WEIGHTED_TYPES
 from .stops import SAMPLING, SAMPLING_PREFIX, sampling_values
 from .vocab import TokenizerInfo, add_tokenizer
@@ -174,6 +174,7 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
     with CheckpointReader(model_dir) as reader:
         conv = Converter(reader)
         descs = [p.desc for p in conv.plan]
+        _check_patterns(specs.values(), descs)
         types = {q: tensor_types(descs, spec, conv.shape, has_imatrix=im is not None and _quantized(spec.base))
                  for q, spec in specs.items()}
         if im is None and (need := [(q, d.name, t) for q, ts in types.items() for d, t in zip(descs, ts)
@@ -222,6 +223,18 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
     return GGUFResult(out_dir, name, files, {q: dict(zip(names, (t.name for t in ts))) for q, ts in types.items()},
                       tok, time.perf_counter() - start, sizes,
                       im.metadata() if im is not None and any(map(_quantized, base.values())) else None)
+
+
+def _check_patterns(specs, descs) -> None:
+    """A --tensor-type pattern that finds no tensor llama-quantize would quantize is a mistake (a typo, another
+    family's names): one line naming it and a tensor it could have meant."""
+    names = [d.name for d in descs if allows_quantization(d)]
+    for spec in specs:
+        for pattern, _ in spec.tensor_types:
+            if not any(re.search(pattern, n) for n in names):
+                example = next((n for n in names if n.startswith("blk.")), names[0] if names else "")
+                raise ConfigError(f"GGUF quant {spec.name}: tensor type pattern {pattern!r} matches no tensor of this "
+                                  f"model (GGUF names such as {example}); fix the pattern")
 
 
 def _quantized(quant: str) -> bool:
