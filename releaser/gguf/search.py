@@ -10,8 +10,9 @@ embeddings, the output): the KL divergence of the model's next-token distributio
 to a 4-bit type, divided by the group's error at that type. The measurement runs the unquantized model in float32 on
 the importance matrix's calibration conversations (never the quality stage's evaluation text), each probe from the
 first layer it changes. The types: per tensor, those whose block fits its rows (the K-quants, IQ3_XXS, IQ3_S, IQ4_XS,
-Q8_0, IQ4_NL and the legacy 32-wide ones); the choice is a greedy walk up each tensor's lower convex hull of (bytes, predicted KLD), best KLD
-saved per byte first, which is the optimum of the relaxed problem and within one upgrade of the exact knapsack.
+Q8_0, IQ4_NL and the legacy 32-wide ones). The choice walks up each tensor's lower convex hull of (bytes, predicted
+KLD), most KLD saved per byte first (the optimum of the relaxed problem, within one upgrade of the exact knapsack's),
+then spends what is left of the budget on the best single move that still fits.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..stage import Reporter
 from .imatrix_weights import Imatrix
 from .mixes import QuantSpec, allows_quantization, tensor_types
 
-CANDIDATES = (T.Q2_K, T.IQ3_XXS, T.Q3_K, T.IQ3_S, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.IQ4_NL, T.Q5_0, T.Q5_1)
+CANDIDATES = (T.Q2_K, T.IQ3_XXS, T.Q3_K, T.IQ3_S, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0,
+              T.Q4_0, T.Q4_1, T.IQ4_NL, T.Q5_0, T.Q5_1)
 PROBES = (T.Q4_K, T.Q4_0)   # the type a group is measured at: the first its rows take
 SAMPLE_ROWS = 128           # rows per tensor the error estimate quantizes
 BANDS = 3                   # layer groups per role
@@ -245,7 +247,10 @@ def _sensitivities(conv, groups: dict[str, list], errors, imatrix: Imatrix, repo
                 q = next(t for t in PROBES if t in errors[p.name])
                 w = imatrix.for_tensor(p.name, p.shape)
                 value = dequantize(quantize(conv.read(p), q, w), q).reshape(p.shape)
-                hf = params[p.source]
+                hf = params.get(p.source)
+                if hf is None:
+                    raise ModelError(f"the recipe search cannot find {p.source} among the parameters of "
+                                     f"{type(model).__name__}; give tensor_types instead of a target for this model")
                 saved[p.source] = hf.data
                 hf.data = torch.from_numpy(np.ascontiguousarray(family.from_gguf(p.source, value, config)))
             if g == "output":
