@@ -1,7 +1,8 @@
 """Benchmark the recipe search (``gguf.quants: [{name: Q4_K_R, target: {bpw: B}}]``) against llama.cpp's default
 Q4_K_M made with the same importance matrix, at the default's size (and the default without one): the files measured
-by llama-perplexity --kl-divergence (an F32 GGUF of the model as the base) on the quality stage's held-out text, which the search never
-sees (it measures on the imatrix's calibration conversations). Each step is a whole process under /usr/bin/time -v.
+by llama-perplexity --kl-divergence (an F32 GGUF of the model as the base) on the quality stage's held-out text,
+which the search never sees (it measures on the imatrix's calibration conversations). Each step is a whole process
+under /usr/bin/time -v.
 
     python bench/bench_search.py [--model variant|qwen3|DIR] [--chunks 8] [--work DIR]
 
