@@ -450,7 +450,7 @@ def test_awq_left_out_leaves_out_what_is_made_of_it(tmp_path):
 
     model = _model(tmp_path, "qwen3")
     recipe = tmp_path / "r.yaml"
-    text = f"name: alice/Tiny-Skip\ndescription: d.\nmodel: {model}\nquality: false\n" \
+    text = f"name: alice/Tiny-Skip\ndescription: d.\nstop_audit: false\nmodel: {model}\nquality: false\n" \
            "awq: {samples: 8, seqlen: 64, formats: [autoawq, compressed-tensors]}\n"
     recipe.write_text(text + "mlx: {group_size: 32}\n")
     result = run_release(recipe, tmp_path / "w1", skip=["awq", "publish"])
