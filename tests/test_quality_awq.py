@@ -136,9 +136,9 @@ def test_bad_inputs_are_one_line_errors(tiny_release, tmp_path):
         run_quality(QualityOptions(text=str(tmp_path / "short.txt")), base, [awq], tmp_path / "q.json")
     with pytest.raises(ConfigError, match="does not exist"):
         load_text(tmp_path / "nope.txt")
-    with pytest.raises(ModelError, match="neither a .gguf file nor an AWQ folder"):
+    with pytest.raises(ModelError, match="neither a .gguf file nor a quantized model folder"):
         run_quality(QualityOptions(), base, [tmp_path / "short.txt"], tmp_path / "q.json")
-    with pytest.raises(ModelError, match="not an AWQ folder"):
+    with pytest.raises(ModelError, match="is not a quantized folder releaser reads"):
         run_quality(QualityOptions(), base, [base], tmp_path / "q.json")
     with pytest.raises(ConfigError, match="no artefacts"):
         run_quality(QualityOptions(), base, [], tmp_path / "q.json")
