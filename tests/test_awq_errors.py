@@ -86,8 +86,9 @@ def test_width_with_no_usable_group_size(tmp_path):
     _one_line_error(code, output, "no usable AWQ group size", "hidden_size 40")
 
 
-def test_tiny_end_to_end_jsonl_calibration(tmp_path):
-    """Qwen2 (q/k/v biases, no GQA): files, config, shapes, and a group-size fallback that is reported."""
+def test_tiny_end_to_end_jsonl_calibration(tmp_path, monkeypatch):
+    """Qwen2 (q/k/v biases, no GQA): files, config, shapes, and a group-size fallback that is reported; the same
+    bytes when the machine is busy (one thread instead of every core)."""
     model = _tiny(tmp_path, arch="qwen2", hidden=64, intermediate=128, heads=4, kv_heads=4)
     rng = random.Random(1)
     lines = [json.dumps({"text": " ".join(f"w{rng.randrange(200)}" for _ in range(15))}) for _ in range(40)]
@@ -129,6 +130,15 @@ def test_tiny_end_to_end_jsonl_calibration(tmp_path):
     # an existing output needs --overwrite
     with pytest.raises(Exception, match="--overwrite"):
         run_awq(AWQOptions(calibration=str(tmp_path / "c.jsonl"), samples=32, seqlen=64), model, out)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr("os.getloadavg", lambda: (99.0, 99.0, 99.0))   # busier than it has cores: one thread
+    try:
+        busy = run_awq(AWQOptions(calibration=str(tmp_path / "c.jsonl"), samples=32, seqlen=64), model,
+                       tmp_path / "busy")
+    finally:
+        torch.set_num_threads(threads)
+    assert busy.facts["threads"] == 1
+    assert {f.path: f.sha256 for f in busy.files} == {f.path: f.sha256 for f in result.files}
 
 
 def test_already_quantized_input(tmp_path):

@@ -24,7 +24,7 @@ def model(tmp_path_factory, smollm2):
     return path
 
 
-def test_an_upgrade_of_the_gguf_code_reruns_the_gguf_stage_only(model, tmp_path, monkeypatch):
+def test_an_upgrade_of_the_gguf_code_reruns_the_stages_made_with_it(model, tmp_path, monkeypatch):
     path = release(tmp_path, model, extra="gguf: {quants: [Q8_0]}\nquality: false\n")
     work = tmp_path / "work"
     before = json.loads((work / "release.json").read_text())["stages"]
@@ -45,7 +45,10 @@ def test_an_upgrade_of_the_gguf_code_reruns_the_gguf_stage_only(model, tmp_path,
     code, output = run("release", path, "-o", work)
     assert code == 0, output
     assert "gguf: running (the code that makes its bytes changed (releaser.gguf))" in output, output
-    assert [line.split(":")[0] for line in output.splitlines() if ": running (" in line] == ["gguf", "cards"], output
+    # the stages whose code lists releaser.gguf: verify (its stop audit reads llama.cpp's end-of-generation rule
+    # there) and runtimes (the same rule, for Ollama's stops) run again; merge, tokenizer and awq do not
+    assert [line.split(":")[0] for line in output.splitlines() if ": running (" in line] == \
+        ["verify", "gguf", "runtimes", "cards"], output
     after = json.loads((work / "release.json").read_text())["stages"]
     assert after["gguf"]["facts"].get("metadata_only") is not True   # requantized, not a metadata rewrite
     assert after["gguf"]["depends"]["code"]["releaser.gguf"] == "0" * 16

@@ -128,15 +128,17 @@ def run_awq(options: AWQOptions, model_dir: str | os.PathLike, out_dir: str | os
         facts = {"dataset": calib.dataset, "samples": calib.samples, "seq_len": calib.seq_len,
                  "rows": int(calib.ids.shape[0]), "tokens": calib.tokens, "bits": options.bits,
                  "group_size": group_size, "requested_group_size": options.group_size, "zero_point": True,
-                 "version": "gemm", "device": device.type, "threads": threads,
+                 "version": "gemm", "device": device.type,
                  "search_tokens": min(search_tokens or calib.tokens, calib.tokens),
                  "clip": True, "scale_ratios": ratios}
-        (tmp / CALIBRATION_FILE).write_text(json.dumps(facts, indent=2) + "\n")   # no run time: same inputs, same bytes
+        # no run time nor thread count (it follows the machine's load): same inputs, same bytes
+        (tmp / CALIBRATION_FILE).write_text(json.dumps(facts, indent=2) + "\n")
     files = describe_files(out)
     summary = (f"AWQ {options.bits}-bit g{group_size} of {model_dir.name}: {n_layers} blocks, {calib.tokens} "
                f"calibration tokens, {seconds:.0f} s -> {out}")
     return StageResult("awq", out, files, summary,
-                       {**{k: v for k, v in facts.items() if k != "scale_ratios"}, "seconds": round(seconds, 1)})
+                       {**{k: v for k, v in facts.items() if k != "scale_ratios"}, "threads": threads,
+                        "seconds": round(seconds, 1)})
 
 
 def run(options: AWQOptions, inputs: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
