@@ -126,7 +126,6 @@ def stop_audit(folder: str | Path, options: StopAuditOptions | None = None, *, m
     """Sample answers from the model folder ``folder`` (``model``/``tokenizer``: already loaded) as ``options`` say
     and record how each ends (see the module docstring)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from ..gguf.stops import declared_stop_ids
     from .model import load_tokenizer
@@ -149,7 +148,9 @@ def stop_audit(folder: str | Path, options: StopAuditOptions | None = None, *, m
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])             # left-padded: one batch
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        from ..quality.load import load
+
+        model = load(Path(folder))   # the one reader of model folders: float32, tied embeddings, families checked
     answers = sample(model, ids, mask, stops, options)
     endings, lengths = [], []
     for row in answers:
