@@ -122,3 +122,24 @@ def test_search_entry_and_options():
     with pytest.raises(ConfigError, match="tensor_types cannot apply to it"):
         GGUFOptions(quants=[{"name": "Q4_K_R", "target": {"bpw": 5}}], imatrix="auto", tensor_types={"ffn": "q8_0"})
     assert GGUFOptions(quants=[{"name": "Q4_K_R", "target": {"bpw": 5}}], imatrix="auto").specs()[0].searched
+
+
+def test_unreachable_target_in_the_stage_writes_nothing(tmp_path, smollm2):
+    """The gguf stage with a target no recipe reaches: one line naming it, and no output folder."""
+    import shutil
+
+    from releaser.gguf.stage import run
+    from releaser.imatrix.compute import compute_imatrix
+    from releaser.imatrix.file import write
+    from releaser.imatrix.options import ImatrixOptions
+    from releaser_testing import tiny_model
+
+    model = tiny_model(tmp_path / "m", layers=2, hidden=256, intermediate=512, vocab=49152)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(smollm2 / f, model / f)
+    write(compute_imatrix(ImatrixOptions(chunks=2, ctx=64), model).imatrix, tmp_path / "im.gguf")
+    options = GGUFOptions(quants=[{"name": "Q4_K_R", "target": {"bpw": 1.0}}], imatrix=str(tmp_path / "im.gguf"))
+    with pytest.raises(ConfigError, match=r"target bpw=1 is below the smallest recipe \(\d\.\d+ bpw") as e:
+        run(options, model, tmp_path / "out", name="t")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
