@@ -367,6 +367,9 @@ def search_recipe(model_dir: str | os.PathLike, spec: QuantSpec, imatrix: Imatri
         fixed = sum(4 * math.prod(p.shape) if not allows_quantization(p.desc) else 2 * math.prod(p.shape)
                     for p in conv.plan if p.name not in names)   # F32 norms; F16 for rows no quant type takes
         params = sum(math.prod(p.shape) for p in conv.plan)
+        if target.kind != "kld":   # a size below every recipe is known from the shapes alone: say so before the work
+            choose({p.name: [(_nbytes(p.shape, q), 0.0, q) for q in CANDIDATES
+                             if p.shape[-1] % GGML_QUANT_SIZES[q][0] == 0] for p in searched}, target, fixed, params)
         reporter.message(f"recipe search for {spec.name} ({target}) over {len(searched)} tensors")
         errors = _errors(conv, searched, imatrix, reporter)
         errors_s = time.perf_counter() - start
