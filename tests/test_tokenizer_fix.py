@@ -227,3 +227,17 @@ def test_sharded_model_resized_in_place(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(src)
     assert model.get_input_embeddings().weight.shape[0] == 202
+
+
+def test_eos_repeated_on_the_command_line_declares_every_stop(tiny, tmp_path):
+    """``--eos A --eos B``: A ends turns (the tokenizer's eos), and both end generation in generation_config.json,
+    as the recipe's ``tokenizer: {eos: [A, B]}`` does."""
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["fix-tokenizer", str(tiny), "-t", "chatml", "--eos", "<|im_end|>", "--eos", "<unk>",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert _json(out / "tokenizer_config.json")["eos_token"] == "<|im_end|>"
+    assert _json(out / "generation_config.json")["eos_token_id"] == [201, 0, 2]   # and the old eos, as without
+    result = runner.invoke(app, ["fix-tokenizer", str(tiny), "-t", "chatml", "--eos", "<|im_end|>", "--eos",
+                                 "<|im_end|>", "-o", str(tmp_path / "twice")])
+    assert result.exit_code == 2 and "listed twice" in result.output and not (tmp_path / "twice").exists()

@@ -203,7 +203,9 @@ def fix_tokenizer_cmd(
     template: str = typer.Option(..., "--template", "-t", help=TokenizerOptions.help("template")),
     out_dir: Path | None = typer.Option(None, "--output", "-o", help="Write a fixed copy to this folder."),
     in_place: bool = flag("--in-place", help="Change MODEL_DIR itself (only the changed files)."),
-    eos: str | None = option(TokenizerOptions, "eos", "--eos"),
+    eos: list[str] | None = typer.Option(None, "--eos", help="End-of-turn token (default: the template's, else the "
+                                         "eos); repeat it to add more tokens that end generation, e.g. --eos "
+                                         "'<|im_end|>' --eos '<|endoftext|>'."),
     system_prompt: str | None = option(TokenizerOptions, "system_prompt", "--system-prompt"),
     overwrite: bool = flag("--overwrite", help="Replace OUT_DIR if it exists."),
 ) -> None:
@@ -211,8 +213,10 @@ def fix_tokenizer_cmd(
     from .tokenizer import run_fix
     from ..tokenizer.fix import FixSpec
 
-    opts = TokenizerOptions.build(template=template, eos=eos, system_prompt=system_prompt)
-    run_fix(model_dir, FixSpec(opts.template, out_dir, in_place, opts.end_of_turn, opts.system_prompt, overwrite), Console())
+    opts = TokenizerOptions.build(template=template, eos=(eos[0] if len(eos) == 1 else eos) if eos else None,
+                                  system_prompt=system_prompt)
+    run_fix(model_dir, FixSpec(opts.template, out_dir, in_place, opts.end_of_turn, opts.system_prompt, overwrite,
+                               stops=tuple(opts.extra_stops)), Console())
 
 
 @app.command("gguf", context_settings={"allow_extra_args": True})
