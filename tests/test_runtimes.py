@@ -182,3 +182,71 @@ def test_gguf_card_tells_each_runtime_what_to_do(release, tmp_path):
     recipe = Recipe(name="alice/Tiny", description="A tiny model.", gguf={"quants": ["Q8_0"]}, runtimes=False)
     card = write_card(out, out / "README.md", recipe, None, overwrite=True).path.read_text()
     assert "models.ini" not in card
+
+
+# -- Ollama's template file: only where Ollama's own detection would not pick the release's format -----------------
+def _jinja_render(source, messages, bos, eos):
+    from releaser.runtimes.conformance import _jinja
+
+    return _jinja(source, messages, True, bos, eos)
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chatml", "gemma", "llama2", "llama3", "mistral", "phi3", "vicuna",
+                                  "zephyr"])
+def test_go_templates_render_as_the_jinja_templates(name, go_render):
+    """Every built-in's Go form (Go's own text/template, run as Ollama runs it) writes the conversation exactly as
+    the Jinja template does, BOS aside (llama.cpp adds it when it tokenizes); with a system turn too, where the Jinja
+    template takes one (Gemma and Mistral refuse it: their Go forms fold it into the first user turn, as Ollama's)."""
+    from releaser.runtimes.conformance import CONVERSATION
+    from releaser.runtimes.files import ollama_template
+    from releaser.tokenizer.templates import RENDER_ERRORS, load_template, with_default_system
+
+    ct = load_template(name)
+    bos, eos = "<s>", "</s>" if ct.eos is None else ct.eos
+    go, why = ollama_template(ct, with_default_system(ct.source, "Be brief."), bos, eos)
+    assert go is not None and ("default system prompt" if ct.ollama else "does not recognise") in why
+    for messages in (CONVERSATION, CONVERSATION[1:]):
+        try:
+            expected = _jinja_render(ct.source, messages, bos, eos)
+        except RENDER_ERRORS:
+            assert name in ("gemma", "mistral")
+            folded = go_render(go, messages)
+            assert folded.count(messages[0]["content"]) == 1 and folded.index(messages[0]["content"]) < folded.index(
+                messages[1]["content"])
+            continue
+        assert go_render(go, messages) == expected, name
+
+
+def test_template_file_only_where_ollama_would_not_detect_the_format(release, tmp_path, go_render):
+    """phi3 (Ollama's nearest template is 104 edits away, past its limit of 100) gets a template file that renders
+    as the GGUF's Jinja template; chatml as written gets none (Ollama detects it), with a default system prompt it
+    does; a custom template gets the card's single-turn translation; switching Ollama off removes the file."""
+    from releaser.runtimes.conformance import CONVERSATION
+    from releaser.runtimes.files import ollama_template
+    from releaser.tokenizer.templates import load_template
+
+    main, _ = release
+    phi = shutil.copytree(main, tmp_path / "phi3")
+    source = load_template("phi3").source
+    (phi / "chat_template.jinja").write_text(source)
+    gguf = export_gguf(phi, tmp_path / "gguf", ["Q8_0"], name="Tiny").out_dir
+    result = run(RuntimesOptions(), (phi, gguf), gguf, main_repo="alice/Tiny", gguf_repo="alice/Tiny-GGUF",
+                 chat_template="phi3")
+    assert "template" in [f.path for f in result.files]
+    assert "does not recognise 'phi3'" in result.facts["ollama_template"]
+    assert go_render((gguf / "template").read_text(), CONVERSATION) == _jinja_render(source, CONVERSATION, "", "")
+    run(RuntimesOptions(ollama=False), (phi, gguf), gguf, main_repo="alice/Tiny", gguf_repo="alice/Tiny-GGUF",
+        chat_template="phi3")
+    assert not (gguf / "template").exists() and not (gguf / "params").exists()
+
+    chatml = load_template("chatml")
+    assert ollama_template(chatml, chatml.source, "", "<|im_end|>") == (
+        None, "Ollama recognises the chat template as its 'chatml' template")
+    assert ollama_template(None, chatml.source, "", "<|im_end|>")[0] is None
+    custom = tmp_path / "mine.jinja"
+    custom.write_text("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    go, why = ollama_template(load_template(custom), custom.read_text(), "", "<|end|>")
+    assert "translated from 'mine'" in why and go.endswith("<|assistant|>{{ .Response }}<|end|>")
+    with pytest.raises(Exception, match="would break Ollama's Go template"):
+        ollama_template(load_template("phi3"), source, "", "{{")

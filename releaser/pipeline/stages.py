@@ -259,14 +259,21 @@ def _runtimes_depends(r: Release) -> dict:
     t = r.recipe.tokenizer
     return {"options": r.recipe.runtimes.model_dump(mode="json"), "repos": [r.recipe.main_repo, r.recipe.quants.gguf],
             "system_prompt": t.system_prompt if t else None, "tokenizer": _main_files(r, tokenizer=True),
-            "gguf": _files(r, "gguf")}
+            "gguf": _files(r, "gguf"), "template": _go_template(r)}
+
+
+def _go_template(r: Release) -> str | None:
+    """The Go template the runtimes stage may ship for the recipe's chat template (its text, for the fingerprint)."""
+    from ..tokenizer.templates import load_template
+
+    return load_template(r.template()).go_template if r.template() else None
 
 
 def _runtimes_call(r: Release) -> Call:
     t = r.recipe.tokenizer
     return r.recipe.runtimes, (r.main_dir, r.gguf_dir), r.gguf_dir, {
         "main_repo": r.recipe.main_repo, "gguf_repo": r.recipe.quants.gguf,
-        "system_prompt": t.system_prompt if t else None}
+        "system_prompt": t.system_prompt if t else None, "chat_template": r.template()}
 
 
 # -- w4a16 and mlx: more formats of the same release ------------------------------------------------------------------
@@ -423,7 +430,7 @@ STEPS = [
     Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, "gguf.stage", _gguf_call,
          GGUF_CODE),
     Step("runtimes", _runtimes_applies, _runtimes_depends, lambda r: r.gguf_dir, "runtimes.stage", _runtimes_call,
-         ("releaser.runtimes", "releaser.gguf", "releaser.card", "pyyaml")),
+         ("releaser.runtimes", "releaser.gguf", "releaser.card", "releaser.templates", "pyyaml")),
     Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, "awq.stage", _awq_call, AWQ_CODE),
     Step("w4a16", _w4a16_applies, _w4a16_depends, lambda r: r.w4a16_dir, "formats.w4a16", _w4a16_call, W4A16_CODE),
     Step("mlx", _mlx_applies, _mlx_depends, lambda r: r.mlx_dir, "formats.mlx", _mlx_call, MLX_CODE),

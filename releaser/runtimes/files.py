@@ -7,7 +7,9 @@ Each format as its documentation defines it:
   Parameters"): ``params`` is JSON whose keys are the Modelfile ``PARAMETER`` names
   (https://github.com/ollama/ollama/blob/main/docs/modelfile.mdx#valid-parameters-and-values: ``stop`` a list of
   strings, ``temperature``/``top_p``/``min_p``/``repeat_penalty`` floats, ``top_k`` an int), ``system`` the default
-  system message as plain text;
+  system message as plain text, ``template`` a Go template over ``.Messages`` (Ollama otherwise picks the entry of its
+  own list nearest to the GGUF's Jinja template, and prompts without roles when none is near: so it is written only
+  where that detection would not pick the release's format);
 - LM Studio's ``model.yaml`` (https://lmstudio.ai/docs/app/modelyaml, https://github.com/modelyaml/modelyaml):
   ``model`` (``publisher/model``), ``base`` (``key`` + ``sources`` of ``type: huggingface``, ``user``, ``repo``),
   ``metadataOverrides`` and ``config.operation.fields`` (``llm.prediction.*`` keys);
@@ -26,8 +28,8 @@ import yaml
 from ..errors import ModelError
 from ..gguf.stops import declared_stop_ids, generation_config
 
-OLLAMA_PARAMS, OLLAMA_SYSTEM, LMSTUDIO_YAML = "params", "system", "model.yaml"
-FILES = (OLLAMA_PARAMS, OLLAMA_SYSTEM, LMSTUDIO_YAML)
+OLLAMA_PARAMS, OLLAMA_SYSTEM, OLLAMA_TEMPLATE, LMSTUDIO_YAML = "params", "system", "template", "model.yaml"
+FILES = (OLLAMA_PARAMS, OLLAMA_SYSTEM, OLLAMA_TEMPLATE, LMSTUDIO_YAML)
 
 # generation_config.json key -> (Ollama PARAMETER, llama-server option, LM Studio key, LM Studio's {checked, value}
 # form, value type)
@@ -50,6 +52,8 @@ class RuntimeFacts:
     smallest: int                          # bytes of the smallest GGUF file (all its shards)
     files: dict[str, str] = field(default_factory=dict)   # quant type -> first file name
     system_prompt: str | None = None
+    ollama_template: str | None = None     # the Go template Ollama needs (None: its detection finds the format)
+    ollama_note: str = ""                  # why it is or is not written
 
 
 def _sampling(folder: Path) -> dict[str, float | int]:
@@ -63,9 +67,34 @@ def _sampling(folder: Path) -> dict[str, float | int]:
     return out
 
 
-def runtime_facts(main_dir: str | Path, gguf_dir: str | Path, system_prompt: str | None = None) -> RuntimeFacts:
+def ollama_template(chat_template, gguf_template: str | None, bos: str, eos: str) -> tuple[str | None, str]:
+    """(Ollama's ``template`` file or None, why): None where Ollama's detection picks the release's format from the
+    GGUF's template text (``chat_template`` is the recipe's :class:`ChatTemplate`, None when the release keeps the
+    model's own template); else the format's Go template (``NAME.gotmpl``) with the bos/eos text filled in, or for a
+    template without one, the card's single-turn translation of the Jinja template (Ollama repeats it per turn)."""
+    if chat_template is None or gguf_template is None:
+        return None, "Ollama picks its template from the GGUF's chat template"
+    if gguf_template == chat_template.source and chat_template.ollama:
+        return None, f"Ollama recognises the chat template as its {chat_template.ollama!r} template"
+    if "{{" in bos + eos or "}}" in bos + eos:
+        raise ModelError(f"the bos/eos token text {bos!r}/{eos!r} would break Ollama's Go template; turn "
+                         "runtimes.ollama off or fix the tokens")
+    go = chat_template.go_template
+    if go is None:
+        from ..card.prompt import jinja_renderer, ollama_template as translate
+
+        return translate(jinja_renderer(gguf_template, bos, eos), eos, bos), (
+            f"template written: translated from {chat_template.name!r} (add {chat_template.name}.gotmpl beside it "
+            "for a multi-turn Go template)")
+    why = ("the default system prompt changes the template text" if chat_template.ollama
+           else f"Ollama's detection does not recognise {chat_template.name!r}")
+    return go.replace("@BOS@", bos).replace("@EOS@", eos), f"template written: {why}"
+
+
+def runtime_facts(main_dir: str | Path, gguf_dir: str | Path, system_prompt: str | None = None,
+                  chat_template=None) -> RuntimeFacts:
     """The facts the runtime files state, read from the main folder and the GGUF folder (its files' vocabulary names
-    the declared stop ids)."""
+    the declared stop ids); ``chat_template`` (a :class:`ChatTemplate`) is the format the recipe gave the model."""
     from ..card.quant_facts import gguf_facts
     from ..gguf.reader import GGUFFile
 
@@ -77,9 +106,15 @@ def runtime_facts(main_dir: str | Path, gguf_dir: str | Path, system_prompt: str
     if not stops:
         raise ModelError(f"{main_dir} declares no stop token (generation_config.json eos_token_id); fix the tokenizer "
                          "with releaser fix-tokenizer")
+    def token(key: str) -> str:
+        i = values.get(key)
+        return tokens[i] if isinstance(i, int) and i < len(tokens) else ""
+
+    go, note = ollama_template(chat_template, values.get("tokenizer.chat_template"),
+                               token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"))
     return RuntimeFacts(stops, _sampling(Path(main_dir)), facts.architecture, values.get("general.size_label"),
                         facts.context_length, min(f.size for f in facts.files),
-                        {f.quant_type: f.name for f in facts.files}, system_prompt)
+                        {f.quant_type: f.name for f in facts.files}, system_prompt, go, note)
 
 
 def ollama_params(facts: RuntimeFacts) -> str:
@@ -144,6 +179,8 @@ def write_plan(facts: RuntimeFacts, options, main_repo: str, gguf_repo: str) -> 
         files[OLLAMA_PARAMS] = ollama_params(facts)
         if facts.system_prompt:
             files[OLLAMA_SYSTEM] = facts.system_prompt.strip() + "\n"
+        if facts.ollama_template:
+            files[OLLAMA_TEMPLATE] = facts.ollama_template
     if options.lmstudio:
         files[LMSTUDIO_YAML] = lmstudio_model_yaml(facts, main_repo, gguf_repo)
     return files

@@ -32,6 +32,14 @@ class ChatTemplate:
     stop: tuple[str, ...] = ()        # extra stop strings for runtimes
     description: str = ""
     path: Path | None = field(default=None, compare=False)
+    ollama: str | None = None         # the Ollama template its detection picks for exactly this text (None: none)
+
+    @property
+    def go_template(self) -> str | None:
+        """The same format as a Go template for Ollama (``NAME.gotmpl`` beside the Jinja file; ``@BOS@``/``@EOS@``
+        stand for the tokenizer's bos and eos text), or None."""
+        go = self.path.with_suffix(".gotmpl") if self.path else None
+        return go.read_text(encoding="utf-8") if go and go.is_file() else None
 
     def stop_strings(self, eos_token: str | None) -> list[str]:
         """Every string a runtime should stop on: the end-of-turn token first, then the extra stop strings."""
@@ -117,7 +125,7 @@ def load_template(name_or_path: str | Path) -> ChatTemplate:
         meta = catalog[text]
         path = templates_dir() / "chat" / f"{text}.jinja"
         return ChatTemplate(text, _read(path), meta.get("eos"), tuple(meta.get("tokens") or ()),
-                            tuple(meta.get("stop") or ()), meta.get("description", ""), path)
+                            tuple(meta.get("stop") or ()), meta.get("description", ""), path, meta.get("ollama"))
     path = Path(name_or_path)
     if path.is_dir():
         raise TemplateError(f"chat template {path} is a folder; give a .jinja file or a built-in name")
