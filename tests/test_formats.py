@@ -351,6 +351,7 @@ quality: {{ctx: 64, chunks: 2, stop_test: false}}
     assert sorted(rows) == ["Tiny-Formats-AWQ", "Tiny-Formats-MLX-4bit", "Tiny-Formats-W4A16"]
     awq, ct, mlx = (rows[f"Tiny-Formats-{k}"] for k in ("AWQ", "W4A16", "MLX-4bit"))
     assert ct["kld_mean"] == awq["kld_mean"] and ct["ppl"] == awq["ppl"] and ct["quant"] == "W4A16"
+    assert ct["same_weights_as"] == "Tiny-Formats-AWQ" and "same_weights_as" not in awq   # measured once
     assert mlx["quant"] == "MLX-4bit" and 0 < mlx["kld_mean"] < 0.3 and report["gate"]["passed"]
     # MLX from the AWQ pass (mlx.source auto with an awq: section): its calibration facts travel with the codes
     assert (work / "Tiny-Formats-MLX-4bit" / "awq_calibration.json").read_bytes() == \

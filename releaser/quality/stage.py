@@ -7,6 +7,7 @@ hold a whole model, one at a time, before anything else runs."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import tempfile
@@ -198,35 +199,30 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
         except NonFiniteLogits as exc:
             raise ModelError(f"the unquantized model {model_dir} gives {exc}, so nothing can be measured against it; "
                              "its weights are broken (look for NaN or infinite values)") from None
+        measured: dict[str, tuple[str, Figures]] = {}   # float weights digest -> (label, figures) measured
         for art in arts:
             t0 = time.perf_counter()
-            with ExitStack() as stack:
-                if art.kind == "gguf" and options.backend == "llama.cpp":
-                    from . import llamacpp
-                    advance = stack.enter_context(reporter.progress(f"quality: {art.label}", total=windows.count))
-                    run = stack.enter_context(llamacpp.scored_logits(art.parts[0], windows.ctx, windows.first))
-                else:
-                    weights = stack.enter_context(ld.open_weights(art, base_config))
-                    run = _streamed(weights, windows, reporter, f"quality: {art.label}", stack,
-                                    numerics=options.numerics)[1]
-                    advance = _no_advance
-                try:
-                    figures = score_against(run, windows, base.store, base.figures.ppl, advance)
-                except NonFiniteLogits as exc:
-                    raise QualityGateError(f"{art.label} gives {exc}; the file is broken (a bad conversion or a "
-                                           "corrupted tensor): rebuild it") from None
-                del run
-            _collect_garbage()
+            digest = _float_digest(art, base_config) if art.kind in SAME_WEIGHTS_KINDS else None
+            same_as = measured.get(digest)
+            if same_as:   # the same float weights (W4A16 made from the AWQ codes) give the same figures
+                figures = same_as[1]
+            else:
+                figures = _measure(art, options, windows, base, base_config, reporter)
+                if digest:
+                    measured[digest] = (art.label, figures)
             limit = max_kld(art.quant, options.max_kld)
             row = {"file": art.label, "path": _shown(art.path, out_path.parent), "kind": art.kind, "quant": art.quant,
                    "size": _size(art), **figures.to_dict(), "max_kld": limit,
                    "backend": options.backend if art.kind == "gguf" else "torch"}
+            if same_as:
+                row["same_weights_as"] = same_as[0]
             seconds[art.label] = round(time.perf_counter() - t0, 2)
             if mismatch[art.label]:
                 row["tokenizer_mismatch"] = mismatch[art.label]
             rows.append(row)
             reporter.message(f"{art.label}: PPL {figures.ppl:.3f}, mean KLD {figures.kld_mean:.5f}, "
-                             f"same top {100 * figures.same_top:.1f}%")
+                             f"same top {100 * figures.same_top:.1f}%"
+                             + (f" (the same dequantized weights as {same_as[0]})" if same_as else ""))
             if figures.kld_mean > limit:
                 failures.append(f"{art.label}: mean KLD {figures.kld_mean:.4f} against the unquantized model is far "
                                 f"above what {art.quant} gives (limit {limit}); the file is broken (a bad conversion "
@@ -261,6 +257,28 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
                f"{text.name!r} in {seconds['total']} s -> {out_path}")
     return StageResult("quality", out_path.parent, describe_files(out_path.parent, [out_path]), summary,
                        facts={**report, "seconds": seconds})
+
+
+def _measure(art: ld.Artefact, options: QualityOptions, windows: Windows, base: "_Base", base_config: dict,
+             reporter: Reporter) -> Figures:
+    """One artefact's figures against the unquantized model's stored log-probabilities."""
+    with ExitStack() as stack:
+        if art.kind == "gguf" and options.backend == "llama.cpp":
+            from . import llamacpp
+            advance = stack.enter_context(reporter.progress(f"quality: {art.label}", total=windows.count))
+            run = stack.enter_context(llamacpp.scored_logits(art.parts[0], windows.ctx, windows.first))
+        else:
+            weights = stack.enter_context(ld.open_weights(art, base_config))
+            run = _streamed(weights, windows, reporter, f"quality: {art.label}", stack, numerics=options.numerics)[1]
+            advance = _no_advance
+        try:
+            figures = score_against(run, windows, base.store, base.figures.ppl, advance)
+        except NonFiniteLogits as exc:
+            raise QualityGateError(f"{art.label} gives {exc}; the file is broken (a bad conversion or a corrupted "
+                                   "tensor): rebuild it") from None
+        del run
+    _collect_garbage()
+    return figures
 
 
 def _shown(path: Path, root: Path) -> str:
@@ -345,6 +363,19 @@ def _stop_test(source: ld.Artefact | Path, base_config: dict | None, chat: tuple
     finally:
         del model
         _collect_garbage()
+
+
+SAME_WEIGHTS_KINDS = ("awq", "w4a16")   # formats of the same AWQ pass: their float weights may be identical
+
+
+def _float_digest(art: ld.Artefact, base_config: dict) -> str:
+    """sha256 of an artefact's weights as the quality pass reads them (names, shapes, float32 bytes)."""
+    h = hashlib.sha256()
+    with ld.open_weights(art, base_config) as weights:
+        for name, tensor in weights.load(sorted(weights.names)):
+            h.update(f"{name}{tuple(tensor.shape)}".encode())
+            h.update(tensor.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _size(art: ld.Artefact) -> int:
