@@ -155,6 +155,26 @@ def test_llama_cpp_backend_agrees(smollm2, smollm2_ggufs, report, tmp_path):
         assert row["ppl"] == pytest.approx(ref["ppl"], rel=0.01)
 
 
+def test_iq4_xs_file_runs_in_llama_cpp_within_its_kld(smollm2, report, tmp_path):
+    """Our SmolLM2 IQ4_XS file (its 576-wide rows take IQ4_NL, as in llama-quantize) run by llama.cpp itself: its
+    KLD against the unquantized model is under the type's limit (measured 0.154, Q4_K_M's 6.2 bits on SmolLM2 0.047)
+    and agrees with our torch emulation of the same file as the Q4_K_M figures do."""
+    from releaser.gguf import export_gguf
+
+    needs_llama_cpp()
+    path = export_gguf(smollm2, tmp_path / "iq4", ["IQ4_XS"], name="SmolLM2-135M-Instruct").files["IQ4_XS"][0]
+    figures = {}
+    for backend in ("llama.cpp", "torch"):
+        facts = run_quality(QualityOptions(ctx=CTX, chunks=CHUNKS, backend=backend, stop_test=False), smollm2,
+                            [path], tmp_path / f"{backend}.json").facts
+        figures[backend] = facts["artefacts"][0]
+    ours, theirs = figures["torch"], figures["llama.cpp"]
+    assert theirs["backend"] == "llama.cpp" and theirs["quant"] == "IQ4_XS"
+    assert theirs["kld_mean"] < theirs["max_kld"] and theirs["kld_mean"] > rows(report)["Q4_K_M"]["kld_mean"]
+    assert theirs["kld_mean"] == pytest.approx(ours["kld_mean"], rel=0.25)
+    assert abs(theirs["same_top"] - ours["same_top"]) <= 0.03 and theirs["same_top"] > 0.7   # measured 0.744
+
+
 def _zero_tensor(src: Path, dst: Path, name: str) -> Path:
     shutil.copy(src, dst)
     info = GGUFFile(dst).tensors[name]
