@@ -251,12 +251,13 @@ N_QX_CANDIDATES = 19  # C's first iscale = -nmax/max, then -(nmax + 0.1*is)/max 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def make_qx_quants(x, L, nmax, w, wx, iscales, sumlx, suml2):
-    """Symmetric scale fit (rmse_type 1, no importance weights); writes ``L`` (offset by nmax), returns the scale.
+    """Symmetric scale fit (rmse_type 1) under the weights ``w`` (``x*x`` without an importance matrix, as C's
+    ``quant_weights == NULL`` path computes them); writes ``L`` (offset by nmax), returns the scale.
 
     The candidate scales do not depend on each other, so their sums are accumulated side by side (each one still
-    sequentially over ``i``, as in C) and C's keep-the-best walk runs afterwards; ``w`` = x*x and ``wx`` = w*x are
-    the same float32 values C recomputes per candidate. ``w``, ``wx`` (len(x)) and ``iscales``, ``sumlx``,
-    ``suml2`` (N_QX_CANDIDATES) are float32 scratch.
+    sequentially over ``i``, as in C) and C's keep-the-best walk runs afterwards; ``wx`` = w*x is the same float32
+    value C recomputes per candidate. ``wx`` (len(x)) and ``iscales``, ``sumlx``, ``suml2`` (N_QX_CANDIDATES) are
+    float32 scratch.
     """
     n = x.shape[0]
     mx = F0
@@ -279,7 +280,6 @@ def make_qx_quants(x, L, nmax, w, wx, iscales, sumlx, suml2):
         sumlx[c] = F0
         suml2[c] = F0
     for i in range(n):
-        w[i] = x[i] * x[i]
         wx[i] = w[i] * x[i]
     for i in range(n):  # |iscale * x| <= nmax + 0.9: the branch-free rounding is exact
         xi = x[i]
@@ -542,6 +542,8 @@ def q6_k_blocks(x):
             max_scale = F0
             max_abs_scale = F0
             for j in range(16):
+                for k in range(16):
+                    w[k] = x[i, 16 * j + k] * x[i, 16 * j + k]
                 s = make_qx_quants(x[i, 16 * j:16 * j + 16], Ls, 32, w, wx, iscales, sumlx, suml2)
                 for k in range(16):
                     L[i, 16 * j + k] = Ls[k]

@@ -24,13 +24,13 @@ from numba import njit, prange
 
 from . import quants
 from . import kquants
-from .kquants import (CHUNK, F0, GROUP_MAX_EPS, N_QX_CANDIDATES, ONE_TENTH, QK_K, fp16_round, nearest_int,
-                      nearest_small, qkx2_scratch)
+from .kquants import CHUNK, F0, GROUP_MAX_EPS, N_QX_CANDIDATES, QK_K, fp16_round, nearest_int, qkx2_scratch
 
 # make_qkx3_quants with weights is make_qkx2_quants: the same function, compiled here once and called (not inlined
 # into every kernel: numba's compile time, not the run time, is what inlining costs), with its error model (a zero
 # determinant gives inf, masked after; Python's would raise)
 make_qkx2_quants = njit(cache=True, error_model="numpy")(kquants.make_qkx2_quants.py_func)
+make_qx_quants_w = njit(cache=True)(kquants.make_qx_quants.py_func)   # with ``qw`` as the weights
 
 RMIN = np.float32(-0.9)   # make_qkx3_quants' search: rmin -0.9, rdelta 0.05, 37 steps (every weighted asymmetric type)
 RDELTA = np.float32(0.05)
@@ -38,57 +38,6 @@ NSTEP = 36
 F2 = np.float32(2.0)
 F256 = np.float32(256.0)
 QP_TENTH = np.float32(0.1)
-
-
-@njit(cache=True)
-def make_qx_quants_w(x, L, nmax, qw, wx, iscales, sumlx, suml2):
-    """ggml's make_qx_quants with rmse_type 1 and ``qw`` given: writes ``L`` (offset by nmax), returns the scale.
-
-    As :func:`releaser.gguf.kquants.make_qx_quants`, the 19 candidate scales are summed side by side (each sum
-    sequential over ``i``) and C's keep-the-best walk runs afterwards. ``wx`` (len(x)) and ``iscales``, ``sumlx``,
-    ``suml2`` (N_QX_CANDIDATES) are float32 scratch.
-    """
-    n = x.shape[0]
-    mx = F0
-    amax = F0
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return F0
-    fnmax = np.float32(nmax)
-    iscales[0] = -fnmax / mx
-    for c in range(1, N_QX_CANDIDATES):
-        step = c - 10 if c < 10 else c - 9
-        iscales[c] = -(fnmax + ONE_TENTH * np.float32(step)) / mx
-    for c in range(N_QX_CANDIDATES):
-        sumlx[c] = F0
-        suml2[c] = F0
-    for i in range(n):
-        wx[i] = qw[i] * x[i]
-    for i in range(n):  # |iscale * x| <= nmax + 0.9: the branch-free rounding is exact
-        xi = x[i]
-        wi = qw[i]
-        wxi = wx[i]
-        for c in range(N_QX_CANDIDATES):
-            fl = np.float32(max(-nmax, min(nmax - 1, nearest_small(iscales[c] * xi))))
-            sumlx[c] += wxi * fl
-            suml2[c] += wi * fl * fl
-    scale = sumlx[0] / suml2[0] if suml2[0] != F0 else F0
-    best = scale * sumlx[0]
-    chosen = 0
-    for c in range(1, N_QX_CANDIDATES):
-        if suml2[c] > F0 and sumlx[c] * sumlx[c] > best * suml2[c]:
-            scale = sumlx[c] / suml2[c]
-            best = scale * sumlx[c]
-            chosen = c
-    for i in range(n):
-        L[i] = nmax + max(-nmax, min(nmax - 1, nearest_small(iscales[chosen] * x[i])))
-    return scale
 
 
 @njit(cache=True)
