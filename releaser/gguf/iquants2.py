@@ -177,18 +177,36 @@ GRID_XS, KMAP_XS, NEIGHBOURS_XS = grid_tables(KGRID_512, 2, dim=8, bits=2, level
 GRID_S, KMAP_S, NEIGHBOURS_S = grid_tables(KGRID_1024, 1, dim=8, bits=2, levels=3)
 
 
+def level_offsets(grid: np.ndarray) -> np.ndarray:
+    """[n, 8] uint8: ``3 i + l`` for coordinate ``i`` of each grid point at level ``l``, the index of its term in
+    :func:`_best_neighbour`'s table."""
+    return (3 * np.arange(8) + (grid.astype(np.int64) - 1) // 2).astype(np.uint8)
+
+
+#: kind -> (grid, kmap, neighbours, level offsets)
+TABLES = tuple((g, k, n, level_offsets(g)) for g, k, n in ((GRID_XXS, KMAP_XXS, NEIGHBOURS_XXS),
+                                                          (GRID_XS, KMAP_XS, NEIGHBOURS_XS),
+                                                          (GRID_S, KMAP_S, NEIGHBOURS_S)))
+LEVEL_VALUES = np.array([1.0, 3.0, 5.0], np.float32)
+
+
 @njit(cache=True, error_model="numpy", inline="always")
-def _best_neighbour(neighbours, start, grid, xval, waux, o, scale, L):
+def _best_neighbour(neighbours, offsets, start, grid, xval, waux, o, scale, L, terms):
     """``iq2_find_best_neighbour`` for the group ``xval[o:o + 8]``: the listed grid point nearest to ``xval / scale``
-    under the weights ``waux`` (the first of equal distances); its levels go to ``L[o:o + 8]``."""
+    under the weights ``waux`` (the first of equal distances); its levels go to ``L[o:o + 8]``. A coordinate takes one
+    of 3 values, so C's terms ``waux * diff * diff`` are computed once per coordinate and level (``terms``: scratch,
+    the same float operations) and each point's distance sums its 8 terms in C's order."""
+    for i in range(8):
+        for lv in range(3):
+            diff = scale * LEVEL_VALUES[lv] - xval[o + i]
+            terms[3 * i + lv] = waux[o + i] * diff * diff
     best_d2 = FLT_MAX
     gi = 0
-    for j in range(1, int(neighbours[start]) + 1):
-        g = int(neighbours[start + j])
+    for j in range(1, np.int64(neighbours[start]) + 1):
+        g = np.int64(neighbours[start + j])
         d2 = F0
         for i in range(8):
-            diff = scale * np.float32(grid[g, i]) - xval[o + i]
-            d2 += waux[o + i] * diff * diff
+            d2 += terms[offsets[g, i]]
         if d2 < best_d2:
             best_d2 = d2
             gi = g
@@ -222,8 +240,8 @@ def _fit(xval, weight, L, n, sums):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _block_search(xval, weight, waux, mx, n, L, Laux, Lqp, on_grid, on_grid_aux, sums, grid, kmap, neighbours,
-                  kind):
+def _block_search(xval, weight, waux, mx, n, L, Laux, Lqp, on_grid, on_grid_aux, sums, grid, kmap, neighbours, offsets,
+                  terms, kind):
     """The scale search of one block of ``n`` weights (magnitudes ``xval``, largest ``mx``): the levels go to ``L``;
     returns the scale and whether the block was searched (not IQ2_XXS's when ``make_qp_quants`` gives no scale: C
     skips it)."""
@@ -250,7 +268,7 @@ def _block_search(xval, weight, waux, mx, n, L, Laux, Lqp, on_grid, on_grid_aux,
             u = _group_levels(id_, xval, 8 * k, Laux)
             on_grid_aux[k] = kmap[u] >= 0
             if kmap[u] < 0:
-                _best_neighbour(neighbours, -kmap[u] - 1, grid, xval, waux, 8 * k, this_scale, Laux)
+                _best_neighbour(neighbours, offsets, -kmap[u] - 1, grid, xval, waux, 8 * k, this_scale, Laux, terms)
         _fit(xval, weight, Laux, n, sums)
         sumqx, sumq2 = sums[0], sums[1]
         if sumq2 > F0 and sumqx * sumqx > best * sumq2:
@@ -270,7 +288,7 @@ def _block_search(xval, weight, waux, mx, n, L, Laux, Lqp, on_grid, on_grid_aux,
                 continue
             u = _group_levels(id_, xval, 8 * k, L)
             if kmap[u] < 0:
-                _best_neighbour(neighbours, -kmap[u] - 1, grid, xval, waux, 8 * k, scale, L)
+                _best_neighbour(neighbours, offsets, -kmap[u] - 1, grid, xval, waux, 8 * k, scale, L, terms)
         _fit(xval, weight, L, n, sums)
         if sums[1] > F0:
             scale = sums[0] / sums[1]
@@ -305,18 +323,18 @@ def _magnitudes(xb, weight, xval, bsigns, k, even):
     bsigns[k] = s & 127 if even else s
 
 
-@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def iq2_rows(x, qw, widx, weighted, kind):
     """IQ2_XXS (``kind`` 0), IQ2_XS (1) or IQ2_S (2) for rows ``x`` [R, C] (C a multiple of 256); ``qw`` [n, C] and
     ``widx`` [R]: the weight row of each row (read only when ``weighted``; IQ2_XXS / IQ2_XS need it). Returns per
     super-block: the scale ``d`` [nb] (float32, before fp16 rounding), the grid index ``gi`` [nb, 32] and the sign
-    mask ``signs`` [nb, 32] of each group of 8, and the 4-bit block scales ``ls`` [nb, 16] (IQ2_XXS: the first 8)."""
-    if kind == XXS:
-        grid, kmap, neighbours = GRID_XXS, KMAP_XXS, NEIGHBOURS_XXS
-    elif kind == XS:
-        grid, kmap, neighbours = GRID_XS, KMAP_XS, NEIGHBOURS_XS
-    else:
-        grid, kmap, neighbours = GRID_S, KMAP_S, NEIGHBOURS_S
+    mask ``signs`` [nb, 32] of each group of 8, and the 4-bit block scales ``ls`` [nb, 16] (IQ2_XXS: the first 8).
+    The tables are arguments of the kernel, not globals numba would freeze into its code."""
+    return iq2_kernel(x, qw, widx, weighted, kind, *TABLES[kind])
+
+
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
+def iq2_kernel(x, qw, widx, weighted, kind, grid, kmap, neighbours, offsets):
+    """:func:`iq2_rows` with the tables of ``kind``."""
     n = 32 if kind == XXS else 16
     nblk = 256 // n
     ng = n // 8
@@ -341,6 +359,7 @@ def iq2_rows(x, qw, widx, weighted, kind):
         sums = np.empty(2, np.float32)
         scales = np.empty(16, np.float32)
         bsigns = np.empty(4, np.int32)
+        terms = np.empty(24, np.float32)
         for b in range(ch * chunk, min(nb, (ch + 1) * chunk)):
             r = b // nper
             off = (b - r * nper) * 256
@@ -370,7 +389,7 @@ def iq2_rows(x, qw, widx, weighted, kind):
                 if mx < eps:
                     continue
                 scale, searched = _block_search(xval, weight, waux, mx, n, L, Laux, Lqp, on_grid, on_grid_aux, sums,
-                                                grid, kmap, neighbours, kind)
+                                                grid, kmap, neighbours, offsets, terms, kind)
                 if not searched:
                     continue
                 if scale < F0:
@@ -398,4 +417,4 @@ def iq2_rows(x, qw, widx, weighted, kind):
     return d_out, gi, signs, ls
 
 
-KERNELS = (iq2_rows,)
+KERNELS = (iq2_kernel,)

@@ -58,12 +58,15 @@ def collect(futures: list) -> np.ndarray:
 
 
 def _dispatchers(qtypes, weighted: bool = False) -> list:
-    from . import iquants, iquants2, iquants3, kquants
+    from . import iquants, iquants3, kquants
 
     by_type = {T.Q2_K: kquants.q2_k_blocks, T.Q3_K: kquants.q3_k_blocks, T.Q4_K: kquants.qkx_blocks,
                T.Q5_K: kquants.qkx_blocks, T.Q6_K: kquants.q6_k_blocks, T.IQ4_NL: iquants.iq4_nl_rows,
-               T.IQ4_XS: iquants.iq4_xs_rows, T.IQ3_S: iquants3.iq3_rows, T.IQ3_XXS: iquants3.iq3_rows,
-               T.IQ2_XXS: iquants2.iq2_rows, T.IQ2_XS: iquants2.iq2_rows, T.IQ2_S: iquants2.iq2_rows}
+               T.IQ4_XS: iquants.iq4_xs_rows, T.IQ3_S: iquants3.iq3_rows, T.IQ3_XXS: iquants3.iq3_rows}
+    if any(t in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S) for t in qtypes):   # its grid tables take half a second: on use
+        from . import iquants2
+
+        by_type.update(dict.fromkeys((T.IQ2_XXS, T.IQ2_XS, T.IQ2_S), iquants2.iq2_kernel))
     found = [f for t in qtypes if (f := by_type.get(t)) is not None]
     if weighted:
         from . import kquants_imatrix as kw

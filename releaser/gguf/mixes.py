@@ -156,6 +156,9 @@ NEEDS_IMATRIX = {"Q2_K_S": "Q2_K", "IQ3_XS": "IQ3_S", "IQ3_XXS": "IQ3_S", "IQ2_M
                  "IQ2_XS": "Q2_K", "IQ2_XXS": "Q2_K"}
 #: Tensor types llama-quantize refuses to write without importance weights (but for the token embeddings and output).
 IMATRIX_TYPES = (T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS)
+#: Tensor types llama.cpp's quantizer cannot make without importance weights at all (it asserts them): not even for
+#: the token embeddings and the output.
+WEIGHTS_REQUIRED = (T.IQ2_XXS, T.IQ2_XS)
 #: The mixes of llama_tensor_get_type_impl's very-low-bit branch (IQ1_S / IQ1_M take it too once they exist): their
 #: own rules for attn_v, the first ffn_down layers and attn_output, the other tensors keep the mix's type.
 _LOW_BIT = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")

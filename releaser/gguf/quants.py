@@ -36,6 +36,7 @@ from gguf import quants as gguf_quants
 
 from releaser.errors import ConfigError, ModelError
 from releaser.gguf import iquants, iquants3, kquants
+from releaser.gguf.mixes import WEIGHTS_REQUIRED
 
 QT = GGMLQuantizationType
 QK_K = kquants.QK_K
@@ -372,8 +373,6 @@ I_QUANTS: dict[GGMLQuantizationType, type[IQuant]] = {c.qtype: c for c in (IQ4_N
 SUPPORTED_TYPES = (*GGUF_PY_TYPES, *K_QUANTS, *I_QUANTS)
 #: Types whose llama.cpp quantizer takes importance weights (an imatrix); the others ignore them (Q8_0, floats).
 WEIGHTED_TYPES = (*K_QUANTS, *LEGACY_FIXED, *I_QUANTS)
-#: Types llama.cpp's quantizer cannot make without importance weights (it asserts them).
-WEIGHTS_REQUIRED = (QT.IQ2_XXS, QT.IQ2_XS)
 
 
 def _check_type(qtype: GGMLQuantizationType) -> GGMLQuantizationType:
