@@ -20,7 +20,7 @@ import numpy as np
 #: ``kmap`` of a key no quantizer forms (a level at or above ``levels``): neither on the grid nor listed.
 UNREACHABLE = np.int32(np.iinfo(np.int32).min)
 
-_CHUNK = 2048   # keys per distance matrix ([chunk, n] int32)
+_CHUNK = 512   # keys per distance matrix ([chunk, n, dim] int32 while summing: 32 MB for a 2048-point grid)
 
 
 def grid_tables(kgrid, nwant: int, dim: int = 4, bits: int = 3, levels: int | None = None
