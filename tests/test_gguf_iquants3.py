@@ -280,7 +280,7 @@ def test_mix_rules(quant):
 
 
 def test_iq3_xxs_mix_rules_are_llama_cpps():
-    """The IQ3_XXS mix is not offered yet (its attn_q/attn_k take IQ2_S), but its rules are llama.cpp's."""
+    """The IQ3_XXS mix's rules are llama.cpp's (its attn_q/attn_k take IQ2_S; whole files: test_gguf_iquants2)."""
     shape = ModelShape(8, 4, 4)
     for has_imatrix, v in ((True, QT.IQ3_XXS), (False, QT.IQ3_S)):
         tensors = _descs()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .iqgrid import grid_tables
 from .kquants import F0, F1, nearest_int
 
 # llama.cpp's grids (iq3xs_init_impl's kgrid_256 and kgrid_512): each point's 4 levels l (0..7), 3 bits each
@@ -91,33 +92,6 @@ FLT_MAX = np.float32(3.4028234663852886e38)
 GROUP_MAX_EPS_IQ3_XXS = np.float32(1e-8)
 IQ3S_FUDGE = np.float32(1.033)
 IQ3XXS_FUDGE = np.float32(1.0125)
-
-
-def grid_tables(kgrid, nwant: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``iq3xs_init_impl``: the grid points [n, 4] (int8 coordinates 2l+1), the map of the 4096 level groups
-    (``l0 | l1 << 3 | l2 << 6 | l3 << 9``) to a grid index, or ``-(offset + 1)`` into the neighbour lists, and those
-    lists (at ``offset``: the count, then the grid indices at the ``nwant`` smallest distances, nearest first, equal
-    distances by index: C's qsort on (distance, index))."""
-    kgrid = np.asarray(kgrid, np.int32)
-    levels = (kgrid[:, None] >> (3 * np.arange(4))) & 7
-    grid = (2 * levels + 1).astype(np.int8)
-    kmap = np.full(4096, -1, np.int32)
-    kmap[kgrid] = np.arange(len(kgrid), dtype=np.int32)
-    off = np.flatnonzero(kmap < 0)
-    pos = 2 * ((off[:, None] >> (3 * np.arange(4))) & 7) + 1
-    d2 = ((grid[None, :, :].astype(np.int32) - pos[:, None, :]) ** 2).sum(axis=2)   # [n_off, n]
-    order = np.argsort(d2, axis=1, kind="stable")
-    sd2 = np.take_along_axis(d2, order, axis=1)
-    rank = np.concatenate([np.zeros((len(off), 1), np.int32), np.cumsum(np.diff(sd2, axis=1) > 0, axis=1)], axis=1)
-    keep = rank < nwant
-    counts = keep.sum(axis=1)
-    starts = np.concatenate([[0], np.cumsum(counts + 1)[:-1]])
-    neighbours = np.empty(int((counts + 1).sum()), np.uint16)
-    for s, c, o in zip(starts, counts, order):
-        neighbours[s] = c
-        neighbours[s + 1:s + 1 + c] = o[:c]
-    kmap[off] = -(starts.astype(np.int32) + 1)
-    return grid, kmap, neighbours
 
 
 GRID_S, KMAP_S, NEIGHBOURS_S = grid_tables(KGRID_512, 3)
