@@ -27,12 +27,12 @@ DEFAULT_TYPE: dict[str, T] = {
 }
 QUANT_NAMES = list(DEFAULT_TYPE)
 FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
-            T.IQ3_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL}
+            T.IQ3_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL}
 UNQUANTIZED = (T.F32, T.F16, T.BF16)
 # the tensor types an override may name (ggml's names, any case, as llama-quantize reads them)
 TENSOR_TYPES = {t.name: t for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K,
                                     T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
-                                    T.IQ3_S, T.IQ3_XXS)}
+                                    T.IQ3_S, T.IQ3_XXS, T.IQ1_S, T.IQ1_M)}
 
 
 def tensor_type(name: str, what: str) -> T:
@@ -153,7 +153,7 @@ def _target_spec(name: str, fields: dict, target, defaults: dict) -> QuantSpec:
 #: each with the nearest mix that needs none.
 NEEDS_IMATRIX = {"Q2_K_S": "Q2_K", "IQ3_XS": "IQ3_S"}
 #: Tensor types llama-quantize refuses to write without importance weights (but for the token embeddings and output).
-IMATRIX_TYPES = (T.IQ3_XXS,)
+IMATRIX_TYPES = (T.IQ3_XXS, T.IQ1_S, T.IQ1_M)
 
 
 def file_type(quant: str) -> LlamaFileType:
@@ -230,8 +230,8 @@ def _fallback(t: TensorDesc, qtype: T) -> T:
 
 
 def requires_imatrix(quant: str, name: str, qtype: T) -> bool:
-    """llama.cpp's tensor_requires_imatrix for our types: IQ3_XXS tensors and the Q2_K tensors of a Q2_K_S file, but
-    the token embeddings and the output."""
+    """llama.cpp's tensor_requires_imatrix for our types: IQ3_XXS, IQ1_S and IQ1_M tensors and the Q2_K tensors of a
+    Q2_K_S file, but the token embeddings and the output."""
     return (qtype in IMATRIX_TYPES or (quant == "Q2_K_S" and qtype == T.Q2_K)) and name not in (
         "token_embd.weight", "per_layer_token_embd.weight", "output.weight")
 
