@@ -7,12 +7,20 @@ from a one-tensor F32 GGUF to a GGUF file. Both outputs are compared byte for by
 the F32 file and writing the result (from/to the page cache), so the ratio slightly favours releaser.
 
     python bench/bench_quants.py [--rows 4096] [--cols 4096] [--repeat 3] [--types Q2_K,Q3_K,...,IQ4_XS,IQ3_S,IQ3_XXS]
+
+With ``--imatrix`` both sides quantize with the same importance weights (heavy-tailed, some zero): llama.cpp is then
+the ``llama-quantize`` binary of tests/build_llama_tools.sh (``--imatrix`` with a token_embd entry, ``--pure``, 2
+threads; its time includes the process start, loading the imatrix and the grid tables' init, ~5 s of CPU for the IQ1
+and IQ2 grids; its cpu column is the mean of its runs). IQ1_S needs weights: it runs only so.
+
+    python bench/bench_quants.py --imatrix --types IQ1_S,IQ1_M,IQ3_XXS
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +32,9 @@ from releaser.gguf import quants
 
 # the llama-quantize mix whose default (``pure``) type is the type
 FTYPE_FOR = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
-             "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS"}
+             "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS", "IQ1_S": "IQ1_S",
+             "IQ1_M": "IQ1_M"}
+LLAMA_TOOLS = Path.home() / ".cache" / "releaser" / "llama-cpp-tools-0.3.36" / "bin"   # tests/build_llama_tools.sh
 
 
 def write_one_tensor_gguf(path: Path, data: np.ndarray) -> None:
@@ -58,6 +68,30 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype: str, nthread: int) -> None:
         raise SystemExit(f"llama_model_quantize failed with {rc}")
 
 
+def write_imatrix(path: Path, weights: np.ndarray) -> None:
+    """An imatrix GGUF with one entry, token_embd.weight (llama-quantize uses it when its size matches)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("general.type", "imatrix")
+    w.add_array("imatrix.datasets", ["bench"])
+    w.add_uint32("imatrix.chunk_count", 1)
+    w.add_uint32("imatrix.chunk_size", 512)
+    w.add_tensor("token_embd.weight.in_sum2", weights.reshape(1, -1))   # counts 1: the weights as they are
+    w.add_tensor("token_embd.weight.counts", np.ones(1, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_quantize_binary(src: Path, dst: Path, ftype: str, nthread: int, imatrix: Path) -> None:
+    import subprocess
+
+    proc = subprocess.run([str(LLAMA_TOOLS / "llama-quantize"), "--imatrix", str(imatrix), "--pure", str(src), str(dst),
+                           ftype, str(nthread)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-quantize failed: {proc.stderr[-2000:]}")
+
+
 def best_of(repeat: int, fn):
     """(best wall seconds, best process CPU seconds, last result) of ``repeat`` calls."""
     walls, cpus = [], []
@@ -75,7 +109,8 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (releaser uses numba's pool)")
-    parser.add_argument("--types", default=",".join(FTYPE_FOR))
+    parser.add_argument("--types", default=",".join(t for t in FTYPE_FOR if t != "IQ1_S"))
+    parser.add_argument("--imatrix", action="store_true", help="both sides with the same importance weights")
     args = parser.parse_args()
 
     import llama_cpp
@@ -85,6 +120,9 @@ def main() -> None:
     llama_cpp.llama_log_set(silence, ctypes.c_void_p(0))
     rng = np.random.default_rng(0)
     data = (rng.standard_t(5, (args.rows, args.cols)) * 0.02).astype(np.float32)
+    weights = (rng.random(args.cols) ** 4 * 100).astype(np.float32) if args.imatrix else None
+    if weights is not None:
+        weights[::17] = 0.0
     mb = data.nbytes / 1e6
     print(f"matrix {args.rows}x{args.cols} float32 ({mb:.0f} MB), best of {args.repeat}")
     print("wall = best wall-clock seconds, cpu = best process CPU seconds (all threads); ratio = releaser / llama.cpp")
@@ -93,13 +131,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "f32.gguf"
         write_one_tensor_gguf(src, data)
+        if weights is not None:
+            write_imatrix(Path(tmp) / "imatrix.gguf", weights)
         for name in args.types.split(","):
             qtype = gguf.GGMLQuantizationType[name]
-            quants.quantize(data[:1, :256], qtype)  # numba compile / cache load outside the timing
-            ours_s, ours_cpu, ours = best_of(args.repeat, lambda: quants.quantize(data, qtype))
+            # numba compile / cache load outside the timing
+            quants.quantize(data[:1, :256], qtype, None if weights is None else weights[:256])
+            ours_s, ours_cpu, ours = best_of(args.repeat, lambda: quants.quantize(data, qtype, weights))
             dst = Path(tmp) / f"{name}.gguf"
-            theirs_s, theirs_cpu, _ = best_of(args.repeat, lambda: llama_cpp_quantize(src, dst, FTYPE_FOR[name],
-                                                                                     args.threads))
+            if weights is None:
+                theirs_s, theirs_cpu, _ = best_of(args.repeat, lambda: llama_cpp_quantize(src, dst, FTYPE_FOR[name],
+                                                                                         args.threads))
+            else:   # llama-quantize's CPU time: the children's
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                theirs_s, _, _ = best_of(args.repeat, lambda: llama_quantize_binary(
+                    src, dst, FTYPE_FOR[name], args.threads, Path(tmp) / "imatrix.gguf"))
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                theirs_cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / args.repeat
             tensor = gguf.GGUFReader(dst).tensors[0]
             same = tensor.tensor_type == qtype and np.array_equal(np.asarray(tensor.data).reshape(-1), ours.reshape(-1))
             print(f"{name:6} {ours_s:9.2f} {mb / ours_s:6.1f} {ours_cpu:6.2f} | {theirs_s:10.2f} {mb / theirs_s:6.1f} "

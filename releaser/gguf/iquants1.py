@@ -412,8 +412,6 @@ def iq1_m_rows(x, qw, widx, weighted, grid, kmap, neighbours):
         index = np.empty((16, 2), np.int64)
         scales = np.empty(16, np.float32)
         shifts = np.empty(16, np.int64)
-        sumqx = np.empty(4, np.float32)
-        sumq2 = np.empty(4, np.float32)
         for b in range(ch * chunk, min(nb, (ch + 1) * chunk)):
             r = b // nper
             off = (b - r * nper) * 256
@@ -455,18 +453,12 @@ def iq1_m_rows(x, qw, widx, weighted, grid, kmap, neighbours):
                         qxm1 = tx1 * m2 - sx
                         q2p1 = tw1 * p2 * p2 + pw[1, i1] * cp1 + pw[1, i2] * cp2
                         q2m1 = tw1 * m2 * m2 + pw[1, i1] * cm1 + pw[1, i2] * cm2
-                        sumqx[0] = qxp0 + qxp1
-                        sumqx[1] = qxp0 + qxm1
-                        sumqx[2] = qxm0 + qxp1
-                        sumqx[3] = qxm0 + qxm1
-                        sumq2[0] = q2p0 + q2p1
-                        sumq2[1] = q2p0 + q2m1
-                        sumq2[2] = q2m0 + q2p1
-                        sumq2[3] = q2m0 + q2m1
-                        for k in range(4):
-                            if sumq2[k] > F0 and sumqx[k] * sumqx[k] > best * sumq2[k]:
-                                scale = sumqx[k] / sumq2[k]
-                                best = scale * sumqx[k]
+                        for k in range(4):   # the delta choices in C's order: ++, +-, -+, --
+                            sq = (qxp0 if k < 2 else qxm0) + (qxp1 if k % 2 == 0 else qxm1)
+                            s2 = (q2p0 if k < 2 else q2m0) + (q2p1 if k % 2 == 0 else q2m1)
+                            if s2 > F0 and sq * sq > best * s2:
+                                scale = sq / s2
+                                best = scale * sq
                                 besti1, besti2, best_k = i1, i2, k
                 if besti1 < 0:
                     continue
