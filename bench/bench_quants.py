@@ -6,14 +6,11 @@ For each type the same [rows, cols] float32 matrix (Student-t, like LLM weights)
 from a one-tensor F32 GGUF to a GGUF file. Both outputs are compared byte for byte. llama.cpp's time includes reading
 the F32 file and writing the result (from/to the page cache), so the ratio slightly favours releaser.
 
-    python bench/bench_quants.py [--rows 4096] [--cols 4096] [--repeat 3] [--types Q2_K,Q3_K,...,IQ4_XS,IQ3_S,IQ3_XXS]
+With ``--imatrix`` (and always for IQ2_XXS, IQ2_XS, IQ2_S and IQ1_S, which llama.cpp makes only with importance weights)
+both take the same synthetic importance weights: releaser in memory, llama.cpp as ``llama-quantize --imatrix FILE
+--pure`` (the binary from tests/build_llama_tools.sh, ``--llama-quantize``; its time includes starting the process).
 
-With ``--imatrix`` both sides quantize with the same importance weights (heavy-tailed, some zero): llama.cpp is then
-the ``llama-quantize`` binary of tests/build_llama_tools.sh (``--imatrix`` with a token_embd entry, ``--pure``, 2
-threads; its time includes the process start, loading the imatrix and the grid tables' init, ~5 s of CPU for the IQ1
-and IQ2 grids; its cpu column is the mean of its runs). IQ1_S needs weights: it runs only so.
-
-    python bench/bench_quants.py --imatrix --types IQ1_S,IQ1_M,IQ3_XXS
+    python bench/bench_quants.py [--rows 4096] [--cols 4096] [--repeat 3] [--types Q2_K,Q3_K,...,IQ3_XXS,IQ2_S]
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import resource
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -32,9 +30,10 @@ from releaser.gguf import quants
 
 # the llama-quantize mix whose default (``pure``) type is the type
 FTYPE_FOR = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
-             "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS", "IQ1_S": "IQ1_S",
-             "IQ1_M": "IQ1_M"}
-LLAMA_TOOLS = Path.home() / ".cache" / "releaser" / "llama-cpp-tools-0.3.36" / "bin"   # tests/build_llama_tools.sh
+             "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS",
+             "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_M", "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M"}
+WEIGHTED = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S")   # llama.cpp makes them only with importance weights
+TOOLS = Path.home() / ".cache" / "releaser" / "llama-cpp-tools-0.3.36" / "bin" / "llama-quantize"
 
 
 def write_one_tensor_gguf(path: Path, data: np.ndarray) -> None:
@@ -69,27 +68,29 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype: str, nthread: int) -> None:
 
 
 def write_imatrix(path: Path, weights: np.ndarray) -> None:
-    """An imatrix GGUF with one entry, token_embd.weight (llama-quantize uses it when its size matches)."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_string("general.type", "imatrix")
-    w.add_array("imatrix.datasets", ["bench"])
-    w.add_uint32("imatrix.chunk_count", 1)
-    w.add_uint32("imatrix.chunk_size", 512)
-    w.add_tensor("token_embd.weight.in_sum2", weights.reshape(1, -1))   # counts 1: the weights as they are
-    w.add_tensor("token_embd.weight.counts", np.ones(1, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    """A llama-imatrix GGUF whose one entry (``token_embd.weight``) gives ``weights`` (in_sum2 / counts)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.type", "imatrix")
+    writer.add_array("imatrix.datasets", ["synthetic"])
+    writer.add_uint32("imatrix.chunk_count", 1)
+    writer.add_uint32("imatrix.chunk_size", 512)
+    writer.add_tensor("token_embd.weight.in_sum2", weights.reshape(1, -1) * np.float32(128))
+    writer.add_tensor("token_embd.weight.counts", np.array([128], np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
-def llama_quantize_binary(src: Path, dst: Path, ftype: str, nthread: int, imatrix: Path) -> None:
-    import subprocess
-
-    proc = subprocess.run([str(LLAMA_TOOLS / "llama-quantize"), "--imatrix", str(imatrix), "--pure", str(src), str(dst),
-                           ftype, str(nthread)], capture_output=True, text=True)
+def llama_quantize_binary(binary: Path, src: Path, dst: Path, ftype: str, nthread: int, imatrix: Path) -> float:
+    """``llama-quantize --imatrix --pure``; returns the child's CPU seconds."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([str(binary), "--imatrix", str(imatrix), "--pure", str(src), str(dst), ftype, str(nthread)],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"llama-quantize failed: {proc.stderr[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def best_of(repeat: int, fn):
@@ -109,8 +110,9 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (releaser uses numba's pool)")
-    parser.add_argument("--types", default=",".join(t for t in FTYPE_FOR if t != "IQ1_S"))
-    parser.add_argument("--imatrix", action="store_true", help="both sides with the same importance weights")
+    parser.add_argument("--types", default=",".join(FTYPE_FOR))
+    parser.add_argument("--imatrix", action="store_true", help="importance weights for every type (IQ2: always)")
+    parser.add_argument("--llama-quantize", type=Path, default=TOOLS, help="the llama-quantize binary (weighted runs)")
     args = parser.parse_args()
 
     import llama_cpp
@@ -120,9 +122,6 @@ def main() -> None:
     llama_cpp.llama_log_set(silence, ctypes.c_void_p(0))
     rng = np.random.default_rng(0)
     data = (rng.standard_t(5, (args.rows, args.cols)) * 0.02).astype(np.float32)
-    weights = (rng.random(args.cols) ** 4 * 100).astype(np.float32) if args.imatrix else None
-    if weights is not None:
-        weights[::17] = 0.0
     mb = data.nbytes / 1e6
     print(f"matrix {args.rows}x{args.cols} float32 ({mb:.0f} MB), best of {args.repeat}")
     print("wall = best wall-clock seconds, cpu = best process CPU seconds (all threads); ratio = releaser / llama.cpp")
@@ -131,23 +130,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "f32.gguf"
         write_one_tensor_gguf(src, data)
-        if weights is not None:
-            write_imatrix(Path(tmp) / "imatrix.gguf", weights)
+        weights = ((rng.random(args.cols) ** 4) * 10 + 0.01).astype(np.float32)
+        imatrix = Path(tmp) / "imatrix.gguf"
+        write_imatrix(imatrix, weights)
         for name in args.types.split(","):
             qtype = gguf.GGMLQuantizationType[name]
-            # numba compile / cache load outside the timing
-            quants.quantize(data[:1, :256], qtype, None if weights is None else weights[:256])
-            ours_s, ours_cpu, ours = best_of(args.repeat, lambda: quants.quantize(data, qtype, weights))
+            w = weights if args.imatrix or name in WEIGHTED else None
+            quants.quantize(data[:1, :256], qtype, None if w is None else w[:256])  # numba compile / cache load
+            ours_s, ours_cpu, ours = best_of(args.repeat, lambda: quants.quantize(data, qtype, w))
             dst = Path(tmp) / f"{name}.gguf"
-            if weights is None:
+            if w is None:
                 theirs_s, theirs_cpu, _ = best_of(args.repeat, lambda: llama_cpp_quantize(src, dst, FTYPE_FOR[name],
                                                                                          args.threads))
-            else:   # llama-quantize's CPU time: the children's
-                before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                theirs_s, _, _ = best_of(args.repeat, lambda: llama_quantize_binary(
-                    src, dst, FTYPE_FOR[name], args.threads, Path(tmp) / "imatrix.gguf"))
-                after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                theirs_cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / args.repeat
+            else:   # the child's CPU time, not this process's
+                runs = [(time.perf_counter(), llama_quantize_binary(args.llama_quantize, src, dst, FTYPE_FOR[name],
+                                                                    args.threads, imatrix), time.perf_counter())
+                        for _ in range(args.repeat)]
+                theirs_s, theirs_cpu = min(b - a for a, _, b in runs), min(c for _, c, _ in runs)
             tensor = gguf.GGUFReader(dst).tensors[0]
             same = tensor.tensor_type == qtype and np.array_equal(np.asarray(tensor.data).reshape(-1), ours.reshape(-1))
             print(f"{name:6} {ours_s:9.2f} {mb / ours_s:6.1f} {ours_cpu:6.2f} | {theirs_s:10.2f} {mb / theirs_s:6.1f} "

@@ -6,7 +6,10 @@
   synthetic importance matrix (zero and huge columns, one all-zero matrix) and by llama-quantize from our F32 file:
   tensor for tensor equal (names, types, bytes);
 * IQ1_M without weights (llama-quantize allows it for the token embeddings and the output only);
-* the refusals: IQ1_S / IQ1_M tensors without an imatrix (llama-quantize refuses them too);
+* the IQ1_S and IQ1_M mixes (llama.cpp's very-low-bit rules: IQ2_XXS attn_output, Q2_K token embeddings and first
+  ffn_down layers, Q5_K output), with the imatrix, equal llama-quantize's files;
+* the refusals: the IQ1 mixes and IQ1_S / IQ1_M tensors without an imatrix (llama-quantize refuses them too), IQ1_S
+  where no imatrix entry can be (the token embeddings: llama.cpp aborts);
 * dequantization: gguf-py's (what the quality stage and ``gguf-fix`` use) equals C's dequantize_row_iq1_s/m written
   out here; the grid equals gguf-py's; the kernels' corner cases.
 """
@@ -19,6 +22,7 @@ import pytest
 
 from releaser.errors import ConfigError
 from releaser.gguf import export_gguf, iquants1, quants
+from releaser.gguf.mixes import ModelShape, tensor_types
 
 import test_gguf_iquants3 as iq3
 from test_gguf_quants import with_edge_rows
@@ -63,17 +67,85 @@ def test_iq1_m_without_weights_equals_llama_quantize(model, llama_tools):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype", ["IQ1_S", "IQ1_M"])
-def test_iq1_tensors_are_refused_without_an_imatrix(model, llama_tools, qtype):
+def test_mixes_equal_llama_quantize(model, llama_tools):
+    o = iq3._oracle()
     root, path, f32 = model
-    spec = {"name": f"Q8_0-{qtype}", "base": "Q8_0", "tensor_types": {"ffn_up": qtype}}
-    with pytest.raises(ConfigError, match=rf"Q8_0-{qtype} stores blk.0.ffn_up.weight as {qtype}, which needs an "
-                                          r"importance matrix .* --imatrix FILE"):
-        export_gguf(path, root / "refused", [spec], name="tiny", pre_tokenizer="llama-bpe")
+    imatrix = root / "imatrix.gguf"
+    result = export_gguf(path, root / "ours-mixes", ["IQ1_S", "IQ1_M"], name="tiny", imatrix=imatrix,
+                         pre_tokenizer="llama-bpe")
+    for quant in ("IQ1_S", "IQ1_M"):
+        ref = root / f"ref-{quant}.gguf"
+        rc, log = iq3._llama_quantize(llama_tools, ["--imatrix", imatrix, f32, ref, quant, 2])
+        assert rc == 0, log[-3000:]
+        ours = result.files[quant][0]
+        mine, theirs = o.tensors(ours), o.tensors(ref)
+        assert {k: v[0] for k, v in mine.items()} == {k: v[0] for k, v in theirs.items()}   # names and types
+        assert [k for k in mine if mine[k][1] != theirs[k][1]] == []                          # bytes
+        assert o.keys(ours, "general.file_type") == o.keys(ref, "general.file_type")
+        assert o.keys(ours, "quantize.") == o.keys(ref, "quantize.")
+        types = result.tensor_types[quant]
+        assert types["output.weight"] == "Q5_K" and types["token_embd.weight"] == "Q2_K"
+        assert types["blk.0.attn_v.weight"] == "Q4_K"                                   # n_gqa 4
+        assert types["blk.0.ffn_down.weight"] == "Q4_0" and types["blk.3.ffn_down.weight"] == "IQ4_NL"   # 352 wide
+        assert types["blk.3.attn_output.weight"] == "IQ2_XXS"
+        assert types["blk.3.attn_q.weight"] == types["blk.5.attn_k.weight"] == types["blk.7.ffn_up.weight"] == quant
+    assert result.sizes["IQ1_S"] < result.sizes["IQ1_M"]
+
+
+@pytest.mark.slow
+def test_iq1_is_refused_without_an_imatrix(model, llama_tools):
+    root, path, f32 = model
+    for quant in ("IQ1_S", "IQ1_M"):
+        with pytest.raises(ConfigError, match=rf"{quant} needs an importance matrix .* --imatrix FILE \(gguf.imatrix "
+                                              r"in a recipe\) or choose Q2_K"):
+            export_gguf(path, root / "refused", [quant], name="tiny", pre_tokenizer="llama-bpe")
+        spec = {"name": f"Q8_0-{quant}", "base": "Q8_0", "tensor_types": {"ffn_up": quant}}
+        with pytest.raises(ConfigError, match=rf"Q8_0-{quant} stores blk.0.ffn_up.weight as {quant}, which needs an "
+                                              r"importance matrix .* --imatrix FILE"):
+            export_gguf(path, root / "refused", [spec], name="tiny", pre_tokenizer="llama-bpe")
+    # IQ1_S cannot be made without weights at all: the token embeddings have no imatrix entry (llama.cpp aborts)
+    spec = {"name": "E", "base": "Q8_0", "embedding_type": "IQ1_S"}
+    with pytest.raises(ConfigError, match=r"E stores token_embd.weight as IQ1_S, which llama.cpp cannot make "
+                                          r"without importance weights .* choose another type for it"):
+        export_gguf(path, root / "refused", [spec], name="tiny", imatrix=root / "imatrix.gguf",
+                    pre_tokenizer="llama-bpe")
     assert not (root / "refused").exists() or not any((root / "refused").iterdir())
-    rc, log = iq3._llama_quantize(llama_tools, ["--tensor-type", f"ffn_up={qtype.lower()}", f32, root / "refused.gguf",
-                                            "Q8_0", 2])
-    assert rc != 0 and "requires an importance matrix" in log, log[-2000:]
+    for args in (["IQ1_S"], ["IQ1_M"], ["--tensor-type", "ffn_up=iq1_s", "Q8_0"],
+                 ["--tensor-type", "ffn_up=iq1_m", "Q8_0"]):   # llama-quantize refuses them too
+        rc, log = iq3._llama_quantize(llama_tools, [*args[:-1], f32, root / "refused.gguf", args[-1], 2])
+        assert rc != 0 and "requires an importance matrix" in log, log[-2000:]
+
+
+@pytest.mark.parametrize("quant", ["IQ1_S", "IQ1_M"])
+def test_mix_rules(quant):
+    """llama.cpp's very-low-bit branch for IQ1_S / IQ1_M: output Q5_K, token embeddings Q2_K, attn_v Q4_K from n_gqa 4
+    or 4 experts (else Q2_K), the first eighth of ffn_down Q2_K, attn_output IQ2_XXS (8 experts: Q5_K), 8 experts'
+    attn_k Q4_K; the mix's type elsewhere; 352-wide rows fall back to IQ4_NL (Q2_K to Q4_0)."""
+    tensors = iq3._descs(ffn=352)
+    default = QT[quant]
+    for gqa, n_expert in ((1, 0), (4, 0), (1, 4), (1, 8)):
+        got = dict(zip([t.name for t in tensors], tensor_types(tensors, quant, ModelShape(8, 4 * gqa, 4,
+                                                                                          n_expert=n_expert),
+                                                               has_imatrix=True)))
+        assert got["output.weight"] == QT.Q5_K and got["token_embd.weight"] == QT.Q2_K
+        assert got["blk.0.attn_v.weight"] == (QT.Q4_K if gqa >= 4 or n_expert >= 4 else QT.Q2_K)
+        assert got["blk.2.attn_k.weight"] == (QT.Q4_K if n_expert == 8 else default)
+        assert got["blk.2.attn_q.weight"] == got["blk.2.ffn_up.weight"] == got["blk.6.ffn_gate.weight"] == default
+        assert got["blk.2.attn_output.weight"] == (QT.Q5_K if n_expert == 8 else QT.IQ2_XXS)
+        assert [got[f"blk.{i}.ffn_down.weight"] for i in range(8)] == [QT.Q4_0] + [QT.IQ4_NL] * 7
+
+
+def test_recipe_and_cli_name_the_imatrix_flag(tmp_path):
+    from typer.testing import CliRunner
+
+    from releaser.cli import app
+    from releaser.gguf.options import GGUFOptions
+
+    for quant in ("IQ1_S", "IQ1_M"):
+        with pytest.raises(ConfigError, match=f"{quant} needs an importance matrix .* give one, or use Q2_K"):
+            GGUFOptions.build(quants=[quant])
+    res = CliRunner().invoke(app, ["gguf", str(tmp_path), "-o", str(tmp_path / "out"), "--quant", "IQ1_M"])
+    assert res.exit_code != 0 and "--imatrix: IQ1_M needs an importance matrix" in " ".join(res.output.split())
 
 
 # -- dequantization: C's formula ---------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .convert import Converter
 from .imatrix_weights import Imatrix, ImatrixError, load_imatrix
 from .mixes import DEFAULT_TYPE, NEEDS_IMATRIX, UNQUANTIZED, QuantSpec, allows_quantization, file_type, quant_specs, \
     requires_imatrix, tensor_types
-from .quants import WEIGHTED_TYPES
+from .quants import WEIGHTED_TYPES, WEIGHTS_REQUIRED
 from .stops import SAMPLING, SAMPLING_PREFIX, sampling_values
 from .vocab import TokenizerInfo, add_tokenizer
 
@@ -184,6 +184,12 @@ def export_gguf(model_dir, out_dir, quants=("Q4_K_M",), name: str | None = None,
                               "refuses it without one): pass --imatrix FILE (gguf.imatrix in a recipe) or choose "
                               "another type for it")
         weights = _imatrix_weights(im, conv, types, base, reporter) if im is not None else {}
+        if need := [(q, d.name, t) for q, ts in types.items() for d, t in zip(descs, ts)
+                    if t in WEIGHTS_REQUIRED and d.name not in weights]:
+            q, tensor, t = need[0]
+            why = f"imatrix {im.name} has no entry for it" if im is not None else "pass --imatrix FILE"
+            raise ConfigError(f"{q} stores {tensor} as {t.name}, which llama.cpp cannot make without importance "
+                              f"weights (llama-quantize aborts; {why}): choose another type for it")
         name = name or _default_name(conv)
         with _quantizing(conv, types, workers or os.cpu_count() or 1, reporter, weights) as tensors:
             # the tensors are being read and quantized meanwhile (the tokenizer takes a second or two)

@@ -26,6 +26,7 @@ from functools import cache
 from numba import njit, prange
 
 from .iqgrid import grid_tables
+from .iquants3 import _sigma2
 from .kquants import F0, F1, nearest_int
 
 # llama.cpp's 1-bit grid (iq2xs_init_impl's kgrid_1bit_2048): each point's 8 levels l (0..2), 2 bits each
@@ -162,8 +163,6 @@ KGRID_1BIT_2048 = (
 
 F05 = np.float32(0.5)
 F15 = np.float32(15.0)
-F2 = np.float32(2.0)
-F256 = np.float32(256.0)
 FLT_MAX = np.float32(3.4028234663852886e38)
 DELTA = np.float32(0.125)                                    # IQ1S_DELTA = IQ1M_DELTA
 X_P = np.array([-1 + 0.125, 0.125, 1 + 0.125], np.float32)   # the levels of a +delta block
@@ -228,14 +227,6 @@ def _grid_index(L, o, xb, weight, scale, xx, grid, kmap, neighbours):
     if gi >= 0:
         return gi
     return -_best_neighbour(neighbours, -gi - 1, grid, xb, weight, o, scale, xx, L) - 1
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _sigma2(xs):
-    s = F0
-    for i in range(256):
-        s += xs[i] * xs[i]
-    return F2 * s / F256
 
 
 @njit(cache=True, error_model="numpy", inline="always")

@@ -24,15 +24,18 @@ DEFAULT_TYPE: dict[str, T] = {
     "Q2_K": T.Q2_K, "Q2_K_S": T.Q2_K, "Q3_K_S": T.Q3_K, "Q3_K_M": T.Q3_K, "Q3_K_L": T.Q3_K,
     "Q4_K_S": T.Q4_K, "Q4_K_M": T.Q4_K, "Q5_K_S": T.Q5_K, "Q5_K_M": T.Q5_K, "Q6_K": T.Q6_K,
     "IQ4_NL": T.IQ4_NL, "IQ4_XS": T.IQ4_XS, "IQ3_XS": T.IQ3_S, "IQ3_S": T.IQ3_S, "IQ3_M": T.IQ3_S,
+    "IQ3_XXS": T.IQ3_XXS, "IQ2_M": T.IQ2_S, "IQ2_S": T.IQ2_XS, "IQ2_XS": T.IQ2_XS, "IQ2_XXS": T.IQ2_XXS,
+    "IQ1_M": T.IQ1_M, "IQ1_S": T.IQ1_S,
 }
 QUANT_NAMES = list(DEFAULT_TYPE)
 FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
-            T.IQ3_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL}
+            T.IQ3_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL,
+            T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL}
 UNQUANTIZED = (T.F32, T.F16, T.BF16)
 # the tensor types an override may name (ggml's names, any case, as llama-quantize reads them)
 TENSOR_TYPES = {t.name: t for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K,
                                     T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
-                                    T.IQ3_S, T.IQ3_XXS, T.IQ1_S, T.IQ1_M)}
+                                    T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.IQ1_S, T.IQ1_M)}
 
 
 def tensor_type(name: str, what: str) -> T:
@@ -151,9 +154,16 @@ def _target_spec(name: str, fields: dict, target, defaults: dict) -> QuantSpec:
 
 #: Mixes llama-quantize refuses to make without an importance matrix (tensor_requires_imatrix, for the types we have),
 #: each with the nearest mix that needs none.
-NEEDS_IMATRIX = {"Q2_K_S": "Q2_K", "IQ3_XS": "IQ3_S"}
+NEEDS_IMATRIX = {"Q2_K_S": "Q2_K", "IQ3_XS": "IQ3_S", "IQ3_XXS": "IQ3_S", "IQ2_M": "Q2_K", "IQ2_S": "Q2_K",
+                 "IQ2_XS": "Q2_K", "IQ2_XXS": "Q2_K", "IQ1_M": "Q2_K", "IQ1_S": "Q2_K"}
 #: Tensor types llama-quantize refuses to write without importance weights (but for the token embeddings and output).
-IMATRIX_TYPES = (T.IQ3_XXS, T.IQ1_S, T.IQ1_M)
+IMATRIX_TYPES = (T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.IQ1_S, T.IQ1_M)
+#: Tensor types llama.cpp's quantizer cannot make without importance weights at all (it asserts them): not even for
+#: the token embeddings and the output.
+WEIGHTS_REQUIRED = (T.IQ2_XXS, T.IQ2_XS, T.IQ1_S)
+#: The mixes of llama_tensor_get_type_impl's very-low-bit branch: their own rules for attn_v, the first ffn_down
+#: layers and attn_output, the other tensors keep the mix's type.
+_LOW_BIT = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
 
 
 def file_type(quant: str) -> LlamaFileType:
@@ -230,7 +240,7 @@ def _fallback(t: TensorDesc, qtype: T) -> T:
 
 
 def requires_imatrix(quant: str, name: str, qtype: T) -> bool:
-    """llama.cpp's tensor_requires_imatrix for our types: IQ3_XXS, IQ1_S and IQ1_M tensors and the Q2_K tensors of a
+    """llama.cpp's tensor_requires_imatrix for our types: IQ3_XXS, IQ2 and IQ1 tensors and the Q2_K tensors of a
     Q2_K_S file, but the token embeddings and the output."""
     return (qtype in IMATRIX_TYPES or (quant == "Q2_K_S" and qtype == T.Q2_K)) and name not in (
         "token_embd.weight", "per_layer_token_embd.weight", "output.weight")
@@ -255,11 +265,15 @@ class _Mix:
         if name == "output.weight" or (self.tied and name == "token_embd.weight"):
             if t.ne0 % GGML_QUANT_SIZES[new][0] != 0:
                 return T.Q8_0
-            if q == "IQ3_XXS":
+            if q == "IQ3_XXS" or q in _LOW_BIT:
                 return T.Q5_K
             return new if new == T.Q8_0 else T.Q6_K
         if name == "token_embd.weight":
-            return T.IQ3_S if q == "IQ3_XXS" else new
+            if q in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+                return T.Q2_K
+            return T.IQ3_S if q in ("IQ3_XXS", "IQ2_S", "IQ2_M") else new
+        if q in _LOW_BIT:
+            return self._low_bit(t, new)
         if _is_attn_v(name):
             if q == "Q2_K":
                 new = T.Q4_K if s.n_head // s.n_head_kv >= 4 else T.Q3_K
@@ -328,6 +342,32 @@ class _Mix:
                 new = T.Q5_K
             elif q in ("Q4_0", "Q5_0") and self.has_imatrix and i < n // 8:   # guards the first ffn_down layers
                 new = T.Q4_1 if q == "Q4_0" else T.Q5_1
+        return new
+
+
+    def _low_bit(self, t: TensorDesc, new: T) -> T:
+        """The very-low-bit branch (IQ2_*, IQ1_*): C counts ffn_down by tensor here, experts or not."""
+        q, s, name = self.quant, self.shape, t.name
+        s_or_m = q in ("IQ2_S", "IQ2_M")
+        if _is_attn_v(name):
+            if s.n_head // s.n_head_kv >= 4 or s.n_expert >= 4:
+                new = T.Q4_K
+            else:
+                new = T.IQ3_S if s_or_m else T.Q2_K
+            self.i_attention_wv += 1
+        elif s.n_expert == 8 and "attn_k.weight" in name:
+            new = T.Q4_K
+        elif "ffn_down" in name:
+            if self.i_ffn_down < s.n_layer // 8:
+                new = T.IQ3_S if s_or_m else T.Q2_K
+            self.i_ffn_down += 1
+        elif "attn_output.weight" in name:
+            if s.n_expert == 8:
+                new = T.Q5_K
+            elif q in ("IQ1_S", "IQ1_M"):
+                new = T.IQ2_XXS
+            elif s_or_m:
+                new = T.IQ3_S
         return new
 
 

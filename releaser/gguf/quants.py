@@ -18,9 +18,12 @@
   ``quantize_iq4_nl`` / ``quantize_iq4_xs``, with or without weights: one numba kernel each
   (:mod:`releaser.gguf.iquants`), then the packing of :class:`IQuant`'s classes. IQ3_S and IQ3_XXS (indices into
   grids of 4 magnitudes, signs apart) are our port of ``quantize_iq3_s`` / ``quantize_iq3_xxs``
-  (:mod:`releaser.gguf.iquants3`). IQ1_S and IQ1_M (indices into a grid of 8 weights of -1/0/+1, shifted by
-  +-1/8) are our port of ``quantize_iq1_s`` / ``quantize_iq1_m`` (:mod:`releaser.gguf.iquants1`); IQ1_S needs
-  importance weights, as in C.
+  (:mod:`releaser.gguf.iquants3`). IQ2_XXS, IQ2_XS and IQ2_S (indices into grids of 8 magnitudes) are our port of
+  ``quantize_iq2_xxs`` / ``quantize_iq2_xs`` / ``quantize_iq2_s`` (:mod:`releaser.gguf.iquants2`); IQ2_XXS and
+  IQ2_XS exist only with importance weights (llama.cpp asserts them).
+  IQ1_S and IQ1_M (indices into a grid of 8 weights of -1/0/+1, shifted by
+  +-1/8) are our port of ``quantize_iq1_s`` / ``quantize_iq1_m`` (:mod:`releaser.gguf.iquants1`); IQ1_S exists
+  only with importance weights.
 
 ``dequantize(raw, qtype)`` delegates to ``gguf.quants.dequantize`` for every type.
 """
@@ -36,6 +39,7 @@ from gguf import quants as gguf_quants
 
 from releaser.errors import ConfigError, ModelError
 from releaser.gguf import iquants, iquants1, iquants3, kquants
+from releaser.gguf.mixes import WEIGHTS_REQUIRED
 
 QT = GGMLQuantizationType
 QK_K = kquants.QK_K
@@ -310,6 +314,61 @@ class IQ3_XXS(_IQ3):
                                words.astype("<u4").view(np.uint8)], axis=1)
 
 
+class _IQ2(IQuant):
+    """IQ2_XXS, IQ2_XS and IQ2_S: one kernel (:func:`releaser.gguf.iquants2.iq2_rows`), ``kind`` picks the type
+    (0, 1, 2: iquants2.XXS, XS, S; imported on use: iquants2 shares make_qp_quants with kquants_imatrix, which
+    imports this module)."""
+
+    kind = 0
+
+    @classmethod
+    def search(cls, rows, qw, widx, weighted) -> tuple:
+        from releaser.gguf import iquants2
+
+        return iquants2.iq2_rows(rows, qw, widx, weighted, cls.kind)
+
+
+class IQ2_XXS(_IQ2):
+    """256-weight super-blocks: the fp16 scale, then per 32-weight block two uint32: the 8-bit indices of its four
+    groups of 8 into the 256-point grid, and its four 7-bit sign groups with the 4-bit block scale in the top bits."""
+
+    qtype, kind = QT.IQ2_XXS, 0
+
+    @classmethod
+    def pack(cls, d, gi, signs, ls) -> np.ndarray:
+        s = signs.reshape(-1, 8, 4).astype(np.uint32)
+        words = s[:, :, 0] | (s[:, :, 1] << 7) | (s[:, :, 2] << 14) | (s[:, :, 3] << 21) | (
+            ls[:, :8].astype(np.uint32) << 28)
+        q2 = np.stack([gi.astype(np.uint8).reshape(-1, 8, 4).view("<u4")[:, :, 0], words], axis=2)
+        return np.concatenate([_f16_bytes(d), q2.astype("<u4").view(np.uint8).reshape(-1, 64)], axis=1)
+
+
+class IQ2_XS(_IQ2):
+    """256-weight super-blocks: the fp16 scale, a uint16 per group of 8 (its 9-bit index into the 512-point grid and
+    its 7 sign bits above), then the sixteen 4-bit block scales (8 bytes)."""
+
+    qtype, kind = QT.IQ2_XS, 1
+
+    @classmethod
+    def pack(cls, d, gi, signs, ls) -> np.ndarray:
+        q2 = (gi | (signs.astype(np.uint16) << 9)).astype("<u2").view(np.uint8)
+        return np.concatenate([_f16_bytes(d), q2, ls[:, 0::2] | (ls[:, 1::2] << 4)], axis=1)
+
+
+class IQ2_S(_IQ2):
+    """256-weight super-blocks: the fp16 scale, the low 8 bits of the 32 indices into the 1024-point grid, the 8 sign
+    bits of each group (32 bytes), the indices' top 2 bits (8 bytes), then the sixteen 4-bit block scales (8 bytes)."""
+
+    qtype, kind = QT.IQ2_S, 2
+
+    @classmethod
+    def pack(cls, d, gi, signs, ls) -> np.ndarray:
+        qh = np.bitwise_or.reduce((gi >> 8).astype(np.uint8).reshape(-1, 8, 4) << (2 * np.arange(4, dtype=np.uint8)),
+                                  axis=2)
+        return np.concatenate([_f16_bytes(d), gi.astype(np.uint8), signs, qh, ls[:, 0::2] | (ls[:, 1::2] << 4)],
+                              axis=1)
+
+
 class IQ1_S(IQuant):
     """256-weight super-blocks: the fp16 scale, the low 8 bits of 32 indices into the 2048-point 1-bit grid (8 weights
     each), then per 32-weight block a uint16: the 3 high bits of its 4 indices, its 3-bit scale (bits 12-14) and the
@@ -318,10 +377,7 @@ class IQ1_S(IQuant):
     qtype = QT.IQ1_S
 
     @staticmethod
-    def search(rows, qw, widx, weighted) -> tuple:
-        if not weighted:
-            raise QuantizeError("cannot quantize to IQ1_S without importance weights (llama.cpp asserts them): "
-                                "give an imatrix entry for this tensor, or choose IQ1_M")
+    def search(rows, qw, widx, weighted) -> tuple:   # weighted: quantize refuses IQ1_S without (WEIGHTS_REQUIRED)
         return iquants1.iq1_s_rows(rows, qw, widx, *iquants1.tables())
 
     @classmethod
@@ -349,8 +405,8 @@ class IQ1_M(IQuant):
 
 K_QUANTS: dict[GGMLQuantizationType, type[KQuant]] = {c.qtype: c for c in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
 LEGACY_FIXED: dict[GGMLQuantizationType, type[LegacyQuant]] = {c.qtype: c for c in (Q4_0, Q4_1, Q5_0, Q5_1)}
-I_QUANTS: dict[GGMLQuantizationType, type[IQuant]] = {c.qtype: c for c in (IQ4_NL, IQ4_XS, IQ3_S, IQ3_XXS, IQ1_S,
-                                                                             IQ1_M)}
+I_QUANTS: dict[GGMLQuantizationType, type[IQuant]] = {c.qtype: c for c in (IQ4_NL, IQ4_XS, IQ3_S, IQ3_XXS, IQ2_XXS,
+                                                                             IQ2_XS, IQ2_S, IQ1_S, IQ1_M)}
 SUPPORTED_TYPES = (*GGUF_PY_TYPES, *K_QUANTS, *I_QUANTS)
 #: Types whose llama.cpp quantizer takes importance weights (an imatrix); the others ignore them (Q8_0, floats).
 WEIGHTED_TYPES = (*K_QUANTS, *LEGACY_FIXED, *I_QUANTS)
@@ -429,6 +485,9 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray 
         return gguf_quants.quantize(data, qtype)
     if not np.isfinite(data).all():
         raise QuantizeError(f"cannot quantize to {qtype.name}: the tensor contains NaN or infinite values")
+    if weights is None and qtype in WEIGHTS_REQUIRED:
+        raise QuantizeError(f"cannot quantize to {qtype.name} without importance weights (an imatrix entry): "
+                            f"llama.cpp's {qtype.name} needs them; give --imatrix or pick another type")
     if qtype in I_QUANTS:
         rows = np.ascontiguousarray(data).reshape(-1, data.shape[-1])
         qw, widx = _weight_rows(data, weights, qtype) if weights is not None else (None, None)
