@@ -90,6 +90,14 @@ def test_mixes_equal_llama_quantize(model, llama_tools):
         assert types["blk.3.attn_output.weight"] == "IQ2_XXS"
         assert types["blk.3.attn_q.weight"] == types["blk.5.attn_k.weight"] == types["blk.7.ffn_up.weight"] == quant
     assert result.sizes["IQ1_S"] < result.sizes["IQ1_M"]
+    from pathlib import Path
+
+    from releaser.card import render_card
+
+    # the checkout's template (an editable install may map releaser.templates to another checkout)
+    card = render_card(root / "ours-mixes", template=Path(__file__).parents[1] / "templates" / "cards" / "gguf.md.j2")
+    assert "| tiny-IQ1_M.gguf | IQ1_M |" in card and "| tiny-IQ1_S.gguf | IQ1_S |" in card, card
+    assert "IQ1_M and IQ1_S are 1-bit I-quants, made with an importance matrix" in card, card
 
 
 @pytest.mark.slow

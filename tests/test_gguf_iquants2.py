@@ -16,8 +16,6 @@ llama.cpp's own ``llama-quantize`` (tests/build_llama_tools.sh):
 
 from __future__ import annotations
 
-import subprocess
-
 import gguf
 import numpy as np
 import pytest
@@ -25,10 +23,8 @@ import pytest
 from releaser.errors import ConfigError
 from releaser.gguf import export_gguf, iqgrid, quants
 from releaser.gguf.mixes import ModelShape, TensorDesc, tensor_types
-from releaser_testing import tiny_chat_model
 
-from test_gguf_imatrix import synthetic_entries, write_imatrix
-from test_gguf_quants import with_edge_rows
+import test_gguf_iquants3
 
 QT = gguf.GGMLQuantizationType
 MIXES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS"]
@@ -47,28 +43,8 @@ def _iquants2():
 
 
 # -- whole files: releaser gguf against llama-quantize -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """The tiny Llama with edge rows in every matrix, our F32 file of it and a synthetic imatrix for it."""
-    from safetensors.numpy import load_file, save_file
-
-    root = tmp_path_factory.mktemp("iquants2")
-    path = tiny_chat_model(root / "llama", "llama", layers=8, hidden=256, intermediate=352, heads=4, kv_heads=1)
-    weights = path / "model.safetensors"
-    tensors = load_file(weights)
-    save_file({k: with_edge_rows(v.copy()) if v.ndim == 2 and v.shape[1] >= 256 else v for k, v in tensors.items()},
-              weights, metadata={"format": "pt"})
-    f32 = export_gguf(path, root / "f32", ["F32"], name="tiny", pre_tokenizer="llama-bpe").files["F32"][0]
-    shapes = {t.name: tuple(int(n) for n in t.data.shape) for t in gguf.GGUFReader(f32).tensors
-              if t.data.ndim == 2 and t.name != "token_embd.weight"}
-    write_imatrix(root / "imatrix.gguf", synthetic_entries(shapes))
-    return root, path, f32
-
-
-def _llama_quantize(llama_tools, args, timeout=600):
-    proc = subprocess.run([str(llama_tools / "llama-quantize"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr
+model = test_gguf_iquants3.model   # the tiny Llama with edge rows, its F32 file and a synthetic imatrix (a fixture)
+_llama_quantize = test_gguf_iquants3._llama_quantize
 
 
 def _same_files(ours, ref):
@@ -104,6 +80,14 @@ def test_files_equal_llama_quantize(model, llama_tools):
         assert types["blk.3.attn_q.weight"] == types["blk.5.attn_k.weight"] == (default if low else "IQ2_S")
     sizes = [result.sizes[q] for q in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS")]
     assert sizes == sorted(sizes), sizes
+    from pathlib import Path
+
+    from releaser.card import render_card
+
+    # the checkout's template (an editable install may map releaser.templates to another checkout)
+    card = render_card(root / "ours", template=Path(__file__).parents[1] / "templates" / "cards" / "gguf.md.j2")
+    assert "| tiny-IQ2_M.gguf | IQ2_M |" in card and "| tiny-IQ2_XXS.gguf | IQ2_XXS |" in card, card
+    assert "IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS are made with an importance matrix" in card, card
 
 
 @pytest.mark.slow
