@@ -7,12 +7,13 @@ Both mirror the scalar C of ``ggml/src/ggml-quants.c`` (llama.cpp as vendored in
 index, and each block (IQ1_M: each half block) shifts its levels by +-0.125 (``IQ1S_DELTA``).
 
 The search of a block is exhaustive: the weights sorted ascending (C's ``qsort``: glibc's merge sort, stable for
-these sizes), every split into the three levels ``x_p = (-0.875, 0.125, 1.125)`` or ``x_m = (-1.125, -0.125,
-0.875)`` (IQ1_M: each half block its own) is scored by the weighted least-squares scale from prefix sums, the best
-kept (the first of equal scores). A group of 8 levels that is not a grid point takes the nearest of its precomputed
-neighbours (``iq1_find_best_neighbour2``: the grid points at the 3 smallest distances, the first of equal weighted
-distances), and the scale is refitted. The 3-bit block scales are relative to the super-block's ``max / 15``; IQ1_M
-then refits that scale over the whole super-block.
+these sizes: equal values keep their order, which decides ties such as constant blocks; a llama.cpp built on a C
+library whose qsort is not stable may differ there), every split into the three levels
+``x_p = (-0.875, 0.125, 1.125)`` or ``x_m = (-1.125, -0.125, 0.875)`` (IQ1_M: each half block its own) is scored
+by the weighted least-squares scale from prefix sums, the best kept (the first of equal scores). A group of 8 levels
+that is not a grid point takes the nearest of its precomputed neighbours (``iq1_find_best_neighbour2``: the grid
+points at the 3 smallest distances, the first of equal weighted distances), and the scale is refitted. The 3-bit
+block scales are relative to the super-block's ``max / 15``; IQ1_M then refits that scale over the whole super-block.
 
 As in :mod:`releaser.gguf.kquants`, every float operation is float32 in C's order (sums sequential, no fused
 multiply-add), and ``nearest_int`` is ggml's.
@@ -20,9 +21,9 @@ multiply-add), and ``nearest_int`` is ggml's.
 
 from __future__ import annotations
 
-import numpy as np
 from functools import cache
 
+import numpy as np
 from numba import njit, prange
 
 from .iqgrid import grid_tables
@@ -165,8 +166,8 @@ F05 = np.float32(0.5)
 F15 = np.float32(15.0)
 FLT_MAX = np.float32(3.4028234663852886e38)
 DELTA = np.float32(0.125)                                    # IQ1S_DELTA = IQ1M_DELTA
-X_P = np.array([-1 + 0.125, 0.125, 1 + 0.125], np.float32)   # the levels of a +delta block
-X_M = np.array([-1 - 0.125, -0.125, 1 - 0.125], np.float32)  # and of a -delta one
+X_P = np.array([-1 + DELTA, DELTA, 1 + DELTA], np.float32)   # the levels of a +delta block
+X_M = np.array([-1 - DELTA, -DELTA, 1 - DELTA], np.float32)  # and of a -delta one
 GROUP_MAX_EPS_IQ1_S = np.float32(1e-12)
 GROUP_MAX_EPS_IQ1_M = np.float32(1e-7)
 IQ1S_FUDGE = np.float32(1.125)
