@@ -25,6 +25,9 @@ DEFAULT_MAX_KLD = {
     # SmolLM2 without an imatrix: IQ3_S 0.75 (Q3_K_S 0.38, same size), IQ3_M 0.63; with one: 0.14, 0.12 (IQ3_XS as IQ3_S:
     # its IQ3_XXS tensors are 576 wide and fall back to IQ4_NL)
     "IQ3_M": 1.5, "IQ3_S": 1.5, "IQ3_XS": 1.0,
+    # SmolLM2 with an imatrix (its 576-wide rows take IQ4_NL, so only ffn_down is 1-bit): IQ1_S 1.07, IQ1_M 0.87 (Q2_K
+    # with the same imatrix 0.25)
+    "IQ1_S": 2.0, "IQ1_M": 1.75,
 }
 FALLBACK_MAX_KLD = 1.5   # types without a limit of their own (lower I-quants, ternary): only a broken file trips it
 
