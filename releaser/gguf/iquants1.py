@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from .iqgrid import grid_tables
-from .iquants3 import _sigma2
+from .iquants3 import F05, F15, FLT_MAX, _sigma2
 from .kquants import F0, F1, nearest_int
 
 # llama.cpp's 1-bit grid (iq2xs_init_impl's kgrid_1bit_2048): each point's 8 levels l (0..2), 2 bits each
@@ -162,9 +162,6 @@ KGRID_1BIT_2048 = (
     43552, 43554, 43560, 43562, 43601, 43604, 43606, 43648, 43650, 43656, 43658, 43669, 43680, 43682, 43688, 43690,
 )
 
-F05 = np.float32(0.5)
-F15 = np.float32(15.0)
-FLT_MAX = np.float32(3.4028234663852886e38)
 DELTA = np.float32(0.125)                                    # IQ1S_DELTA = IQ1M_DELTA
 X_P = np.array([-1 + DELTA, DELTA, 1 + DELTA], np.float32)   # the levels of a +delta block
 X_M = np.array([-1 - DELTA, -DELTA, 1 - DELTA], np.float32)  # and of a -delta one
