@@ -6,7 +6,7 @@ For each type the same [rows, cols] float32 matrix (Student-t, like LLM weights)
 from a one-tensor F32 GGUF to a GGUF file. Both outputs are compared byte for byte. llama.cpp's time includes reading
 the F32 file and writing the result (from/to the page cache), so the ratio slightly favours releaser.
 
-With ``--imatrix`` (and always for IQ2_XXS, IQ2_XS and IQ2_S, which llama.cpp makes only with importance weights)
+With ``--imatrix`` (and always for IQ2_XXS, IQ2_XS, IQ2_S and IQ1_S, which llama.cpp makes only with importance weights)
 both take the same synthetic importance weights: releaser in memory, llama.cpp as ``llama-quantize --imatrix FILE
 --pure`` (the binary from tests/build_llama_tools.sh, ``--llama-quantize``; its time includes starting the process).
 
@@ -31,8 +31,8 @@ from releaser.gguf import quants
 # the llama-quantize mix whose default (``pure``) type is the type
 FTYPE_FOR = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
              "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS",
-             "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_M"}
-WEIGHTED = ("IQ2_XXS", "IQ2_XS", "IQ2_S")   # llama.cpp makes them only with importance weights
+             "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_M", "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M"}
+WEIGHTED = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S")   # llama.cpp makes them only with importance weights
 TOOLS = Path.home() / ".cache" / "releaser" / "llama-cpp-tools-0.3.36" / "bin" / "llama-quantize"
 
 

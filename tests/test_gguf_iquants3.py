@@ -105,16 +105,22 @@ def test_files_equal_llama_quantize(model, llama_tools, with_imatrix):
 @pytest.mark.slow
 def test_iq3_xxs_without_weights_equals_llama_quantize(model, llama_tools):
     """llama-quantize writes IQ3_XXS without an imatrix for the token embeddings and the output only."""
+    embeddings_and_output_equal_llama_quantize(model, llama_tools, QT.IQ3_XXS)
+
+
+def embeddings_and_output_equal_llama_quantize(model, llama_tools, qtype: QT) -> None:
+    """``qtype`` for the token embeddings and the output of a pure Q8_0 file, without an imatrix: our file is
+    llama-quantize's."""
     o = _oracle()
     root, path, f32 = model
-    ref = root / "ref-xxs.gguf"
-    rc, log = _llama_quantize(llama_tools, ["--pure", "--token-embedding-type", "iq3_xxs", "--output-tensor-type",
-                                            "iq3_xxs", f32, ref, "Q8_0", 2])
+    ref = root / f"ref-{qtype.name}.gguf"
+    rc, log = _llama_quantize(llama_tools, ["--pure", "--token-embedding-type", qtype.name.lower(),
+                                            "--output-tensor-type", qtype.name.lower(), f32, ref, "Q8_0", 2])
     assert rc == 0, log[-3000:]
-    spec = {"name": "XXS", "base": "Q8_0", "pure": True, "embedding_type": "IQ3_XXS", "output_type": "IQ3_XXS"}
-    result = export_gguf(path, root / "ours-xxs", [spec], name="tiny", pre_tokenizer="llama-bpe")
-    mine, theirs = o.tensors(result.files["XXS"][0]), o.tensors(ref)
-    assert mine["token_embd.weight"][0] == mine["output.weight"][0] == QT.IQ3_XXS
+    spec = {"name": "EO", "base": "Q8_0", "pure": True, "embedding_type": qtype.name, "output_type": qtype.name}
+    result = export_gguf(path, root / f"ours-{qtype.name}", [spec], name="tiny", pre_tokenizer="llama-bpe")
+    mine, theirs = o.tensors(result.files["EO"][0]), o.tensors(ref)
+    assert mine["token_embd.weight"][0] == mine["output.weight"][0] == qtype
     assert [k for k in mine if mine[k] != theirs[k]] == []
 
 

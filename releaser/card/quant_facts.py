@@ -49,6 +49,8 @@ GOOD_FOR = {
     "IQ2_S": "I-quant, 2.5-bit (made with an importance matrix); very low quality, only when nothing larger fits",
     "IQ2_XS": "I-quant, 2.3-bit (made with an importance matrix); very low quality, only when nothing larger fits",
     "IQ2_XXS": "I-quant, 2.06-bit (made with an importance matrix); the smallest 2-bit file, for very large models",
+    "IQ1_M": "I-quant, 1.75-bit (made with an importance matrix); extremely low quality, for very large models only",
+    "IQ1_S": "I-quant, 1.56-bit (made with an importance matrix); the smallest file, extremely low quality",
     "IQ4": "I-quant, similar quality to Q4_K_S at a smaller size; best on GPU",
     "IQ3": "I-quant, low quality but usable; best on GPU",
     "IQ2": "I-quant, very low quality; best on GPU",

@@ -19,7 +19,7 @@ from .quants import WEIGHTED_TYPES, WEIGHTS_REQUIRED, quantize as _quantize
 CHUNK_ELEMENTS = 1 << 21  # rows per task ~ 2M weights: enough tasks to keep every core busy
 K_CHUNK_ELEMENTS = 1 << 23  # K-quant calls: 8M weights (32k blocks for numba's parallel loop)
 K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS,
-           T.IQ2_S)   # numba kernels, with or without weights (IQ2_XXS / IQ2_XS: only with)
+           T.IQ2_S, T.IQ1_S, T.IQ1_M)   # numba kernels, with or without weights (IQ2_XXS / IQ2_XS / IQ1_S: only with)
 
 
 def _numba(qtype: T, weights) -> bool:   # numba-parallel kernels: one call at a time, in large chunks
@@ -58,11 +58,12 @@ def collect(futures: list) -> np.ndarray:
 
 
 def _dispatchers(qtypes, weighted: bool = False) -> list:
-    from . import iquants, iquants3, kquants
+    from . import iquants, iquants1, iquants3, kquants
 
     by_type = {T.Q2_K: kquants.q2_k_blocks, T.Q3_K: kquants.q3_k_blocks, T.Q4_K: kquants.qkx_blocks,
                T.Q5_K: kquants.qkx_blocks, T.Q6_K: kquants.q6_k_blocks, T.IQ4_NL: iquants.iq4_nl_rows,
-               T.IQ4_XS: iquants.iq4_xs_rows, T.IQ3_S: iquants3.iq3_rows, T.IQ3_XXS: iquants3.iq3_rows}
+               T.IQ4_XS: iquants.iq4_xs_rows, T.IQ3_S: iquants3.iq3_rows, T.IQ3_XXS: iquants3.iq3_rows,
+               T.IQ1_S: iquants1.iq1_s_rows, T.IQ1_M: iquants1.iq1_m_rows}
     if any(t in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S) for t in qtypes):   # its grid tables take half a second: on use
         from . import iquants2
 

@@ -25,15 +25,17 @@ DEFAULT_TYPE: dict[str, T] = {
     "Q4_K_S": T.Q4_K, "Q4_K_M": T.Q4_K, "Q5_K_S": T.Q5_K, "Q5_K_M": T.Q5_K, "Q6_K": T.Q6_K,
     "IQ4_NL": T.IQ4_NL, "IQ4_XS": T.IQ4_XS, "IQ3_XS": T.IQ3_S, "IQ3_S": T.IQ3_S, "IQ3_M": T.IQ3_S,
     "IQ3_XXS": T.IQ3_XXS, "IQ2_M": T.IQ2_S, "IQ2_S": T.IQ2_XS, "IQ2_XS": T.IQ2_XS, "IQ2_XXS": T.IQ2_XXS,
+    "IQ1_M": T.IQ1_M, "IQ1_S": T.IQ1_S,
 }
 QUANT_NAMES = list(DEFAULT_TYPE)
 FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
-            T.IQ3_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL}
+            T.IQ3_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL,
+            T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL}
 UNQUANTIZED = (T.F32, T.F16, T.BF16)
 # the tensor types an override may name (ggml's names, any case, as llama-quantize reads them)
 TENSOR_TYPES = {t.name: t for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K,
                                     T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
-                                    T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS)}
+                                    T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.IQ1_S, T.IQ1_M)}
 
 
 def tensor_type(name: str, what: str) -> T:
@@ -153,14 +155,14 @@ def _target_spec(name: str, fields: dict, target, defaults: dict) -> QuantSpec:
 #: Mixes llama-quantize refuses to make without an importance matrix (tensor_requires_imatrix, for the types we have),
 #: each with the nearest mix that needs none.
 NEEDS_IMATRIX = {"Q2_K_S": "Q2_K", "IQ3_XS": "IQ3_S", "IQ3_XXS": "IQ3_S", "IQ2_M": "Q2_K", "IQ2_S": "Q2_K",
-                 "IQ2_XS": "Q2_K", "IQ2_XXS": "Q2_K"}
+                 "IQ2_XS": "Q2_K", "IQ2_XXS": "Q2_K", "IQ1_M": "Q2_K", "IQ1_S": "Q2_K"}
 #: Tensor types llama-quantize refuses to write without importance weights (but for the token embeddings and output).
-IMATRIX_TYPES = (T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS)
+IMATRIX_TYPES = (T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.IQ1_S, T.IQ1_M)
 #: Tensor types llama.cpp's quantizer cannot make without importance weights at all (it asserts them): not even for
 #: the token embeddings and the output.
-WEIGHTS_REQUIRED = (T.IQ2_XXS, T.IQ2_XS)
-#: The mixes of llama_tensor_get_type_impl's very-low-bit branch (IQ1_S / IQ1_M take it too once they exist): their
-#: own rules for attn_v, the first ffn_down layers and attn_output, the other tensors keep the mix's type.
+WEIGHTS_REQUIRED = (T.IQ2_XXS, T.IQ2_XS, T.IQ1_S)
+#: The mixes of llama_tensor_get_type_impl's very-low-bit branch: their own rules for attn_v, the first ffn_down
+#: layers and attn_output, the other tensors keep the mix's type.
 _LOW_BIT = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
 
 
@@ -238,8 +240,8 @@ def _fallback(t: TensorDesc, qtype: T) -> T:
 
 
 def requires_imatrix(quant: str, name: str, qtype: T) -> bool:
-    """llama.cpp's tensor_requires_imatrix for our types: IQ3_XXS and IQ2 tensors and the Q2_K tensors of a Q2_K_S
-    file, but the token embeddings and the output."""
+    """llama.cpp's tensor_requires_imatrix for our types: IQ3_XXS, IQ2 and IQ1 tensors and the Q2_K tensors of a
+    Q2_K_S file, but the token embeddings and the output."""
     return (qtype in IMATRIX_TYPES or (quant == "Q2_K_S" and qtype == T.Q2_K)) and name not in (
         "token_embd.weight", "per_layer_token_embd.weight", "output.weight")
 

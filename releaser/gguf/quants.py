@@ -21,6 +21,9 @@
   (:mod:`releaser.gguf.iquants3`). IQ2_XXS, IQ2_XS and IQ2_S (indices into grids of 8 magnitudes) are our port of
   ``quantize_iq2_xxs`` / ``quantize_iq2_xs`` / ``quantize_iq2_s`` (:mod:`releaser.gguf.iquants2`); IQ2_XXS and
   IQ2_XS exist only with importance weights (llama.cpp asserts them).
+  IQ1_S and IQ1_M (indices into a grid of 8 weights of -1/0/+1, shifted by
+  +-1/8) are our port of ``quantize_iq1_s`` / ``quantize_iq1_m`` (:mod:`releaser.gguf.iquants1`); IQ1_S exists
+  only with importance weights.
 
 ``dequantize(raw, qtype)`` delegates to ``gguf.quants.dequantize`` for every type.
 """
@@ -35,7 +38,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from releaser.errors import ConfigError, ModelError
-from releaser.gguf import iquants, iquants3, kquants
+from releaser.gguf import iquants, iquants1, iquants3, kquants
 from releaser.gguf.mixes import WEIGHTS_REQUIRED
 
 QT = GGMLQuantizationType
@@ -366,10 +369,44 @@ class IQ2_S(_IQ2):
                               axis=1)
 
 
+class IQ1_S(IQuant):
+    """256-weight super-blocks: the fp16 scale, the low 8 bits of 32 indices into the 2048-point 1-bit grid (8 weights
+    each), then per 32-weight block a uint16: the 3 high bits of its 4 indices, its 3-bit scale (bits 12-14) and the
+    sign of its delta (bit 15). Needs importance weights (C asserts them)."""
+
+    qtype = QT.IQ1_S
+
+    @staticmethod
+    def search(rows, qw, widx, weighted) -> tuple:   # weighted: quantize refuses IQ1_S without (WEIGHTS_REQUIRED)
+        return iquants1.iq1_s_rows(rows, qw, widx, *iquants1.tables())
+
+    @classmethod
+    def pack(cls, d, qs, qh) -> np.ndarray:
+        return np.concatenate([_f16_bytes(d), qs, qh.astype("<u2").view(np.uint8)], axis=1)
+
+
+class IQ1_M(IQuant):
+    """256-weight super-blocks without a header: the low 8 bits of 32 indices into the 2048-point 1-bit grid, per
+    16-weight block a byte with the 3 high bits of its 2 indices and the signs of their deltas, then four uint16 with
+    the sixteen 3-bit block scales and, in their top nibbles, the fp16 super-block scale."""
+
+    qtype = QT.IQ1_M
+
+    @staticmethod
+    def search(rows, qw, widx, weighted) -> tuple:
+        return iquants1.iq1_m_rows(rows, qw, widx, weighted, *iquants1.tables())
+
+    @classmethod
+    def pack(cls, qs, qh, sc, d) -> np.ndarray:
+        u = d.astype("<f2").view(np.uint16)
+        sc = sc | ((u[:, None] >> np.array([0, 4, 8, 12], np.uint16)) & 0xF) << 12
+        return np.concatenate([qs, qh, sc.astype("<u2").view(np.uint8)], axis=1)
+
+
 K_QUANTS: dict[GGMLQuantizationType, type[KQuant]] = {c.qtype: c for c in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
 LEGACY_FIXED: dict[GGMLQuantizationType, type[LegacyQuant]] = {c.qtype: c for c in (Q4_0, Q4_1, Q5_0, Q5_1)}
 I_QUANTS: dict[GGMLQuantizationType, type[IQuant]] = {c.qtype: c for c in (IQ4_NL, IQ4_XS, IQ3_S, IQ3_XXS, IQ2_XXS,
-                                                                            IQ2_XS, IQ2_S)}
+                                                                             IQ2_XS, IQ2_S, IQ1_S, IQ1_M)}
 SUPPORTED_TYPES = (*GGUF_PY_TYPES, *K_QUANTS, *I_QUANTS)
 #: Types whose llama.cpp quantizer takes importance weights (an imatrix); the others ignore them (Q8_0, floats).
 WEIGHTED_TYPES = (*K_QUANTS, *LEGACY_FIXED, *I_QUANTS)

@@ -9,11 +9,12 @@ and ``alpha`` is measured once per tensor group (a role such as attn_v in one th
 embeddings, the output): the KL divergence of the model's next-token distribution when only that group is quantized
 to a 4-bit type, divided by the group's error at that type. The measurement runs the unquantized model in float32 on
 the importance matrix's calibration conversations (never the quality stage's evaluation text), each probe from the
-first layer it changes. The types: per tensor, those whose block fits its rows (the K-quants, IQ2_XXS, IQ2_XS, IQ2_S,
-IQ3_XXS, IQ3_S, IQ4_XS, Q8_0, IQ4_NL and the legacy 32-wide ones; IQ2_XXS and IQ2_XS only for tensors the importance
-matrix has an entry for: llama.cpp cannot make them without). The choice walks up each tensor's lower convex hull of (bytes, predicted
-KLD), most KLD saved per byte first (the optimum of the relaxed problem, within one upgrade of the exact knapsack's),
-then spends what is left of the budget on the best single move that still fits.
+first layer it changes. The types: per tensor, those whose block fits its rows (the K-quants, IQ1_S, IQ1_M, IQ2_XXS,
+IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_XS, Q8_0, IQ4_NL and the legacy 32-wide ones; IQ1_S, IQ2_XXS and IQ2_XS only for
+tensors the importance matrix has an entry for: llama.cpp cannot make them without). The choice walks up each
+tensor's lower convex hull of (bytes, predicted KLD), most KLD saved per byte first (the optimum of the relaxed problem,
+within one upgrade of the exact knapsack's), then spends what is left of the budget on the best single move that still
+fits.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from ..stage import Reporter
 from .imatrix_weights import Imatrix
 from .mixes import WEIGHTS_REQUIRED, QuantSpec, allows_quantization, tensor_types
 
-CANDIDATES = (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.Q2_K, T.IQ3_XXS, T.Q3_K, T.IQ3_S, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K,
-              T.Q8_0, T.Q4_0, T.Q4_1, T.IQ4_NL, T.Q5_0, T.Q5_1)
+CANDIDATES = (T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.Q2_K, T.IQ3_XXS, T.Q3_K, T.IQ3_S, T.IQ4_XS, T.Q4_K,
+              T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.IQ4_NL, T.Q5_0, T.Q5_1)
 PROBES = (T.Q4_K, T.Q4_0)   # the type a group is measured at: the first its rows take
 SAMPLE_ROWS = 128           # rows per tensor the error estimate quantizes
 BANDS = 3                   # layer groups per role
@@ -43,7 +44,8 @@ SIGNIFICANT = 3             # digits the measured sensitivities are rounded to (
 # the mix a searched file is labelled with (general.file_type): the one whose base type holds the most weights
 LABEL = {T.Q2_K: "Q2_K", T.Q3_K: "Q3_K_M", T.Q4_K: "Q4_K_M", T.Q5_K: "Q5_K_M", T.Q6_K: "Q6_K", T.Q8_0: "Q8_0",
          T.Q4_0: "Q4_0", T.Q4_1: "Q4_1", T.Q5_0: "Q5_0", T.Q5_1: "Q5_1", T.IQ4_XS: "IQ4_XS", T.IQ4_NL: "IQ4_NL",
-         T.IQ3_S: "IQ3_S", T.IQ3_XXS: "IQ3_XS", T.IQ2_S: "IQ2_M", T.IQ2_XS: "IQ2_XS", T.IQ2_XXS: "IQ2_XXS"}
+         T.IQ3_S: "IQ3_S", T.IQ3_XXS: "IQ3_XS", T.IQ2_S: "IQ2_M", T.IQ2_XS: "IQ2_XS", T.IQ2_XXS: "IQ2_XXS",
+         T.IQ1_M: "IQ1_M", T.IQ1_S: "IQ1_S"}
 TARGETS = ("bpw", "size", "kld")
 
 
@@ -113,7 +115,8 @@ def _group(name: str, n_layer: int) -> str:
 
 
 def _takes(q: T, width: int, weighted: bool) -> bool:
-    """Whether rows of ``width`` can be stored as ``q`` (its block fits; IQ2_XXS / IQ2_XS need importance weights)."""
+    """Whether rows of ``width`` can be stored as ``q`` (its block fits; IQ1_S / IQ2_XXS / IQ2_XS need importance
+    weights)."""
     return width % GGML_QUANT_SIZES[q][0] == 0 and (weighted or q not in WEIGHTS_REQUIRED)
 
 

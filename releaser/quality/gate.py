@@ -28,6 +28,9 @@ DEFAULT_MAX_KLD = {
     # SmolLM2 with its imatrix (they need one; its 576-wide rows take IQ4_NL, so only ffn_down is 2-bit): IQ3_XXS 0.19,
     # IQ2_M 0.29, IQ2_S 0.38, IQ2_XS 0.46, IQ2_XXS 0.58 (Q2_K with the same imatrix 0.25)
     "IQ3_XXS": 1.0, "IQ2_M": 1.5, "IQ2_S": 1.5, "IQ2_XS": 1.5, "IQ2_XXS": 1.5,
+    # SmolLM2 with an imatrix (its 576-wide rows take IQ4_NL, so only ffn_down is 1-bit): IQ1_S 1.07, IQ1_M 0.87 (Q2_K
+    # with the same imatrix 0.25)
+    "IQ1_S": 2.0, "IQ1_M": 1.75,
 }
 FALLBACK_MAX_KLD = 1.5   # types without a limit of their own (lower I-quants, ternary): only a broken file trips it
 
