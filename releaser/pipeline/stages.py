@@ -470,7 +470,7 @@ STEPS = [
          resources=_model_memory),
     Step("quality", _quality_applies, _quality_depends, lambda r: r.work, "quality.stage", _quality_call,
          ("releaser.quality", "releaser.arch", "releaser.awq", "releaser.gguf", "releaser.formats", "torch",
-          "transformers", "llama_cpp_python"), resources=_model_memory),
+          "transformers", "llama_cpp_python"), splits=True),
     Step("cards", _always, _card_depends, lambda r: r.work, "card.stage", _card_call,
          ("releaser.card", "releaser.gguf", "releaser.runtimes", "releaser.templates", "jinja2", "huggingface_hub",
           "llama_cpp_python")),
