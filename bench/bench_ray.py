@@ -140,11 +140,66 @@ def tasks_line(work: Path) -> str:
     return "; ".join(parts)
 
 
+FIXED = ("tokenizer", "runtimes", "cards", "publish")   # copies and small files: not scaled with the model's size
+
+
+def on_paper(root: Path, params: float = 70e9, types: int = 12, nodes: int = 8) -> None:
+    """The 70B release on paper, from the measured times of the bench's two runs (``root/local``, ``root/ray``):
+    every stage's time but the light ones scaled by the parameter ratio (an assumption: the work of merge, GGUF, AWQ,
+    quality and the stop audit grows with the parameters, at a fixed calibration and evaluation text), ``types`` GGUF
+    types each as long as the mean measured type, the quality measurement of each as long as the mean measured GGUF
+    measurement; one node in-process against ``nodes`` CPU nodes and a GPU node on Ray (units of a stage side by side,
+    stages in order)."""
+    from releaser.tasks import float_bytes
+
+    local = json.loads((root / "local" / "release.json").read_text())["stages"]
+    ray_ = json.loads((root / "ray" / "release.json").read_text())["stages"]
+    main = next(p for p in (root / "local").iterdir() if p.is_dir() and (p / "config.json").is_file()
+                and p.name != "merged" and not p.name.endswith(("-AWQ", "-W4A16", "-MLX-4bit")))
+    scale = params / (float_bytes(main)[0] / 4)
+    units = {name: [t for t in e.get("tasks", []) if t["task"] != name] for name, e in ray_.items()}
+    gguf = [t["seconds"] for t in units.get("gguf", [])]
+    q = {t["task"]: t["seconds"] for t in units.get("quality", [])}
+    q_gguf = [v for k, v in q.items() if k.endswith(".gguf")]
+    q_base = q.get("unquantized model", 0)
+    q_stop = max((v for k, v in q.items() if k.startswith("stop test")), default=0)
+    q_folders = [v for k, v in q.items() if not k.endswith(".gguf") and k != "unquantized model"
+                 and not k.startswith("stop test")]   # the AWQ, W4A16 and MLX folders
+    per_type, per_meas = sum(gguf) / len(gguf), sum(q_gguf) / len(q_gguf)
+    print(f"on paper: {params / 1e9:.0f}B parameters = {scale:.0f}x the measured model; {types} GGUF types at the "
+          f"mean measured type's {per_type:.1f} s, each measured in the mean {per_meas:.1f} s; the AWQ task at its "
+          "CPU time (no GPU here: an upper bound for the GPU node); each task's fixed costs (a worker's imports) are "
+          "scaled too: upper bounds")
+    one, many, rows = 0.0, 0.0, []
+    from releaser.pipeline.stages import NAMES
+
+    for name, entry in sorted(local.items(), key=lambda kv: NAMES.index(kv[0])):
+        if name == "gguf":   # one pass for all types in process; ceil(types / nodes) waves of one type each on Ray
+            one_s, many_s = types * per_type * scale, -(-types // nodes) * per_type * scale
+        elif name == "quality":   # stop test and base pass side by side, then waves of measurements on every node
+            count = types + len(q_folders)
+            one_s = (q_stop + q_base + types * per_meas + sum(q_folders)) * scale
+            many_s = (max(q_stop, q_base) + -(-count // (nodes + 1)) * max([per_meas, *q_folders])) * scale
+        else:
+            one_s = many_s = entry["seconds"] if name in FIXED else entry["seconds"] * scale
+        one += one_s
+        many += many_s
+        rows.append((many_s, name))
+        print(f"  {name:9s} one node {one_s / 3600:6.2f} h   {nodes} CPU + 1 GPU nodes {many_s / 3600:6.2f} h")
+    path = ", ".join(f"{name} {t / 3600:.1f} h" for t, name in sorted(rows, reverse=True)[:4])
+    print(f"  total: one node {one / 3600:.1f} h, {nodes} CPU nodes + 1 GPU node {many / 3600:.1f} h "
+          f"(stages in order: the critical path is every stage's longest unit; the largest: {path})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", choices=("demo", "small"), default="demo")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--on-paper", action="store_true", help="only the 70B estimate from an earlier run in --work")
     args = ap.parse_args()
+    if args.on_paper:
+        on_paper(args.work)
+        return
     root = args.work or Path(tempfile.mkdtemp(prefix="bench-ray-"))
     root.mkdir(parents=True, exist_ok=True)
     recipe = demo_recipe(root) if args.recipe == "demo" else small_recipe(root)
@@ -180,6 +235,7 @@ def main() -> None:
           f"{on_ray['rss'] / 1e9:.2f} GB, all processes (cluster included) {on_ray['tree'] / 1e9:.2f} GB")
     print(f"    {tasks_line(root / 'ray')}")
     print(f"  artefacts byte-identical: {same}")
+    on_paper(root)
 
 
 if __name__ == "__main__":

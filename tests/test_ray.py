@@ -210,6 +210,23 @@ def test_a_work_folder_a_node_cannot_see_is_refused(cluster, tmp_path):
     assert not list(tmp_path.iterdir())   # the probe is removed
 
 
+def test_an_error_in_a_task_is_its_own_one_line_error(cluster, tmp_path):
+    """A task that raises (a releaser error on the worker) is not retried and reaches the driver as that error, not
+    as Ray's wrapper with a remote traceback."""
+    from releaser.errors import ReleaserError
+    from releaser.pipeline.executor import RayExecutor
+    from releaser.quality.options import QualityOptions
+    from releaser.stage import Reporter
+    from releaser.tasks import Task
+
+    missing = tmp_path / "missing.gguf"
+    task = Task("missing.gguf", "releaser.quality.stage:measure_unit", (QualityOptions(), str(missing), {}, None,
+                                                                         None, 0.0))
+    with pytest.raises(ReleaserError) as info:
+        RayExecutor(cluster.address).map("quality", [task], Reporter())
+    assert str(missing) in str(info.value) and "\n" not in str(info.value) and "Ray" not in type(info.value).__name__
+
+
 def test_ray_missing_is_one_line(monkeypatch, tmp_path):
     from releaser.pipeline.executor import ExecutorError, make_executor
     from releaser.stage import Reporter
