@@ -160,7 +160,7 @@ def on_paper(root: Path, params: float = 70e9, types: int = 12, nodes: int = 8) 
     units = {name: [t for t in e.get("tasks", []) if t["task"] != name] for name, e in ray_.items()}
     gguf = [t["seconds"] for t in units.get("gguf", [])]
     q = {t["task"]: t["seconds"] for t in units.get("quality", [])}
-    q_gguf = [v for k, v in q.items() if k.endswith(".gguf")]
+    q_gguf = [v for k, v in q.items() if k.endswith(".gguf") and not k.startswith("stop test")]
     q_base = q.get("unquantized model", 0)
     q_stop = max((v for k, v in q.items() if k.startswith("stop test")), default=0)
     q_folders = [v for k, v in q.items() if not k.endswith(".gguf") and k != "unquantized model"
