@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ReleaserError
 from ..stage import OutputFile, StageResult
 from ..tasks import PROCESS_BYTES, Resources, Task, float_bytes
 from .context import Release, require_folder
@@ -34,7 +35,7 @@ class Step:
     code: tuple[str, ...] = ()                        # what makes its bytes (releaser.X subpackages, libraries)
     before: Callable[[Release], None] = lambda r: None   # what must hold before it runs (publish: the gate)
     # a heavy stage: one task an executor may run on another node, with these resources (None: in the driver)
-    resources: Callable[[Release], Resources] | None = None
+    resources: Callable[[Release], Resources | None] | None = None
     splits: bool = False                              # its run takes run_tasks (units an executor runs side by side)
 
     def run(self, r: Release) -> StageResult:
@@ -43,8 +44,9 @@ class Step:
         ex = r.executor
         if self.splits and ex.splits:
             keywords["run_tasks"] = lambda tasks: ex.map(self.name, tasks, r.reporter)
-        elif self.resources is not None and ex.splits:   # one task, anywhere; it hashes its own files
-            task = Task(self.name, f"releaser.{self.stage}:run", (options, inputs, out), keywords, self.resources(r))
+        elif ex.splits and self.resources is not None and (needs := self.resources(r)) is not None:
+            # one task, anywhere; it hashes its own files
+            task = Task(self.name, f"releaser.{self.stage}:run", (options, inputs, out), keywords, needs)
             return ex.map(self.name, [task], r.reporter)[0].value
         stage = importlib.import_module(f"releaser.{self.stage}")   # on first use: most stages import torch
         return ex.inline(self.name, lambda: stage.run(options, inputs, out, r.reporter, describe=r.manifest.describe,
@@ -428,6 +430,11 @@ def _model_memory(r: Release) -> Resources:
     return Resources(cpus=1, memory=PROCESS_BYTES + float_bytes(r.main_dir)[0])
 
 
+def _verify_resources(r: Release) -> Resources | None:
+    """The stop audit generates with the whole model: a task; the doctor alone is light (None: in the driver)."""
+    return _model_memory(r) if _audit_options(r) is not None else None
+
+
 def _merge_resources(r: Release) -> Resources:
     """The merge streams one tensor at a time: each input's largest tensor in float32, three times (inputs, result)."""
     largest = 0
@@ -435,7 +442,7 @@ def _merge_resources(r: Release) -> Resources:
         path = entry.get("path")
         try:
             largest += float_bytes(path)[1] if path else 0
-        except Exception:   # noqa: BLE001 - an adapter, or no weights of its own: nothing to add
+        except (ReleaserError, OSError):   # an adapter, or no weights of its own: nothing to add
             pass
     gpu = r.recipe.merge.device.startswith("cuda")
     return Resources(cpus=1, memory=PROCESS_BYTES + 3 * largest, gpus=1 if gpu else 0,
@@ -455,7 +462,7 @@ STEPS = [
     Step("tokenizer", _always, _tokenizer_depends, lambda r: r.main_dir, "tokenizer.stage", _tokenizer_call,
          ("releaser.tokenizer", "releaser.checkpoint", "tokenizers", "transformers")),
     Step("verify", _always, _verify_depends, lambda r: r.main_dir, "tokenizer.verify", _verify_call,
-         ("releaser.tokenizer", "releaser.gguf", "transformers", "torch")),
+         ("releaser.tokenizer", "releaser.gguf", "transformers", "torch"), resources=_verify_resources),
     Step("imatrix", _imatrix_applies, _imatrix_depends, lambda r: r.imatrix_dir, "imatrix.stage", _imatrix_call,
          IMATRIX_CODE, resources=_model_memory),
     Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, "gguf.stage", _gguf_call,
