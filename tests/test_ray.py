@@ -195,6 +195,18 @@ def test_a_gpu_task_in_a_cluster_without_gpus_fails_at_once(cluster, inputs, tmp
     assert time.perf_counter() - start < 120
 
 
+def test_a_task_larger_than_every_node_fails_at_once(cluster):
+    from releaser.pipeline.executor import ExecutorError, RayExecutor
+    from releaser.stage import Reporter
+    from releaser.tasks import Resources, Task
+
+    task = Task("Q4_K_M", "releaser.gguf.stage:export_types", resources=Resources(cpus=1, memory=2 ** 50))
+    with pytest.raises(ExecutorError, match=r"^gguf: Q4_K_M needs 1 CPU\(s\) and 1048576.0 GiB of memory on one node, "
+                                            r"and no node of the Ray cluster has that \(the largest has [\d.]+ GiB\); "
+                                            "add a larger node$"):
+        RayExecutor(cluster.address).map("gguf", [task], Reporter())
+
+
 def test_a_work_folder_a_node_cannot_see_is_refused(cluster, tmp_path):
     """The probe file the driver writes is what every node must read back; not written (as a node with its own,
     unshared folder at that path would see it): the one-line refusal names the node and the fix."""
