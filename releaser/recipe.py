@@ -55,6 +55,15 @@ class QuantRepos(_Strict):
     _ids = field_validator("gguf", "awq", "w4a16", "mlx")(_check_repo_id)
 
 
+class ExecutorSection(_Strict):
+    """Where a release's tasks run (``--executor``, ``--ray-address`` override it): local (this process) or ray (a Ray
+    cluster at ``address``; None: RAY_ADDRESS, or a Ray started on this machine). Not part of any fingerprint: the
+    bytes are the same."""
+
+    kind: typing.Literal["local", "ray"] = "local"
+    address: str | None = None
+
+
 class Recipe(_Strict):
     name: str                               # Hub repo id of the main model, e.g. alice/Tiny-Merge-1B
     version: str | None = None              # release version (default: the newest releases: entry, else 1.0)
@@ -76,6 +85,7 @@ class Recipe(_Strict):
     card: CardOptions = Field(default_factory=CardOptions)
     releases: list[Release] = Field(default_factory=list)
     publish: PublishSection = Field(default_factory=PublishSection)
+    executor: ExecutorSection = Field(default_factory=ExecutorSection)
 
     _name = field_validator("name")(_check_repo_id)
 

@@ -354,13 +354,20 @@ def release(
     dry_run: bool = flag("--dry-run", help="Show which stages would run and why; change nothing."),
     quiet: bool = flag("--quiet", "-q", help="No progress bars."),
     strict: bool = flag("--strict", help=STRICT_HELP),
+    executor: str | None = typer.Option(None, "--executor", help="Where the tasks run: local (this process, the "
+                                        "default) or ray (a Ray cluster; the work folder must be on a file system "
+                                        "every node mounts). Default: the recipe's executor.kind."),
+    ray_address: str | None = typer.Option(None, "--ray-address", metavar="ADDR", help="The Ray cluster to use "
+                                           "(with --executor ray; default: the recipe's executor.address, "
+                                           "RAY_ADDRESS, or a Ray started here)."),
 ) -> None:
     """Make the whole release a recipe describes: merge, fix tokenizer, verify, GGUF, cards, publish; reruns skip
     what is up to date."""
     from ..pipeline import run_release
 
     result = run_release(recipe, work_dir, only=_stages(only), skip=_stages(skip), force=force, dry_run=dry_run,
-                         push=push, reporter=_reporter(quiet), strict=strict)
+                         push=push, reporter=_reporter(quiet), strict=strict, executor=executor,
+                         ray_address=ray_address)
     out.print(_stage_table(result.stages, f"release {result.work}" + (" (dry run)" if dry_run else "")))
     if not dry_run:
         ran = result.ran

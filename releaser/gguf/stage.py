@@ -20,13 +20,14 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
         *, name: str, license: str | None = None, base_models: list[str] | None = None, tags: list[str] | None = None,
         languages: list[str] | None = None,
         quantized_by: str | None = None, kept: StageResult | None = None, overwrite: bool = False,
-        imatrix: str | os.PathLike | None = None, describe=describe_files) -> StageResult:
+        imatrix: str | os.PathLike | None = None, describe=describe_files, run_tasks=None) -> StageResult:
     """The GGUF files ``{name}-{TYPE}.gguf`` of the model folder ``inputs`` in ``out`` (no README: the cards stage
     writes it). ``kept``: an earlier run's result whose tensors are still right (same weights and options, files
     intact): only each file's tokenizer metadata is rewritten from ``inputs``, the tensor bytes are copied unchanged
     (a tokenizer fix is not requantized). ``imatrix``: the file to read ``options.imatrix`` from (a release resolves
     it from the recipe's folder; the GGUF records ``options.imatrix`` as written, so the bytes do not depend on where
-    the recipe lies)."""
+    the recipe lies). ``run_tasks`` (:mod:`releaser.tasks`): run one task per type through it (an executor: Ray);
+    without it every type is made in one pass over the checkpoint, in this process. The bytes are the same."""
     out = Path(out)
     if kept is not None:
         from .fix import sync_tokenizer
@@ -44,22 +45,67 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
                                                   "metadata_only": True,
                                                   **({"imatrix": kept.facts["imatrix"]} if "imatrix" in kept.facts
                                                      else {})})
+    from ..atomic import remove
+    from ..tasks import Resources, Task, run_local
+
+    reporter = reporter or Reporter()
+    if options.imatrix == "auto" and imatrix is None:
+        from ..errors import ConfigError
+
+        raise ConfigError("gguf.imatrix auto is computed by a release; for one export run releaser imatrix first "
+                          "and pass its file")
+    source = Path(imatrix if imatrix is not None else options.imatrix) if options.imatrix is not None else None
+    specs = options.specs()
+    common = {"name": name, "license": license, "base_models": base_models, "tags": tags, "languages": languages,
+              "quantized_by": quantized_by, "imatrix": str(source) if source is not None else None}
+    if run_tasks is None:   # in this process: every type in one pass over the checkpoint
+        groups, run_tasks, sized = [specs], lambda tasks: run_local(tasks, reporter), False
+    else:                   # an executor: one task per type, on any node, each with what it needs
+        groups, sized = [[spec] for spec in specs], True
+    with output_dir(out, overwrite=overwrite) as tmp:   # held (locked) from the start: a second run fails at once
+        parts = tmp / ".parts"   # each task's own folder, on the work folder's file system; gone with tmp if killed
+        tasks = [Task("+".join(s.name for s in group), "releaser.gguf.stage:export_types",
+                      (options, str(inputs), str(parts / str(i)), group), common, resources(inputs, group) if sized else Resources())
+                 for i, group in enumerate(groups)]
+        done = run_tasks(tasks)
+        made = {q: files for d in done for q, files in d.value["files"].items()}
+        for i, d in enumerate(done):
+            for files in d.value["files"].values():
+                for file in files:
+                    os.replace(parts / str(i) / file, tmp / file)
+        remove(parts)
+        if source is not None:   # published beside the files it made, as the popular uploaders do
+            copy_file(source, tmp / imatrix_name(name))
+    paths = [out / f for q in (s.name for s in specs) for f in made[q]]
+    if source is not None:
+        paths.append(out / imatrix_name(name))
+    facts = {"tensor_types": {q: t for d in done for q, t in d.value["tensor_types"].items()}}
+    imatrix_keys = next((d.value["imatrix"] for d in done if d.value["imatrix"]), None)
+    if imatrix_keys:
+        facts["imatrix"] = imatrix_keys
+    searches = {q: s for d in done for q, s in d.value["search"].items()}
+    if searches:
+        facts["search"] = searches
+    return StageResult("gguf", out, describe(out, paths), f"{len(paths)} GGUF file(s): {', '.join(made)}", facts)
+
+
+def export_types(options: GGUFOptions, inputs: str, part: str, specs: list, *, name: str, license: str | None,
+                 base_models: list[str] | None, tags: list[str] | None, languages: list[str] | None,
+                 quantized_by: str | None, imatrix: str | None, reporter: Reporter | None = None) -> dict:
+    """One unit of the gguf stage: the files of ``specs`` (a recipe's target searched first) in the new folder
+    ``part``, written atomically (a unit run again, after its node died, replaces it with the same bytes). Returns
+    the file names and facts of each type."""
     from .export import export_gguf
     from .imatrix_weights import load_imatrix
 
+    reporter = reporter or Reporter()
     im = None
-    if options.imatrix is not None:
-        if options.imatrix == "auto" and imatrix is None:
-            from ..errors import ConfigError
-
-            raise ConfigError("gguf.imatrix auto is computed by a release; for one export run releaser imatrix first "
-                              "and pass its file")
-        source = Path(imatrix if imatrix is not None else options.imatrix)
+    if imatrix is not None:
+        source = Path(imatrix)
         im = load_imatrix(source)   # recorded as written in the recipe (auto: the file's name), not where it lies
         im = im.__class__(source.name if options.imatrix == "auto" else options.imatrix, im.weights, im.datasets,
                           im.chunk_count)
-    reporter = reporter or Reporter()
-    specs, searches = options.specs(), {}
+    specs, searches = list(specs), {}
     for i, spec in enumerate(specs):
         if spec.searched:   # the options checked there is an imatrix
             from .search import search_recipe
@@ -68,20 +114,24 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
             specs[i], searches[spec.name] = found.spec, found.facts()
             reporter.message(f"{spec.name}: {found.bits_per_weight:.2f} bpw, predicted mean KLD "
                              f"{found.predicted_kld:.4f} ({found.seconds:.0f} s search)")
-    with output_dir(out, overwrite=overwrite) as tmp:
+    with output_dir(part, overwrite=True) as tmp:
         result = export_gguf(inputs, tmp, specs, name, options.split_max_size, overwrite=True,
                              license=license, tags=tags, languages=languages, base_models=base_models,
                              quantized_by=quantized_by,
                              pre_tokenizer=options.pre_tokenizer, model_card=False, imatrix=im, reporter=reporter)
-        if im is not None:   # published beside the files it made, as the popular uploaders do
-            copy_file(source, tmp / imatrix_name(name))
-    paths = [out / p.name for ps in result.files.values() for p in ps]
-    if im is not None:
-        paths.append(out / imatrix_name(name))
-    facts = {"tensor_types": result.tensor_types}
-    if result.imatrix:
-        facts["imatrix"] = result.imatrix
-    if searches:
-        facts["search"] = searches
-    return StageResult("gguf", out, describe(out, paths), f"{len(paths)} GGUF file(s): {', '.join(result.files)}",
-                       facts)
+    return {"files": {q: [p.name for p in ps] for q, ps in result.files.items()},
+            "tensor_types": result.tensor_types, "imatrix": result.imatrix, "search": searches}
+
+
+def resources(inputs: str | os.PathLike, specs: list):
+    """A unit's CPU and memory (from the tensor shapes): the process, the export's read-ahead budget, the largest
+    tensor in float32 and its quantized copies; a searched recipe also runs the model (all of it in float32)."""
+    from ..tasks import PROCESS_BYTES, Resources
+    from ..tasks import float_bytes
+    from .export import AHEAD_BYTES
+
+    total, largest = float_bytes(inputs)
+    memory = PROCESS_BYTES + AHEAD_BYTES + largest * (1 + len(specs))
+    if any(s.searched for s in specs):
+        memory += total
+    return Resources(cpus=1, memory=memory)

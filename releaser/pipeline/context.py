@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import ModelError
 from ..recipe import Recipe
 from ..stage import Reporter
+from .executor import LocalExecutor
 from .manifest import Manifest
 
 
@@ -23,6 +24,7 @@ class Release:
     strict: bool = False                     # every warning is an error (--strict)
     warnings: list[str] = field(default_factory=list)   # what the checks before the first stage found
     family: str = ""                         # the model family, once the checks have read a config.json
+    executor: LocalExecutor = field(default_factory=LocalExecutor)   # where the stages' tasks run (local, ray)
 
     @property
     def recipe_dir(self) -> Path:

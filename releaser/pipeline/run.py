@@ -18,6 +18,7 @@ from ..errors import ConfigError, ReleaserError
 from ..recipe import Recipe, load_recipe
 from ..stage import Reporter
 from .context import Release, require_folder
+from .executor import make_executor
 from .layout import check_layout
 from .lock import WorkLock
 from .manifest import Manifest, code_versions, fingerprint, relative
@@ -90,9 +91,11 @@ def open_release(recipe_path: str | Path, work_dir: str | Path | None, *, report
 
 def run_release(recipe_path: str | Path, work_dir: str | Path, *, only: list[str] | None = None,
                 skip: list[str] | None = None, force: bool = False, dry_run: bool = False, push: bool = False,
-                reporter: Reporter | None = None, strict: bool = False) -> ReleaseResult:
+                reporter: Reporter | None = None, strict: bool = False, executor: str | None = None,
+                ray_address: str | None = None) -> ReleaseResult:
     """Run the recipe's stages into ``work_dir`` (see the module doc); with ``dry_run`` only decide; with ``strict``
-    every warning (a merge parameter the method ignores, ...) is an error."""
+    every warning (a merge parameter the method ignores, ...) is an error. ``executor`` (local, ray; None: the
+    recipe's ``executor:`` section) and ``ray_address``: where the stages' tasks run (see executor.py)."""
     only_set, skip_set = _select(only, "--only"), _select(skip, "--skip")
     r = open_release(recipe_path, work_dir, reporter=reporter, push=push, force=force)
     r.left_out = frozenset(n for n in NAMES if (only_set and n not in only_set) or n in skip_set)
@@ -102,9 +105,16 @@ def run_release(recipe_path: str | Path, work_dir: str | Path, *, only: list[str
         r.reporter.warning(text)
     if dry_run:
         return _run_steps(r, only_set, skip_set, force=force, dry_run=True)
+    e = r.recipe.executor
+    kind = executor if executor is not None else ("ray" if ray_address else e.kind)
+    r.executor = make_executor(kind, ray_address if ray_address is not None else (e.address if kind == "ray" else None))
     with WorkLock(r.work):
         r.manifest = Manifest.open(r.work, r.recipe.name, force=force)   # as the release before this one left it
-        return _run_steps(r, only_set, skip_set, force=force, dry_run=False)
+        r.executor.start(r.work, r.reporter)
+        try:
+            return _run_steps(r, only_set, skip_set, force=force, dry_run=False)
+        finally:
+            r.executor.close()
 
 
 def _run_steps(r: Release, only_set: set[str], skip_set: set[str], *, force: bool, dry_run: bool) -> ReleaseResult:
@@ -140,7 +150,8 @@ def _run_steps(r: Release, only_set: set[str], skip_set: set[str], *, force: boo
         r.manifest.record(step.name, {
             "fingerprint": fingerprint(step.name, depends), "depends": depends,
             "root": relative(out.output, r.work), "files": [f.to_dict() for f in out.files], "summary": out.summary,
-            "facts": out.facts, "seconds": round(seconds, 2),
+            "facts": out.facts, "seconds": round(seconds, 2), "executor": r.executor.kind,
+            "tasks": r.executor.log.pop(step.name, []),
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "changed": _changes(old["files"] if old else [], [f.to_dict() for f in out.files])})
         upstream_ran = True

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ReleaserError
 from ..stage import OutputFile, StageResult
+from ..tasks import PROCESS_BYTES, Resources, Task, float_bytes
 from .context import Release, require_folder
 from .manifest import code_versions, fingerprint
 
@@ -32,12 +34,23 @@ class Step:
     call: Callable[[Release], Call]                   # what run is called with
     code: tuple[str, ...] = ()                        # what makes its bytes (releaser.X subpackages, libraries)
     before: Callable[[Release], None] = lambda r: None   # what must hold before it runs (publish: the gate)
+    # a heavy stage: one task an executor may run on another node, with these resources (None: in the driver)
+    resources: Callable[[Release], Resources | None] | None = None
+    splits: bool = False                              # its run takes run_tasks (units an executor runs side by side)
 
     def run(self, r: Release) -> StageResult:
         self.before(r)
         options, inputs, out, keywords = self.call(r)
+        ex = r.executor
+        if self.splits and ex.splits:
+            keywords["run_tasks"] = lambda tasks: ex.map(self.name, tasks, r.reporter)
+        elif ex.splits and self.resources is not None and (needs := self.resources(r)) is not None:
+            # one task, anywhere; it hashes its own files
+            task = Task(self.name, f"releaser.{self.stage}:run", (options, inputs, out), keywords, needs)
+            return ex.map(self.name, [task], r.reporter)[0].value
         stage = importlib.import_module(f"releaser.{self.stage}")   # on first use: most stages import torch
-        return stage.run(options, inputs, out, r.reporter, describe=r.manifest.describe, **keywords)
+        return ex.inline(self.name, lambda: stage.run(options, inputs, out, r.reporter, describe=r.manifest.describe,
+                                                      **keywords))
 
 
 def _files(r: Release, stage: str) -> list[dict]:
@@ -365,7 +378,7 @@ def _card_template(r: Release) -> Path | None:
 
 def _card_depends(r: Release) -> dict:
     recipe = r.recipe.model_dump(mode="json", exclude={"merge", "gguf", "awq", "mlx", "quality", "tokenizer",
-                                                       "publish"})
+                                                       "publish", "executor"})
     template = _card_template(r)
     return {"recipe": recipe, "template": template.read_text(encoding="utf-8") if template else None,
             "folders": {stage: _files(r, stage) for stage in ("tokenizer", *QUANT_STAGES, "runtimes", "quality")}}
@@ -418,25 +431,60 @@ def _publish_call(r: Release) -> Call:
         "recorded": {repo: r.manifest.recorded(folder) for repo, folder in folders.items()}}
 
 
+# -- what the heavy stages hold (an executor's task resources), from the tensor shapes ---------------------------------
+def _model_memory(r: Release) -> Resources:
+    """The main model in float32 once (the stages that run it stream layers, this is an upper bound) and a process."""
+    return Resources(cpus=1, memory=PROCESS_BYTES + float_bytes(r.main_dir)[0])
+
+
+def _verify_resources(r: Release) -> Resources | None:
+    """The stop audit generates with the whole model: a task; the doctor alone is light (None: in the driver)."""
+    return _model_memory(r) if _audit_options(r) is not None else None
+
+
+def _merge_resources(r: Release) -> Resources:
+    """The merge streams one tensor at a time: each input's largest tensor in float32, three times (inputs, result)."""
+    largest = 0
+    for entry in r.manifest.data.get("inputs", {}).values():
+        path = entry.get("path")
+        try:
+            largest += float_bytes(path)[1] if path else 0
+        except (ReleaserError, OSError):   # an adapter, or no weights of its own: nothing to add
+            pass
+    gpu = r.recipe.merge.device.startswith("cuda")
+    return Resources(cpus=1, memory=PROCESS_BYTES + 3 * largest, gpus=1 if gpu else 0,
+                     gpu_reason="merge.device cuda" if gpu else "")
+
+
+def _awq_resources(r: Release) -> Resources:
+    gpu = r.recipe.awq.device == "cuda"
+    return Resources(cpus=1, memory=_model_memory(r).memory, gpus=1 if gpu else 0,
+                     gpu_reason="awq.device cuda" if gpu else "")
+
+
 STEPS = [
     Step("merge", _needs("merge"), _merge_depends, lambda r: r.merged_dir, "merge.stage", _merge_call,
-         ("releaser.merge", "releaser.arch", "releaser.checkpoint", "torch", "safetensors", "peft")),
+         ("releaser.merge", "releaser.arch", "releaser.checkpoint", "torch", "safetensors", "peft"),
+         resources=_merge_resources),
     Step("tokenizer", _always, _tokenizer_depends, lambda r: r.main_dir, "tokenizer.stage", _tokenizer_call,
          ("releaser.tokenizer", "releaser.checkpoint", "tokenizers", "transformers")),
     Step("verify", _always, _verify_depends, lambda r: r.main_dir, "tokenizer.verify", _verify_call,
-         ("releaser.tokenizer", "releaser.gguf", "transformers", "torch")),
+         ("releaser.tokenizer", "releaser.gguf", "transformers", "torch"), resources=_verify_resources),
     Step("imatrix", _imatrix_applies, _imatrix_depends, lambda r: r.imatrix_dir, "imatrix.stage", _imatrix_call,
-         IMATRIX_CODE),
+         IMATRIX_CODE, resources=_model_memory),
     Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, "gguf.stage", _gguf_call,
-         GGUF_CODE),
+         GGUF_CODE, splits=True),
     Step("runtimes", _runtimes_applies, _runtimes_depends, lambda r: r.gguf_dir, "runtimes.stage", _runtimes_call,
          ("releaser.runtimes", "releaser.gguf", "releaser.card", "releaser.templates", "pyyaml")),
-    Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, "awq.stage", _awq_call, AWQ_CODE),
-    Step("w4a16", _w4a16_applies, _w4a16_depends, lambda r: r.w4a16_dir, "formats.w4a16", _w4a16_call, W4A16_CODE),
-    Step("mlx", _mlx_applies, _mlx_depends, lambda r: r.mlx_dir, "formats.mlx", _mlx_call, MLX_CODE),
+    Step("awq", _needs("awq"), _quant_depends(_awq_weights), lambda r: r.awq_dir, "awq.stage", _awq_call, AWQ_CODE,
+         resources=_awq_resources),
+    Step("w4a16", _w4a16_applies, _w4a16_depends, lambda r: r.w4a16_dir, "formats.w4a16", _w4a16_call, W4A16_CODE,
+         resources=_model_memory),
+    Step("mlx", _mlx_applies, _mlx_depends, lambda r: r.mlx_dir, "formats.mlx", _mlx_call, MLX_CODE,
+         resources=_model_memory),
     Step("quality", _quality_applies, _quality_depends, lambda r: r.work, "quality.stage", _quality_call,
          ("releaser.quality", "releaser.arch", "releaser.awq", "releaser.gguf", "releaser.formats", "torch",
-          "transformers", "llama_cpp_python")),
+          "transformers", "llama_cpp_python"), splits=True),
     Step("cards", _always, _card_depends, lambda r: r.work, "card.stage", _card_call,
          ("releaser.card", "releaser.gguf", "releaser.runtimes", "releaser.templates", "jinja2", "huggingface_hub",
           "llama_cpp_python")),

@@ -20,6 +20,7 @@ import torch
 from ..atomic import TMP_TAG, hidden, os_error, write_file
 from ..errors import ConfigError, ModelError
 from ..stage import Reporter, StageResult, describe_files
+from ..tasks import PROCESS_BYTES, Resources, Task, float_bytes, run_local
 from . import load as ld
 from .gate import STOP_TEST_TYPES, QualityGateError, StopResult, max_kld, stop_test, stop_verdict
 from ..gguf.reader import GGUFFile
@@ -122,7 +123,7 @@ def _heap_for_big_temporaries() -> None:
 
 
 def run(options: QualityOptions, inputs: list, out: str | os.PathLike, reporter: Reporter | None = None, *,
-        describe=describe_files) -> StageResult:
+        describe=describe_files, run_tasks=None) -> StageResult:
     """:func:`run_quality` of ``inputs`` (the unquantized model folder, then the GGUF files and AWQ folders made from
     it) with the report ``out``; the result stands for the report's folder. A failed gate is a GateError (nothing of
     the release is published)."""
@@ -130,16 +131,18 @@ def run(options: QualityOptions, inputs: list, out: str | os.PathLike, reporter:
 
     out = Path(out)
     try:
-        result = run_quality(options, inputs[0], inputs[1:], out, reporter)
+        result = run_quality(options, inputs[0], inputs[1:], out, reporter, run_tasks=run_tasks)
     except QualityGateError as exc:
         raise GateError(f"quality gate: {exc}") from None
     return StageResult("quality", out.parent, describe(out.parent, [out]), result.summary, result.facts)
 
 
 def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts: list, out_path: str | os.PathLike,
-                reporter: Reporter | None = None) -> StageResult:
+                reporter: Reporter | None = None, *, run_tasks=None) -> StageResult:
     """Measure every artefact against ``model_dir``; write the JSON report to ``out_path``; raise QualityGateError
-    (after writing the report) when the gate is on and an artefact fails it."""
+    (after writing the report) when the gate is on and an artefact fails it. The stop test, the unquantized model's
+    pass and each artefact's are units (:mod:`releaser.tasks`): run here in order, or through ``run_tasks`` (an
+    executor: the artefacts side by side, on any node; the figures are the same)."""
     from ..tokenizer.model import load_tokenizer
 
     start = time.perf_counter()
@@ -184,45 +187,52 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
     base_chat = _folder_chat(model_dir, tokenizer) if target else None
     if base_chat and (not base_chat[0] or not base_chat[1]):
         base_chat = None   # the unquantized folder has no chat setup of its own: the quant's verdict stands alone
-    # the stop tests first: they hold whole models, best before the streamed passes leave anything behind
+    # the stop tests first: they hold whole models, best before the streamed passes leave anything behind; then the
+    # unquantized model, then each artefact against it: units an executor may run on other nodes, side by side
+    if run_tasks is None:
+        run_tasks, size = (lambda tasks: run_local(tasks, reporter)), Resources()
+    else:
+        size = Resources(cpus=1, memory=PROCESS_BYTES + float_bytes(model_dir)[0])   # an upper bound: they stream
     stop = None
-    if target:
-        unquantized = _stop_test(model_dir, None, base_chat) if base_chat else None
-        stop = {"file": target.label, **stop_verdict(_stop_test(target, base_config, chat), unquantized)}
     rows: list[dict] = []
     seconds: dict[str, float] = {}   # run times go to the manifest, not into the report: its bytes depend on the inputs
     # beside the report, named as the atomic writer's temporaries: what a killed run leaves is swept when the next
     # run writes the report
     with tempfile.TemporaryDirectory(prefix=hidden(out_path, TMP_TAG) + "base-", dir=out_path.parent) as tmp:
-        try:
-            base, windows = _base_pass(model_dir, windows, len(arts), options, Path(tmp), reporter)
-        except NonFiniteLogits as exc:
-            raise ModelError(f"the unquantized model {model_dir} gives {exc}, so nothing can be measured against it; "
-                             "its weights are broken (look for NaN or infinite values)") from None
-        measured: dict[str, tuple[str, Figures]] = {}   # float weights digest -> (label, figures) measured
-        for art in arts:
-            t0 = time.perf_counter()
-            digest = _float_digest(art, base_config) if art.kind in SAME_WEIGHTS_KINDS else None
-            same_as = measured.get(digest)
-            if same_as:   # the same float weights (W4A16 made from the AWQ codes) give the same figures
-                figures = same_as[1]
-            else:
-                figures = _measure(art, options, windows, base, base_config, reporter)
-                if digest:
-                    measured[digest] = (art.label, figures)
+        first = [Task("unquantized model", "releaser.quality.stage:base_unit",
+                      (options, str(model_dir), windows, len(arts), tmp), {}, size)]
+        if target:
+            first.insert(0, Task(f"stop test {target.label}", "releaser.quality.stage:stop_unit",
+                                 (str(model_dir), str(target.path), base_config, chat, base_chat), {}, size))
+        done = run_tasks(first)
+        if target:
+            stop = done[0].value
+        base, windows = done[-1].value
+        # an artefact with the float weights of one measured before it (W4A16 made from the AWQ codes) takes its figures
+        digests = [_float_digest(a, base_config) if a.kind in SAME_WEIGHTS_KINDS else None for a in arts]
+        first_of = {d: arts[i] for i, d in reversed(list(enumerate(digests))) if d}
+        measured = [a for a, d in zip(arts, digests) if d is None or first_of[d] is a]
+        done = dict(zip((a.label for a in measured), run_tasks([
+            Task(art.label, "releaser.quality.stage:measure_unit",
+                 (options, str(art.path), base_config, windows, base.store, base.figures.ppl), {}, size)
+            for art in measured])))
+        for art, digest in zip(arts, digests):
+            same_as = first_of[digest].label if digest and first_of[digest] is not art else None
+            d = done[same_as or art.label]
+            figures = d.value
             limit = max_kld(art.quant, options.max_kld)
             row = {"file": art.label, "path": _shown(art.path, out_path.parent), "kind": art.kind, "quant": art.quant,
                    "size": _size(art), **figures.to_dict(), "max_kld": limit,
                    "backend": options.backend if art.kind == "gguf" else "torch"}
             if same_as:
-                row["same_weights_as"] = same_as[0]
-            seconds[art.label] = round(time.perf_counter() - t0, 2)
+                row["same_weights_as"] = same_as
+            seconds[art.label] = 0.0 if same_as else round(d.seconds, 2)
             if mismatch[art.label]:
                 row["tokenizer_mismatch"] = mismatch[art.label]
             rows.append(row)
             reporter.message(f"{art.label}: PPL {figures.ppl:.3f}, mean KLD {figures.kld_mean:.5f}, "
                              f"same top {100 * figures.same_top:.1f}%"
-                             + (f" (the same dequantized weights as {same_as[0]})" if same_as else ""))
+                             + (f" (the same dequantized weights as {same_as})" if same_as else ""))
             if figures.kld_mean > limit:
                 failures.append(f"{art.label}: mean KLD {figures.kld_mean:.4f} against the unquantized model is far "
                                 f"above what {art.quant} gives (limit {limit}); the file is broken (a bad conversion "
@@ -259,9 +269,32 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
                        facts={**report, "seconds": seconds})
 
 
-def _measure(art: ld.Artefact, options: QualityOptions, windows: Windows, base: "_Base", base_config: dict,
-             reporter: Reporter) -> Figures:
-    """One artefact's figures against the unquantized model's stored log-probabilities."""
+def stop_unit(model_dir: str, target: str, base_config: dict, chat: tuple, base_chat: tuple | None, *,
+              reporter: Reporter | None = None) -> dict:
+    """A unit of the stage: the stop test of the artefact ``target`` (and of the unquantized model, the reference)."""
+    unquantized = _stop_test(Path(model_dir), None, base_chat) if base_chat else None
+    art = ld.identify(target)
+    return {"file": art.label, **stop_verdict(_stop_test(art, base_config, chat), unquantized)}
+
+
+def base_unit(options: QualityOptions, model_dir: str, windows: Windows, n_artefacts: int, tmp: str, *,
+              reporter: Reporter | None = None) -> tuple[_Base, Windows]:
+    """A unit of the stage: the unquantized model's pass, its log-probabilities in ``tmp`` (a folder every unit
+    sees)."""
+    _heap_for_big_temporaries()
+    try:
+        return _base_pass(Path(model_dir), windows, n_artefacts, options, Path(tmp), reporter or Reporter())
+    except NonFiniteLogits as exc:
+        raise ModelError(f"the unquantized model {model_dir} gives {exc}, so nothing can be measured against it; "
+                         "its weights are broken (look for NaN or infinite values)") from None
+
+
+def measure_unit(options: QualityOptions, artefact: str, base_config: dict, windows: Windows, store: BaseLogProbs,
+                 base_ppl: float, *, reporter: Reporter | None = None) -> Figures:
+    """A unit of the stage: one artefact's figures against the unquantized model's log-probabilities ``store``."""
+    _heap_for_big_temporaries()
+    reporter = reporter or Reporter()
+    art = ld.identify(artefact)
     with ExitStack() as stack:
         if art.kind == "gguf" and options.backend == "llama.cpp":
             from . import llamacpp
@@ -272,10 +305,10 @@ def _measure(art: ld.Artefact, options: QualityOptions, windows: Windows, base: 
             run = _streamed(weights, windows, reporter, f"quality: {art.label}", stack, numerics=options.numerics)[1]
             advance = _no_advance
         try:
-            figures = score_against(run, windows, base.store, base.figures.ppl, advance)
+            figures = score_against(run, windows, store, base_ppl, advance)
         except NonFiniteLogits as exc:
-            raise QualityGateError(f"{art.label} gives {exc}; the file is broken (a bad conversion or a corrupted "
-                                   "tensor): rebuild it") from None
+            raise QualityGateError(f"{art.label} gives {exc}; the file is broken (a bad conversion or a "
+                                   "corrupted tensor): rebuild it") from None
         del run
     _collect_garbage()
     return figures

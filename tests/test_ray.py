@@ -1,0 +1,250 @@
+"""``releaser release --executor ray`` on a real Ray: a cluster of a head (no CPUs: the driver's node) and two worker
+nodes of one CPU each, on this machine (``ray.cluster_utils.Cluster``, started once for the module). A small release
+(a merge of two tiny models, three GGUF types, quality) made on it has the bytes of the in-process run's; its tasks ran
+on both workers (the manifest says where); a worker node removed while it makes a GGUF type is survived (Ray runs the
+task again elsewhere); a driver killed during the GGUF fan-out resumes from the manifest; a task that needs a GPU in a
+cluster without one, a work folder a node cannot see and a missing Ray are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require
+from release_helpers import ROOT, cli, hashes
+
+TYPES = ["Q8_0", "Q4_K_M", "Q6_K"]
+STORE = 80 * 1024 ** 2   # object store per node: the tasks pass small results only
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = require("ray")
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": STORE})
+    for _ in range(2):
+        c.add_node(num_cpus=1, object_store_memory=STORE)
+    c.wait_for_nodes()
+    ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    from releaser_testing import tiny_chat_model
+
+    root = tmp_path_factory.mktemp("ray-inputs")
+    for i, name in enumerate("ab"):
+        tiny_chat_model(root / name, arch="llama", seed=i, hidden=256, intermediate=512, layers=4)
+    return root
+
+
+def recipe(root: Path, inputs: Path, extra: str = "") -> Path:
+    path = root / "r.yaml"
+    path.write_text(f"""name: me/Tiny-Ray
+description: A tiny release made on Ray.
+stop_audit: false
+merge:
+  merge_method: linear
+  dtype: float32
+  models:
+    - {{model: {inputs / 'a'}, parameters: {{weight: 0.6}}}}
+    - {{model: {inputs / 'b'}, parameters: {{weight: 0.4}}}}
+tokenizer: {{template: chatml}}
+gguf: {{quants: [{', '.join(TYPES)}], pre_tokenizer: llama-bpe}}
+quality: {{ctx: 64, chunks: 2, stop_test: false}}
+{extra}""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, inputs) -> Path:
+    """The in-process release (the default executor): the bytes every Ray run must give."""
+    from releaser.pipeline.run import run_release
+
+    root = tmp_path_factory.mktemp("ray-local")
+    run_release(recipe(root, inputs), root / "work")
+    return root / "work"
+
+
+def _tasks(work: Path) -> dict[str, list[dict]]:
+    stages = json.loads((work / "release.json").read_text())["stages"]
+    return {name: entry["tasks"] for name, entry in stages.items()}
+
+
+def test_ray_release_has_the_local_bytes_and_ran_on_both_workers(cluster, local, inputs, tmp_path):
+    proc = cli("release", recipe(tmp_path, inputs), "-o", tmp_path / "work", "--executor", "ray", "--ray-address",
+               cluster.address, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert hashes(tmp_path / "work") == hashes(local)
+    tasks = _tasks(tmp_path / "work")
+    gguf = {t["task"]: t["node"] for t in tasks["gguf"] if t["task"] in TYPES}
+    assert sorted(gguf) == sorted(TYPES)
+    workers = {t["node"] for stage in tasks.values() for t in stage if "(driver)" not in t["node"]}
+    assert len(workers) == 2, tasks   # both worker nodes took tasks
+    assert all(t["node"].endswith("(driver)") for t in tasks["cards"] + tasks["publish"])
+    assert "gguf: Q4_K_M done on" in proc.stdout + proc.stderr   # the CLI shows each task's node as it ends
+
+
+def _raylet_pid(node) -> int:
+    return node.all_processes["raylet"][0].process.pid
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+
+def _gguf_task_pid(work: Path, stop: threading.Event) -> int | None:
+    """The pid of a Ray worker holding a GGUF type's output lock (a unit in progress), as soon as there is one."""
+    while not stop.is_set():
+        for lock in work.glob(".Tiny-Ray-GGUF.releaser-tmp-*/.parts/.*.releaser-lock"):
+            try:
+                return int(lock.read_text().strip())
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.01)
+    return None
+
+
+def test_a_worker_node_removed_during_the_gguf_fan_out_is_survived(cluster, local, inputs, tmp_path):
+    """The node running a GGUF type is removed mid-task (its raylet and workers killed): Ray runs the task again on
+    the other node; the release ends with the local bytes and the manifest has no GGUF type made on the removed node."""
+    from releaser.pipeline.run import run_release
+
+    work = tmp_path / "work"
+    outcome: dict = {}
+
+    def release() -> None:
+        try:
+            outcome["result"] = run_release(recipe(tmp_path, inputs), work, executor="ray",
+                                            ray_address=cluster.address)
+        except BaseException as exc:   # noqa: BLE001 - checked below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    stop = threading.Event()
+    try:
+        pid = _gguf_task_pid(work, stop)
+        raylets = {_raylet_pid(n): n for n in cluster.worker_nodes}
+        node = raylets[_ppid(pid)]
+        removed = node.node_id[:12]
+        cluster.remove_node(node, allow_graceful=False)
+    finally:
+        thread.join(timeout=600)
+        stop.set()
+        cluster.add_node(num_cpus=1, object_store_memory=STORE)   # the next tests have two workers again
+        cluster.wait_for_nodes()
+    assert "error" not in outcome, outcome.get("error")
+    assert hashes(work) == hashes(local)
+    gguf = {t["task"]: t["node"].split("@")[0] for t in _tasks(work)["gguf"] if t["task"] in TYPES}
+    assert sorted(gguf) == sorted(TYPES) and removed not in gguf.values(), (removed, gguf)
+
+
+def test_a_killed_driver_resumes_from_the_manifest(cluster, local, inputs, tmp_path):
+    """``releaser release --executor ray`` killed (SIGKILL) while the GGUF types are being made: the next run (local
+    here, as a user might) keeps the stages the manifest records and ends with the local bytes."""
+    path, work = recipe(tmp_path, inputs), tmp_path / "work"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "releaser.cli", "release", str(path), "-o", str(work), "--executor",
+                             "ray", "--ray-address", cluster.address, "-q"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stop = threading.Event()
+    timer = threading.Timer(300, stop.set)
+    timer.start()
+    try:
+        assert _gguf_task_pid(work, stop) is not None, "the GGUF fan-out never started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    recorded = set(json.loads((work / "release.json").read_text())["stages"])
+    assert {"merge", "tokenizer"} <= recorded and "gguf" not in recorded
+    again = cli("release", path, "-o", work)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert hashes(work) == hashes(local)
+    stages = json.loads((work / "release.json").read_text())["stages"]
+    assert stages["merge"]["executor"] == "ray" and stages["gguf"]["executor"] == "local"
+
+
+def test_a_gpu_task_in_a_cluster_without_gpus_fails_at_once(cluster, inputs, tmp_path):
+    path = recipe(tmp_path, inputs, "awq: {samples: 8, seqlen: 64, device: cuda}\n")
+    path.write_text(path.read_text().replace("gguf: {quants: [Q8_0, Q4_K_M, Q6_K], pre_tokenizer: llama-bpe}\n", "")
+                    .replace("quality: {ctx: 64, chunks: 2, stop_test: false}\n", "quality: false\n"))
+    start = time.perf_counter()
+    proc = cli("release", path, "-o", tmp_path / "work", "--executor", "ray", "--ray-address", cluster.address,
+               "-q", timeout=300)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stdout + proc.stderr
+    assert "awq: awq needs a GPU (awq.device cuda) and no node of the Ray cluster has one" in errors[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert time.perf_counter() - start < 120
+
+
+def test_a_task_larger_than_every_node_fails_at_once(cluster):
+    from releaser.pipeline.executor import ExecutorError, RayExecutor
+    from releaser.stage import Reporter
+    from releaser.tasks import Resources, Task
+
+    task = Task("Q4_K_M", "releaser.gguf.stage:export_types", resources=Resources(cpus=1, memory=2 ** 50))
+    with pytest.raises(ExecutorError, match=r"^gguf: Q4_K_M needs 1 CPU\(s\) and 1048576.0 GiB of memory on one node, "
+                                            r"and no node of the Ray cluster has that \(the largest has [\d.]+ GiB\); "
+                                            "add a larger node$"):
+        RayExecutor(cluster.address).map("gguf", [task], Reporter())
+
+
+def test_a_work_folder_a_node_cannot_see_is_refused(cluster, tmp_path):
+    """The probe file the driver writes is what every node must read back; not written (as a node with its own,
+    unshared folder at that path would see it): the one-line refusal names the node and the fix."""
+    import ray
+
+    from releaser.pipeline.executor import ExecutorError, RayExecutor
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    with pytest.raises(ExecutorError, match=r"^Ray node \w+ \(.*\) cannot see the work folder .*: it must be on a file "
+                                            r"system every node mounts at the same path"):
+        RayExecutor(cluster.address).check_shared(tmp_path, nodes, probe=False)
+    RayExecutor(cluster.address).check_shared(tmp_path, nodes)   # written: every node reads it
+    assert not list(tmp_path.iterdir())   # the probe is removed
+
+
+def test_an_error_in_a_task_is_its_own_one_line_error(cluster, tmp_path):
+    """A task that raises (a releaser error on the worker) is not retried and reaches the driver as that error, not
+    as Ray's wrapper with a remote traceback."""
+    from releaser.errors import ReleaserError
+    from releaser.pipeline.executor import RayExecutor
+    from releaser.quality.options import QualityOptions
+    from releaser.stage import Reporter
+    from releaser.tasks import Task
+
+    missing = tmp_path / "missing.gguf"
+    task = Task("missing.gguf", "releaser.quality.stage:measure_unit", (QualityOptions(), str(missing), {}, None,
+                                                                         None, 0.0))
+    with pytest.raises(ReleaserError) as info:
+        RayExecutor(cluster.address).map("quality", [task], Reporter())
+    assert str(missing) in str(info.value) and "\n" not in str(info.value) and "Ray" not in type(info.value).__name__
+
+
+def test_ray_missing_is_one_line(monkeypatch, tmp_path):
+    from releaser.pipeline.executor import ExecutorError, make_executor
+    from releaser.stage import Reporter
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ExecutorError, match=r"--executor ray needs Ray: pip install 'releaser\[ray\]'"):
+        make_executor("ray", None).start(tmp_path, Reporter())
+    with pytest.raises(ExecutorError, match="--ray-address is for --executor ray"):
+        make_executor("local", "127.0.0.1:6379")
