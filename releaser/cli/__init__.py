@@ -227,8 +227,8 @@ def gguf_cmd(
     out_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the .gguf files (created if missing)."),
     quant: str = typer.Option(",".join(GGUFOptions.default("quants")), "--quant", "-Q", help="Comma-separated types: F32, F16, BF16, Q8_0, Q4_0, "
                               "Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S (needs --imatrix), Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, "
-                              "IQ4_NL, IQ4_XS "
-                              "(the recipe's gguf.quants)."),
+                              "IQ4_NL, IQ4_XS, IQ3_S, IQ3_M; with --imatrix also IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, "
+                              "IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (the recipe's gguf.quants)."),
     name: str | None = typer.Option(None, "--name", help="Model name: general.name and the file names {Name}-{TYPE}."),
     split_max_size: str | None = option(GGUFOptions, "split_max_size", "--split-max-size"),
     license: str | None = typer.Option(None, "--license", help="general.license (default: from the model card)."),
