@@ -203,7 +203,7 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
                       (options, str(model_dir), windows, len(arts), tmp), {}, size)]
         if target:
             first.insert(0, Task(f"stop test {target.label}", "releaser.quality.stage:stop_unit",
-                                 (str(model_dir), str(target.path), base_config, chat, base_chat), {}, size))
+                                 (str(model_dir), target, base_config, chat, base_chat), {}, size))
         done = run_tasks(first)
         if target:
             stop = done[0].value
@@ -214,7 +214,7 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
         measured = [a for a, d in zip(arts, digests) if d is None or first_of[d] is a]
         done = dict(zip((a.label for a in measured), run_tasks([
             Task(art.label, "releaser.quality.stage:measure_unit",
-                 (options, str(art.path), base_config, windows, base.store, base.figures.ppl), {}, size)
+                 (options, art, base_config, windows, base.store, base.figures.ppl), {}, size)
             for art in measured])))
         for art, digest in zip(arts, digests):
             same_as = first_of[digest].label if digest and first_of[digest] is not art else None
@@ -269,12 +269,11 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
                        facts={**report, "seconds": seconds})
 
 
-def stop_unit(model_dir: str, target: str, base_config: dict, chat: tuple, base_chat: tuple | None, *,
+def stop_unit(model_dir: str, target: ld.Artefact, base_config: dict, chat: tuple, base_chat: tuple | None, *,
               reporter: Reporter | None = None) -> dict:
     """A unit of the stage: the stop test of the artefact ``target`` (and of the unquantized model, the reference)."""
     unquantized = _stop_test(Path(model_dir), None, base_chat) if base_chat else None
-    art = ld.identify(target)
-    return {"file": art.label, **stop_verdict(_stop_test(art, base_config, chat), unquantized)}
+    return {"file": target.label, **stop_verdict(_stop_test(target, base_config, chat), unquantized)}
 
 
 def base_unit(options: QualityOptions, model_dir: str, windows: Windows, n_artefacts: int, tmp: str, *,
@@ -289,12 +288,11 @@ def base_unit(options: QualityOptions, model_dir: str, windows: Windows, n_artef
                          "its weights are broken (look for NaN or infinite values)") from None
 
 
-def measure_unit(options: QualityOptions, artefact: str, base_config: dict, windows: Windows, store: BaseLogProbs,
-                 base_ppl: float, *, reporter: Reporter | None = None) -> Figures:
+def measure_unit(options: QualityOptions, art: ld.Artefact, base_config: dict, windows: Windows,
+                 store: BaseLogProbs, base_ppl: float, *, reporter: Reporter | None = None) -> Figures:
     """A unit of the stage: one artefact's figures against the unquantized model's log-probabilities ``store``."""
     _heap_for_big_temporaries()
     reporter = reporter or Reporter()
-    art = ld.identify(artefact)
     with ExitStack() as stack:
         if art.kind == "gguf" and options.backend == "llama.cpp":
             from . import llamacpp
