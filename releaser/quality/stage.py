@@ -288,11 +288,13 @@ def base_unit(options: QualityOptions, model_dir: str, windows: Windows, n_artef
                          "its weights are broken (look for NaN or infinite values)") from None
 
 
-def measure_unit(options: QualityOptions, art: ld.Artefact, base_config: dict, windows: Windows,
+def measure_unit(options: QualityOptions, artefact: ld.Artefact | str, base_config: dict, windows: Windows,
                  store: BaseLogProbs, base_ppl: float, *, reporter: Reporter | None = None) -> Figures:
-    """A unit of the stage: one artefact's figures against the unquantized model's log-probabilities ``store``."""
+    """A unit of the stage: one artefact's figures (an Artefact, or the path of one) against the unquantized model's
+    log-probabilities ``store``."""
     _heap_for_big_temporaries()
     reporter = reporter or Reporter()
+    art = ld.identify(artefact)
     with ExitStack() as stack:
         if art.kind == "gguf" and options.backend == "llama.cpp":
             from . import llamacpp
