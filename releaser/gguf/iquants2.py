@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from .iqgrid import grid_tables
+from .iquants3 import group_magnitudes
 from .kquants import F0, F1, GROUP_MAX_EPS, nearest_int
 from .kquants_imatrix import make_qp_quants
 
@@ -295,34 +296,6 @@ def _block_search(xval, weight, waux, mx, n, L, Laux, Lqp, on_grid, on_grid_aux,
     return scale, True
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _magnitudes(xb, weight, xval, bsigns, k, even):
-    """The magnitudes of the group ``k`` of 8 into ``xval`` and its sign mask into ``bsigns[k]``. ``even`` (IQ2_XXS,
-    IQ2_XS) stores 7 sign bits: an odd count of negatives flips the weight of least ``weight * x * x`` (the first of
-    equal ones), whose magnitude then enters negated."""
-    nflip = 0
-    s = 0
-    for i in range(8):
-        v = xb[8 * k + i]
-        if v >= F0:
-            xval[8 * k + i] = v
-        else:
-            xval[8 * k + i] = -v
-            nflip += 1
-            s |= 1 << i
-    if even and nflip % 2:
-        imin = 0
-        mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
-        for i in range(1, 8):
-            ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
-            if ax < mn:
-                mn = ax
-                imin = i
-        xval[8 * k + imin] = -xval[8 * k + imin]
-        s ^= 1 << imin
-    bsigns[k] = s & 127 if even else s
-
-
 def iq2_rows(x, qw, widx, weighted, kind):
     """IQ2_XXS (``kind`` 0), IQ2_XS (1) or IQ2_S (2) for rows ``x`` [R, C] (C a multiple of 256); ``qw`` [n, C] and
     ``widx`` [R]: the weight row of each row (read only when ``weighted``; IQ2_XXS / IQ2_XS need it). Returns per
@@ -381,7 +354,7 @@ def iq2_kernel(x, qw, widx, weighted, kind, grid, kmap, neighbours, offsets):
                 for i in range(n):
                     waux[i] = np.float32(np.sqrt(weight[i]))
                 for k in range(ng):
-                    _magnitudes(xb, weight, xval, bsigns, k, kind != S)
+                    group_magnitudes(xb, weight, xval, bsigns, k, kind != S)
                 mx = xval[0]
                 for i in range(1, n):
                     mx = mx if mx > xval[i] else xval[i]

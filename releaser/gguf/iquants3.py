@@ -220,32 +220,31 @@ def _key(L, o):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _magnitudes(xb, weight, xval, bsigns, xxs):
-    """The magnitudes of a block into ``xval`` and its four 8-bit sign masks into ``bsigns``. IQ3_XXS stores 7 sign
-    bits per 8 weights: an odd count of negatives flips the weight of least ``weight * x * x`` (the first of equal
-    ones), whose magnitude then enters negated."""
-    for k in range(4):
-        nflip = 0
-        s = 0
-        for i in range(8):
-            v = xb[8 * k + i]
-            if v >= F0:
-                xval[8 * k + i] = v
-            else:
-                xval[8 * k + i] = -v
-                nflip += 1
-                s |= 1 << i
-        if xxs and nflip % 2:
-            imin = 0
-            mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
-            for i in range(1, 8):
-                ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
-                if ax < mn:
-                    mn = ax
-                    imin = i
-            xval[8 * k + imin] = -xval[8 * k + imin]
-            s ^= 1 << imin
-        bsigns[k] = s & 127 if xxs else s
+def group_magnitudes(xb, weight, xval, bsigns, k, even):
+    """The magnitudes of the group ``k`` of 8 weights into ``xval`` and its sign mask into ``bsigns[k]`` (IQ3 and
+    IQ2). ``even`` (IQ3_XXS, IQ2_XXS, IQ2_XS) stores 7 sign bits: an odd count of negatives flips the weight of least
+    ``weight * x * x`` (the first of equal ones), whose magnitude then enters negated."""
+    nflip = 0
+    s = 0
+    for i in range(8):
+        v = xb[8 * k + i]
+        if v >= F0:
+            xval[8 * k + i] = v
+        else:
+            xval[8 * k + i] = -v
+            nflip += 1
+            s |= 1 << i
+    if even and nflip % 2:
+        imin = 0
+        mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
+        for i in range(1, 8):
+            ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
+            if ax < mn:
+                mn = ax
+                imin = i
+        xval[8 * k + imin] = -xval[8 * k + imin]
+        s ^= 1 << imin
+    bsigns[k] = s & 127 if even else s
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
@@ -278,7 +277,8 @@ def iq3_rows(x, qw, widx, weighted, xxs):
             for ib in range(8):
                 xb = xs[32 * ib:32 * ib + 32]
                 _block_weights(xb, qw[widx[r], off + 32 * ib:off + 32 * ib + 32], sigma2, weighted, weight, waux)
-                _magnitudes(xb, weight, xval, bsigns, xxs)
+                for k in range(4):
+                    group_magnitudes(xb, weight, xval, bsigns, k, xxs)
                 mx = xval[0]
                 for i in range(1, 32):
                     mx = mx if mx > xval[i] else xval[i]
