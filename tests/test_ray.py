@@ -109,7 +109,7 @@ def _ppid(pid: int) -> int:
 def _gguf_task_pid(work: Path, stop: threading.Event) -> int | None:
     """The pid of a Ray worker holding a GGUF type's output lock (a unit in progress), as soon as there is one."""
     while not stop.is_set():
-        for lock in work.glob(".Tiny-Ray-GGUF.releaser-tmp-*/.parts/.*.releaser-lock"):
+        for lock in work.glob(".units/gguf/*/*/.out.releaser-lock"):
             try:
                 return int(lock.read_text().strip())
             except (OSError, ValueError):
@@ -153,9 +153,19 @@ def test_a_worker_node_removed_during_the_gguf_fan_out_is_survived(cluster, loca
     assert sorted(gguf) == sorted(TYPES) and removed not in gguf.values(), (removed, gguf)
 
 
+def _unit_done(work: Path, stop: threading.Event) -> bool:
+    """Wait until a GGUF type's unit has finished (its kept result is there)."""
+    while not stop.is_set():
+        if any(work.glob(".units/gguf/*/*/result.json")):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_a_killed_driver_resumes_from_the_manifest(cluster, local, inputs, tmp_path):
-    """``releaser release --executor ray`` killed (SIGKILL) while the GGUF types are being made: the next run (local
-    here, as a user might) keeps the stages the manifest records and ends with the local bytes."""
+    """``releaser release --executor ray`` killed (SIGKILL) once a GGUF type is made and while the others are being
+    made: the next run (local here, as a user might) keeps the stages the manifest records and the types finished
+    before the kill, and ends with the local bytes."""
     path, work = recipe(tmp_path, inputs), tmp_path / "work"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "releaser.cli", "release", str(path), "-o", str(work), "--executor",
@@ -165,7 +175,7 @@ def test_a_killed_driver_resumes_from_the_manifest(cluster, local, inputs, tmp_p
     timer = threading.Timer(300, stop.set)
     timer.start()
     try:
-        assert _gguf_task_pid(work, stop) is not None, "the GGUF fan-out never started"
+        assert _unit_done(work, stop), "no GGUF type was made"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -174,11 +184,16 @@ def test_a_killed_driver_resumes_from_the_manifest(cluster, local, inputs, tmp_p
             proc.kill()
     recorded = set(json.loads((work / "release.json").read_text())["stages"])
     assert {"merge", "tokenizer"} <= recorded and "gguf" not in recorded
+    finished = {p.parent.name for p in work.glob(".units/gguf/*/*/result.json")}
+    assert finished and finished < set(TYPES), finished
     again = cli("release", path, "-o", work)
     assert again.returncode == 0, again.stdout + again.stderr
     assert hashes(work) == hashes(local)
     stages = json.loads((work / "release.json").read_text())["stages"]
     assert stages["merge"]["executor"] == "ray" and stages["gguf"]["executor"] == "local"
+    for name in finished:   # taken, not made again
+        assert f"{name}: kept from the run before" in again.stdout + again.stderr
+    assert not (work / ".units").exists()   # gone once the stages recorded their outputs
 
 
 def test_a_gpu_task_in_a_cluster_without_gpus_fails_at_once(cluster, inputs, tmp_path):

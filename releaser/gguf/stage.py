@@ -20,14 +20,17 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
         *, name: str, license: str | None = None, base_models: list[str] | None = None, tags: list[str] | None = None,
         languages: list[str] | None = None,
         quantized_by: str | None = None, kept: StageResult | None = None, overwrite: bool = False,
-        imatrix: str | os.PathLike | None = None, describe=describe_files, run_tasks=None) -> StageResult:
+        imatrix: str | os.PathLike | None = None, describe=describe_files, run_tasks=None,
+        units: str | os.PathLike | None = None) -> StageResult:
     """The GGUF files ``{name}-{TYPE}.gguf`` of the model folder ``inputs`` in ``out`` (no README: the cards stage
     writes it). ``kept``: an earlier run's result whose tensors are still right (same weights and options, files
     intact): only each file's tokenizer metadata is rewritten from ``inputs``, the tensor bytes are copied unchanged
     (a tokenizer fix is not requantized). ``imatrix``: the file to read ``options.imatrix`` from (a release resolves
     it from the recipe's folder; the GGUF records ``options.imatrix`` as written, so the bytes do not depend on where
     the recipe lies). ``run_tasks`` (:mod:`releaser.tasks`): run one task per type through it (an executor: Ray);
-    without it every type is made in one pass over the checkpoint, in this process. The bytes are the same."""
+    without it every type is made in one pass over the checkpoint, in this process. The bytes are the same.
+    ``units``: a folder for the units' files and results (a release's, keyed by the stage's fingerprint): the types
+    a killed run finished there are taken, not made again."""
     out = Path(out)
     if kept is not None:
         from .fix import sync_tokenizer
@@ -46,7 +49,7 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
                                                   **({"imatrix": kept.facts["imatrix"]} if "imatrix" in kept.facts
                                                      else {})})
     from ..atomic import remove
-    from ..tasks import Resources, Task, run_local
+    from ..tasks import Resources, Task, kept, run_local
 
     reporter = reporter or Reporter()
     if options.imatrix == "auto" and imatrix is None:
@@ -58,35 +61,48 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
     specs = options.specs()
     common = {"name": name, "license": license, "base_models": base_models, "tags": tags, "languages": languages,
               "quantized_by": quantized_by, "imatrix": str(source) if source is not None else None}
-    if run_tasks is None:   # in this process: every type in one pass over the checkpoint
-        groups, run_tasks, sized = [specs], lambda tasks: run_local(tasks, reporter), False
-    else:                   # an executor: one task per type, on any node, each with what it needs
-        groups, sized = [[spec] for spec in specs], True
     with output_dir(out, overwrite=overwrite) as tmp:   # held (locked) from the start: a second run fails at once
-        parts = tmp / ".parts"   # each task's own folder, on the work folder's file system; gone with tmp if killed
-        tasks = [Task("+".join(s.name for s in group), "releaser.gguf.stage:export_types",
-                      (options, str(inputs), str(parts / str(i)), group), common, resources(inputs, group) if sized else Resources())
-                 for i, group in enumerate(groups)]
-        done = run_tasks(tasks)
+        # each unit's own folder on the work folder's file system: in ``units`` (kept if the run is killed) or in
+        # the output's temporary folder (gone with it)
+        parts = Path(units) if units is not None else tmp / ".parts"
+
+        def task(group: list) -> Task:
+            label = "+".join(s.name for s in group)
+            keep = parts / label
+            return Task(label, "releaser.gguf.stage:export_types", (options, str(inputs), str(keep / "out"), group),
+                        common, resources(inputs, group) if run_tasks is not None else Resources(),
+                        str(keep) if units is not None else None)
+
+        if run_tasks is not None:   # an executor: one task per type, on any node, each with what it needs
+            done = run_tasks([task([spec]) for spec in specs])
+        else:                       # in this process: the types left in one pass over the checkpoint
+            done = [d for spec in specs if (d := kept(task([spec]))) is not None]   # a type a killed run made
+            for d in done:
+                reporter.message(f"{d.label}: kept from the run before")
+            if left := [spec for spec in specs if spec.name not in {d.label for d in done}]:
+                done += run_local([task(left)], reporter)
         made = {q: files for d in done for q, files in d.value["files"].items()}
-        for i, d in enumerate(done):
+        for d in done:
             for files in d.value["files"].values():
                 for file in files:
-                    os.replace(parts / str(i) / file, tmp / file)
-        remove(parts)
+                    os.replace(parts / d.label / "out" / file, tmp / file)
+        if units is None:
+            remove(parts)
         if source is not None:   # published beside the files it made, as the popular uploaders do
             copy_file(source, tmp / imatrix_name(name))
-    paths = [out / f for q in (s.name for s in specs) for f in made[q]]
+    order = [s.name for s in specs]   # files and facts in the recipe's order, whichever unit made a type
+    paths = [out / f for q in order for f in made[q]]
     if source is not None:
         paths.append(out / imatrix_name(name))
-    facts = {"tensor_types": {q: t for d in done for q, t in d.value["tensor_types"].items()}}
+    types = {q: t for d in done for q, t in d.value["tensor_types"].items()}
+    facts = {"tensor_types": {q: types[q] for q in order}}
     imatrix_keys = next((d.value["imatrix"] for d in done if d.value["imatrix"]), None)
     if imatrix_keys:
         facts["imatrix"] = imatrix_keys
     searches = {q: s for d in done for q, s in d.value["search"].items()}
     if searches:
-        facts["search"] = searches
-    return StageResult("gguf", out, describe(out, paths), f"{len(paths)} GGUF file(s): {', '.join(made)}", facts)
+        facts["search"] = {q: searches[q] for q in order if q in searches}
+    return StageResult("gguf", out, describe(out, paths), f"{len(paths)} GGUF file(s): {', '.join(order)}", facts)
 
 
 def export_types(options: GGUFOptions, inputs: str, part: str, specs: list, *, name: str, license: str | None,

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..stage import Reporter
-from ..tasks import Done, Task, run_local
+from ..tasks import Done, Task, kept, run_local
 
 RETRIES = 3   # how often Ray runs a task again whose worker or node died (not when the task itself raised)
 
@@ -175,21 +175,27 @@ class RayExecutor(LocalExecutor):
 
     def map(self, stage: str, tasks: list[Task], reporter: Reporter) -> list[Done]:
         ray = self._ray()
-        for task in tasks:
+        results: dict[Any, Done] = {}
+        for i, task in enumerate(tasks):   # a unit a killed run finished is taken, not sent
+            if (done := kept(task)) is not None:
+                results[i] = done
+                reporter.message(f"{stage}: {task.label} kept from the run before")
+        for task in (t for i, t in enumerate(tasks) if i not in results):
             self._feasible(stage, task)
         remote = ray.remote(_remote_call)
         refs = {}
-        for task in tasks:
+        for i, task in enumerate(tasks):
+            if i in results:
+                continue
             r = task.resources
             refs[remote.options(num_cpus=r.cpus, memory=int(r.memory) or None, num_gpus=r.gpus or None,
                                 max_retries=RETRIES, retry_exceptions=False,
-                                name=f"releaser {stage} {task.label}").remote(task)] = task
-        results: dict[Any, Done] = {}
+                                name=f"releaser {stage} {task.label}").remote(task)] = i, task
         pending = list(refs)
-        with reporter.progress(f"{stage}: {len(tasks)} Ray task(s)", len(tasks)) as advance:
+        with reporter.progress(f"{stage}: {len(refs)} Ray task(s)", len(refs)) as advance:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
-                task = refs[ready[0]]
+                i, task = refs[ready[0]]
                 try:
                     value, node, seconds = ray.get(ready[0])
                 except ray.exceptions.RayTaskError as exc:   # the task raised: its own error, one line
@@ -202,10 +208,10 @@ class RayExecutor(LocalExecutor):
                         ray.cancel(ref, force=True)
                     raise ExecutorError(f"{stage}: {task.label} failed on Ray after {RETRIES} retries: "
                                         f"{str(exc).splitlines()[0]}") from None
-                results[ready[0]] = Done(task.label, node, seconds, value)
+                results[i] = Done(task.label, node, seconds, value)
                 reporter.message(f"{stage}: {task.label} done on {node} in {seconds:.1f} s")
                 advance(1, description=f"{stage}: {task.label}")
-        done = [results[ref] for ref in refs]
+        done = [results[i] for i in range(len(tasks))]
         self.log.setdefault(stage, []).extend(d.record() for d in done)
         return done
 

@@ -8,12 +8,14 @@ killed at any moment resumes where it was and ends with the same bytes as an uni
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arch import FAMILIES, Architecture, find_family
+from ..atomic import remove
 from ..errors import ConfigError, ReleaserError
 from ..recipe import Recipe, load_recipe
 from ..stage import Reporter
@@ -23,6 +25,8 @@ from .layout import check_layout
 from .lock import WorkLock
 from .manifest import Manifest, code_versions, fingerprint, relative
 from .stages import NAMES, STEPS, Step
+
+UNITS = ".units"   # in the work folder: the units of the stage a killed run was in (see releaser.tasks)
 
 
 @dataclass
@@ -144,19 +148,35 @@ def _run_steps(r: Release, only_set: set[str], skip_set: set[str], *, force: boo
             continue
         r.reporter.message(f"{step.name}: running ({why})")
         start = time.perf_counter()
-        out = step.run(r)
+        print_ = fingerprint(step.name, depends)
+        units = _units(r, step.name, print_, force=force)
+        out = step.run(r, units)
         seconds = time.perf_counter() - start
         old = r.manifest.stage(step.name)
         r.manifest.record(step.name, {
-            "fingerprint": fingerprint(step.name, depends), "depends": depends,
+            "fingerprint": print_, "depends": depends,
             "root": relative(out.output, r.work), "files": [f.to_dict() for f in out.files], "summary": out.summary,
             "facts": out.facts, "seconds": round(seconds, 2), "executor": r.executor.kind,
             "tasks": r.executor.log.pop(step.name, []),
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "changed": _changes(old["files"] if old else [], [f.to_dict() for f in out.files])})
+        remove(units.parent)   # its units are in its output now
+        with contextlib.suppress(OSError):
+            units.parent.parent.rmdir()   # .units, when no other stage has units there
         upstream_ran = True
         result.stages.append(StageOutcome(step.name, "ran", why, out.summary, len(out.files), out.bytes, seconds))
     return result
+
+
+def _units(r: Release, stage: str, key: str, *, force: bool) -> Path:
+    """Where ``stage`` keeps the units it finished (``WORK/.units/STAGE/FINGERPRINT``), so that a killed release
+    takes them instead of making them again; units of another fingerprint (other inputs or options) are removed."""
+    folder = r.work / UNITS / stage / key[:16]
+    if folder.parent.is_dir():
+        for old in folder.parent.iterdir():
+            if old != folder or force:
+                remove(old)
+    return folder
 
 
 def _changes(before: list[dict], after: list[dict]) -> dict[str, list[str]]:

@@ -38,10 +38,13 @@ class Step:
     resources: Callable[[Release], Resources | None] | None = None
     splits: bool = False                              # its run takes run_tasks (units an executor runs side by side)
 
-    def run(self, r: Release) -> StageResult:
+    def run(self, r: Release, units: Path | None = None) -> StageResult:
+        """``units``: the folder where a splitting stage keeps its finished units (see releaser.tasks)."""
         self.before(r)
         options, inputs, out, keywords = self.call(r)
         ex = r.executor
+        if self.splits and units is not None:
+            keywords["units"] = str(units)
         if self.splits and ex.splits:
             keywords["run_tasks"] = lambda tasks: ex.map(self.name, tasks, r.reporter)
         elif ex.splits and self.resources is not None and (needs := self.resources(r)) is not None:

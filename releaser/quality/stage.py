@@ -123,7 +123,7 @@ def _heap_for_big_temporaries() -> None:
 
 
 def run(options: QualityOptions, inputs: list, out: str | os.PathLike, reporter: Reporter | None = None, *,
-        describe=describe_files, run_tasks=None) -> StageResult:
+        describe=describe_files, run_tasks=None, units: str | os.PathLike | None = None) -> StageResult:
     """:func:`run_quality` of ``inputs`` (the unquantized model folder, then the GGUF files and AWQ folders made from
     it) with the report ``out``; the result stands for the report's folder. A failed gate is a GateError (nothing of
     the release is published)."""
@@ -131,18 +131,21 @@ def run(options: QualityOptions, inputs: list, out: str | os.PathLike, reporter:
 
     out = Path(out)
     try:
-        result = run_quality(options, inputs[0], inputs[1:], out, reporter, run_tasks=run_tasks)
+        result = run_quality(options, inputs[0], inputs[1:], out, reporter, run_tasks=run_tasks, units=units)
     except QualityGateError as exc:
         raise GateError(f"quality gate: {exc}") from None
     return StageResult("quality", out.parent, describe(out.parent, [out]), result.summary, result.facts)
 
 
 def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts: list, out_path: str | os.PathLike,
-                reporter: Reporter | None = None, *, run_tasks=None) -> StageResult:
+                reporter: Reporter | None = None, *, run_tasks=None, units: str | os.PathLike | None = None) -> StageResult:
     """Measure every artefact against ``model_dir``; write the JSON report to ``out_path``; raise QualityGateError
     (after writing the report) when the gate is on and an artefact fails it. The stop test, the unquantized model's
     pass and each artefact's are units (:mod:`releaser.tasks`): run here in order, or through ``run_tasks`` (an
-    executor: the artefacts side by side, on any node; the figures are the same)."""
+    executor: the artefacts side by side, on any node; the figures are the same). ``units``: a folder where the stop
+    test's and each artefact's figures are kept as they are made (a release's, keyed by the stage's fingerprint): a
+    killed run's finished units are taken, not measured again (the unquantized pass runs again when an artefact is
+    left to measure)."""
     from ..tokenizer.model import load_tokenizer
 
     start = time.perf_counter()
@@ -199,11 +202,14 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
     # beside the report, named as the atomic writer's temporaries: what a killed run leaves is swept when the next
     # run writes the report
     with tempfile.TemporaryDirectory(prefix=hidden(out_path, TMP_TAG) + "base-", dir=out_path.parent) as tmp:
+        def keep(name: str) -> str | None:
+            return str(Path(units) / name) if units is not None else None
+
         first = [Task("unquantized model", "releaser.quality.stage:base_unit",
                       (options, str(model_dir), windows, len(arts), tmp), {}, size)]
         if target:
             first.insert(0, Task(f"stop test {target.label}", "releaser.quality.stage:stop_unit",
-                                 (str(model_dir), target, base_config, chat, base_chat), {}, size))
+                                 (str(model_dir), target, base_config, chat, base_chat), {}, size, keep("stop test")))
         done = run_tasks(first)
         if target:
             stop = done[0].value
@@ -214,7 +220,7 @@ def run_quality(options: QualityOptions, model_dir: str | os.PathLike, artefacts
         measured = [a for a, d in zip(arts, digests) if d is None or first_of[d] is a]
         done = dict(zip((a.label for a in measured), run_tasks([
             Task(art.label, "releaser.quality.stage:measure_unit",
-                 (options, art, base_config, windows, base.store, base.figures.ppl), {}, size)
+                 (options, art, base_config, windows, base.store, base.figures.ppl), {}, size, keep(art.label))
             for art in measured])))
         for art, digest in zip(arts, digests):
             same_as = first_of[digest].label if digest and first_of[digest] is not art else None
