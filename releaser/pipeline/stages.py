@@ -341,10 +341,10 @@ QUANT_STAGES = ("gguf", "awq", "w4a16", "mlx")
 
 
 def _artefacts(r: Release) -> list[Path]:
-    """The first file of each GGUF type (a split set is read from its first shard) and the AWQ, W4A16 and MLX
-    folders released."""
+    """The first file of each GGUF type (a split set is read from its first shard; not the NAME.imatrix beside them)
+    and the AWQ, W4A16 and MLX folders released."""
     files = [r.gguf_dir / f["path"] for f in _files(r, "gguf")
-             if "-of-" not in f["path"] or "-00001-of-" in f["path"]]
+             if f["path"].endswith(".gguf") and ("-of-" not in f["path"] or "-00001-of-" in f["path"])]
     q = r.recipe.quants
     folders = [d for repo, d in ((q.awq, "awq_dir"), (q.w4a16, "w4a16_dir"), (q.mlx, "mlx_dir")) if repo]
     return sorted(files) + [getattr(r, d) for d in folders]
