@@ -471,7 +471,7 @@ STEPS = [
     Step("verify", _always, _verify_depends, lambda r: r.main_dir, "tokenizer.verify", _verify_call,
          ("releaser.tokenizer", "releaser.gguf", "transformers", "torch"), resources=_verify_resources),
     Step("imatrix", _imatrix_applies, _imatrix_depends, lambda r: r.imatrix_dir, "imatrix.stage", _imatrix_call,
-         IMATRIX_CODE, resources=_model_memory),
+         IMATRIX_CODE, splits=True),
     Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, "gguf.stage", _gguf_call,
          GGUF_CODE, splits=True),
     Step("runtimes", _runtimes_applies, _runtimes_depends, lambda r: r.gguf_dir, "runtimes.stage", _runtimes_call,
