@@ -205,6 +205,28 @@ def test_batches_as_tasks_give_the_in_process_bytes(tiny_moe, monkeypatch, tmp_p
     assert made[0] == made[1]
 
 
+def test_a_batch_task_run_again_replaces_a_killed_runs_half_file(tiny_moe, tmp_path):
+    """What a task killed mid-write leaves (its temporary file, a stale lock) is swept by the task run again, which
+    writes the same sums."""
+    import torch
+
+    from releaser.imatrix.compute import batch_sums, load_sums
+
+    tokens = torch.randint(3, 200, (2, 64), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "batch-00000.npz"
+    batch_sums(str(tiny_moe["model"]), tokens, str(out), True)
+    first = out.read_bytes()
+    out.unlink()
+    (tmp_path / ".batch-00000.npz.releaser-tmp-dead").write_bytes(first[:100])   # a killed task's half file
+    (tmp_path / ".batch-00000.npz.releaser-lock").write_text("1")                 # and its lock (nobody holds it)
+    batch_sums(str(tiny_moe["model"]), tokens, str(out), True)
+    assert out.read_bytes() == first and [p.name for p in tmp_path.iterdir()] == [out.name]
+    sums, counts = load_sums(out)
+    assert list(sums)[-1] == "output.weight" and counts["output.weight"].tolist() == [128]
+    down = "blk.0.ffn_down_exps.weight"
+    assert sums[down].dtype == torch.float64 and counts[down].sum() == 256   # 128 tokens, 2 experts each
+
+
 def test_stage_writes_name_imatrix_gguf(tiny_moe, tmp_path):
     """The stage: NAME-imatrix.gguf in the output folder (other files kept), the calibration text's hash in the facts."""
     from releaser.imatrix.stage import run
