@@ -180,6 +180,53 @@ def test_batches_side_by_side_give_the_same_bytes(tiny_moe, monkeypatch, tmp_pat
     assert (tmp_path / "0.gguf").read_bytes() == (tmp_path / "1.gguf").read_bytes()
 
 
+def test_batches_as_tasks_give_the_in_process_bytes(tiny_moe, monkeypatch, tmp_path):
+    """The executor's way (one task per batch, each writing its sums to a file, added in batch order by the caller;
+    run here by run_local, on Ray in tests/test_ray.py): the bytes of the in-process run, experts and output.weight
+    included, and no part file left."""
+    from releaser.imatrix import compute
+    from releaser.imatrix.stage import run
+    from releaser.tasks import run_local
+
+    monkeypatch.setattr(compute, "PASS_TOKENS", 128)   # 6 chunks of 64: three batches
+    options = ImatrixOptions(chunks=6, ctx=64, process_output=True)
+    calls = []
+
+    def run_tasks(tasks):
+        calls.append([(t.label, t.resources.cpus) for t in tasks])
+        assert all(t.resources.memory > 0 for t in tasks)
+        return run_local(tasks)
+
+    run(options, tiny_moe["model"], tmp_path / "local", name="Tiny")
+    run(options, tiny_moe["model"], tmp_path / "tasks", name="Tiny", run_tasks=run_tasks)
+    assert calls == [[("chunks 1-2", 1), ("chunks 3-4", 1), ("chunks 5-6", 1)]]
+    assert [p.name for p in (tmp_path / "tasks").iterdir()] == ["Tiny-imatrix.gguf"]
+    made = [(tmp_path / d / "Tiny-imatrix.gguf").read_bytes() for d in ("local", "tasks")]
+    assert made[0] == made[1]
+
+
+def test_a_batch_task_run_again_replaces_a_killed_runs_half_file(tiny_moe, tmp_path):
+    """What a task killed mid-write leaves (its temporary file, a stale lock) is swept by the task run again, which
+    writes the same sums."""
+    import torch
+
+    from releaser.imatrix.compute import batch_sums, load_sums
+
+    tokens = torch.randint(3, 200, (2, 64), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "batch-00000.npz"
+    batch_sums(str(tiny_moe["model"]), tokens, str(out), True)
+    first = out.read_bytes()
+    out.unlink()
+    (tmp_path / ".batch-00000.npz.releaser-tmp-dead").write_bytes(first[:100])   # a killed task's half file
+    (tmp_path / ".batch-00000.npz.releaser-lock").write_text("1")                 # and its lock (nobody holds it)
+    batch_sums(str(tiny_moe["model"]), tokens, str(out), True)
+    assert out.read_bytes() == first and [p.name for p in tmp_path.iterdir()] == [out.name]
+    sums, counts = load_sums(out)
+    assert list(sums)[-1] == "output.weight" and counts["output.weight"].tolist() == [128]
+    down = "blk.0.ffn_down_exps.weight"
+    assert sums[down].dtype == torch.float64 and counts[down].sum() == 256   # 128 tokens, 2 experts each
+
+
 def test_stage_writes_name_imatrix_gguf(tiny_moe, tmp_path):
     """The stage: NAME-imatrix.gguf in the output folder (other files kept), the calibration text's hash in the facts."""
     from releaser.imatrix.stage import run
@@ -201,7 +248,6 @@ def test_moe_forward_is_unchanged_by_collecting(tiny_moe):
 
     from releaser.arch import architecture_for
     from releaser.imatrix.compute import _instrument, _Sums
-    from releaser.stage import Reporter
 
     model = AutoModelForCausalLM.from_pretrained(tiny_moe["model"], dtype=torch.float32).eval()
     ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -209,7 +255,7 @@ def test_moe_forward_is_unchanged_by_collecting(tiny_moe):
         before = model(ids).logits
         config = model.config.to_dict()
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        _instrument(model, architecture_for(config), config, shapes, _Sums(), False, True, Reporter())
+        _instrument(model, architecture_for(config), config, shapes, _Sums(), False, True)
         after = model(ids).logits
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 

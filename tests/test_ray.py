@@ -1,7 +1,8 @@
 """``releaser release --executor ray`` on a real Ray: a cluster of a head (no CPUs: the driver's node) and two worker
 nodes of one CPU each, on this machine (``ray.cluster_utils.Cluster``, started once for the module). A small release
-(a merge of two tiny models, three GGUF types, quality) made on it has the bytes of the in-process run's; its tasks ran
-on both workers (the manifest says where); a worker node removed while it makes a GGUF type is survived (Ray runs the
+(a merge of two tiny models, an importance matrix of three batches of chunks, three GGUF types made with it, quality)
+made on it has the bytes of the in-process run's; its tasks ran on both workers (the manifest says where), the
+importance matrix's batches too; a worker node removed while it makes a GGUF type is survived (Ray runs the
 task again elsewhere); a driver killed during the GGUF fan-out resumes from the manifest; a task that needs a GPU in a
 cluster without one, a work folder a node cannot see and a missing Ray are one-line errors."""
 
@@ -22,6 +23,9 @@ from conftest import require
 from release_helpers import ROOT, cli, hashes
 
 TYPES = ["Q8_0", "Q4_K_M", "Q6_K"]
+# the importance matrix in batches of PASS_TOKENS // ctx = 4 chunks: three Ray tasks (4, 4 and 2 chunks)
+GGUF = (f"gguf: {{quants: [{', '.join(TYPES)}], pre_tokenizer: llama-bpe, imatrix: auto}}\n"
+        "imatrix: {ctx: 1024, chunks: 10}\n")
 STORE = 80 * 1024 ** 2   # object store per node: the tasks pass small results only
 
 
@@ -62,8 +66,7 @@ merge:
     - {{model: {inputs / 'a'}, parameters: {{weight: 0.6}}}}
     - {{model: {inputs / 'b'}, parameters: {{weight: 0.4}}}}
 tokenizer: {{template: chatml}}
-gguf: {{quants: [{', '.join(TYPES)}], pre_tokenizer: llama-bpe}}
-quality: {{ctx: 64, chunks: 2, stop_test: false}}
+{GGUF}quality: {{ctx: 64, chunks: 2, stop_test: false}}
 {extra}""")
     return path
 
@@ -95,6 +98,10 @@ def test_ray_release_has_the_local_bytes_and_ran_on_both_workers(cluster, local,
     assert len(workers) == 2, tasks   # both worker nodes took tasks
     assert all(t["node"].endswith("(driver)") for t in tasks["cards"] + tasks["publish"])
     assert "gguf: Q4_K_M done on" in proc.stdout + proc.stderr   # the CLI shows each task's node as it ends
+    imatrix = {t["task"]: t["node"] for t in tasks["imatrix"] if t["task"] != "imatrix"}   # the stage: the driver
+    # one task per batch of chunks, on both workers
+    assert list(imatrix) == ["chunks 1-4", "chunks 5-8", "chunks 9-10"] and len(set(imatrix.values())) == 2, imatrix
+    assert [p.name for p in (tmp_path / "work" / "imatrix").iterdir()] == ["Tiny-Ray-imatrix.gguf"]   # no parts left
 
 
 def _raylet_pid(node) -> int:
@@ -198,7 +205,7 @@ def test_a_killed_driver_resumes_from_the_manifest(cluster, local, inputs, tmp_p
 
 def test_a_gpu_task_in_a_cluster_without_gpus_fails_at_once(cluster, inputs, tmp_path):
     path = recipe(tmp_path, inputs, "awq: {samples: 8, seqlen: 64, device: cuda}\n")
-    path.write_text(path.read_text().replace("gguf: {quants: [Q8_0, Q4_K_M, Q6_K], pre_tokenizer: llama-bpe}\n", "")
+    path.write_text(path.read_text().replace(GGUF, "")
                     .replace("quality: {ctx: 64, chunks: 2, stop_test: false}\n", "quality: false\n"))
     start = time.perf_counter()
     proc = cli("release", path, "-o", tmp_path / "work", "--executor", "ray", "--ray-address", cluster.address,

@@ -9,12 +9,15 @@ keeps one row of sums and one count per expert (the tokens routed to it); the ro
 The model runs streamed in float32 (``releaser.quality.load.streamed``: one decoder layer's weights in memory at a
 time), on batches of whole chunks: two models side by side take the next batch each, on half the cores each (as
 llama.cpp's threads take the next piece of work, a core shared with another process slows one model, not both), and
-each batch's sums are added to the total in batch order, so the bytes do not depend on the timing. Inputs shared by
-several matrices (q/k/v, gate/up) are squared and summed once."""
+each batch's sums are added to the total in batch order, so the bytes do not depend on the timing. Under an executor
+(``--executor ray``) each batch is a task of its own, on any node, that writes its batch's float64 sums to a file; the
+caller adds them in the same order: the same bytes. Inputs shared by several matrices (q/k/v, gate/up) are squared and
+summed once."""
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import threading
 import time
@@ -134,8 +137,7 @@ def _experts_forward(sums: _Sums, names: tuple[str, str, str]):
     return forward
 
 
-def _instrument(model, family, config: dict, shapes: dict, sums: _Sums, process_output: bool, tied: bool,
-                reporter: Reporter) -> None:
+def _instrument(model, family, config: dict, shapes: dict, sums: _Sums, process_output: bool, tied: bool) -> None:
     """Hooks on every block matrix with a GGUF name (linear layers and routers, ``shapes`` giving the weights' HF
     shapes: their input; fused experts: their forward) and, with ``process_output``, on the final norm (the input of
     output.weight)."""
@@ -168,13 +170,9 @@ def _instrument(model, family, config: dict, shapes: dict, sums: _Sums, process_
             continue
         sums.register(gname, int(shape[1]))
         module.register_forward_pre_hook(lambda m, args, g=gname: sums.add(g, args[0]))
-    if process_output:
-        if tied:
-            reporter.warning("the model's output matrix is its token embedding (tied): there is no output.weight to "
-                             "collect (llama-imatrix --process-output collects none either)")
-        else:
-            sums.register("output.weight", config["hidden_size"])
-            model.model.norm.register_forward_hook(lambda m, args, out: sums.add("output.weight", out))
+    if process_output and not tied:
+        sums.register("output.weight", config["hidden_size"])
+        model.model.norm.register_forward_hook(lambda m, args, out: sums.add("output.weight", out))
 
 
 @contextmanager
@@ -210,37 +208,80 @@ def chunk_tokens(ids: list[int], ctx: int, chunks: int | None, bos: int | None, 
     return tokens
 
 
-def compute_imatrix(options: ImatrixOptions, model_dir: str | os.PathLike,
-                    reporter: Reporter | None = None) -> ImatrixResult:
-    """The importance matrix of ``model_dir`` on ``options.text`` (see the module docstring)."""
-    from ..quality.load import FolderWeights, streamed
+def _open_model(model_dir: Path):
+    """The weights (headers read, no tensor yet), config and family of the model folder ``model_dir``, checked."""
+    from ..quality.load import FolderWeights
+
+    weights = FolderWeights(model_dir)
+    config = weights.config
+    check_unquantized(config, model_dir, "an importance matrix")
+    return weights, config, architecture_for(config, str(model_dir), stage="gguf")
+
+
+def _collecting(weights, config: dict, family, process_output: bool, advance=lambda: None):
+    """A streamed model of ``weights`` whose matrices' inputs are summed into a :class:`_Sums` of its own (build one
+    at a time: transformers' model construction is not thread-safe; CheckpointReader.read is)."""
+    from ..quality.load import streamed
+
+    sums = _Sums()
+    model = streamed(weights, advance)
+    _instrument(model, family, config, weights.shapes(), sums, process_output, family.tied(config, weights.names))
+    return model, sums
+
+
+def _run_batch(model, sums: _Sums, tokens: torch.Tensor) -> tuple[dict, dict]:
+    """The sums and counts of one batch of whole chunks ``tokens`` [n, ctx]: the same computation in this process and
+    in an executor's task."""
+    with torch.no_grad():
+        model.model(tokens, use_cache=False)
+    return sums.take()
+
+
+def compute_imatrix(options: ImatrixOptions, model_dir: str | os.PathLike, reporter: Reporter | None = None, *,
+                    run_tasks=None, parts: str | os.PathLike | None = None) -> ImatrixResult:
+    """The importance matrix of ``model_dir`` on ``options.text`` (see the module docstring). ``run_tasks``
+    (:mod:`releaser.tasks`; an executor: Ray): one task per batch, each writing its batch's sums and counts into a file
+    in the folder ``parts`` (on a file system every node sees; removed after), which are added here in batch order, as
+    in this process: the same bytes."""
     from ..quality.text import adds_bos
     from ..tokenizer.model import load_tokenizer
 
     reporter = reporter or Reporter()
     model_dir = Path(model_dir)
     start = time.perf_counter()
-    weights = FolderWeights(model_dir)
-    config = weights.config
-    check_unquantized(config, model_dir, "an importance matrix")
-    family = architecture_for(config, str(model_dir), stage="gguf")
-    tokenizer = load_tokenizer(model_dir, "the imatrix calibration")
-    text = load_calibration(options.text, tokenizer, options.parse_special)
-    if text.conversations and not text.templated:
-        reporter.warning(f"{model_dir.name} has no chat template: the calibration conversations are written as "
-                         "plain 'User:' / 'Assistant:' turns")
-    ids = token_ids(tokenizer, text)
-    tokens = chunk_tokens(ids, options.ctx, options.chunks, adds_bos(tokenizer), repr(text.name))
+    weights, config, family = _open_model(model_dir)
+    with weights:
+        tokenizer = load_tokenizer(model_dir, "the imatrix calibration")
+        text = load_calibration(options.text, tokenizer, options.parse_special)
+        if text.conversations and not text.templated:
+            reporter.warning(f"{model_dir.name} has no chat template: the calibration conversations are written as "
+                             "plain 'User:' / 'Assistant:' turns")
+        ids = token_ids(tokenizer, text)
+        tokens = chunk_tokens(ids, options.ctx, options.chunks, adds_bos(tokenizer), repr(text.name))
+        per_pass = max(1, PASS_TOKENS // options.ctx)
+        batches = [tokens[at: at + per_pass] for at in range(0, tokens.shape[0], per_pass)]
+        if options.process_output and family.tied(config, weights.names):
+            reporter.warning("the model's output matrix is its token embedding (tied): there is no output.weight to "
+                             "collect (llama-imatrix --process-output collects none either)")
+        where = f"imatrix of {model_dir.name} ({family.label}) on {tokens.shape[0]} chunks x {options.ctx} tokens of " \
+                f"{text.name}"
+        if run_tasks is None:
+            total = _in_process(options, weights, config, family, batches, where, reporter)
+    if run_tasks is not None:
+        total = _in_tasks(options, model_dir, batches, Path(parts), run_tasks, where, reporter)
+    imatrix = Imatrix(total.result(), [text.name], int(tokens.shape[0]), options.ctx, [text.sha256])
+    return ImatrixResult(imatrix, text, int(tokens.shape[0]), int(tokens.numel()), len(ids),
+                         time.perf_counter() - start)
+
+
+def _in_process(options: ImatrixOptions, weights, config: dict, family, batches: list[torch.Tensor], where: str,
+                reporter: Reporter) -> _Sums:
+    """The batches on two models side by side in this process, each batch's sums added to the total in batch order."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_pass = max(1, PASS_TOKENS // options.ctx)
-    batches = [tokens[at: at + per_pass] for at in range(0, tokens.shape[0], per_pass)]
     workers = max(1, min(WORKERS, cores, len(batches)))
     torch.set_num_threads(max(1, cores // workers))
     n_layer = config[family.num_layers_key]
-    tied = family.tied(config, weights.names)
-    shapes = weights.shapes()
-    reporter.message(f"imatrix of {model_dir.name} ({family.label}) on {tokens.shape[0]} chunks x {options.ctx} "
-                     f"tokens of {text.name} (cpu, {workers} x {torch.get_num_threads()} threads)")
+    reporter.message(f"{where} (cpu, {workers} x {torch.get_num_threads()} threads)")
     total, done, lock = _Sums(), {}, threading.Lock()
     order, folded = iter(range(len(batches))), [0]
 
@@ -252,25 +293,117 @@ def compute_imatrix(options: ImatrixOptions, model_dir: str | os.PathLike,
                 i = next(order, None)
             if i is None:
                 return
-            with torch.no_grad():
-                model.model(batches[i], use_cache=False)
+            taken = _run_batch(model, sums, batches[i])
             with lock:
-                done[i] = sums.take()
+                done[i] = taken
                 while folded[0] in done:
                     total.fold(*done.pop(folded[0]))
                     folded[0] += 1
 
-    with weights, _heap_reuse(), reporter.progress("imatrix", total=len(batches) * n_layer) as advance:
-        runners = []
-        for k in range(workers):   # built here: transformers' model construction is not thread-safe
-            sums = _Sums()
-            model = streamed(weights, advance)   # CheckpointReader.read is thread-safe
-            _instrument(model, family, config, shapes, sums, options.process_output, tied,
-                        reporter if k == 0 else Reporter())
-            runners.append((model, sums))
+    with _heap_reuse(), reporter.progress("imatrix", total=len(batches) * n_layer) as advance:
+        runners = [_collecting(weights, config, family, options.process_output, advance) for _ in range(workers)]
         with ThreadPoolExecutor(workers) as pool:
             for f in [pool.submit(work, *r) for r in runners]:
                 f.result()
-    imatrix = Imatrix(total.result(), [text.name], int(tokens.shape[0]), options.ctx, [text.sha256])
-    return ImatrixResult(imatrix, text, int(tokens.shape[0]), int(tokens.numel()), len(ids),
-                         time.perf_counter() - start)
+    return total
+
+
+TASK_THREADS = 1   # torch threads of one batch's task (its Ray num_cpus): the cluster's nodes take batches side by side
+
+
+def _in_tasks(options: ImatrixOptions, model_dir: Path, batches: list[torch.Tensor], parts: Path, run_tasks,
+              where: str, reporter: Reporter) -> _Sums:
+    """One task per batch through ``run_tasks``, each writing its sums into ``parts``; added here in batch order."""
+    from ..atomic import remove
+    from ..tasks import Task
+
+    size = batch_resources(model_dir, options.ctx, int(batches[0].shape[0]))
+    reporter.message(f"{where} ({len(batches)} task(s) of up to {batches[0].shape[0]} chunks, {TASK_THREADS} "
+                     f"thread(s) each, {size.memory / 2**30:.1f} GiB)")
+    first = [0]
+    for b in batches:
+        first.append(first[-1] + int(b.shape[0]))
+    tasks = [Task(f"chunks {first[i] + 1}-{first[i + 1]}", "releaser.imatrix.compute:batch_sums",
+                  (str(model_dir), b.clone(), str(parts / part_name(i)), options.process_output),
+                  {"threads": TASK_THREADS}, size)   # clone: a view would send the whole text's tokens
+             for i, b in enumerate(batches)]
+    try:
+        run_tasks(tasks)
+        total = _Sums()
+        for i in range(len(batches)):
+            total.fold(*load_sums(parts / part_name(i)))
+    finally:
+        remove(parts)
+    return total
+
+
+def part_name(batch: int) -> str:
+    return f"batch-{batch:05d}.npz"
+
+
+def batch_sums(model_dir: str, tokens: torch.Tensor, out: str, process_output: bool, threads: int = TASK_THREADS, *,
+               reporter: Reporter | None = None) -> str:
+    """One task: the sums and counts of the batch of chunks ``tokens`` [n, ctx] through the model folder
+    ``model_dir``, written to the file ``out`` through :mod:`releaser.atomic` (a task run again after its node died
+    replaces a half-written file with the same bytes)."""
+    torch.set_num_threads(threads)
+    weights, config, family = _open_model(Path(model_dir))
+    with weights, _heap_reuse():
+        model, sums = _collecting(weights, config, family, process_output)
+        save_sums(Path(out), *_run_batch(model, sums, tokens))
+    return out
+
+
+def save_sums(path: Path, sums: dict[str, torch.Tensor], counts: dict[str, np.ndarray]) -> None:
+    """One batch's float64 sums and int64 counts as an .npz, in their order (the order of the file's entries)."""
+    from ..atomic import OutputLock, os_error, sweep, temp_file
+
+    names = list(sums)
+    arrays = {"names": np.array(names, dtype=str)}
+    for j, n in enumerate(names):
+        arrays[f"s{j}"], arrays[f"c{j}"] = sums[n].numpy(), counts[n]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, path) from exc
+    with OutputLock(path):
+        sweep(path)
+        with temp_file(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def load_sums(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as z:
+        names = [str(n) for n in z["names"]]
+        return ({n: torch.from_numpy(z[f"s{j}"]) for j, n in enumerate(names)},
+                {n: z[f"c{j}"] for j, n in enumerate(names)})
+
+
+def batch_resources(model_dir: str | os.PathLike, ctx: int, chunks: int):
+    """What one batch's task holds, from the tensor shapes and the config: the process; the tensors outside the decoder
+    layers and twice the largest layer in float32 (streamed: one layer at a time, read from its stored type); a pass's
+    activations (each token's hidden states and MLP intermediates, each chunk's attention scores) and the float64 sums
+    twice. Not the whole model: a 70B's batch fits a node with a fraction of its 280 GB in float32."""
+    from ..checkpoint import CheckpointReader
+    from ..quality.load import LAYER
+    from ..tasks import PROCESS_BYTES, Resources
+
+    resident, layers, inputs = 0, {}, 0
+    with CheckpointReader(model_dir) as reader:
+        config = reader.config
+        for name, t in reader.tensors.items():
+            size = 4 * math.prod(t.shape)
+            m = LAYER.match(name)
+            if m is None:
+                resident += size
+            else:
+                layers[m["i"]] = layers.get(m["i"], 0) + size
+                if len(t.shape) >= 2:
+                    inputs += math.prod(t.shape) // t.shape[-2]   # a sum per input column (per expert)
+    hidden = int(config.get("hidden_size") or 0)
+    ff = int(config.get("intermediate_size") or 4 * hidden)
+    heads = int(config.get("num_attention_heads") or 1)
+    tokens = chunks * ctx
+    activations = 4 * tokens * (8 * hidden + 4 * ff) + 8 * chunks * heads * ctx * ctx
+    memory = PROCESS_BYTES + resident + 2 * max(layers.values(), default=0) + activations + 16 * inputs
+    return Resources(cpus=TASK_THREADS, memory=memory)

@@ -344,10 +344,10 @@ QUANT_STAGES = ("gguf", "awq", "w4a16", "mlx")
 
 
 def _artefacts(r: Release) -> list[Path]:
-    """The first file of each GGUF type (a split set is read from its first shard) and the AWQ, W4A16 and MLX
-    folders released."""
+    """The first file of each GGUF type (a split set is read from its first shard; not the NAME.imatrix beside them)
+    and the AWQ, W4A16 and MLX folders released."""
     files = [r.gguf_dir / f["path"] for f in _files(r, "gguf")
-             if "-of-" not in f["path"] or "-00001-of-" in f["path"]]
+             if f["path"].endswith(".gguf") and ("-of-" not in f["path"] or "-00001-of-" in f["path"])]
     q = r.recipe.quants
     folders = [d for repo, d in ((q.awq, "awq_dir"), (q.w4a16, "w4a16_dir"), (q.mlx, "mlx_dir")) if repo]
     return sorted(files) + [getattr(r, d) for d in folders]
@@ -474,7 +474,7 @@ STEPS = [
     Step("verify", _always, _verify_depends, lambda r: r.main_dir, "tokenizer.verify", _verify_call,
          ("releaser.tokenizer", "releaser.gguf", "transformers", "torch"), resources=_verify_resources),
     Step("imatrix", _imatrix_applies, _imatrix_depends, lambda r: r.imatrix_dir, "imatrix.stage", _imatrix_call,
-         IMATRIX_CODE, resources=_model_memory),
+         IMATRIX_CODE, splits=True),
     Step("gguf", _needs("gguf"), _quant_depends(_gguf_weights), lambda r: r.gguf_dir, "gguf.stage", _gguf_call,
          GGUF_CODE, splits=True),
     Step("runtimes", _runtimes_applies, _runtimes_depends, lambda r: r.gguf_dir, "runtimes.stage", _runtimes_call,
