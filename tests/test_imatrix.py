@@ -204,6 +204,24 @@ def test_batches_as_tasks_give_the_in_process_bytes(tiny_moe, monkeypatch, tmp_p
     made = [(tmp_path / d / "Tiny-imatrix.gguf").read_bytes() for d in ("local", "tasks")]
     assert made[0] == made[1]
 
+    # a release's units folder: the batches a killed run finished are kept there and taken, not run again
+    units, batch_sums = tmp_path / "units", compute.batch_sums
+    ran = []
+
+    def dies_at_the_third(*args, **kwargs):
+        ran.append(args[2])
+        if len(ran) == 3:
+            raise KeyboardInterrupt
+        return batch_sums(*args, **kwargs)
+
+    monkeypatch.setattr(compute, "batch_sums", dies_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(options, tiny_moe["model"], tmp_path / "kept", name="Tiny", run_tasks=run_local, units=units)
+    ran.clear()
+    run(options, tiny_moe["model"], tmp_path / "kept", name="Tiny", run_tasks=run_local, units=units)
+    assert ran == [str(units / "batch-00002" / "sums.npz")]   # only the batch the killed run did not finish
+    assert (tmp_path / "kept" / "Tiny-imatrix.gguf").read_bytes() == made[0]
+
 
 def test_a_batch_task_run_again_replaces_a_killed_runs_half_file(tiny_moe, tmp_path):
     """What a task killed mid-write leaves (its temporary file, a stale lock) is swept by the task run again, which

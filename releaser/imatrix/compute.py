@@ -238,11 +238,12 @@ def _run_batch(model, sums: _Sums, tokens: torch.Tensor) -> tuple[dict, dict]:
 
 
 def compute_imatrix(options: ImatrixOptions, model_dir: str | os.PathLike, reporter: Reporter | None = None, *,
-                    run_tasks=None, parts: str | os.PathLike | None = None) -> ImatrixResult:
+                    run_tasks=None, parts: str | os.PathLike | None = None, keep: bool = False) -> ImatrixResult:
     """The importance matrix of ``model_dir`` on ``options.text`` (see the module docstring). ``run_tasks``
     (:mod:`releaser.tasks`; an executor: Ray): one task per batch, each writing its batch's sums and counts into a file
     in the folder ``parts`` (on a file system every node sees; removed after), which are added here in batch order, as
-    in this process: the same bytes."""
+    in this process: the same bytes. ``keep``: each batch's file is kept in ``parts`` with its result (a release's
+    units folder), and a batch a killed run finished there is taken, not run again."""
     from ..quality.text import adds_bos
     from ..tokenizer.model import load_tokenizer
 
@@ -268,7 +269,7 @@ def compute_imatrix(options: ImatrixOptions, model_dir: str | os.PathLike, repor
         if run_tasks is None:
             total = _in_process(options, weights, config, family, batches, where, reporter)
     if run_tasks is not None:
-        total = _in_tasks(options, model_dir, batches, Path(parts), run_tasks, where, reporter)
+        total = _in_tasks(options, model_dir, batches, Path(parts), run_tasks, where, reporter, keep)
     imatrix = Imatrix(total.result(), [text.name], int(tokens.shape[0]), options.ctx, [text.sha256])
     return ImatrixResult(imatrix, text, int(tokens.shape[0]), int(tokens.numel()), len(ids),
                          time.perf_counter() - start)
@@ -312,8 +313,9 @@ TASK_THREADS = 1   # torch threads of one batch's task (its Ray num_cpus): the c
 
 
 def _in_tasks(options: ImatrixOptions, model_dir: Path, batches: list[torch.Tensor], parts: Path, run_tasks,
-              where: str, reporter: Reporter) -> _Sums:
-    """One task per batch through ``run_tasks``, each writing its sums into ``parts``; added here in batch order."""
+              where: str, reporter: Reporter, keep: bool = False) -> _Sums:
+    """One task per batch through ``run_tasks``, each writing its sums into its folder in ``parts`` (kept there with
+    its result when ``keep``); added here in batch order."""
     from ..atomic import remove
     from ..tasks import Task
 
@@ -325,7 +327,8 @@ def _in_tasks(options: ImatrixOptions, model_dir: Path, batches: list[torch.Tens
         first.append(first[-1] + int(b.shape[0]))
     tasks = [Task(f"chunks {first[i] + 1}-{first[i + 1]}", "releaser.imatrix.compute:batch_sums",
                   (str(model_dir), b.clone(), str(parts / part_name(i)), options.process_output),
-                  {"threads": TASK_THREADS}, size)   # clone: a view would send the whole text's tokens
+                  {"threads": TASK_THREADS}, size,   # clone: a view would send the whole text's tokens
+                  str((parts / part_name(i)).parent) if keep else None)
              for i, b in enumerate(batches)]
     try:
         run_tasks(tasks)
@@ -333,12 +336,13 @@ def _in_tasks(options: ImatrixOptions, model_dir: Path, batches: list[torch.Tens
         for i in range(len(batches)):
             total.fold(*load_sums(parts / part_name(i)))
     finally:
-        remove(parts)
+        if not keep:   # kept: the release removes its units once the stage is recorded
+            remove(parts)
     return total
 
 
 def part_name(batch: int) -> str:
-    return f"batch-{batch:05d}.npz"
+    return f"batch-{batch:05d}/sums.npz"
 
 
 def batch_sums(model_dir: str, tokens: torch.Tensor, out: str, process_output: bool, threads: int = TASK_THREADS, *,

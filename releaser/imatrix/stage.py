@@ -18,16 +18,19 @@ def file_name(name: str) -> str:
 
 
 def run(options: ImatrixOptions, inputs: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
-        *, name: str | None = None, overwrite: bool = False, describe=describe_files, run_tasks=None) -> StageResult:
+        *, name: str | None = None, overwrite: bool = False, describe=describe_files, run_tasks=None,
+        units: str | os.PathLike | None = None) -> StageResult:
     """Compute the importance matrix of the model folder ``inputs`` and write it as ``out/NAME-imatrix.gguf`` (NAME:
     ``name``, default the folder's name); other files in ``out`` are left alone. The facts name the calibration
     text and its sha256 (for the manifest and the card). ``run_tasks`` (:mod:`releaser.tasks`; an executor: Ray):
     one task per batch of chunks, on any node, each writing its sums into a hidden folder of the output's staging
-    folder; without it the batches run in this process. The bytes are the same."""
+    folder (or in ``units``, a release's folder for the units of this stage, where they are kept: a killed run's
+    finished batches are taken, not run again); without it the batches run in this process. The bytes are the same."""
     inputs, out = Path(inputs), Path(out)
     target = file_name(name or inputs.name)
     with output_files(out, overwrite=overwrite) as tmp:   # held (locked) from the start: a second run fails at once
-        result = compute_imatrix(options, inputs, reporter, run_tasks=run_tasks, parts=tmp / ".parts")
+        result = compute_imatrix(options, inputs, reporter, run_tasks=run_tasks,
+                                 parts=units if units is not None else tmp / ".parts", keep=units is not None)
         write(result.imatrix, tmp / target)
     summary = (f"imatrix of {inputs.name}: {len(result.imatrix.entries)} matrices, {result.chunks} chunks x "
                f"{options.ctx} tokens of {result.text.name} (sha256 {result.text.sha256[:12]}), "

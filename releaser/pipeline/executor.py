@@ -1,12 +1,13 @@
 """Where a release's tasks run: :class:`LocalExecutor` (this process, the default; no Ray) or :class:`RayExecutor`
 (``--executor ray``: each task a Ray task with its CPUs, memory and GPUs, on any node of a cluster).
 
-The stages are the same for both: a stage that splits into independent units (the gguf stage: one per type) gets
-``run_tasks``; the heavy stages (merge, imatrix, awq, w4a16, mlx, quality) are one task each; the light ones (tokenizer,
-verify, runtimes, cards, publish) run in the driver. Only the driver writes the manifest; each task writes its output
-through :mod:`releaser.atomic` into the work folder, which every node must see at the same path (a shared file
-system), so a task Ray runs again after its node died replaces a half-written output with the same bytes. The node
-and time of every task go into the manifest (``tasks`` of each stage)."""
+The stages are the same for both: a stage that splits into independent units (gguf: one per type; imatrix: one per
+batch of chunks; quality: one per artefact) gets ``run_tasks``; the other heavy stages (merge, verify's stop audit,
+awq, w4a16, mlx) are one task each; the light ones (tokenizer, verify's doctor, runtimes, cards, publish) run in the
+driver. Only the driver writes the manifest; each task writes its output through :mod:`releaser.atomic` into the work
+folder, which every node must see at the same path (a shared file system), so a task Ray runs again after its node
+died replaces a half-written output with the same bytes. The node and time of every task go into the manifest
+(``tasks`` of each stage)."""
 
 from __future__ import annotations
 
