@@ -2,10 +2,12 @@
 and peak memory, on a local two-node Ray cluster (``ray.cluster_utils.Cluster``: a head and one worker node of one CPU
 each, started before the timed run, as a user's cluster would be up already).
 
-    python bench/bench_ray.py [--recipe demo|small] [--work DIR]
+    python bench/bench_ray.py [--recipe demo|small|large] [--work DIR] [--ray-only]
+    python bench/bench_ray.py --on-paper DEMO_WORK LARGE_WORK    # the 70B release on paper from two runs
 
 ``demo``: recipes/demo.yaml (README's first command; 10-18 minutes a run on 2 cores). ``small``: the merge of two
-random 4-layer models (hidden 512) with three GGUF types and quality, as tests/test_ray.py runs (a minute).
+random 4-layer models (hidden 512) with three GGUF types and quality, as tests/test_ray.py runs (a minute). ``large``:
+the demo's recipe shape on two random 0.9B Llama variants (``--ray-only``: an hour on 2 cores).
 
 Memory: the release process's peak RSS (/usr/bin/time -v), and the peak of the summed RSS of every process of the run
 (sampled every 0.2 s): the release process and its children; with Ray also the cluster's processes (GCS, raylets,
@@ -116,6 +118,50 @@ quality: {{ctx: 128, chunks: 4, stop_test: false}}
     return path
 
 
+def large_recipe(root: Path) -> Path:
+    """The demo's recipe shape (SLERP, two GGUF types, AWQ, W4A16, MLX, quality) on two random 0.9B Llama variants
+    (bench_gguf.py's shape, SmolLM2's tokenizer): the second model size the on-paper figures are fitted from. The stop
+    audit runs but passes whatever the answers (random weights never stop: every answer takes its full length);
+    publish is skipped (random weights fail the gate)."""
+    from bench_gguf import LARGE, large_model
+    from releaser_testing import tiny_model
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "releaser" / "fixtures"
+    smollm2 = cache / "smollm2-135m-instruct-float32"
+    a = large_model(cache, smollm2)   # seed 1; the variant below: seed 2
+    if not (cache / "bench-llama-0.9b-b-bf16" / "config.json").exists():
+        tmp = cache / ".bench-llama-0.9b-b-bf16"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tiny_model(tmp, "llama", seed=2, dtype="bfloat16", shard_bytes=1 << 30, **LARGE)
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(a / f, tmp / f)
+        os.replace(tmp, cache / "bench-llama-0.9b-b-bf16")
+    path = root / "large.yaml"
+    path.write_text(f"""name: bench/Large-Slerp-0.9B
+description: The demo's release of two random 0.9B Llama variants, for the Ray benchmark.
+stop_audit: {{min_ended: 0}}
+merge:
+  merge_method: slerp
+  base_model: {a}
+  slices:
+    - sources:
+        - {{model: {a}, layer_range: [0, {LARGE['layers']}]}}
+        - {{model: {cache / 'bench-llama-0.9b-b-bf16'}, layer_range: [0, {LARGE['layers']}]}}
+  parameters:
+    t:
+      - {{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}
+      - {{filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}}
+      - value: 0.5
+  dtype: bfloat16
+tokenizer: {{template: chatml}}
+gguf: {{quants: [Q8_0, Q4_K_M]}}
+awq: {{samples: 32, seqlen: 256, formats: [autoawq, compressed-tensors]}}
+mlx: {{}}
+quality: {{chunks: 8}}
+""")
+    return path
+
+
 def demo_recipe(root: Path) -> Path:
     from releaser_testing import demo_inputs
 
@@ -140,74 +186,97 @@ def tasks_line(work: Path) -> str:
     return "; ".join(parts)
 
 
-FIXED = ("tokenizer", "runtimes", "cards", "publish")   # copies and small files: not scaled with the model's size
+FIXED = ("tokenizer", "runtimes", "cards")   # copies and small files: not scaled with the model's size
 
 
-def on_paper(root: Path, params: float = 70e9, types: int = 12, nodes: int = 8) -> None:
-    """The 70B release on paper, from the measured times of the bench's two runs (``root/local``, ``root/ray``):
-    every stage's time but the light ones scaled by the parameter ratio (an assumption: the work of merge, GGUF, AWQ,
-    quality and the stop audit grows with the parameters, at a fixed calibration and evaluation text), ``types`` GGUF
-    types each as long as the mean measured type, the quality measurement of each as long as the mean measured GGUF
-    measurement; one node in-process against ``nodes`` CPU nodes and a GPU node on Ray (units of a stage side by side,
-    stages in order)."""
-    from releaser.tasks import float_bytes
+def units(root: Path) -> tuple[float, dict[str, float]]:
+    """(parameters, seconds of each kind of unit) of a bench run in ``root`` (its Ray run's manifest: every unit's
+    time; ``params.json``, written by the run, has the model's size)."""
+    stages = json.loads((root / "ray" / "release.json").read_text())["stages"]
+    tasks = {name: {t["task"]: t["seconds"] for t in e.get("tasks", []) if t["task"] != name}
+             for name, e in stages.items()}
+    out = {name: stages[name]["seconds"] for name in ("merge", "verify", "awq", "w4a16", "mlx", *FIXED)
+           if name in stages}
+    out["gguf type"] = sum(tasks["gguf"].values()) / len(tasks["gguf"])
+    q = tasks["quality"]
+    gguf = [v for k, v in q.items() if k.endswith(".gguf") and not k.startswith("stop test")]
+    out["quality: one GGUF"] = sum(gguf) / len(gguf)
+    out["quality: unquantized pass"] = q["unquantized model"]
+    out["quality: stop test"] = next(v for k, v in q.items() if k.startswith("stop test"))
+    for k, v in q.items():
+        if k.endswith(("-AWQ", "-MLX-4bit")):   # W4A16 takes AWQ's figures now (a weight hash, ~1 s)
+            out[f"quality: {k.rsplit('-', 1)[1] if k.endswith('-AWQ') else 'MLX'}"] = v
+    return json.loads((root / "params.json").read_text())["params"], out
 
-    local = json.loads((root / "local" / "release.json").read_text())["stages"]
-    ray_ = json.loads((root / "ray" / "release.json").read_text())["stages"]
-    main = next(p for p in (root / "local").iterdir() if p.is_dir() and (p / "config.json").is_file()
-                and p.name != "merged" and not p.name.endswith(("-AWQ", "-W4A16", "-MLX-4bit")))
-    scale = params / (float_bytes(main)[0] / 4)
-    units = {name: [t for t in e.get("tasks", []) if t["task"] != name] for name, e in ray_.items()}
-    gguf = [t["seconds"] for t in units.get("gguf", [])]
-    q = {t["task"]: t["seconds"] for t in units.get("quality", [])}
-    q_gguf = [v for k, v in q.items() if k.endswith(".gguf") and not k.startswith("stop test")]
-    q_base = q.get("unquantized model", 0)
-    q_stop = max((v for k, v in q.items() if k.startswith("stop test")), default=0)
-    q_folders = [v for k, v in q.items() if not k.endswith(".gguf") and k != "unquantized model"
-                 and not k.startswith("stop test")]   # the AWQ, W4A16 and MLX folders
-    per_type, per_meas = sum(gguf) / len(gguf), sum(q_gguf) / len(q_gguf)
-    print(f"on paper: {params / 1e9:.0f}B parameters = {scale:.0f}x the measured model; {types} GGUF types at the "
-          f"mean measured type's {per_type:.1f} s, each measured in the mean {per_meas:.1f} s; the AWQ task at its "
-          "CPU time (no GPU here: an upper bound for the GPU node); each task's fixed costs (a worker's imports) are "
-          "scaled too: upper bounds")
-    one, many, rows = 0.0, 0.0, []
-    from releaser.pipeline.stages import NAMES
 
-    for name, entry in sorted(local.items(), key=lambda kv: NAMES.index(kv[0])):
-        if name == "gguf":   # one pass for all types in process; ceil(types / nodes) waves of one type each on Ray
-            one_s, many_s = types * per_type * scale, -(-types // nodes) * per_type * scale
-        elif name == "quality":   # stop test and base pass side by side, then waves of measurements on every node
-            count = types + len(q_folders)
-            one_s = (q_stop + q_base + types * per_meas + sum(q_folders)) * scale
-            many_s = (max(q_stop, q_base) + -(-count // (nodes + 1)) * max([per_meas, *q_folders])) * scale
-        else:
-            one_s = many_s = entry["seconds"] if name in FIXED else entry["seconds"] * scale
-        one += one_s
-        many += many_s
-        rows.append((many_s, name))
-        print(f"  {name:9s} one node {one_s / 3600:6.2f} h   {nodes} CPU + 1 GPU nodes {many_s / 3600:6.2f} h")
-    path = ", ".join(f"{name} {t / 3600:.1f} h" for t, name in sorted(rows, reverse=True)[:4])
-    print(f"  total: one node {one / 3600:.1f} h, {nodes} CPU nodes + 1 GPU node {many / 3600:.1f} h "
-          f"(stages in order: the critical path is every stage's longest unit; the largest: {path})")
+def on_paper(small: Path, large: Path, params: float = 70e9, types: int = 12, nodes: int = 8) -> None:
+    """The 70B release on paper from two measured releases of the same recipe shape (``small``: the demo,
+    ``large``: the 0.9B one): each kind of unit's time fitted as a + b * parameters through the two sizes (the
+    fixed part a: a worker's imports, tokenizing; b: the work that grows with the weights, at a fixed calibration and
+    evaluation text) and taken at ``params``; a slope below zero (noise) falls back to scaling the larger run's time.
+    One node in process against ``nodes`` CPU nodes and a GPU node on Ray: ``types`` GGUF types, their measurements
+    and the AWQ and MLX ones side by side; stages in order, and with independent stages overlapping (verify, the GGUF
+    types and AWQ after the tokenizer; quality after every artefact)."""
+    (p1, t1), (p2, t2) = units(small), units(large)
+    at = {}
+    print(f"on paper: {params / 1e9:.0f}B parameters, from {p1 / 1e6:.0f}M and {p2 / 1e6:.0f}M measured; per unit "
+          "kind, seconds at each size and the fit taken at the target:")
+    for kind in t1:
+        if kind not in t2:
+            continue
+        slope = (t2[kind] - t1[kind]) / (p2 - p1)
+        at[kind] = (t2[kind] - slope * p2 + slope * params) if slope > 0 else t2[kind] * params / p2
+        if kind in FIXED:
+            at[kind] = t2[kind]
+        print(f"  {kind:28s} {t1[kind]:8.1f} s {t2[kind]:8.1f} s  ({t2[kind] / t1[kind]:4.1f}x for "
+              f"{p2 / p1:.1f}x the weights)  -> {at[kind] / 3600:6.2f} h")
+    h = {k: v / 3600 for k, v in at.items()}
+    folders = [v for k, v in h.items() if k in ("quality: AWQ", "quality: MLX")]
+    quality_one = h["quality: stop test"] + h["quality: unquantized pass"] + types * h["quality: one GGUF"] + sum(folders)
+    waves = -(-(types + len(folders)) // (nodes + 1))
+    quality_many = (max(h["quality: stop test"], h["quality: unquantized pass"])
+                    + waves * max([h["quality: one GGUF"], *folders]))
+    gguf_one, gguf_many = types * h["gguf type"], -(-types // nodes) * h["gguf type"]
+    fixed = sum(h.get(k, 0) for k in FIXED)
+    awq_line = h["awq"] + max(h.get("w4a16", 0), h.get("mlx", 0))
+    one = h["merge"] + h["verify"] + gguf_one + h["awq"] + h.get("w4a16", 0) + h.get("mlx", 0) + quality_one + fixed
+    in_order = h["merge"] + h["verify"] + gguf_many + awq_line + quality_many + fixed
+    overlap = h["merge"] + max(h["verify"], gguf_many, awq_line) + quality_many + fixed
+    rows = [("merge", h["merge"], h["merge"]), ("verify (stop audit)", h["verify"], h["verify"]),
+            (f"gguf, {types} types", gguf_one, gguf_many), ("awq", h["awq"], h["awq"]),
+            ("w4a16 + mlx", h.get("w4a16", 0) + h.get("mlx", 0), max(h.get("w4a16", 0), h.get("mlx", 0))),
+            (f"quality, {types + len(folders) + 1} artefacts", quality_one, quality_many)]
+    print(f"  {'stage':24s} {'1 node':>8s} {nodes} CPU + 1 GPU nodes")
+    for name, a, b in rows:
+        print(f"  {name:24s} {a:7.1f} h {b:7.1f} h")
+    print(f"  total: one node {one:.1f} h; {nodes} CPU + 1 GPU nodes {in_order:.1f} h with the stages in order, "
+          f"{overlap:.1f} h with verify, the GGUF types and AWQ side by side (the critical path: merge, "
+          f"{'AWQ' if awq_line >= max(h['verify'], gguf_many) else 'the GGUF types' if gguf_many >= h['verify'] else 'verify'}"
+          f", quality)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--recipe", choices=("demo", "small"), default="demo")
+    ap.add_argument("--recipe", choices=("demo", "small", "large"), default="demo")
+    ap.add_argument("--ray-only", action="store_true", help="only the Ray run (its manifest has every task's time)")
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--on-paper", action="store_true", help="only the 70B estimate from an earlier run in --work")
+    ap.add_argument("--on-paper", nargs=2, type=Path, metavar=("SMALL", "LARGE"),
+                    help="only the 70B estimate from two earlier runs' --work folders (demo, large)")
     args = ap.parse_args()
     if args.on_paper:
-        on_paper(args.work)
+        on_paper(*args.on_paper)
         return
     root = args.work or Path(tempfile.mkdtemp(prefix="bench-ray-"))
     root.mkdir(parents=True, exist_ok=True)
-    recipe = demo_recipe(root) if args.recipe == "demo" else small_recipe(root)
+    recipe = {"demo": demo_recipe, "small": small_recipe, "large": large_recipe}[args.recipe](root)
     base = [sys.executable, "-m", "releaser.cli", "release", str(recipe), "--quiet"]
+    if args.recipe == "large":
+        base += ["--skip", "publish"]
     load = os.getloadavg()[0]
 
-    shutil.rmtree(root / "local", ignore_errors=True)
-    local = timed([*base, "-o", str(root / "local")])
+    if not args.ray_only:
+        shutil.rmtree(root / "local", ignore_errors=True)
+        local = timed([*base, "-o", str(root / "local")])
 
     import ray
     from ray.cluster_utils import Cluster
@@ -224,9 +293,17 @@ def main() -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
-    same = hashes(root / "local") == hashes(root / "ray")
+    from releaser.tasks import float_bytes
 
+    main_dir = next(p for p in (root / "ray").iterdir() if (p / "config.json").is_file() and p.name != "merged"
+                    and not p.name.endswith(("-AWQ", "-W4A16", "-MLX-4bit")))
+    (root / "params.json").write_text(json.dumps({"params": float_bytes(main_dir)[0] // 4}))   # for --on-paper
     print(f"releaser release {recipe.name} (load average {load:.1f} before, {os.cpu_count()} cores)")
+    if args.ray_only:
+        print(f"  ray, 2 nodes of 1 CPU: wall {on_ray['wall_s']:.1f} s, driver peak RSS {on_ray['rss'] / 1e9:.2f} GB, "
+              f"all processes {on_ray['tree'] / 1e9:.2f} GB\n    {tasks_line(root / 'ray')}")
+        return
+    same = hashes(root / "local") == hashes(root / "ray")
     print(f"  in-process: wall {local['wall_s']:.1f} s, peak RSS {local['rss'] / 1e9:.2f} GB (all processes "
           f"{local['tree'] / 1e9:.2f} GB)")
     print(f"    {tasks_line(root / 'local')}")
@@ -235,7 +312,6 @@ def main() -> None:
           f"{on_ray['rss'] / 1e9:.2f} GB, all processes (cluster included) {on_ray['tree'] / 1e9:.2f} GB")
     print(f"    {tasks_line(root / 'ray')}")
     print(f"  artefacts byte-identical: {same}")
-    on_paper(root)
 
 
 if __name__ == "__main__":
