@@ -1,9 +1,12 @@
 """The release as a graph: ``AFTER`` (each stage's prerequisites, what ``--executor ray`` waits for before it starts a
 stage) covers every stage entry and stage folder a stage reads, watched through the manifest while each stage's
-applies, depends and call run against a recipe with every section. The Ray runs themselves are in test_ray.py."""
+applies, depends and call run against a recipe with every section; and the terminal reporter takes messages and
+progress bars from several threads at once. The Ray runs themselves are in test_ray.py."""
 
 from __future__ import annotations
 
+import io
+import threading
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,58 @@ def test_a_read_without_its_prerequisite_is_found(release):
              "gguf": tuple(p for p in AFTER["gguf"] if p != "imatrix")}
     assert unread_prerequisites(release, after) == {"quality": {"gguf"}, "gguf": {"imatrix"}}
 
+
+def test_the_terminal_reporter_takes_bars_and_messages_from_several_threads():
+    """Stages side by side (Ray) each open a progress bar from their own driver thread: one live display holds them
+    all (rich refuses a second one), messages print above it, and it ends with the last bar."""
+    from rich.console import Console
+
+    from releaser.cli.ui import RichReporter
+
+    stream = io.StringIO()
+    reporter = RichReporter(Console(file=stream, force_terminal=True, width=100))
+    errors, start = [], threading.Barrier(4)
+
+    def stage(i: int) -> None:
+        try:
+            start.wait()
+            with reporter.progress(f"stage {i}", 20) as advance:
+                for j in range(20):
+                    advance(1, description=f"stage {i}: unit {j}")
+                    reporter.message(f"stage {i}: unit {j} done")
+                    with reporter.progress(f"stage {i} unit {j}", 1) as inner:   # nested, as a stage's own bar
+                        inner()
+        except BaseException as exc:   # noqa: BLE001 - the test's failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stage, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert reporter._bar is None and reporter._open == 0
+    text = stream.getvalue()
+    assert all(f"stage {i}: unit 19 done" in text for i in range(4))
+
+
+def test_a_bar_that_outlives_the_first_one_is_still_drawn():
+    """Two stages' bars end in any order: the one still open goes on being drawn after the first one ended (with a
+    live display per bar, rich 13 refuses the second one, and rich 15's nested displays stop drawing with the
+    first)."""
+    import time
+
+    from rich.console import Console
+
+    from releaser.cli.ui import RichReporter
+
+    stream = io.StringIO()
+    reporter = RichReporter(Console(file=stream, force_terminal=True, width=100))
+    first, second = reporter.progress("gguf: 3 Ray task(s)", 3), reporter.progress("awq: 1 Ray task(s)", 1)
+    first.__enter__()
+    advance = second.__enter__()
+    first.__exit__(None, None, None)
+    advance(0, description="awq: still running")
+    time.sleep(0.5)   # rich draws ten times a second
+    second.__exit__(None, None, None)
+    assert "awq: still running" in stream.getvalue()
