@@ -181,10 +181,28 @@ def test_a_killed_driver_resumes_from_the_manifest(cluster, local, inputs, tmp_p
     assert stages["merge"]["executor"] == "ray" and stages["gguf"]["executor"] == "local"
 
 
+def test_stages_that_do_not_read_each_other_overlap(cluster, inputs, tmp_path):
+    """After the tokenizer, the GGUF types and AWQ are on the cluster at once: the manifest's start and end times of
+    the two stages overlap (in order, AWQ would start after the runtimes stage that follows gguf)."""
+    path = recipe(tmp_path, inputs, "awq: {samples: 4, seqlen: 64}\n")
+    path.write_text(path.read_text().replace("quality: {ctx: 64, chunks: 2, stop_test: false}\n", "quality: false\n"))
+    from releaser.pipeline.run import run_release
+    from releaser.pipeline.stages import NAMES
+
+    result = run_release(path, tmp_path / "work", executor="ray", ray_address=cluster.address)
+    assert [s.name for s in result.stages] == NAMES   # the rows in stage order, whatever order they ended in
+    stages = json.loads((tmp_path / "work" / "release.json").read_text())["stages"]
+    gguf, awq = stages["gguf"], stages["awq"]
+    assert awq["started"] < gguf["finished"] and gguf["started"] < awq["finished"], (gguf, awq)
+    assert stages["tokenizer"]["finished"] <= min(gguf["started"], awq["started"])
+    assert stages["cards"]["started"] >= max(gguf["finished"], awq["finished"], stages["runtimes"]["finished"])
+
+
 def test_a_gpu_task_in_a_cluster_without_gpus_fails_at_once(cluster, inputs, tmp_path):
+    """AWQ fails (no GPU) while the GGUF types it runs beside are on the cluster: its one line is the error, the
+    GGUF tasks are cancelled (not recorded) and nothing waits."""
     path = recipe(tmp_path, inputs, "awq: {samples: 8, seqlen: 64, device: cuda}\n")
-    path.write_text(path.read_text().replace("gguf: {quants: [Q8_0, Q4_K_M, Q6_K], pre_tokenizer: llama-bpe}\n", "")
-                    .replace("quality: {ctx: 64, chunks: 2, stop_test: false}\n", "quality: false\n"))
+    path.write_text(path.read_text().replace("quality: {ctx: 64, chunks: 2, stop_test: false}\n", "quality: false\n"))
     start = time.perf_counter()
     proc = cli("release", path, "-o", tmp_path / "work", "--executor", "ray", "--ray-address", cluster.address,
                "-q", timeout=300)
@@ -193,6 +211,8 @@ def test_a_gpu_task_in_a_cluster_without_gpus_fails_at_once(cluster, inputs, tmp
     assert "awq: awq needs a GPU (awq.device cuda) and no node of the Ray cluster has one" in errors[0]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert time.perf_counter() - start < 120
+    stages = json.loads((tmp_path / "work" / "release.json").read_text())["stages"]
+    assert {"merge", "tokenizer"} <= set(stages) and not {"gguf", "awq"} & set(stages), sorted(stages)
 
 
 def test_a_task_larger_than_every_node_fails_at_once(cluster):

@@ -3,7 +3,9 @@
 
 The stages are the same for both: a stage that splits into independent units (the gguf stage: one per type) gets
 ``run_tasks``; the heavy stages (merge, imatrix, awq, w4a16, mlx, quality) are one task each; the light ones (tokenizer,
-verify, runtimes, cards, publish) run in the driver. Only the driver writes the manifest; each task writes its output
+verify, runtimes, cards, publish) run in the driver. With Ray the driver runs the stages that do not read each other
+side by side, each in a thread of its own (``run.py``), so :meth:`RayExecutor.map` is called from several threads at
+once; :meth:`LocalExecutor.cancel` ends every stage's tasks when one stage failed. Only the driver writes the manifest; each task writes its output
 through :mod:`releaser.atomic` into the work folder, which every node must see at the same path (a shared file
 system), so a task Ray runs again after its node died replaces a half-written output with the same bytes. The node
 and time of every task go into the manifest (``tasks`` of each stage)."""
@@ -11,6 +13,7 @@ and time of every task go into the manifest (``tasks`` of each stage)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +31,10 @@ class ExecutorError(ConfigError):
     node can take)."""
 
 
+class Cancelled(Exception):
+    """A stage's tasks were cancelled because another stage running beside it failed (that failure is shown)."""
+
+
 class LocalExecutor:
     """Everything in this process, in order, as releaser always ran."""
 
@@ -36,6 +43,10 @@ class LocalExecutor:
 
     def __init__(self) -> None:
         self.log: dict[str, list[dict]] = {}
+        self.cancelled = threading.Event()   # set by the driver when a stage failed: the others end their tasks
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
     def start(self, work: Path, reporter: Reporter) -> None:
         pass
@@ -174,7 +185,12 @@ class RayExecutor(LocalExecutor):
                                 f"{most / 2**30:.1f} GiB); add a larger node")
 
     def map(self, stage: str, tasks: list[Task], reporter: Reporter) -> list[Done]:
+        """Run ``tasks`` on the cluster (called from the stage's driver thread; several stages at once): their
+        :class:`Done` records in order; the first task's error ends the others; :meth:`cancel` ends them all
+        (:class:`Cancelled`)."""
         ray = self._ray()
+        if self.cancelled.is_set():
+            raise Cancelled(stage)
         for task in tasks:
             self._feasible(stage, task)
         remote = ray.remote(_remote_call)
@@ -188,7 +204,13 @@ class RayExecutor(LocalExecutor):
         pending = list(refs)
         with reporter.progress(f"{stage}: {len(tasks)} Ray task(s)", len(tasks)) as advance:
             while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
+                ready, pending = ray.wait(pending, num_returns=1, timeout=0.2)
+                if self.cancelled.is_set():
+                    for ref in pending + ready:
+                        ray.cancel(ref, force=True)
+                    raise Cancelled(stage)
+                if not ready:
+                    continue
                 task = refs[ready[0]]
                 try:
                     value, node, seconds = ray.get(ready[0])
