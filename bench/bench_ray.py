@@ -130,13 +130,20 @@ def hashes(root: Path) -> dict[str, str]:
 
 
 def tasks_line(work: Path) -> str:
+    """Each stage's seconds (and its units'), and with ``started`` in the manifest when it started after the first
+    stage did (``+12.3``): stages that overlapped under Ray show it."""
+    import datetime as dt
+
     stages = json.loads((work / "release.json").read_text())["stages"]
+    starts = {n: dt.datetime.fromisoformat(e["started"]) for n, e in stages.items() if "started" in e}
+    first = min(starts.values(), default=None)
     parts = []
     for name, entry in stages.items():
         units = [t for t in entry.get("tasks", []) if t["task"] != name]
         inner = (" [" + ", ".join(f"{t['task']} {t['seconds']:.1f} s on {t['node'].split('@')[0][:6]}"
                                   for t in units) + "]") if units else ""
-        parts.append(f"{name} {entry['seconds']:.1f} s{inner}")
+        at = f" at +{(starts[name] - first).total_seconds():.1f}" if name in starts else ""
+        parts.append(f"{name} {entry['seconds']:.1f} s{at}{inner}")
     return "; ".join(parts)
 
 
@@ -149,14 +156,18 @@ def on_paper(root: Path, params: float = 70e9, types: int = 12, nodes: int = 8) 
     quality and the stop audit grows with the parameters, at a fixed calibration and evaluation text), ``types`` GGUF
     types each as long as the mean measured type, the quality measurement of each as long as the mean measured GGUF
     measurement; one node in-process against ``nodes`` CPU nodes and a GPU node on Ray (units of a stage side by side,
-    stages in order)."""
+    and stages that do not read each other side by side: the total is the graph's longest path)."""
     from releaser.tasks import float_bytes
 
     local = json.loads((root / "local" / "release.json").read_text())["stages"]
     ray_ = json.loads((root / "ray" / "release.json").read_text())["stages"]
     main = next(p for p in (root / "local").iterdir() if p.is_dir() and (p / "config.json").is_file()
                 and p.name != "merged" and not p.name.endswith(("-AWQ", "-W4A16", "-MLX-4bit")))
-    scale = params / (float_bytes(main)[0] / 4)
+    estimate(local, ray_, params / (float_bytes(main)[0] / 4), params, types, nodes)
+
+
+def estimate(local: dict, ray_: dict, scale: float, params: float = 70e9, types: int = 12, nodes: int = 8) -> None:
+    """:func:`on_paper` from the two runs' manifest stages and the parameter ratio ``scale``."""
     units = {name: [t for t in e.get("tasks", []) if t["task"] != name] for name, e in ray_.items()}
     gguf = [t["seconds"] for t in units.get("gguf", [])]
     q = {t["task"]: t["seconds"] for t in units.get("quality", [])}
@@ -170,8 +181,8 @@ def on_paper(root: Path, params: float = 70e9, types: int = 12, nodes: int = 8) 
           f"mean measured type's {per_type:.1f} s, each measured in the mean {per_meas:.1f} s; the AWQ task at its "
           "CPU time (no GPU here: an upper bound for the GPU node); each task's fixed costs (a worker's imports) are "
           "scaled too: upper bounds")
-    one, many, rows = 0.0, 0.0, []
-    from releaser.pipeline.stages import NAMES
+    one, rows = 0.0, {}
+    from releaser.pipeline.stages import AFTER, NAMES
 
     for name, entry in sorted(local.items(), key=lambda kv: NAMES.index(kv[0])):
         if name == "gguf":   # one pass for all types in process; ceil(types / nodes) waves of one type each on Ray
@@ -183,12 +194,22 @@ def on_paper(root: Path, params: float = 70e9, types: int = 12, nodes: int = 8) 
         else:
             one_s = many_s = entry["seconds"] if name in FIXED else entry["seconds"] * scale
         one += one_s
-        many += many_s
-        rows.append((many_s, name))
+        rows[name] = many_s
         print(f"  {name:9s} one node {one_s / 3600:6.2f} h   {nodes} CPU + 1 GPU nodes {many_s / 3600:6.2f} h")
-    path = ", ".join(f"{name} {t / 3600:.1f} h" for t, name in sorted(rows, reverse=True)[:4])
-    print(f"  total: one node {one / 3600:.1f} h, {nodes} CPU nodes + 1 GPU node {many / 3600:.1f} h "
-          f"(stages in order: the critical path is every stage's longest unit; the largest: {path})")
+    # the cluster's time: the longest path through the stages' prerequisites (a stage starts when they have ended)
+    ends, via = {}, {}
+    for name in NAMES:
+        before = max((p for p in AFTER[name] if p in ends), key=lambda p: ends[p], default=None)
+        ends[name] = (ends[before] if before else 0.0) + rows.get(name, 0.0)
+        via[name] = before
+    last = max(ends, key=ends.get)
+    path = []
+    while last is not None:
+        path.append(last)
+        last = via[last]
+    critical = ", ".join(f"{n} {rows[n] / 3600:.1f} h" for n in reversed(path) if rows.get(n, 0) >= 360)
+    print(f"  total: one node {one / 3600:.1f} h, {nodes} CPU nodes + 1 GPU node {max(ends.values()) / 3600:.1f} h "
+          f"(stages side by side where they do not read each other; the critical path: {critical})")
 
 
 def main() -> None:
