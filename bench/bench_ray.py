@@ -134,11 +134,13 @@ def tasks_line(work: Path) -> str:
     stage did (``+12.3``): stages that overlapped under Ray show it."""
     import datetime as dt
 
+    from releaser.pipeline.stages import NAMES
+
     stages = json.loads((work / "release.json").read_text())["stages"]
     starts = {n: dt.datetime.fromisoformat(e["started"]) for n, e in stages.items() if "started" in e}
     first = min(starts.values(), default=None)
     parts = []
-    for name, entry in stages.items():
+    for name, entry in sorted(stages.items(), key=lambda kv: NAMES.index(kv[0])):
         units = [t for t in entry.get("tasks", []) if t["task"] != name]
         inner = (" [" + ", ".join(f"{t['task']} {t['seconds']:.1f} s on {t['node'].split('@')[0][:6]}"
                                   for t in units) + "]") if units else ""
