@@ -176,13 +176,22 @@ def hashes(root: Path) -> dict[str, str]:
 
 
 def tasks_line(work: Path) -> str:
+    """Each stage's seconds (and its units'), and with ``started`` in the manifest when it started after the first
+    stage did (``+12.3``): stages that overlapped under Ray show it."""
+    import datetime as dt
+
+    from releaser.pipeline.stages import NAMES
+
     stages = json.loads((work / "release.json").read_text())["stages"]
+    starts = {n: dt.datetime.fromisoformat(e["started"]) for n, e in stages.items() if "started" in e}
+    first = min(starts.values(), default=None)
     parts = []
-    for name, entry in stages.items():
+    for name, entry in sorted(stages.items(), key=lambda kv: NAMES.index(kv[0])):
         units = [t for t in entry.get("tasks", []) if t["task"] != name]
         inner = (" [" + ", ".join(f"{t['task']} {t['seconds']:.1f} s on {t['node'].split('@')[0][:6]}"
                                   for t in units) + "]") if units else ""
-        parts.append(f"{name} {entry['seconds']:.1f} s{inner}")
+        at = f" at +{(starts[name] - first).total_seconds():.1f}" if name in starts else ""
+        parts.append(f"{name} {entry['seconds']:.1f} s{at}{inner}")
     return "; ".join(parts)
 
 
@@ -215,44 +224,43 @@ def on_paper(small: Path, large: Path, params: float = 70e9, types: int = 12, no
     fixed part a: a worker's imports, tokenizing; b: the work that grows with the weights, at a fixed calibration and
     evaluation text) and taken at ``params``; a slope below zero (noise) falls back to scaling the larger run's time.
     One node in process against ``nodes`` CPU nodes and a GPU node on Ray: ``types`` GGUF types, their measurements
-    and the AWQ and MLX ones side by side; stages in order, and with independent stages overlapping (verify, the GGUF
-    types and AWQ after the tokenizer; quality after every artefact)."""
+    and the AWQ and MLX ones side by side, and the stages that do not read each other side by side (the total is the
+    longest path through the stages' prerequisites, ``AFTER``)."""
+    from releaser.pipeline.stages import AFTER, NAMES
+
     (p1, t1), (p2, t2) = units(small), units(large)
-    at = {}
+    h = {}
     print(f"on paper: {params / 1e9:.0f}B parameters, from {p1 / 1e6:.0f}M and {p2 / 1e6:.0f}M measured; per unit "
           "kind, seconds at each size and the fit taken at the target:")
-    for kind in t1:
-        if kind not in t2:
-            continue
+    for kind in (k for k in t1 if k in t2):
         slope = (t2[kind] - t1[kind]) / (p2 - p1)
-        at[kind] = (t2[kind] - slope * p2 + slope * params) if slope > 0 else t2[kind] * params / p2
-        if kind in FIXED:
-            at[kind] = t2[kind]
+        at = t2[kind] if kind in FIXED else (t2[kind] + slope * (params - p2) if slope > 0 else t2[kind] * params / p2)
+        h[kind] = at / 3600
         print(f"  {kind:28s} {t1[kind]:8.1f} s {t2[kind]:8.1f} s  ({t2[kind] / t1[kind]:4.1f}x for "
-              f"{p2 / p1:.1f}x the weights)  -> {at[kind] / 3600:6.2f} h")
-    h = {k: v / 3600 for k, v in at.items()}
+              f"{p2 / p1:.1f}x the weights)  -> {h[kind]:6.2f} h")
     folders = [v for k, v in h.items() if k in ("quality: AWQ", "quality: MLX")]
-    quality_one = h["quality: stop test"] + h["quality: unquantized pass"] + types * h["quality: one GGUF"] + sum(folders)
     waves = -(-(types + len(folders)) // (nodes + 1))
-    quality_many = (max(h["quality: stop test"], h["quality: unquantized pass"])
-                    + waves * max([h["quality: one GGUF"], *folders]))
-    gguf_one, gguf_many = types * h["gguf type"], -(-types // nodes) * h["gguf type"]
-    fixed = sum(h.get(k, 0) for k in FIXED)
-    awq_line = h["awq"] + max(h.get("w4a16", 0), h.get("mlx", 0))
-    one = h["merge"] + h["verify"] + gguf_one + h["awq"] + h.get("w4a16", 0) + h.get("mlx", 0) + quality_one + fixed
-    in_order = h["merge"] + h["verify"] + gguf_many + awq_line + quality_many + fixed
-    overlap = h["merge"] + max(h["verify"], gguf_many, awq_line) + quality_many + fixed
-    rows = [("merge", h["merge"], h["merge"]), ("verify (stop audit)", h["verify"], h["verify"]),
-            (f"gguf, {types} types", gguf_one, gguf_many), ("awq", h["awq"], h["awq"]),
-            ("w4a16 + mlx", h.get("w4a16", 0) + h.get("mlx", 0), max(h.get("w4a16", 0), h.get("mlx", 0))),
-            (f"quality, {types + len(folders) + 1} artefacts", quality_one, quality_many)]
-    print(f"  {'stage':24s} {'1 node':>8s} {nodes} CPU + 1 GPU nodes")
-    for name, a, b in rows:
-        print(f"  {name:24s} {a:7.1f} h {b:7.1f} h")
-    print(f"  total: one node {one:.1f} h; {nodes} CPU + 1 GPU nodes {in_order:.1f} h with the stages in order, "
-          f"{overlap:.1f} h with verify, the GGUF types and AWQ side by side (the critical path: merge, "
-          f"{'AWQ' if awq_line >= max(h['verify'], gguf_many) else 'the GGUF types' if gguf_many >= h['verify'] else 'verify'}"
-          f", quality)")
+    one = {"merge": h["merge"], "verify": h["verify"], "gguf": types * h["gguf type"], "awq": h["awq"],
+           "w4a16": h["w4a16"], "mlx": h["mlx"],
+           "quality": (h["quality: stop test"] + h["quality: unquantized pass"] + types * h["quality: one GGUF"]
+                       + sum(folders)), **{k: h[k] for k in FIXED}}
+    many = {**one, "gguf": -(-types // nodes) * h["gguf type"],
+            "quality": (max(h["quality: stop test"], h["quality: unquantized pass"])
+                        + waves * max([h["quality: one GGUF"], *folders]))}
+    print(f"  {'stage':9s} {'1 node':>8s} {nodes} CPU + 1 GPU nodes")
+    for name in (n for n in NAMES if n in one):
+        print(f"  {name:9s} {one[name]:7.1f} h {many[name]:7.1f} h")
+    ends, via = {}, {}   # the cluster: each stage starts when its prerequisites have ended
+    for name in NAMES:
+        before = max((p for p in AFTER[name] if p in ends), key=lambda p: ends[p], default=None)
+        ends[name], via[name] = (ends[before] if before else 0.0) + many.get(name, 0.0), before
+    last, path = max(ends, key=ends.get), []
+    while last is not None:
+        path.append(last)
+        last = via[last]
+    critical = ", ".join(f"{n} {many[n]:.1f} h" for n in reversed(path) if many.get(n, 0) >= 0.1)
+    print(f"  total: one node {sum(one.values()):.1f} h; {nodes} CPU + 1 GPU nodes {sum(many.values()):.1f} h with the "
+          f"stages in order, {max(ends.values()):.1f} h with the stages side by side (the critical path: {critical})")
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ TYPES = ["Q8_0", "Q4_K_M", "Q6_K"]
 # the importance matrix in batches of PASS_TOKENS // ctx = 4 chunks: three Ray tasks (4, 4 and 2 chunks)
 GGUF = (f"gguf: {{quants: [{', '.join(TYPES)}], pre_tokenizer: llama-bpe, imatrix: auto}}\n"
         "imatrix: {ctx: 1024, chunks: 10}\n")
+PLAIN_GGUF = f"gguf: {{quants: [{', '.join(TYPES)}], pre_tokenizer: llama-bpe}}\n"   # no imatrix: starts at once
 STORE = 80 * 1024 ** 2   # object store per node: the tasks pass small results only
 
 
@@ -113,12 +114,13 @@ def _ppid(pid: int) -> int:
         return int(fh.read().rsplit(")", 1)[1].split()[1])
 
 
-def _gguf_task_pid(work: Path, stop: threading.Event) -> int | None:
-    """The pid of a Ray worker holding a GGUF type's output lock (a unit in progress), as soon as there is one."""
+def _gguf_task(work: Path, stop: threading.Event) -> tuple[int, Path] | None:
+    """The pid of a Ray worker holding a GGUF type's output lock (a unit in progress), as soon as there is one, and
+    the lock."""
     while not stop.is_set():
         for lock in work.glob(".units/gguf/*/*/.out.releaser-lock"):
             try:
-                return int(lock.read_text().strip())
+                return int(lock.read_text().strip()), lock
             except (OSError, ValueError):
                 pass
         time.sleep(0.01)
@@ -127,7 +129,7 @@ def _gguf_task_pid(work: Path, stop: threading.Event) -> int | None:
 
 def test_a_worker_node_removed_during_the_gguf_fan_out_is_survived(cluster, local, inputs, tmp_path):
     """The node running a GGUF type is removed mid-task (its raylet and workers killed): Ray runs the task again on
-    the other node; the release ends with the local bytes and the manifest has no GGUF type made on the removed node."""
+    the other node; the release ends with the local bytes and the manifest has that type made on another node."""
     from releaser.pipeline.run import run_release
 
     work = tmp_path / "work"
@@ -143,21 +145,33 @@ def test_a_worker_node_removed_during_the_gguf_fan_out_is_survived(cluster, loca
     thread = threading.Thread(target=release)
     thread.start()
     stop = threading.Event()
+    timer = threading.Timer(300, stop.set)
+    timer.start()
     try:
-        pid = _gguf_task_pid(work, stop)
-        raylets = {_raylet_pid(n): n for n in cluster.worker_nodes}
-        node = raylets[_ppid(pid)]
-        removed = node.node_id[:12]
-        cluster.remove_node(node, allow_graceful=False)
+        while True:
+            found = _gguf_task(work, stop)
+            assert found is not None, "no GGUF type was in progress"
+            pid, lock = found
+            raylets = {_raylet_pid(n): n for n in cluster.worker_nodes}
+            try:
+                node = raylets[_ppid(pid)]
+            except OSError:   # that task just ended: take the next one
+                continue
+            if lock.exists():   # still in progress (its lock goes when it ends)
+                break
+        removed, running = node.node_id[:12], lock.parent.name
+        os.kill(pid, signal.SIGKILL)   # the node dies with its processes: the task cannot end there (a warm worker's
+        cluster.remove_node(node, allow_graceful=False)   # type can end within the raylet's last moments otherwise)
     finally:
-        thread.join(timeout=600)
+        timer.cancel()
         stop.set()
+        thread.join(timeout=600)
         cluster.add_node(num_cpus=1, object_store_memory=STORE)   # the next tests have two workers again
         cluster.wait_for_nodes()
     assert "error" not in outcome, outcome.get("error")
     assert hashes(work) == hashes(local)
     gguf = {t["task"]: t["node"].split("@")[0] for t in _tasks(work)["gguf"] if t["task"] in TYPES}
-    assert sorted(gguf) == sorted(TYPES) and removed not in gguf.values(), (removed, gguf)
+    assert sorted(gguf) == sorted(TYPES) and gguf[running] != removed, (removed, running, gguf)
 
 
 def _unit_done(work: Path, stop: threading.Event) -> bool:
@@ -203,9 +217,29 @@ def test_a_killed_driver_resumes_from_the_manifest(cluster, local, inputs, tmp_p
     assert not (work / ".units").exists()   # gone once the stages recorded their outputs
 
 
+def test_stages_that_do_not_read_each_other_overlap(cluster, inputs, tmp_path):
+    """After the tokenizer, the GGUF types and AWQ are on the cluster at once: the manifest's start and end times of
+    the two stages overlap (in order, AWQ would start after the runtimes stage that follows gguf)."""
+    path = recipe(tmp_path, inputs, "awq: {samples: 4, seqlen: 64}\n")
+    path.write_text(path.read_text().replace(GGUF, PLAIN_GGUF)
+                    .replace("quality: {ctx: 64, chunks: 2, stop_test: false}\n", "quality: false\n"))
+    from releaser.pipeline.run import run_release
+    from releaser.pipeline.stages import NAMES
+
+    result = run_release(path, tmp_path / "work", executor="ray", ray_address=cluster.address)
+    assert [s.name for s in result.stages] == NAMES   # the rows in stage order, whatever order they ended in
+    stages = json.loads((tmp_path / "work" / "release.json").read_text())["stages"]
+    gguf, awq = stages["gguf"], stages["awq"]
+    assert awq["started"] < gguf["finished"] and gguf["started"] < awq["finished"], (gguf, awq)
+    assert stages["tokenizer"]["finished"] <= min(gguf["started"], awq["started"])
+    assert stages["cards"]["started"] >= max(gguf["finished"], awq["finished"], stages["runtimes"]["finished"])
+
+
 def test_a_gpu_task_in_a_cluster_without_gpus_fails_at_once(cluster, inputs, tmp_path):
+    """AWQ fails (no GPU) while the GGUF types it runs beside are on the cluster: its one line is the error, the
+    GGUF tasks are cancelled (not recorded) and nothing waits."""
     path = recipe(tmp_path, inputs, "awq: {samples: 8, seqlen: 64, device: cuda}\n")
-    path.write_text(path.read_text().replace(GGUF, "")
+    path.write_text(path.read_text().replace(GGUF, PLAIN_GGUF)
                     .replace("quality: {ctx: 64, chunks: 2, stop_test: false}\n", "quality: false\n"))
     start = time.perf_counter()
     proc = cli("release", path, "-o", tmp_path / "work", "--executor", "ray", "--ray-address", cluster.address,
@@ -215,6 +249,8 @@ def test_a_gpu_task_in_a_cluster_without_gpus_fails_at_once(cluster, inputs, tmp
     assert "awq: awq needs a GPU (awq.device cuda) and no node of the Ray cluster has one" in errors[0]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert time.perf_counter() - start < 120
+    stages = json.loads((tmp_path / "work" / "release.json").read_text())["stages"]
+    assert {"merge", "tokenizer"} <= set(stages) and not {"gguf", "awq"} & set(stages), sorted(stages)
 
 
 def test_a_task_larger_than_every_node_fails_at_once(cluster):

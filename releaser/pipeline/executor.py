@@ -4,14 +4,17 @@
 The stages are the same for both: a stage that splits into independent units (gguf: one per type; imatrix: one per
 batch of chunks; quality: one per artefact) gets ``run_tasks``; the other heavy stages (merge, verify's stop audit,
 awq, w4a16, mlx) are one task each; the light ones (tokenizer, verify's doctor, runtimes, cards, publish) run in the
-driver. Only the driver writes the manifest; each task writes its output through :mod:`releaser.atomic` into the work
-folder, which every node must see at the same path (a shared file system), so a task Ray runs again after its node
-died replaces a half-written output with the same bytes. The node and time of every task go into the manifest
-(``tasks`` of each stage)."""
+driver. With Ray the driver runs the stages that do not read each other side by side, each in a thread of its own
+(``run.py``), so :meth:`RayExecutor.map` is called from several threads at once; :meth:`LocalExecutor.cancel` ends
+every stage's tasks when one stage failed. Only the driver writes the manifest; each task writes its output through
+:mod:`releaser.atomic` into the work folder, which every node must see at the same path (a shared file system), so a
+task Ray runs again after its node died replaces a half-written output with the same bytes. The node and time of
+every task go into the manifest (``tasks`` of each stage)."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +32,10 @@ class ExecutorError(ConfigError):
     node can take)."""
 
 
+class Cancelled(Exception):
+    """A stage's tasks were cancelled because another stage running beside it failed (that failure is shown)."""
+
+
 class LocalExecutor:
     """Everything in this process, in order, as releaser always ran."""
 
@@ -37,6 +44,10 @@ class LocalExecutor:
 
     def __init__(self) -> None:
         self.log: dict[str, list[dict]] = {}
+        self.cancelled = threading.Event()   # set by the driver when a stage failed: the others end their tasks
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
     def start(self, work: Path, reporter: Reporter) -> None:
         pass
@@ -175,7 +186,12 @@ class RayExecutor(LocalExecutor):
                                 f"{most / 2**30:.1f} GiB); add a larger node")
 
     def map(self, stage: str, tasks: list[Task], reporter: Reporter) -> list[Done]:
+        """Run ``tasks`` on the cluster (called from the stage's driver thread; several stages at once): their
+        :class:`Done` records in order; the first task's error ends the others; :meth:`cancel` ends them all
+        (:class:`Cancelled`)."""
         ray = self._ray()
+        if self.cancelled.is_set():
+            raise Cancelled(stage)
         results: dict[Any, Done] = {}
         for i, task in enumerate(tasks):   # a unit a killed run finished is taken, not sent
             if (done := kept(task)) is not None:
@@ -195,7 +211,13 @@ class RayExecutor(LocalExecutor):
         pending = list(refs)
         with reporter.progress(f"{stage}: {len(refs)} Ray task(s)", len(refs)) as advance:
             while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
+                ready, pending = ray.wait(pending, num_returns=1, timeout=0.2)
+                if self.cancelled.is_set():
+                    for ref in pending + ready:
+                        ray.cancel(ref, force=True)
+                    raise Cancelled(stage)
+                if not ready:
+                    continue
                 i, task = refs[ready[0]]
                 try:
                     value, node, seconds = ray.get(ready[0])

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import metadata
@@ -81,8 +82,12 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class Manifest:
+    """Only the driver writes it; stages running side by side (Ray) hash files through it from several threads at
+    once, so every change and the save hold ``lock``."""
+
     path: Path
     data: dict = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
     def open(cls, work_dir: Path, release: str | None, *, force: bool = False) -> Manifest:
@@ -108,29 +113,34 @@ class Manifest:
         return cls(path, data)
 
     def save(self) -> None:
-        self.data["versions"] = versions()
-        self.data["updated"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self.data["checksum"] = _checksum(self.data)
-        write_file(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+        with self.lock:
+            self.data["versions"] = versions()
+            self.data["updated"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            self.data["checksum"] = _checksum(self.data)
+            write_file(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
     # -- stages ------------------------------------------------------------------------------------------------------
     def stage(self, name: str) -> dict | None:
         return self.data["stages"].get(name)
 
     def record(self, name: str, entry: dict) -> None:
-        self.data["stages"][name] = entry
-        self.save()
+        with self.lock:
+            self.data["stages"][name] = entry
+            self.save()
 
     def forget(self, name: str) -> None:
-        if self.data["stages"].pop(name, None) is not None:
-            self.save()
+        with self.lock:
+            if self.data["stages"].pop(name, None) is not None:
+                self.save()
 
     def recorded(self, folder: Path) -> dict[str, dict]:
         """Every file a stage before publishing recorded under ``folder``: relative path -> {sha256, size, stage}."""
         folder = Path(os.path.normpath(Path(folder).absolute()))
         work = self.path.parent.absolute()
         out = {}
-        for stage, entry in self.data["stages"].items():
+        with self.lock:
+            stages = list(self.data["stages"].items())
+        for stage, entry in stages:
             if stage == "publish":
                 continue
             for f in entry["files"]:
@@ -149,7 +159,8 @@ class Manifest:
         if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
             return cached[2]
         digest = sha256_file(path)
-        self.data["hashes"][key] = [st.st_size, st.st_mtime_ns, digest]
+        with self.lock:
+            self.data["hashes"][key] = [st.st_size, st.st_mtime_ns, digest]
         return digest
 
     def _key(self, path: Path) -> str:

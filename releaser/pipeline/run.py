@@ -4,12 +4,17 @@ A stage runs when it was never run, when its fingerprint (options, input hashes 
 its bytes) changed, when one of its files is missing or changed, with ``force``, or when a stage before it ran and
 changed its output. Each stage's output is written atomically and the manifest is saved after each stage, so a run
 killed at any moment resumes where it was and ends with the same bytes as an uninterrupted run.
+
+The local executor runs the stages in the order of ``STEPS``; an executor whose tasks run side by side (Ray) runs
+them as a graph: each stage as soon as the stages it reads (``AFTER``) have finished (:func:`_run_graph`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +25,11 @@ from ..errors import ConfigError, ReleaserError
 from ..recipe import Recipe, load_recipe
 from ..stage import Reporter
 from .context import Release, require_folder
-from .executor import make_executor
+from .executor import Cancelled, make_executor
 from .layout import check_layout
 from .lock import WorkLock
 from .manifest import Manifest, code_versions, fingerprint, relative
-from .stages import NAMES, STEPS, Step
+from .stages import AFTER, NAMES, STEPS, Step
 
 UNITS = ".units"   # in the work folder: the units of the stage a killed run was in (see releaser.tasks)
 
@@ -122,56 +127,143 @@ def run_release(recipe_path: str | Path, work_dir: str | Path, *, only: list[str
 
 
 def _run_steps(r: Release, only_set: set[str], skip_set: set[str], *, force: bool, dry_run: bool) -> ReleaseResult:
+    if r.executor.splits and not dry_run:
+        return _run_graph(r, only_set, skip_set, force=force)
     result = ReleaseResult(r.work, folders=r.repo_folders())
     upstream_ran = False
     for step in STEPS:
-        why_not = step.applies(r)
-        if why_not:
-            result.stages.append(StageOutcome(step.name, "not applicable", why_not))
-            if not dry_run:
-                r.manifest.forget(step.name)
+        todo = _prepare(r, step, only_set, skip_set, force=force, dry_run=dry_run, upstream_ran=upstream_ran)
+        if isinstance(todo, StageOutcome):
+            result.stages.append(todo)
+            upstream_ran |= todo.status == "would run"
             continue
-        if (only_set and step.name not in only_set) or step.name in skip_set:
-            result.stages.append(StageOutcome(step.name, "left out", "--only" if only_set else "--skip"))
-            continue
-        if dry_run and upstream_ran:
-            result.stages.append(StageOutcome(step.name, "would run", "a stage before it runs"))
-            continue
-        depends = {**step.depends(r), "code": code_versions(step.code)}
-        run, why = _decide(r, step, depends, force=force)
-        if dry_run:
-            result.stages.append(StageOutcome(step.name, "would run" if run else "skipped", why))
-            upstream_ran |= run
-            continue
-        if not run:   # the row says so, not what the stage did when it last ran
-            result.stages.append(StageOutcome(step.name, "skipped", why, "nothing done"))
-            continue
+        depends, why = todo
         r.reporter.message(f"{step.name}: running ({why})")
-        start = time.perf_counter()
-        print_ = fingerprint(step.name, depends)
-        units = _units(r, step.name, print_, force=force)
-        out = step.run(r, units)
-        seconds = time.perf_counter() - start
-        old = r.manifest.stage(step.name)
-        r.manifest.record(step.name, {
-            "fingerprint": print_, "depends": depends,
-            "root": relative(out.output, r.work), "files": [f.to_dict() for f in out.files], "summary": out.summary,
-            "facts": out.facts, "seconds": round(seconds, 2), "executor": r.executor.kind,
-            "tasks": r.executor.log.pop(step.name, []),
-            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "changed": _changes(old["files"] if old else [], [f.to_dict() for f in out.files])})
-        remove(units.parent)   # its units are in its output now
-        with contextlib.suppress(OSError):
-            units.parent.parent.rmdir()   # .units, when no other stage has units there
+        started, start = _now(), time.perf_counter()
+        out = step.run(r, _units(r, step.name, depends, force=force))
+        result.stages.append(_record(r, step, depends, why, out, started, time.perf_counter() - start))
         upstream_ran = True
-        result.stages.append(StageOutcome(step.name, "ran", why, out.summary, len(out.files), out.bytes, seconds))
     return result
 
 
-def _units(r: Release, stage: str, key: str, *, force: bool) -> Path:
+def _included(step: Step, only_set: set[str], skip_set: set[str]) -> bool:
+    return not ((only_set and step.name not in only_set) or step.name in skip_set)
+
+
+def _prepare(r: Release, step: Step, only_set: set[str], skip_set: set[str], *, force: bool,
+             dry_run: bool = False, upstream_ran: bool = False) -> StageOutcome | tuple[dict, str]:
+    """The row of a stage that does not run (not applicable, left out, up to date; with ``dry_run`` also one that
+    would), or (its fingerprint's parts, why it runs). Called when the stages before it (all of them, or its
+    prerequisites) have finished."""
+    why_not = step.applies(r)
+    if why_not:
+        if not dry_run:
+            r.manifest.forget(step.name)
+        return StageOutcome(step.name, "not applicable", why_not)
+    if not _included(step, only_set, skip_set):
+        return StageOutcome(step.name, "left out", "--only" if only_set else "--skip")
+    if dry_run and upstream_ran:
+        return StageOutcome(step.name, "would run", "a stage before it runs")
+    depends = {**step.depends(r), "code": code_versions(step.code)}
+    run, why = _decide(r, step, depends, force=force)
+    if dry_run:
+        return StageOutcome(step.name, "would run" if run else "skipped", why)
+    if not run:   # the row says so, not what the stage did when it last ran
+        return StageOutcome(step.name, "skipped", why, "nothing done")
+    return depends, why
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _record(r: Release, step: Step, depends: dict, why: str, out, started: str, seconds: float) -> StageOutcome:
+    """The manifest entry of a stage that ran (saved at once) and its row."""
+    old = r.manifest.stage(step.name)
+    r.manifest.record(step.name, {
+        "fingerprint": fingerprint(step.name, depends), "depends": depends,
+        "root": relative(out.output, r.work), "files": [f.to_dict() for f in out.files], "summary": out.summary,
+        "facts": out.facts, "seconds": round(seconds, 2), "executor": r.executor.kind,
+        "tasks": r.executor.log.pop(step.name, []), "started": started, "finished": _now(),
+        "changed": _changes(old["files"] if old else [], [f.to_dict() for f in out.files])})
+    remove(r.work / UNITS / step.name)   # its units are in its output now
+    with contextlib.suppress(OSError):
+        (r.work / UNITS).rmdir()   # when no other stage has units there
+    return StageOutcome(step.name, "ran", why, out.summary, len(out.files), out.bytes, seconds)
+
+
+def _run_graph(r: Release, only_set: set[str], skip_set: set[str], *, force: bool) -> ReleaseResult:
+    """The stages as a graph (an executor whose tasks run side by side: Ray): each stage starts in a driver thread
+    as soon as its prerequisites (``AFTER``) have finished, so the GGUF types, AWQ and the stop audit are on the
+    cluster at once. Skip or run is decided as in order: when its prerequisites are done, by its fingerprint. Only
+    this thread decides and writes the manifest. The first stage that fails cancels the others' tasks; the stages
+    already running end (those in the driver are light), the finished ones are recorded, and its error is raised."""
+    result = ReleaseResult(r.work, folders=r.repo_folders())
+    rows: dict[str, StageOutcome] = {}
+    waiting = list(STEPS)
+    running: dict[str, threading.Thread] = {}
+    ended: queue.Queue = queue.Queue()   # (step, depends, why, started, seconds, StageResult or exception)
+    failure: BaseException | None = None
+
+    def work(step: Step, depends: dict, why: str, units: Path) -> None:
+        started, start = _now(), time.perf_counter()
+        try:
+            value = step.run(r, units)
+        except BaseException as exc:   # noqa: BLE001 - handed to the driver's loop, which raises the first one
+            value = exc
+        ended.put((step, depends, why, started, time.perf_counter() - start, value))
+
+    def fail(exc: BaseException) -> None:
+        nonlocal failure
+        if failure is None and not isinstance(exc, Cancelled):
+            failure = exc
+        r.executor.cancel()
+
+    try:
+        while waiting or running:
+            ready = [s for s in waiting if all(p in rows for p in AFTER[s.name])] if failure is None else []
+            for step in ready:
+                waiting.remove(step)
+                try:
+                    todo = _prepare(r, step, only_set, skip_set, force=force)
+                except Exception as exc:   # noqa: BLE001 - its depends() failed: ends the release like a stage
+                    fail(exc)
+                    break
+                if isinstance(todo, StageOutcome):
+                    rows[step.name] = todo
+                    continue
+                r.reporter.message(f"{step.name}: running ({todo[1]})")
+                units = _units(r, step.name, todo[0], force=force)
+                running[step.name] = threading.Thread(target=work, args=(step, *todo, units), daemon=True,
+                                                      name=f"releaser {step.name}")
+                running[step.name].start()
+            if ready and failure is None:
+                continue   # a stage that did not run may have made others ready
+            if not running:
+                break
+            step, depends, why, started, seconds, value = ended.get()
+            running.pop(step.name).join()
+            if isinstance(value, BaseException):
+                fail(value)
+            else:
+                rows[step.name] = _record(r, step, depends, why, value, started, seconds)
+    except BaseException:   # Ctrl-C, SIGTERM: the running stages end their tasks before the error goes on
+        r.executor.cancel()
+        for thread in running.values():
+            thread.join(timeout=30)
+        raise
+    if failure is not None:
+        raise failure
+    if waiting:   # cannot happen: AFTER follows STEPS' order (checked where it is defined)
+        raise RuntimeError(f"stages never ready: {', '.join(s.name for s in waiting)}")
+    result.stages = [rows[s.name] for s in STEPS]
+    return result
+
+
+def _units(r: Release, stage: str, depends: dict, *, force: bool) -> Path:
     """Where ``stage`` keeps the units it finished (``WORK/.units/STAGE/FINGERPRINT``), so that a killed release
     takes them instead of making them again; units of another fingerprint (other inputs or options) are removed."""
-    folder = r.work / UNITS / stage / key[:16]
+    folder = r.work / UNITS / stage / fingerprint(stage, depends)[:16]
     if folder.parent.is_dir():
         for old in folder.parent.iterdir():
             if old != folder or force:

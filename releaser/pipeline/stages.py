@@ -495,3 +495,23 @@ STEPS = [
          ("releaser.publish", "huggingface_hub"), before=_gate),
 ]
 NAMES = [s.name for s in STEPS]
+
+# What each stage waits for under an executor that runs stages side by side (Ray): the stages whose manifest entries
+# or folders its applies, depends, call and before read (tests/test_release_graph.py watches every read). STEPS is
+# one order that respects it (the local executor runs them in that order); publish's gate checks every stage.
+QUANTS_DONE = ("tokenizer", *QUANT_STAGES)
+AFTER: dict[str, tuple[str, ...]] = {
+    "merge": (),
+    "tokenizer": ("merge",),
+    "verify": ("tokenizer",),
+    "imatrix": ("tokenizer",),
+    "gguf": ("tokenizer", "imatrix"),
+    "runtimes": ("tokenizer", "gguf"),
+    "awq": ("tokenizer",),
+    "w4a16": ("awq",),
+    "mlx": ("tokenizer", "awq"),
+    "quality": QUANTS_DONE,
+    "cards": (*QUANTS_DONE, "runtimes", "quality"),
+    "publish": tuple(n for n in NAMES if n != "publish"),
+}
+assert list(AFTER) == NAMES and all(NAMES.index(p) < NAMES.index(n) for n, ps in AFTER.items() for p in ps)
