@@ -46,14 +46,16 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     return (int(h or 0) * 60 + int(m)) * 60 + float(s), rss
 
 
-def large_model(cache: Path, smollm2: Path) -> Path:
+def large_model(cache: Path, smollm2: Path, seed: int = 1, name: str = "bench-llama-0.9b-bf16") -> Path:
+    """The synthetic 0.9B Llama (bf16, SmolLM2's tokenizer), made once in ``cache``; another seed and name: a
+    variant of the same shape (a merge's second model)."""
     from releaser_testing import tiny_model
 
-    path = cache / "bench-llama-0.9b-bf16"
+    path = cache / name
     if not (path / "config.json").exists():
-        tmp = cache / ".bench-llama-0.9b-bf16"
+        tmp = cache / f".{name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tiny_model(tmp, "llama", seed=1, dtype="bfloat16", shard_bytes=1 << 30, **LARGE)
+        tiny_model(tmp, "llama", seed=seed, dtype="bfloat16", shard_bytes=1 << 30, **LARGE)
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             shutil.copy(smollm2 / f, tmp / f)
         os.replace(tmp, path)

@@ -129,14 +129,24 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def take_kept(tasks: list[Task], reporter: Reporter, stage: str = "") -> dict[int, Done]:
+    """The tasks of ``tasks`` (by index) whose kept result a run before this one left, each shown."""
+    found = {}
+    for i, task in enumerate(tasks):
+        if (done := kept(task)) is not None:
+            found[i] = done
+            reporter.message(f"{stage}{': ' if stage else ''}{task.label}: kept from the run before")
+    return found
+
+
 def run_local(tasks: list[Task], reporter: Reporter | None = None) -> list[Done]:
     """Run ``tasks`` in this process, in order (the local executor); a kept result is taken, not run again."""
     reporter = reporter or Reporter()
+    found = take_kept(tasks, reporter)
     out = []
-    for task in tasks:
-        if (done := kept(task)) is not None:
-            reporter.message(f"{task.label}: kept from the run before")
-            out.append(done)
+    for i, task in enumerate(tasks):
+        if i in found:
+            out.append(found[i])
             continue
         start = time.perf_counter()
         value = call(task, reporter)

@@ -57,3 +57,22 @@ def link_copy(src: Path, dst: Path) -> Path:
     """A copy of a work folder made of hard links (releaser replaces files by rename, so ``src`` stays intact)."""
     shutil.copytree(src, dst, copy_function=os.link)
     return dst
+
+
+def tiny_merge_recipe(root: Path, inputs: Path, name: str, gguf: str, extra: str = "") -> Path:
+    """``root/r.yaml``: the linear merge of the tiny models ``inputs/a`` and ``inputs/b``, ChatML, the ``gguf``
+    section's line(s), quality on two short windows and ``extra``, as the executor and unit tests release it."""
+    path = root / "r.yaml"
+    path.write_text(f"""name: me/{name}
+description: A tiny release ({name}).
+stop_audit: false
+merge:
+  merge_method: linear
+  dtype: float32
+  models:
+    - {{model: {inputs / 'a'}, parameters: {{weight: 0.6}}}}
+    - {{model: {inputs / 'b'}, parameters: {{weight: 0.4}}}}
+tokenizer: {{template: chatml}}
+{gguf}quality: {{ctx: 64, chunks: 2, stop_test: false}}
+{extra}""")
+    return path

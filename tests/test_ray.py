@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from release_helpers import ROOT, cli, hashes
+from release_helpers import ROOT, cli, hashes, tiny_merge_recipe
 
 TYPES = ["Q8_0", "Q4_K_M", "Q6_K"]
 # the importance matrix in batches of PASS_TOKENS // ctx = 4 chunks: three Ray tasks (4, 4 and 2 chunks)
@@ -56,20 +56,7 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def recipe(root: Path, inputs: Path, extra: str = "") -> Path:
-    path = root / "r.yaml"
-    path.write_text(f"""name: me/Tiny-Ray
-description: A tiny release made on Ray.
-stop_audit: false
-merge:
-  merge_method: linear
-  dtype: float32
-  models:
-    - {{model: {inputs / 'a'}, parameters: {{weight: 0.6}}}}
-    - {{model: {inputs / 'b'}, parameters: {{weight: 0.4}}}}
-tokenizer: {{template: chatml}}
-{GGUF}quality: {{ctx: 64, chunks: 2, stop_test: false}}
-{extra}""")
-    return path
+    return tiny_merge_recipe(root, inputs, "Tiny-Ray", GGUF, extra)
 
 
 @pytest.fixture(scope="module")

@@ -9,28 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from release_helpers import hashes
+from release_helpers import hashes, tiny_merge_recipe
 from releaser.tasks import Task, call, kept
 
 TYPES = ["Q8_0", "Q4_K_M", "Q6_K"]
-
-
-def recipe(root: Path, inputs: Path) -> Path:
-    path = root / "r.yaml"
-    path.write_text(f"""name: me/Tiny-Units
-description: A tiny release killed in its quality stage.
-stop_audit: false
-merge:
-  merge_method: linear
-  dtype: float32
-  models:
-    - {{model: {inputs / 'a'}, parameters: {{weight: 0.6}}}}
-    - {{model: {inputs / 'b'}, parameters: {{weight: 0.4}}}}
-tokenizer: {{template: chatml}}
-gguf: {{quants: [{', '.join(TYPES)}], pre_tokenizer: llama-bpe}}
-quality: {{ctx: 64, chunks: 2, stop_test: false}}
-""")
-    return path
 
 
 def test_a_release_killed_in_its_quality_stage_keeps_what_it_measured(tmp_path, monkeypatch):
@@ -40,7 +22,8 @@ def test_a_release_killed_in_its_quality_stage_keeps_what_it_measured(tmp_path, 
 
     for i, name in enumerate("ab"):
         tiny_chat_model(tmp_path / name, arch="llama", seed=i, hidden=128, intermediate=256, layers=2)
-    path = recipe(tmp_path, tmp_path)
+    path = tiny_merge_recipe(tmp_path, tmp_path, "Tiny-Units",
+                             f"gguf: {{quants: [{', '.join(TYPES)}], pre_tokenizer: llama-bpe}}\n")
     run_release(path, tmp_path / "clean")
 
     measure, measured = quality.measure_unit, []

@@ -49,7 +49,7 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
                                                   **({"imatrix": kept.facts["imatrix"]} if "imatrix" in kept.facts
                                                      else {})})
     from ..atomic import remove
-    from ..tasks import Resources, Task, kept, run_local
+    from ..tasks import Resources, Task, run_local, take_kept
 
     reporter = reporter or Reporter()
     if options.imatrix == "auto" and imatrix is None:
@@ -76,10 +76,9 @@ def run(options: GGUFOptions, inputs: str | os.PathLike, out: str | os.PathLike,
         if run_tasks is not None:   # an executor: one task per type, on any node, each with what it needs
             done = run_tasks([task([spec]) for spec in specs])
         else:                       # in this process: the types left in one pass over the checkpoint
-            done = [d for spec in specs if (d := kept(task([spec]))) is not None]   # a type a killed run made
-            for d in done:
-                reporter.message(f"{d.label}: kept from the run before")
-            if left := [spec for spec in specs if spec.name not in {d.label for d in done}]:
+            found = take_kept([task([spec]) for spec in specs], reporter)   # the types a killed run made
+            done = list(found.values())
+            if left := [spec for i, spec in enumerate(specs) if i not in found]:
                 done += run_local([task(left)], reporter)
         made = {q: files for d in done for q, files in d.value["files"].items()}
         for d in done:

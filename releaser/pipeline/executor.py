@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..stage import Reporter
-from ..tasks import Done, Task, kept, run_local
+from ..tasks import Done, Task, run_local, take_kept
 
 RETRIES = 3   # how often Ray runs a task again whose worker or node died (not when the task itself raised)
 
@@ -192,11 +192,7 @@ class RayExecutor(LocalExecutor):
         ray = self._ray()
         if self.cancelled.is_set():
             raise Cancelled(stage)
-        results: dict[Any, Done] = {}
-        for i, task in enumerate(tasks):   # a unit a killed run finished is taken, not sent
-            if (done := kept(task)) is not None:
-                results[i] = done
-                reporter.message(f"{stage}: {task.label} kept from the run before")
+        results = take_kept(tasks, reporter, stage)   # a unit a killed run finished is taken, not sent
         for task in (t for i, t in enumerate(tasks) if i not in results):
             self._feasible(stage, task)
         remote = ray.remote(_remote_call)
